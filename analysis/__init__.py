@@ -1,0 +1,5 @@
+"""Image analysis of stored fields: pure numpy / scikit-image, no instrument code."""
+
+from analysis.qc import channel_qc
+
+__all__ = ["channel_qc"]

@@ -1,0 +1,245 @@
+"""Configuration models: instrument and assay, loaded from YAML.
+
+Config is data. Every model is a frozen pydantic model; `from_file` turns any
+problem (missing file, bad YAML, invalid field) into a `ConfigError` whose one-line
+message names the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from controller.errors import ConfigError
+
+__all__ = [
+    "AssayConfig",
+    "CameraSettings",
+    "ChannelRole",
+    "ChannelSettings",
+    "ConfigModel",
+    "Indication",
+    "InstrumentConfig",
+    "SimulationSettings",
+    "StageLimits",
+    "load_yaml",
+]
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file, raising `ConfigError` with the file name on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class ConfigModel(BaseModel):
+    """Base of all config models: frozen, no unknown keys, loadable from YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        """Load and validate a YAML file.
+
+        Relative paths inside the file are resolved against the file's folder by
+        models that hold paths (they receive it as the `_base_dir` context).
+        """
+        path = Path(path)
+        data = load_yaml(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data, source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None
+    ) -> Self:
+        """Validate a mapping; errors name `source` and the offending field."""
+        try:
+            return cls.model_validate(data, context={"base_dir": base_dir})
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+
+
+# ---------------------------------------------------------------- instrument
+
+
+class ChannelSettings(ConfigModel):
+    """One assay channel as the instrument acquires it."""
+
+    name: str = Field(min_length=1, description="assay channel name, e.g. DAPI")
+    preset: str = Field(min_length=1, description="preset in the channel config group")
+    exposure_ms: float = Field(ge=0, le=60_000)
+
+
+class StageLimits(ConfigModel):
+    """Travel limits of the stage in um; a plan outside them is refused."""
+
+    x_min: float
+    x_max: float
+    y_min: float
+    y_max: float
+    z_min: float = -1e6
+    z_max: float = 1e6
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        for axis in "xyz":
+            lo, hi = getattr(self, f"{axis}_min"), getattr(self, f"{axis}_max")
+            if lo >= hi:
+                raise ValueError(f"{axis}_min must be below {axis}_max")
+        return self
+
+    def contains(self, x: float, y: float, z: float | None = None) -> bool:
+        """Whether a stage position lies within the limits."""
+        ok = self.x_min <= x <= self.x_max and self.y_min <= y <= self.y_max
+        return ok and (z is None or self.z_min <= z <= self.z_max)
+
+
+class CameraSettings(ConfigModel):
+    """What the controller must know of the camera before it is opened."""
+
+    width: int = Field(gt=0, description="frame width in pixels")
+    height: int = Field(gt=0, description="frame height in pixels")
+    bit_depth: int = Field(default=12, ge=8, le=16)
+
+
+class SimulationSettings(ConfigModel):
+    """Settings of the simulated world; present only for a simulated instrument.
+
+    Rendering parameters live in `simulators.WorldConfig`; `world` holds overrides
+    for it, validated there.
+    """
+
+    seed: int = 0
+    time_scale: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of exposure and stage travel time actually waited",
+    )
+    world: dict[str, Any] = Field(default_factory=dict)
+
+
+class InstrumentConfig(ConfigModel):
+    """An instrument: its Micro-Manager config and how assay channels map onto it."""
+
+    name: str = Field(min_length=1)
+    micromanager_config: Path = Field(description="Micro-Manager .cfg, relative to YAML")
+    adapter_paths: list[str] = Field(
+        default_factory=list,
+        description=(
+            "folders with Micro-Manager device adapters; the word 'mm-test-adapters'"
+            " stands for the folder of the mm-test-adapters package"
+        ),
+    )
+    channel_group: str = "Channel"
+    channels: tuple[ChannelSettings, ...] = Field(min_length=1)
+    pixel_size_um: float = Field(default=0.64, gt=0, le=100)
+    camera: CameraSettings = CameraSettings(width=1384, height=1036)
+    stage_limits: StageLimits | None = None
+    snap_retries: int = Field(default=2, ge=0, le=10)
+    move_retries: int = Field(default=2, ge=0, le=10)
+    simulation: SimulationSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_paths(cls, data: Any, info: Any) -> Any:
+        base = (info.context or {}).get("base_dir") if info.context else None
+        if isinstance(data, dict) and base is not None:
+            mm = data.get("micromanager_config")
+            if isinstance(mm, str) and not Path(mm).is_absolute():
+                data = {**data, "micromanager_config": str(Path(base) / mm)}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_channels(self) -> Self:
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channel names repeat: {names}")
+        return self
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.channels)
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.simulation is not None
+
+
+# ---------------------------------------------------------------- assay
+
+ChannelRole = Literal["nucleus", "epithelial", "leukocyte", "marker"]
+
+
+class Indication(ConfigModel):
+    """A clinical indication and its CTC cut-off per 7.5 mL of blood."""
+
+    name: str
+    cutoff: int = Field(ge=1)
+
+
+class AssayConfig(ConfigModel):
+    """The assay: which stain each channel carries and the clinical cut-off."""
+
+    name: str = "cellsearch-ctc"
+    channels: dict[str, ChannelRole] = Field(
+        default_factory=lambda: {
+            "DAPI": "nucleus",
+            "FITC": "marker",
+            "PE": "epithelial",
+            "APC": "leukocyte",
+        }
+    )
+    indication: str = "metastatic-breast"
+    indications: tuple[Indication, ...] = (
+        Indication(name="metastatic-breast", cutoff=5),
+        Indication(name="metastatic-prostate", cutoff=5),
+        Indication(name="metastatic-colorectal", cutoff=3),
+    )
+    blood_volume_ml: float = Field(default=7.5, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        roles = list(self.channels.values())
+        for needed in ("nucleus", "epithelial", "leukocyte"):
+            if roles.count(needed) != 1:
+                raise ValueError(f"exactly one channel must have role {needed!r}")
+        if self.indication not in {i.name for i in self.indications}:
+            known = ", ".join(i.name for i in self.indications)
+            raise ValueError(f"unknown indication {self.indication!r}; known: {known}")
+        return self
+
+    @property
+    def cutoff(self) -> int:
+        return next(i.cutoff for i in self.indications if i.name == self.indication)
+
+    def channel_for(self, role: ChannelRole) -> str | None:
+        """Name of the channel carrying `role`, or None."""
+        return next((c for c, r in self.channels.items() if r == role), None)

@@ -1,0 +1,193 @@
+"""`ScanEngine`: pymmcore-plus's MDA engine with explicit failures.
+
+Differences from `MDAEngine`, each for a measured reason:
+
+* the stage moves once per field, not before every channel
+  (``force_set_xy_position=False``), and its position is read back once per field
+  and put into every frame's metadata (``ctcscan_stage``);
+* a failed move, channel change or snap is retried a bounded number of times and
+  then reported through `on_failure` and skipped: it never yields a frame late or
+  in the wrong slot, and the field's remaining events are skipped without touching
+  the hardware;
+* a Python camera under `UniMMCore` skips auto-shutter, so the shutter is opened
+  and closed around each snap explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import useq
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.experimental.unicore import UniMMCore
+from pymmcore_plus.mda import MDAEngine
+from pymmcore_plus.mda._engine import ImagePayload
+from pymmcore_plus.mda._runner import SkipEvent
+
+__all__ = ["FailureHook", "ScanEngine"]
+
+logger = logging.getLogger("ctcscan.engine")
+
+#: on_failure(event, reason, attempts): a field could not be acquired.
+FailureHook = Callable[[useq.MDAEvent, str, int], None]
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class ScanEngine(MDAEngine):
+    """MDA engine for cartridge scans.
+
+    Parameters
+    ----------
+    mmc : CMMCorePlus
+        The core (a `UniMMCore` for simulated or mixed instruments).
+    snap_retries, move_retries : int
+        Extra attempts after a failed snap / hardware setting, before the field is
+        reported failed.
+    on_failure : FailureHook, optional
+        Called once per failed field with the event, the reason and the attempts.
+    """
+
+    def __init__(
+        self,
+        mmc: CMMCorePlus,
+        *,
+        snap_retries: int = 2,
+        move_retries: int = 2,
+        on_failure: FailureHook | None = None,
+    ) -> None:
+        super().__init__(
+            mmc,
+            use_hardware_sequencing=False,
+            force_set_xy_position=False,
+            restore_initial_state=False,
+        )
+        self.snap_retries = snap_retries
+        self.move_retries = move_retries
+        self.on_failure = on_failure
+        self._failed_p: set[int] = set()
+        self._xy: tuple[float, float] | None = None
+        self._z: float | None = None
+        self._channel: tuple[str, str] | None = None
+        self._exposure: float | None = None
+        self._stage: dict[str, float] = {}
+        self._manual_shutter = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup_sequence(self, sequence: useq.MDASequence) -> Any:
+        self._failed_p.clear()
+        self._xy = self._z = self._channel = self._exposure = None
+        core = self.mmcore
+        cam = core.getCameraDevice()
+        self._manual_shutter = bool(
+            isinstance(core, UniMMCore)
+            and cam
+            and core.isPyDevice(cam)
+            and core.getShutterDevice()
+            and core.getAutoShutter()
+        )
+        return super().setup_sequence(sequence)
+
+    def setup_single_event(self, event: useq.MDAEvent) -> None:
+        p = event.index.get("p", 0)
+        if p in self._failed_p:
+            raise SkipEvent(reason="field already failed")
+        core = self.mmcore
+        if event.x_pos is not None and event.y_pos is not None:
+            xy = (event.x_pos, event.y_pos)
+            if xy != self._xy:
+                self._attempt(event, "XY move", lambda: self._move_xy(*xy))
+                self._xy = xy
+                x, y = core.getXYPosition()
+                self._stage.update(x_um=x, y_um=y)
+        if event.z_pos is not None and event.z_pos != self._z:
+            z = event.z_pos
+            self._attempt(event, "focus move", lambda: self._move_z(z))
+            self._z = z
+            self._stage["z_um"] = core.getZPosition()
+        if (ch := event.channel) is not None and (ch.group, ch.config) != self._channel:
+            self._attempt(event, f"channel {ch.config}",
+                          lambda: core.setConfig(ch.group, ch.config))
+            self._channel = (ch.group, ch.config)
+            core.waitForConfig(ch.group, ch.config)
+        if event.exposure is not None and event.exposure != self._exposure:
+            exp = event.exposure
+            self._attempt(event, "exposure", lambda: core.setExposure(exp))
+            self._exposure = exp
+
+    def exec_single_event(self, event: useq.MDAEvent) -> Iterator[ImagePayload]:
+        core = self.mmcore
+        last: BaseException | None = None
+        img = None
+        for _ in range(self.snap_retries + 1):
+            try:
+                if self._manual_shutter:
+                    core.setShutterOpen(True)
+                try:
+                    core.snapImage()
+                finally:
+                    if self._manual_shutter:
+                        core.setShutterOpen(False)
+                img = core.getImage()
+                break
+            except Exception as e:  # any device error: retry, then report
+                last = e
+                logger.warning("snap failed at %s: %s", event.index, _short(e))
+        if img is None:
+            self._fail(event, f"snap failed: {_short(last) if last else '?'}",
+                       self.snap_retries + 1)
+            return
+        t0 = event.metadata.get("runner_t0") or time.perf_counter()
+        meta = self.get_frame_metadata(
+            event,
+            runner_time_ms=(time.perf_counter() - t0) * 1000,
+            camera_device=core.getCameraDevice(),
+            include_position=False,
+        )
+        meta["ctcscan_stage"] = dict(self._stage)  # type: ignore[typeddict-unknown-key]
+        yield ImagePayload(img, event, meta)  # type: ignore[arg-type]
+
+    def teardown_event(self, event: useq.MDAEvent) -> None:
+        """Nothing to restore per event; shutter is handled around each snap."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def _move_xy(self, x: float, y: float) -> None:
+        core = self.mmcore
+        core.setXYPosition(x, y)
+        core.waitForDevice(core.getXYStageDevice())
+
+    def _move_z(self, z: float) -> None:
+        core = self.mmcore
+        core.setZPosition(z)
+        core.waitForDevice(core.getFocusDevice())
+
+    def _attempt(self, event: useq.MDAEvent, what: str, action: Callable[[], Any]) -> None:
+        last: BaseException | None = None
+        for _ in range(self.move_retries + 1):
+            try:
+                action()
+                return
+            except Exception as e:  # device errors come as RuntimeError or others
+                last = e
+                logger.warning("%s failed at %s: %s", what, event.index, _short(e))
+        self._fail(event, f"{what} failed: {_short(last) if last else '?'}",
+                   self.move_retries + 1)
+        # force a fresh command next time: the hardware state is unknown now
+        self._xy = self._z = self._channel = self._exposure = None
+        raise SkipEvent(reason=what)
+
+    def _fail(self, event: useq.MDAEvent, reason: str, attempts: int) -> None:
+        p = event.index.get("p", 0)
+        if p in self._failed_p:
+            return
+        self._failed_p.add(p)
+        if self.on_failure is not None:
+            self.on_failure(event, reason, attempts)

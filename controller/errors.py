@@ -1,0 +1,56 @@
+"""The one error tree of ctcscan.
+
+Every error a user can cause or meet at the bench derives from `ScannerError`, so
+the CLI can print it as one line instead of a traceback. Bad values also derive
+from `ValueError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class ScannerError(Exception):
+    """Root of every ctcscan error that is reported to the user."""
+
+
+class ConfigError(ScannerError, ValueError):
+    """A configuration file or value is missing or invalid."""
+
+
+class UnknownLayoutError(ConfigError, KeyError):
+    """A cartridge layout name is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DeviceLoadError(ScannerError):
+    """One or more devices of an instrument failed to load or initialise.
+
+    Parameters
+    ----------
+    failures : Mapping[str, str]
+        Device label -> reason, for every device that failed (not only the first).
+    source : str
+        The configuration file the devices came from.
+    """
+
+    def __init__(self, failures: Mapping[str, str], source: str = "") -> None:
+        self.failures = dict(failures)
+        self.source = source
+        names = ", ".join(f"{label} ({why})" for label, why in self.failures.items())
+        where = f" from {source}" if source else ""
+        super().__init__(f"devices failed to load{where}: {names}")
+
+
+class StorageError(ScannerError):
+    """The run folder cannot be used or a field cannot be stored durably."""
+
+
+class DiskSpaceError(StorageError):
+    """Not enough free disk space for the planned scan."""
+
+
+class AcquisitionError(ScannerError):
+    """The instrument failed in a way the scan could not recover from."""

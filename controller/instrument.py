@@ -1,0 +1,167 @@
+"""Opening an instrument: a Micro-Manager core loaded from the instrument config.
+
+This is the one module of the controller that knows about the simulator: an
+instrument config with a ``simulation`` section gets the simulated world bound
+to its Python devices; any other config is loaded as real (or C++ demo) hardware.
+Device load failures are collected and reported together, by label.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.experimental.unicore import UniMMCore
+
+from controller.config import InstrumentConfig
+from hardware_configs import CONFIG_DIR
+from controller.errors import ConfigError, DeviceLoadError
+from controller.layouts import CartridgeLayout
+
+__all__ = ["DEFAULT_INSTRUMENT", "Instrument", "open_instrument"]
+
+logger = logging.getLogger("ctcscan.instrument")
+
+
+#: The simulated scanner, used when no instrument is given.
+DEFAULT_INSTRUMENT = CONFIG_DIR / "simulated.yaml"
+
+
+@dataclass
+class Instrument:
+    """An opened instrument."""
+
+    config: InstrumentConfig
+    core: CMMCorePlus
+    world: Any = None  # simulators.World for a simulated instrument
+
+    @property
+    def simulated(self) -> bool:
+        return self.world is not None
+
+    def ground_truth(self, fields: list[tuple[str, float, float]]) -> dict | None:
+        """Ground truth of the given fields, for a simulated instrument."""
+        return None if self.world is None else self.world.ground_truth(fields)
+
+    def close(self) -> None:
+        try:
+            self.core.unloadAllDevices()
+        except Exception as e:  # closing must not hide the scan's own outcome
+            logger.warning("unloading devices failed: %s", e)
+
+
+def _adapter_paths(cfg: InstrumentConfig) -> list[str]:
+    out = []
+    for p in cfg.adapter_paths:
+        if p == "mm-test-adapters":
+            import mm_test_adapters
+
+            out.append(mm_test_adapters.device_adapter_path())
+        else:
+            out.append(p)
+    return out
+
+
+def _device_lines(text: str) -> list[tuple[str, str, str, bool]]:
+    """(label, library or module, device name, is_python) of each device line."""
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        is_py = line.startswith("#py ")
+        if is_py:
+            line = line[4:].strip()
+        parts = line.split(",")
+        if len(parts) == 4 and parts[0] in ("Device", "pyDevice"):
+            out.append((parts[1], parts[2], parts[3], is_py or parts[0] == "pyDevice"))
+    return out
+
+
+def _diagnose(core: CMMCorePlus, text: str) -> dict[str, str]:
+    """Which devices of a config cannot be loaded, and why (all of them)."""
+    failures: dict[str, str] = {}
+    adapters = set(core.getDeviceAdapterNames())
+    for label, lib, name, is_py in _device_lines(text):
+        if is_py or lib not in adapters:
+            try:
+                module = importlib.import_module(lib)
+            except ImportError:
+                failures[label] = f"no device adapter or Python module {lib!r}"
+                continue
+            if not hasattr(module, name):
+                failures[label] = f"{lib} has no device {name!r}"
+            continue
+        try:
+            available = core.getAvailableDevices(lib)
+        except Exception as e:
+            failures[label] = f"adapter {lib!r} unusable: {e}"
+            continue
+        if name not in available:
+            failures[label] = f"adapter {lib!r} has no device {name!r}"
+    return failures
+
+
+def open_instrument(
+    cfg: InstrumentConfig,
+    layout: CartridgeLayout,
+    *,
+    seed: int | None = None,
+    source: str = "",
+) -> Instrument:
+    """Load the instrument's Micro-Manager config and check it fits the YAML.
+
+    Raises
+    ------
+    ConfigError
+        The .cfg file is missing, or channel presets named in the YAML are not in
+        the channel group.
+    DeviceLoadError
+        Devices failed to load; every failing device is named.
+    """
+    mm_path = Path(cfg.micromanager_config)
+    if not mm_path.is_file():
+        raise ConfigError(f"{source or cfg.name}: micromanager_config {mm_path} "
+                          "not found")
+    text = mm_path.read_text(encoding="utf-8", errors="replace")
+    world = None
+    try:
+        if cfg.simulation is not None:
+            from simulators import World, WorldConfig, open_simulated_core
+
+            sim = cfg.simulation
+            overrides = {**sim.world, "seed": sim.seed if seed is None else seed,
+                         "time_scale": sim.time_scale}
+            wcfg = WorldConfig.from_dict(overrides, source=f"{source}: simulation")
+            world = World(wcfg, layout, width=cfg.camera.width,
+                          height=cfg.camera.height, pixel_size_um=cfg.pixel_size_um)
+            core: CMMCorePlus = open_simulated_core(mm_path, world)
+        else:
+            core = UniMMCore()
+            if paths := _adapter_paths(cfg):
+                core.setDeviceAdapterSearchPaths(paths)
+            core.loadSystemConfiguration(str(mm_path))
+    except ConfigError:
+        raise
+    except Exception as e:
+        probe = UniMMCore()
+        if paths := _adapter_paths(cfg):
+            probe.setDeviceAdapterSearchPaths(paths)
+        failures = _diagnose(probe, text)
+        if not failures:
+            first = str(e).strip().splitlines()
+            failures = {"(config)": first[-1] if first else type(e).__name__}
+        raise DeviceLoadError(failures, str(mm_path)) from None
+
+    missing = [c.preset for c in cfg.channels
+               if not core.isConfigDefined(cfg.channel_group, c.preset)]
+    if missing:
+        have = ", ".join(core.getAvailableConfigs(cfg.channel_group)) or "none"
+        core.unloadAllDevices()
+        raise ConfigError(
+            f"{source or cfg.name}: channel presets {missing} not in config group "
+            f"{cfg.channel_group!r} of {mm_path.name} (it has: {have})"
+        )
+    return Instrument(cfg, core, world)

@@ -1,0 +1,182 @@
+"""Scan plan: the fields of a cartridge in acquisition order, and its MDA sequence.
+
+The plan is pure geometry: `plan_fields` turns a layout and the camera's field of
+view into fields in serpentine order; `ScanPlan.to_sequence` turns (a subset of)
+them into a `useq.MDASequence` with one position per field and every channel at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import useq
+
+from controller.config import ChannelSettings, InstrumentConfig
+from controller.errors import ConfigError
+from controller.layouts import CartridgeLayout
+
+__all__ = ["FieldSpec", "ScanPlan", "field_name", "plan_fields"]
+
+
+def field_name(index: int) -> str:
+    """The name of the field at plan index `index` (``field_000`` ...)."""
+    return f"field_{index:03d}"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of the plan.
+
+    `x_um`, `y_um` are the stage coordinates of the field centre; `z_um` the focus
+    position the field is imaged at.
+    """
+
+    index: int
+    name: str
+    row: int
+    col: int
+    x_um: float
+    y_um: float
+    z_um: float
+    edge: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "row": self.row,
+            "col": self.col,
+            "x_um": self.x_um,
+            "y_um": self.y_um,
+            "z_um": self.z_um,
+            "edge": self.edge,
+        }
+
+
+def plan_fields(
+    layout: CartridgeLayout,
+    fov_width_um: float,
+    fov_height_um: float,
+    *,
+    z_of: Callable[[float, float], float] | None = None,
+) -> tuple[FieldSpec, ...]:
+    """Fields covering `layout` without overlap, in serpentine (row-wise snake) order.
+
+    Parameters
+    ----------
+    layout : CartridgeLayout
+        The grid to cover.
+    fov_width_um, fov_height_um : float
+        The camera's field of view; also the field pitch.
+    z_of : callable, optional
+        ``z_of(x_um, y_um)`` gives the focus position of a field (a focus map);
+        default 0.
+
+    Returns
+    -------
+    tuple of FieldSpec
+        ``layout.rows * layout.cols`` fields; index and name follow scan order.
+    """
+    if fov_width_um <= 0 or fov_height_um <= 0:
+        raise ConfigError(f"field of view must be positive, got {fov_width_um} x "
+                          f"{fov_height_um} um")
+    # useq computes the grid; the FOV is set explicitly so it can never fall back
+    # to its cached default step.
+    grid = useq.GridRowsColumns(
+        rows=layout.rows,
+        columns=layout.cols,
+        fov_width=fov_width_um,
+        fov_height=fov_height_um,
+        overlap=0,
+        mode="row_wise_snake",
+        relative_to="center",
+    )
+    fields = []
+    for i, pos in enumerate(grid):
+        x = layout.center_x_um + (pos.x or 0.0)
+        y = layout.center_y_um + (pos.y or 0.0)
+        row, col = int(pos.row or 0), int(pos.col or 0)
+        z = float(z_of(x, y)) if z_of is not None else 0.0
+        fields.append(
+            FieldSpec(i, field_name(i), row, col, x, y, z, layout.is_edge(row, col))
+        )
+    return tuple(fields)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """Everything needed to image one cartridge."""
+
+    layout: CartridgeLayout
+    fields: tuple[FieldSpec, ...]
+    channels: tuple[ChannelSettings, ...]
+    channel_group: str
+    fov_width_um: float
+    fov_height_um: float
+
+    @classmethod
+    def build(
+        cls,
+        layout: CartridgeLayout,
+        instrument: InstrumentConfig,
+        *,
+        n_fields: int | None = None,
+        z_of: Callable[[float, float], float] | None = None,
+    ) -> ScanPlan:
+        """Plan a scan of `layout` on `instrument`; `n_fields` keeps the first N."""
+        fov_w = instrument.camera.width * instrument.pixel_size_um
+        fov_h = instrument.camera.height * instrument.pixel_size_um
+        fields = plan_fields(layout, fov_w, fov_h, z_of=z_of)
+        if n_fields is not None:
+            if n_fields < 1:
+                raise ConfigError(f"--fields must be at least 1, got {n_fields}")
+            fields = fields[:n_fields]
+        if (lim := instrument.stage_limits) is not None:
+            outside = [
+                f.name
+                for f in fields
+                if not lim.contains(f.x_um - fov_w / 2, f.y_um - fov_h / 2, f.z_um)
+                or not lim.contains(f.x_um + fov_w / 2, f.y_um + fov_h / 2, f.z_um)
+            ]
+            if outside:
+                raise ConfigError(
+                    f"layout {layout.name!r}: {len(outside)} field(s) lie outside the "
+                    f"stage limits of instrument {instrument.name!r} (first: "
+                    f"{outside[0]})"
+                )
+        return cls(
+            layout=layout,
+            fields=fields,
+            channels=instrument.channels,
+            channel_group=instrument.channel_group,
+            fov_width_um=fov_w,
+            fov_height_um=fov_h,
+        )
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.channels)
+
+    def by_name(self) -> dict[str, FieldSpec]:
+        return {f.name: f for f in self.fields}
+
+    def to_sequence(self, fields: Sequence[FieldSpec] | None = None) -> useq.MDASequence:
+        """The MDA sequence imaging `fields` (default: all), every channel per field.
+
+        Axis order ``pc``: the stage moves once per field and all channels are
+        taken there. Each position carries the field's name and z.
+        """
+        fields = self.fields if fields is None else fields
+        return useq.MDASequence(
+            stage_positions=[
+                useq.Position(x=f.x_um, y=f.y_um, z=f.z_um, name=f.name) for f in fields
+            ],
+            channels=[
+                useq.Channel(config=c.preset, group=self.channel_group,
+                             exposure=c.exposure_ms)
+                for c in self.channels
+            ],
+            axis_order="pc",
+            metadata={"ctcscan": {"layout": self.layout.name}},
+        )

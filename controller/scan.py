@@ -1,0 +1,364 @@
+"""One cartridge scan, from request to run folder, resumable.
+
+`Scan.run` plans the fields, skips those already stored and verified in the run
+folder, checks the disk, opens the instrument, and runs the MDA sequence of the
+remaining fields on its own thread:
+
+    frameReady -> FieldAssembler -> StoreWorker (bounded) -> FieldStore + ledger
+                                                   '-> DetectorFeed.offer (never blocks)
+
+`Scan.cancel` (or Ctrl-C in the CLI) stops after the current frame; every stored
+field stays stored, and running the same request again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis import channel_qc
+from controller import __version__
+from controller.assembler import AssembledField, FieldAssembler
+from controller.config import AssayConfig, InstrumentConfig
+from controller.engine import ScanEngine
+from controller.errors import ConfigError, ScannerError, StorageError
+from controller.feed import DetectorFeed, FieldAnalyzer
+from controller.instrument import open_instrument
+from controller.layouts import CartridgeLayout
+from controller.plan import FieldSpec, ScanPlan
+from controller.store import (
+    FieldStore,
+    LedgerState,
+    RunFolder,
+    StoredField,
+    StoreWorker,
+)
+
+__all__ = ["Scan", "ScanRequest", "ScanResult", "qc_analyzer"]
+
+logger = logging.getLogger("ctcscan.scan")
+
+#: Extra room asked of the disk beyond the raw pixels (metadata, ledger, results).
+_DISK_MARGIN_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """What to scan and where to put it."""
+
+    instrument: InstrumentConfig
+    layout: CartridgeLayout
+    out: Path
+    assay: AssayConfig = AssayConfig()
+    instrument_file: str = ""
+    cartridge_id: str | None = None
+    seed: int | None = None
+    n_fields: int | None = None
+
+    @property
+    def cartridge(self) -> str:
+        return self.cartridge_id or Path(self.out).resolve().name
+
+
+@dataclass
+class ScanResult:
+    """Outcome of one `Scan.run`."""
+
+    run_dir: Path
+    cartridge_id: str
+    planned: int
+    resumed: int = 0
+    stored: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    analyzed: int = 0
+    analyzed_from_disk: int = 0
+    frames: int = 0
+    duration_s: float = 0.0
+    canceled: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return not self.canceled and self.resumed + self.stored == self.planned
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.duration_s if self.duration_s else 0.0
+
+
+def qc_analyzer(bit_depth: int) -> FieldAnalyzer:
+    """The default on-line analysis: per-channel background, noise, saturation."""
+    saturation = 2**bit_depth - 1
+
+    def analyze(data: np.ndarray, channel_names: Sequence[str],
+                pixel_size_um: float) -> Mapping[str, Any]:
+        return {"qc": channel_qc(data, channel_names, saturation=saturation)}
+
+    return analyze
+
+
+def _versions() -> dict[str, str]:
+    out = {"ctcscan": __version__}
+    for pkg in ("pymmcore-plus", "pymmcore", "useq-schema", "numpy", "tifffile"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Scan:
+    """A resumable scan of one cartridge.
+
+    Parameters
+    ----------
+    request : ScanRequest
+        What to scan.
+    analyzer : FieldAnalyzer, optional
+        On-line analysis of each stored field; default `qc_analyzer`.
+    on_start : callable, optional
+        ``on_start(total_fields, already_stored)`` once the plan is known.
+    on_field : callable, optional
+        ``on_field(name, status)`` with status ``stored`` or ``failed``; called
+        from worker threads.
+    """
+
+    def __init__(
+        self,
+        request: ScanRequest,
+        *,
+        analyzer: FieldAnalyzer | None = None,
+        on_start: Callable[[int, int], None] | None = None,
+        on_field: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.request = request
+        self.analyzer = analyzer or qc_analyzer(request.instrument.camera.bit_depth)
+        self.on_start = on_start
+        self.on_field = on_field
+        self.folder = RunFolder(request.out)
+        self._cancel = threading.Event()
+        self._core: Any = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self) -> None:
+        """Stop after the current frame; what is stored stays stored."""
+        self._cancel.set()
+        if self._core is not None:
+            self._core.mda.cancel()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> ScanResult:
+        req, folder = self.request, self.folder
+        folder.prepare()
+        plan = ScanPlan.build(req.layout, req.instrument, n_fields=req.n_fields)
+        self._check_same_scan(plan)
+        state = LedgerState.from_records(folder.ledger.read())
+        done = self._verified(state)
+        remaining = [f for f in plan.fields if f.name not in done]
+        cam = req.instrument.camera
+        needed = len(remaining) * len(plan.channels) * cam.width * cam.height * 2
+        folder.check_free_space(int(needed * 1.02) + _DISK_MARGIN_BYTES)
+
+        instrument = open_instrument(req.instrument, req.layout, seed=req.seed,
+                                     source=req.instrument_file)
+        try:
+            return self._run_on(instrument, plan, state, done, remaining)
+        finally:
+            instrument.close()
+
+    def _run_on(self, instrument: Any, plan: ScanPlan, state: LedgerState,
+                done: set[str], remaining: list[FieldSpec]) -> ScanResult:
+        req, folder = self.request, self.folder
+        core = instrument.core
+        cam = req.instrument.camera
+        if (core.getImageWidth(), core.getImageHeight()) != (cam.width, cam.height):
+            raise ConfigError(
+                f"{req.instrument_file or req.instrument.name}: camera delivers "
+                f"{core.getImageWidth()} x {core.getImageHeight()} px, config says "
+                f"{cam.width} x {cam.height}"
+            )
+        self._write_scan_json(plan, instrument)
+        if instrument.simulated:
+            truth = instrument.ground_truth([(f.name, f.x_um, f.y_um)
+                                             for f in plan.fields])
+            folder.write_json(folder.ground_truth_json, truth)
+        if done:
+            folder.ledger.append("resumed", skipped=len(done),
+                                 remaining=[f.name for f in remaining])
+        else:
+            folder.ledger.append("planned", fields=[f.name for f in plan.fields],
+                                 channels=list(plan.channel_names))
+
+        result = ScanResult(folder.root, req.cartridge, len(plan.fields),
+                            resumed=len(done))
+        if self.on_start is not None:
+            self.on_start(len(plan.fields), len(done))
+
+        feed = DetectorFeed(folder, self.analyzer,
+                            pixel_size_um=req.instrument.pixel_size_um)
+        feed.add_backlog(f.name for f in plan.fields
+                         if f.name in done and f.name not in state.analyzed)
+        lock = threading.Lock()
+
+        def stored(fld: AssembledField, info: StoredField) -> None:
+            with lock:
+                result.stored += 1
+            feed.offer(fld)
+            if self.on_field is not None:
+                self.on_field(info.name, "stored")
+
+        def failed(spec: FieldSpec, reason: str, attempts: int) -> None:
+            folder.ledger.append("failed", field=spec.name, reason=reason,
+                                 attempts=attempts)
+            with lock:
+                result.failed[spec.name] = reason
+            if self.on_field is not None:
+                self.on_field(spec.name, "failed")
+
+        writer = StoreWorker(FieldStore(folder, req.instrument.pixel_size_um),
+                             on_stored=stored)
+
+        def deliver(fld: AssembledField) -> None:
+            try:
+                writer.put(fld)
+            except StorageError as e:  # disk trouble: stop cleanly, stay resumable
+                self._fail_run(e)
+
+        assembler = FieldAssembler(remaining, plan.channel_names, deliver, failed)
+        engine = ScanEngine(core, snap_retries=req.instrument.snap_retries,
+                            move_retries=req.instrument.move_retries,
+                            on_failure=assembler.failure)
+        core.mda.set_engine(engine)
+        t0 = time.perf_counter()
+        try:
+            if remaining and not self._cancel.is_set():
+                self._acquire(core, plan, remaining, assembler, writer)
+        finally:
+            writer.close()
+            feed.close()
+        if writer.error is not None and self._error is None:
+            self._error = writer.error
+        result.duration_s = time.perf_counter() - t0
+        result.frames = result.stored * len(plan.channels)
+        result.analyzed = feed.stats["analyzed"]
+        result.analyzed_from_disk = feed.stats["from_disk"]
+        result.canceled = self._cancel.is_set() or self._error is not None
+        folder.ledger.append(
+            "finished" if result.complete else "stopped",
+            stored=result.stored, resumed=result.resumed,
+            failed=sorted(result.failed), canceled=result.canceled,
+            error=str(self._error) if self._error else None,
+            duration_s=round(result.duration_s, 3),
+        )
+        if self._error is not None:
+            if isinstance(self._error, ScannerError):
+                raise self._error
+            raise ScannerError(f"scan stopped: {self._error}") from self._error
+        return result
+
+    def _acquire(self, core: Any, plan: ScanPlan, remaining: list[FieldSpec],
+                 assembler: FieldAssembler, writer: StoreWorker) -> None:
+        """Run the MDA on our own thread; watch for cancel and storage errors."""
+        sequence = plan.to_sequence(remaining)
+        core.mda.events.frameReady.connect(assembler.frame_ready)
+        self._core = core
+
+        def target() -> None:
+            try:
+                core.mda.run(sequence)
+            except BaseException as e:  # a lost thread exception is a lost scan
+                self._error = e
+
+        thread = threading.Thread(target=target, name="ctcscan-mda", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(timeout=0.1)
+                if writer.error is not None:
+                    self._fail_run(writer.error)
+        except KeyboardInterrupt:
+            self.cancel()
+            thread.join()
+        finally:
+            core.mda.events.frameReady.disconnect(assembler.frame_ready)
+            self._core = None
+
+    def _fail_run(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._core is not None:
+            self._core.mda.cancel()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _verified(self, state: LedgerState) -> set[str]:
+        """Fields the ledger calls stored whose files still hash correctly."""
+        ok = set()
+        for name, rec in state.stored.items():
+            if self.folder.verify(name, rec.get("sha256", "")):
+                ok.add(name)
+            else:
+                self.folder.ledger.append("corrupt", field=name,
+                                          reason="file missing or checksum mismatch")
+        return ok
+
+    def _check_same_scan(self, plan: ScanPlan) -> None:
+        prev = self.folder.read_scan_json()
+        if prev is None:
+            return
+        req = self.request
+        mine = {"cartridge_id": req.cartridge, "layout": plan.layout.name,
+                "seed": self._seed(), "channels": list(plan.channel_names)}
+        theirs = {k: prev.get("request", {}).get(k) for k in mine}
+        if theirs != mine:
+            diff = ", ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} now"
+                             for k in mine if theirs[k] != mine[k])
+            raise StorageError(
+                f"{self.folder.root} holds a different scan ({diff}); "
+                "choose another --out to start a new one"
+            )
+
+    def _seed(self) -> int | None:
+        sim = self.request.instrument.simulation
+        if sim is None:
+            return None
+        return sim.seed if self.request.seed is None else self.request.seed
+
+    def _write_scan_json(self, plan: ScanPlan, instrument: Any) -> None:
+        req = self.request
+        core = instrument.core
+        data = {
+            "request": {
+                "cartridge_id": req.cartridge,
+                "layout": plan.layout.name,
+                "seed": self._seed(),
+                "fields": req.n_fields,
+                "instrument_file": req.instrument_file,
+                "channels": list(plan.channel_names),
+            },
+            "software": _versions(),
+            "layout": plan.layout.model_dump(mode="json"),
+            "instrument": req.instrument.model_dump(mode="json"),
+            "assay": req.assay.model_dump(mode="json"),
+            "devices": {
+                "camera": core.getCameraDevice(),
+                "xy_stage": core.getXYStageDevice(),
+                "focus": core.getFocusDevice(),
+                "shutter": core.getShutterDevice(),
+                "simulated": instrument.simulated,
+            },
+            "pixel_size_um": req.instrument.pixel_size_um,
+            "fov_um": [plan.fov_width_um, plan.fov_height_um],
+            "fields": [f.as_dict() for f in plan.fields],
+        }
+        self.folder.write_json(self.folder.scan_json, data)

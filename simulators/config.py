@@ -1,0 +1,85 @@
+"""Parameters of the simulated world: population, optics, focus surface."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from controller.config import ConfigModel
+
+__all__ = ["STAINS", "OpticsConfig", "PopulationConfig", "SurfaceConfig", "WorldConfig"]
+
+#: The stains of the default assay, in the world's plane order.
+STAINS: tuple[str, ...] = ("DAPI", "FITC", "PE", "APC")
+
+
+class PopulationConfig(ConfigModel):
+    """How many objects of each kind a cartridge holds (whole cartridge unless
+    the name says per field)."""
+
+    ctc: int = Field(default=30, ge=0)
+    ctc_cluster_fraction: float = Field(default=0.2, ge=0, le=1)
+    ctc_dim_fraction: float = Field(default=0.2, ge=0, le=1)
+    ctc_fitc_fraction: float = Field(default=0.3, ge=0, le=1)
+    ctc_median_diameter_um: float = Field(default=12.4, gt=4, le=40)
+    wbc_per_field: float = Field(default=150.0, ge=0, le=600)
+    wbc_cd45_dim_fraction: float = Field(default=0.5, ge=0, le=1)
+    double_positive: int = Field(default=20, ge=0)
+    ck_fragment: int = Field(default=400, ge=0)
+    small_ck_dapi: int = Field(default=40, ge=0)
+    nucleus_beside_ck: int = Field(default=20, ge=0)
+    free_nucleus_per_field: float = Field(default=5.0, ge=0)
+    debris: int = Field(default=40, ge=0)
+
+
+class OpticsConfig(ConfigModel):
+    """Camera and light path. Rates are DN per ms of exposure at the image centre."""
+
+    stain_rate: tuple[float, float, float, float] = (100.0, 12.0, 20.0, 8.0)
+    background_rate: tuple[float, float, float, float] = (1.5, 0.6, 0.8, 0.5)
+    #: crosstalk[c][s]: fraction of stain s seen in channel c
+    crosstalk: tuple[tuple[float, float, float, float], ...] = (
+        (1.0, 0.0, 0.0, 0.0),
+        (0.01, 1.0, 0.03, 0.0),
+        (0.0, 0.08, 1.0, 0.01),
+        (0.0, 0.0, 0.04, 1.0),
+    )
+    vignetting: float = Field(default=0.3, ge=0, lt=1)
+    offset_dn: float = Field(default=100.0, ge=0)
+    read_noise_dn: float = Field(default=3.0, ge=0)
+    electrons_per_dn: float = Field(default=2.0, gt=0)
+    bit_depth: int = Field(default=12, ge=8, le=16)
+    depth_of_field_um: float = Field(default=2.0, ge=0)
+    blur_px_per_um: float = Field(default=0.8, ge=0)
+    rim_width_um: float = Field(default=40.0, gt=0)
+    rim_rate: tuple[float, float, float, float] = (60.0, 25.0, 40.0, 20.0)
+    outside_background: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _square(self) -> Self:
+        if len(self.crosstalk) != 4 or any(len(r) != 4 for r in self.crosstalk):
+            raise ValueError("crosstalk must be a 4 x 4 matrix")
+        return self
+
+
+class SurfaceConfig(ConfigModel):
+    """The cartridge's top surface: z = z0 + tilt + bow along the long axis (um)."""
+
+    z0_um: float = 0.0
+    tilt_x_um_per_mm: float = 0.8
+    tilt_y_um_per_mm: float = -1.2
+    bow_um: float = 2.0
+
+
+class WorldConfig(ConfigModel):
+    """Everything that determines the simulated world; the same config and seed
+    give the same pixels."""
+
+    seed: int = 0
+    population: PopulationConfig = PopulationConfig()
+    optics: OpticsConfig = OpticsConfig()
+    surface: SurfaceConfig = SurfaceConfig()
+    stage_speed_um_per_ms: float = Field(default=20.0, gt=0)
+    focus_speed_um_per_ms: float = Field(default=1.0, gt=0)
+    time_scale: float = Field(default=0.0, ge=0, le=1)

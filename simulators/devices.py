@@ -1,0 +1,171 @@
+"""Micro-Manager Python devices of the simulated scanner (for `UniMMCore`).
+
+Each device attaches, when created, to the `World` bound by
+`simulators.open_simulated_core` and reads or sets only the world's state, so the
+camera sees what the stage, focus drive, filter cube and shutter were told.
+Waiting (exposure, travel) is scaled by the world's `time_scale`: 0 never sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from pymmcore_plus.experimental.unicore import (
+    ShutterDevice,
+    SimpleCameraDevice,
+    StageDevice,
+    StateDevice,
+    XYStageDevice,
+)
+
+from simulators.config import STAINS
+from simulators.world import World, current_world
+
+__all__ = ["SimCamera", "SimFilterCube", "SimFocus", "SimShutter", "SimXYStage"]
+
+
+def _wait(world: World, ms: float) -> None:
+    if world.config.time_scale > 0 and ms > 0:
+        time.sleep(ms * world.config.time_scale / 1000)
+
+
+class SimCamera(SimpleCameraDevice):
+    """A 12-bit monochrome camera looking at the simulated cartridge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = current_world()
+        self._exposure = 10.0
+
+    def sensor_shape(self) -> tuple[int, int]:
+        return (self.world.height, self.world.width)
+
+    def dtype(self) -> Any:
+        return np.uint16
+
+    def get_exposure(self) -> float:
+        return self._exposure
+
+    def set_exposure(self, exposure: float) -> None:
+        if exposure < 0:
+            raise ValueError(f"exposure must be >= 0 ms, got {exposure}")
+        self._exposure = float(exposure)
+
+    def snap(self, buffer: np.ndarray) -> Mapping:
+        _wait(self.world, self._exposure)
+        self.world.snap(self._exposure, out=buffer)
+        return {"SimWorldSeed": str(self.world.config.seed)}
+
+
+class SimXYStage(XYStageDevice):
+    """XY stage with travel limits around the cartridge and a travel time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = current_world()
+        lay, w = self.world.layout, self.world
+        margin = 2000.0
+        self.limits = (
+            lay.center_x_um - lay.cols * w.fov_w / 2 - margin,
+            lay.center_x_um + lay.cols * w.fov_w / 2 + margin,
+            lay.center_y_um - lay.rows * w.fov_h / 2 - margin,
+            lay.center_y_um + lay.rows * w.fov_h / 2 + margin,
+        )
+
+    def set_position_um(self, x: float, y: float) -> None:
+        x_lo, x_hi, y_lo, y_hi = self.limits
+        if not (x_lo <= x <= x_hi and y_lo <= y <= y_hi):
+            raise ValueError(f"XY target ({x:.1f}, {y:.1f}) um outside stage travel")
+        w = self.world
+        with w.lock:
+            ox, oy = w.xy
+        _wait(w, max(abs(x - ox), abs(y - oy)) / w.config.stage_speed_um_per_ms)
+        with w.lock:
+            w.xy = (float(x), float(y))
+        self.core.events.XYStagePositionChanged.emit(self.get_label(), x, y)
+
+    def get_position_um(self) -> tuple[float, float]:
+        with self.world.lock:
+            return self.world.xy
+
+    def set_origin_x(self) -> None:
+        raise NotImplementedError("the simulated stage has a fixed origin")
+
+    def set_origin_y(self) -> None:
+        raise NotImplementedError("the simulated stage has a fixed origin")
+
+    def home(self) -> None:
+        lay = self.world.layout
+        self.set_position_um(lay.center_x_um, lay.center_y_um)
+
+    def stop(self) -> None:
+        """Moves complete synchronously; nothing to stop."""
+
+
+class SimFocus(StageDevice):
+    """Focus drive (z, um) with a +/- 200 um range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = current_world()
+
+    def set_position_um(self, val: float) -> None:
+        if not -200.0 <= val <= 200.0:
+            raise ValueError(f"focus target {val:.2f} um outside the focus range")
+        w = self.world
+        with w.lock:
+            dz = abs(val - w.z)
+        _wait(w, dz / w.config.focus_speed_um_per_ms)
+        with w.lock:
+            w.z = float(val)
+        self.core.events.stagePositionChanged.emit(self.get_label(), val)
+
+    def get_position_um(self) -> float:
+        with self.world.lock:
+            return self.world.z
+
+    def home(self) -> None:
+        self.set_position_um(0.0)
+
+    def stop(self) -> None:
+        """Moves complete synchronously; nothing to stop."""
+
+    def set_origin(self) -> None:
+        raise NotImplementedError("the simulated focus drive has a fixed origin")
+
+
+class SimFilterCube(StateDevice):
+    """Filter cube / LED selector: one position per stain."""
+
+    def __init__(self) -> None:
+        super().__init__(dict(enumerate(STAINS)))
+        self.world = current_world()
+
+    def get_state(self) -> int:
+        with self.world.lock:
+            return self.world.channel
+
+    def set_state(self, position: int) -> None:
+        if not 0 <= int(position) < len(STAINS):
+            raise ValueError(f"no filter position {position}")
+        with self.world.lock:
+            self.world.channel = int(position)
+
+
+class SimShutter(ShutterDevice):
+    """Excitation shutter; a closed shutter gives dark frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = current_world()
+
+    def get_open(self) -> bool:
+        with self.world.lock:
+            return self.world.shutter_open
+
+    def set_open(self, open: bool) -> None:
+        with self.world.lock:
+            self.world.shutter_open = bool(open)
