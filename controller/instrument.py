@@ -150,10 +150,11 @@ def open_instrument(
         if paths := _adapter_paths(cfg):
             probe.setDeviceAdapterSearchPaths(paths)
         failures = _diagnose(probe, text)
-        if not failures:
-            first = str(e).strip().splitlines()
-            failures = {"(config)": first[-1] if first else type(e).__name__}
-        raise DeviceLoadError(failures, str(mm_path)) from None
+        if failures:
+            raise DeviceLoadError(failures, str(mm_path)) from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        why = " / ".join(lines[-2:]) if lines else type(e).__name__
+        raise ConfigError(f"{mm_path}: {why}") from None
 
     missing = [c.preset for c in cfg.channels
                if not core.isConfigDefined(cfg.channel_group, c.preset)]

@@ -96,7 +96,7 @@ def plan_fields(
     for i, pos in enumerate(grid):
         x = layout.center_x_um + (pos.x or 0.0)
         y = layout.center_y_um + (pos.y or 0.0)
-        row, col = int(pos.row or 0), int(pos.col or 0)
+        row, col = int(pos.grid_row or 0), int(pos.grid_col or 0)
         z = float(z_of(x, y)) if z_of is not None else 0.0
         fields.append(
             FieldSpec(i, field_name(i), row, col, x, y, z, layout.is_edge(row, col))

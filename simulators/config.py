@@ -83,3 +83,5 @@ class WorldConfig(ConfigModel):
     stage_speed_um_per_ms: float = Field(default=20.0, gt=0)
     focus_speed_um_per_ms: float = Field(default=1.0, gt=0)
     time_scale: float = Field(default=0.0, ge=0, le=1)
+    #: snaps (0-based count of every snap of this world) that fail, for tests
+    fail_snaps: tuple[int, ...] = ()

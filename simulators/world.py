@@ -339,10 +339,11 @@ class World:
     def snap(self, exposure_ms: float, out: np.ndarray | None = None) -> np.ndarray:
         """Image the current state of the devices; raise on an injected fault."""
         with self.lock:
+            n = self.snaps
             self.snaps += 1
-            if self.snap_failures_pending > 0:
-                self.snap_failures_pending -= 1
-                raise RuntimeError("simulated camera: readout failed")
+            if self.snap_failures_pending > 0 or n in self.config.fail_snaps:
+                self.snap_failures_pending = max(0, self.snap_failures_pending - 1)
+                raise RuntimeError(f"simulated camera: readout failed (snap {n})")
             (x, y), z, ch = self.xy, self.z, self.channel
             lit = self.shutter_open
         return self.renderer.frame(x, y, z, ch if lit else -1, exposure_ms, out=out)

@@ -1,0 +1,575 @@
+"""Benchmark: one simulated cartridge scan, ctcscan vs plain pymmcore-plus MDA.
+
+Scans the same simulated cartridge (default: all 175 fields of layout
+``cellsearch-5x35``, 4 channels, 1384 x 1036 uint16 frames) in several modes and
+prints them side by side:
+
+``ctcscan``
+    ctcscan's own ``Scan(ScanRequest(...)).run()`` into a fresh run folder, with
+    the default on-line analysis (``qc_analyzer``).
+``ctcscan-noanalysis``
+    The same with a no-op analyzer (``lambda data, names, px: {}``).
+``mda``
+    pymmcore-plus's default ``MDAEngine`` running ``ScanPlan.to_sequence()`` on the
+    core from ``open_instrument``, with no output. The shutter is opened by hand
+    first (``setAutoShutter(False); setShutterOpen(True)``): Python cameras under
+    ``UniMMCore`` skip auto-shutter, so the default engine would otherwise image
+    a closed shutter.
+``mda-ometiff``
+    The same with pymmcore-plus's built-in OME-TIFF output (ome-writers),
+    ``core.mda.run(sequence, output=".../mda.ome.tif")``, on the core exactly as
+    ``open_instrument`` returns it. A failure is reported with its error.
+``mda-ometiff-px``
+    As ``mda-ometiff``, but the bench first defines a pixel-size config on the core
+    from the instrument YAML's ``pixel_size_um`` (ome-writers refuses a pixel size
+    of 0).
+
+Every mode runs in its own fresh interpreter (this file with ``--mode``), so peak
+RSS (``ru_maxrss``) is per mode. The simulated instrument's ``time_scale`` is 0 in
+``hardware_configs/simulated.yaml``: exposures and stage travel are never waited
+for, so the numbers are pure software overhead (rendering, copying, encoding,
+writing, fsync, analysis).
+
+Usage::
+
+    /tmp/venv/bin/python bench/bench_scan.py                 # all modes, 175 fields
+    /tmp/venv/bin/python bench/bench_scan.py --fields 20 --modes ctcscan,mda
+    /tmp/venv/bin/python bench/bench_scan.py --mode mda      # one mode, JSON result
+
+The driver prints a table and writes it, with the environment, as JSON to
+``bench/out/bench_scan-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / "bench" / "out"
+DEFAULT_LAYOUT = "cellsearch-5x35"
+
+MODES: dict[str, str] = {
+    "ctcscan": "ctcscan Scan.run(), run folder, default QC analysis",
+    "ctcscan-noanalysis": "ctcscan Scan.run(), run folder, no-op analyzer",
+    "mda": "pymmcore-plus MDAEngine, no output (shutter opened by hand)",
+    "mda-ometiff": "pymmcore-plus MDAEngine, output=*.ome.tif (ome-writers)",
+    "mda-ometiff-px": "as mda-ometiff, core pixel size set from the YAML by the bench",
+}
+
+#: The budget the full cartridge is held to.
+BUDGET_WALL_S = 60.0
+BUDGET_RSS_MB = 1024.0
+BUDGET_CORES = 2
+
+
+# --------------------------------------------------------------------- results
+
+
+@dataclass
+class ModeResult:
+    """What one mode measured; written by the child process as JSON."""
+
+    mode: str
+    ok: bool = False
+    error: str | None = None
+    fields: int = 0
+    frames: int = 0
+    wall_s: float = 0.0  # the whole mode in-process: open instrument .. files closed
+    acquire_s: float | None = None  # the MDA run itself (ctcscan: incl. store drain)
+    ttff_s: float | None = None  # mode start -> first frameReady
+    first_field_s: float | None = None  # mode start -> first durable field (ctcscan)
+    cpu_s: float = 0.0  # user + system CPU of the child process
+    baseline_rss_mb: float = 0.0  # peak RSS after imports, before the mode
+    peak_rss_mb: float = 0.0
+    first_frame_mean: float | None = None  # a dark frame would mean a closed shutter
+    output_files: int = 0
+    output_bytes: int = 0
+    process_s: float | None = None  # whole child process, incl. interpreter start
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s if self.wall_s else 0.0
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _tree_size(path: Path) -> tuple[int, int]:
+    """(number of files, total bytes) under `path` (or of `path` itself)."""
+    if path.is_file():
+        return 1, path.stat().st_size
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+class FrameProbe:
+    """Counts frames and notes when the first one arrived (a frameReady slot)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.frames = 0
+        self.first_s: float | None = None
+        self.first_mean: float | None = None
+        self._lock = threading.Lock()
+
+    def frame_ready(self, img: Any, event: Any, meta: Any) -> None:
+        with self._lock:
+            self.frames += 1
+            if self.first_s is None:
+                self.first_s = time.perf_counter() - self.t0
+                self.first_mean = float(img.mean())
+
+
+# --------------------------------------------------------------------- modes
+
+
+def _load(instrument: str, layout: str) -> tuple[Any, Any]:
+    from controller.config import InstrumentConfig
+    from controller.layouts import get_layout
+
+    cfg = InstrumentConfig.from_file(instrument)
+    if cfg.simulation is not None and cfg.simulation.time_scale != 0:
+        print(f"warning: {instrument} has simulation.time_scale="
+              f"{cfg.simulation.time_scale}; the bench will include real waiting",
+              file=sys.stderr)
+    return cfg, get_layout(layout)
+
+
+def run_ctcscan(res: ModeResult, args: argparse.Namespace, work: Path, *,
+                analysis: bool) -> None:
+    """ctcscan's own Scan into a fresh run folder."""
+    import controller.scan as scan_mod
+    from controller.scan import Scan, ScanRequest
+
+    cfg, layout = _load(args.instrument, args.layout)
+    run_dir = work / "run"
+    request = ScanRequest(instrument=cfg, layout=layout, out=run_dir,
+                          instrument_file=str(args.instrument), n_fields=args.fields)
+    analyzer: Callable[..., Mapping[str, Any]] | None = (
+        None if analysis else (lambda data, names, px: {})
+    )
+    res.notes.append("analysis: default qc_analyzer" if analysis
+                     else "analysis: no-op analyzer")
+
+    t0 = time.perf_counter()
+    probe = FrameProbe(t0)
+    # Scan opens its own instrument; watch its frames by wrapping open_instrument.
+    opener = scan_mod.open_instrument
+
+    def open_and_watch(*a: Any, **kw: Any) -> Any:
+        inst = opener(*a, **kw)
+        inst.core.mda.events.frameReady.connect(probe.frame_ready)
+        return inst
+
+    first_field: list[float] = []
+
+    def on_field(name: str, status: str) -> None:
+        if status == "stored" and not first_field:
+            first_field.append(time.perf_counter() - t0)
+
+    scan_mod.open_instrument = open_and_watch  # type: ignore[assignment]
+    try:
+        result = Scan(request, analyzer=analyzer, on_field=on_field).run()
+    finally:
+        scan_mod.open_instrument = opener  # type: ignore[assignment]
+    res.wall_s = time.perf_counter() - t0
+
+    res.fields = result.stored
+    res.frames = result.frames
+    res.acquire_s = result.duration_s
+    res.ttff_s = probe.first_s
+    res.first_frame_mean = probe.first_mean
+    res.first_field_s = first_field[0] if first_field else None
+    res.output_files, res.output_bytes = _tree_size(run_dir)
+    res.extra.update(planned=result.planned, failed=dict(result.failed),
+                     analyzed=result.analyzed,
+                     analyzed_from_disk=result.analyzed_from_disk,
+                     frames_seen=probe.frames, complete=result.complete)
+    if result.analyzed_from_disk:
+        res.notes.append(f"{result.analyzed_from_disk} field(s) analysed from disk "
+                         "(analysis fell behind acquisition)")
+    res.ok = result.complete
+    if not result.complete:
+        res.error = (f"incomplete: stored {result.stored}/{result.planned}, "
+                     f"failed {sorted(result.failed)}")
+
+
+def run_mda(res: ModeResult, args: argparse.Namespace, work: Path, *,
+            output: bool, set_pixel_size: bool = False) -> None:
+    """pymmcore-plus's default MDAEngine on the plan's sequence."""
+    from controller.instrument import open_instrument
+    from controller.plan import ScanPlan
+
+    cfg, layout = _load(args.instrument, args.layout)
+    t0 = time.perf_counter()
+    instrument = open_instrument(cfg, layout, source=str(args.instrument))
+    try:
+        core = instrument.core
+        res.extra["engine"] = type(core.mda.engine).__name__
+        res.extra["core"] = type(core).__name__
+        res.extra["core_pixel_size_um"] = core.getPixelSizeUm()
+        if set_pixel_size:
+            core.definePixelSizeConfig("bench")
+            core.setPixelSizeUm("bench", cfg.pixel_size_um)
+            core.setPixelSizeConfig("bench")
+            res.notes.append(f"bench set core pixel size to {cfg.pixel_size_um} um "
+                             f"(open_instrument left {res.extra['core_pixel_size_um']})")
+        # Python cameras under UniMMCore skip auto-shutter: open it once, by hand.
+        core.setAutoShutter(False)
+        core.setShutterOpen(True)
+        res.notes.append("shutter opened by hand (UniMMCore Python camera skips "
+                         "auto-shutter)")
+        plan = ScanPlan.build(layout, cfg, n_fields=args.fields)
+        sequence = plan.to_sequence()
+        res.fields = len(plan.fields)
+        probe = FrameProbe(t0)
+        core.mda.events.frameReady.connect(probe.frame_ready)
+        target = work / "mda.ome.tif"
+        t_run = time.perf_counter()
+        try:
+            if output:
+                core.mda.run(sequence, output=str(target))
+            else:
+                core.mda.run(sequence)
+        finally:
+            res.acquire_s = time.perf_counter() - t_run
+            res.frames = probe.frames
+            res.ttff_s = probe.first_s
+            res.first_frame_mean = probe.first_mean
+            if output:
+                _describe_output(res, work, target)
+    finally:
+        instrument.close()
+    res.wall_s = time.perf_counter() - t0
+    expected = res.fields * len(cfg.channels)
+    res.ok = res.frames == expected
+    if not res.ok:
+        res.error = f"got {res.frames} frames, expected {expected}"
+
+
+def _describe_output(res: ModeResult, work: Path, target: Path) -> None:
+    """What the built-in writer actually produced under `work`."""
+    produced = sorted(p for p in work.iterdir())
+    res.output_files, res.output_bytes = _tree_size(work)
+    if not produced:
+        res.notes.append("writer produced nothing")
+        return
+    for p in produced:
+        rel = p.relative_to(work)
+        if p.is_dir():
+            n, nbytes = _tree_size(p)
+            res.notes.append(f"wrote directory {rel}/ with {n} file(s), "
+                             f"{nbytes / 1e9:.2f} GB (asked for {target.name})")
+        else:
+            res.notes.append(f"wrote file {rel}, {p.stat().st_size / 1e9:.2f} GB")
+
+
+def child(args: argparse.Namespace) -> int:
+    """Run one mode in this process; write a `ModeResult` as JSON."""
+    res = ModeResult(mode=args.mode)
+    own_work = not args.work_dir and not args.out_dir
+    if args.work_dir or args.out_dir:
+        work = Path(args.work_dir or Path(args.out_dir) / args.mode)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"ctcscan-bench-{args.mode}-"))
+    # import everything a mode needs before the baseline, so it is comparable
+    import controller.scan  # noqa: F401
+    import pymmcore_plus  # noqa: F401
+    import simulators  # noqa: F401
+
+    res.baseline_rss_mb = _peak_rss_mb()
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    try:
+        if args.mode == "ctcscan":
+            run_ctcscan(res, args, work, analysis=True)
+        elif args.mode == "ctcscan-noanalysis":
+            run_ctcscan(res, args, work, analysis=False)
+        elif args.mode == "mda":
+            run_mda(res, args, work, output=False)
+        elif args.mode == "mda-ometiff":
+            run_mda(res, args, work, output=True)
+        elif args.mode == "mda-ometiff-px":
+            run_mda(res, args, work, output=True, set_pixel_size=True)
+        else:
+            raise ValueError(f"unknown mode {args.mode!r}")
+    except Exception as e:  # report, do not hide: the driver prints it
+        res.ok = False
+        res.error = f"{type(e).__name__}: {_first_line(e)}"
+        if not res.wall_s:
+            res.wall_s = time.perf_counter() - t0
+    res.cpu_s = _cpu_s() - cpu0
+    res.peak_rss_mb = _peak_rss_mb()
+    if own_work and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(asdict(res), indent=1)
+    if args.result_json:
+        Path(args.result_json).write_text(text)
+    else:
+        print(text)
+    return 0 if res.ok else 1
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines()
+             if ln.strip() and not ln.strip().startswith("For further information")]
+    if not lines:
+        return ""
+    # pydantic ValidationErrors put the useful part after the first line
+    return " / ".join(ln.strip() for ln in lines[:5])
+
+
+# --------------------------------------------------------------------- driver
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("ctcscan", "pymmcore-plus", "pymmcore", "useq-schema", "ome-writers",
+                "tifffile", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_mode(mode: str, args: argparse.Namespace, base: Path) -> ModeResult:
+    """Run one mode in a fresh interpreter and read back its result."""
+    work = base / mode
+    work.mkdir(parents=True, exist_ok=True)
+    result_file = base / f"{mode}.result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode,
+           "--layout", args.layout, "--instrument", str(args.instrument),
+           "--work-dir", str(work), "--result-json", str(result_file)]
+    if args.fields is not None:
+        cmd += ["--fields", str(args.fields)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        res = ModeResult(mode=mode, error=f"timed out after {args.timeout} s")
+        res.process_s = time.perf_counter() - t0
+        return res
+    process_s = time.perf_counter() - t0
+    if result_file.exists():
+        data = json.loads(result_file.read_text())
+        res = ModeResult(**data)
+    else:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        res = ModeResult(mode=mode, error=f"child exited {proc.returncode}: "
+                         + " | ".join(tail))
+    res.process_s = process_s
+    stderr = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    if stderr:
+        res.extra["stderr_tail"] = stderr[-10:]
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(results: Sequence[ModeResult]) -> str:
+    head = ["mode", "fields", "frames", "wall s", "acq s", "frames/s", "TTFF s",
+            "CPU s", "base RSS MB", "peak RSS MB", "proc s", "out GB", "status"]
+    rows = [head]
+    for r in results:
+        rows.append([
+            r.mode, str(r.fields), str(r.frames), _fmt(r.wall_s, ".2f"),
+            _fmt(r.acquire_s, ".2f"), _fmt(r.frames_per_s, ".1f"),
+            _fmt(r.ttff_s, ".2f"), _fmt(r.cpu_s, ".1f"), _fmt(r.baseline_rss_mb, ".0f"),
+            _fmt(r.peak_rss_mb, ".0f"),
+            _fmt(r.process_s, ".1f"), _fmt(r.output_bytes / 1e9, ".2f"),
+            "ok" if r.ok else "FAILED",
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [c.ljust(w) if j == 0 else c.rjust(w)
+                 for j, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _budget_line(r: ModeResult, full: bool) -> str:
+    if not r.ok:
+        return f"  {r.mode}: no verdict (mode failed)"
+    wall = r.process_s if r.process_s is not None else r.wall_s
+    ok_t, ok_m = wall <= BUDGET_WALL_S, r.peak_rss_mb <= BUDGET_RSS_MB
+    scope = "" if full else "  (partial cartridge: not a budget verdict)"
+    return (f"  {r.mode}: end-to-end {wall:.1f} s {'<=' if ok_t else '>'} "
+            f"{BUDGET_WALL_S:.0f} s [{'PASS' if ok_t else 'FAIL'}], peak RSS "
+            f"{r.peak_rss_mb:.0f} MB {'<=' if ok_m else '>'} {BUDGET_RSS_MB:.0f} MB "
+            f"[{'PASS' if ok_m else 'FAIL'}]{scope}")
+
+
+def driver(args: argparse.Namespace) -> int:
+    from controller.layouts import get_layout
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    layout = get_layout(args.layout)
+    n_fields = layout.n_fields if args.fields is None else min(args.fields,
+                                                               layout.n_fields)
+    full = n_fields == layout.n_fields
+    if args.out_dir:
+        base = Path(args.out_dir)
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="ctcscan-bench-"))
+    cores = _cores()
+    print(f"ctcscan scan bench: layout {layout.name}, {n_fields}/{layout.n_fields} "
+          f"fields, instrument {args.instrument}")
+    print(f"  {cores} core(s) available, python {platform.python_version()}, "
+          f"run folders under {base}{' (kept)' if args.keep else ' (removed)'}")
+    print(f"  budget: full {layout.n_fields}-field cartridge end to end <= "
+          f"{BUDGET_WALL_S:.0f} s wall on {BUDGET_CORES} cores, peak RSS <= "
+          f"{BUDGET_RSS_MB:.0f} MB")
+    if cores != BUDGET_CORES:
+        print(f"  note: this machine offers {cores} cores, the budget assumes "
+              f"{BUDGET_CORES}")
+    print("  note: mda modes open the shutter by hand (core.setAutoShutter(False); "
+          "core.setShutterOpen(True)): Python cameras under UniMMCore skip "
+          "auto-shutter", flush=True)
+
+    results: list[ModeResult] = []
+    for mode in modes:
+        print(f"-- {mode}: {MODES[mode]} ...", end=" ", flush=True)
+        r = run_mode(mode, args, base)
+        print(f"{'ok' if r.ok else 'FAILED'} ({_fmt(r.process_s, '.1f')} s)",
+              flush=True)
+        results.append(r)
+    if not args.keep and not args.out_dir:
+        shutil.rmtree(base, ignore_errors=True)
+
+    print()
+    print(format_table(results))
+    print()
+    print("wall s: the mode in-process (ctcscan: Scan.run(); mda: open_instrument + "
+          "plan + mda.run + close); acq s: ctcscan ScanResult.duration_s (MDA + "
+          "store/analysis drain) / mda.run(); frames/s = frames / wall s; TTFF: mode "
+          "start -> first frameReady; proc s: whole subprocess incl. interpreter "
+          "start and imports; base RSS: peak RSS after imports, before the mode.")
+    print(f"budget (end to end = proc s, {n_fields} fields):")
+    for r in results:
+        print(_budget_line(r, full))
+    print("notes:")
+    for r in results:
+        for note in r.notes:
+            print(f"  {r.mode}: {note}")
+        if r.first_frame_mean is not None:
+            print(f"  {r.mode}: first frame mean {r.first_frame_mean:.1f} ADU")
+        if r.first_field_s is not None:
+            print(f"  {r.mode}: first field durably stored after "
+                  f"{r.first_field_s:.2f} s")
+        if r.error:
+            print(f"  {r.mode}: ERROR {r.error}")
+
+    out_dir = Path(args.json_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_file = out_dir / f"bench_scan-{stamp}.json"
+    report = {
+        "bench": "bench_scan",
+        "started": stamp,
+        "command": [sys.executable, *sys.argv],
+        "layout": layout.name,
+        "fields": n_fields,
+        "instrument": str(args.instrument),
+        "cores": cores,
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "budget": {"wall_s": BUDGET_WALL_S, "rss_mb": BUDGET_RSS_MB,
+                   "cores": BUDGET_CORES},
+        "results": [{**asdict(r), "frames_per_s": r.frames_per_s} for r in results],
+    }
+    out_file.write_text(json.dumps(report, indent=1))
+    print(f"\nJSON: {out_file}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+# --------------------------------------------------------------------- cli
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from controller.instrument import DEFAULT_INSTRUMENT
+
+    p = argparse.ArgumentParser(
+        description="Scan a simulated cartridge with ctcscan and with plain "
+        "pymmcore-plus MDA; report wall time, frames/s and peak RSS per mode.")
+    p.add_argument("--mode", choices=list(MODES),
+                   help="run ONE mode in this process and print its JSON result "
+                   "(used by the driver)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated modes for the driver (default: all: "
+                   f"{','.join(MODES)})")
+    p.add_argument("--fields", type=int, default=None,
+                   help="scan only the first N fields (default: the whole layout)")
+    p.add_argument("--layout", default=DEFAULT_LAYOUT, help="layout name or YAML")
+    p.add_argument("--instrument", default=str(DEFAULT_INSTRUMENT),
+                   help="instrument YAML (default: the simulated scanner)")
+    p.add_argument("--out-dir", default=None,
+                   help="where run folders / MDA output go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the run folders and MDA output")
+    p.add_argument("--json-dir", default=str(DEFAULT_OUT),
+                   help="where the driver writes its JSON report (default: bench/out)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds before a mode's subprocess is killed")
+    p.add_argument("--work-dir", help=argparse.SUPPRESS)
+    p.add_argument("--result-json", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return child(args) if args.mode else driver(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The ``ctcscan`` command line.
+
+Every error a user can cause is a `ScannerError` and is printed as one line on
+stderr (exit code 2); a scan that stored every field exits 0, one with failed
+fields 1, an interrupted one 130 (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from controller import __version__
+from controller.config import AssayConfig, InstrumentConfig
+from controller.errors import ScannerError
+from controller.instrument import DEFAULT_INSTRUMENT
+from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
+from controller.scan import Scan, ScanRequest, ScanResult
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ctcscan: scan CTC cartridges on a Micro-Manager microscope.",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def scan(
+    out_dir: Annotated[Path, typer.Option("--out", help="run folder (created; an "
+                                          "existing one is resumed)")],
+    instrument: Annotated[Path | None, typer.Option(
+        help="instrument YAML; default: the simulated scanner")] = None,
+    layout: Annotated[str, typer.Option(
+        help="cartridge layout name, or a layout YAML file")] = DEFAULT_LAYOUT,
+    cartridge_id: Annotated[str | None, typer.Option(
+        help="cartridge identifier; default: the run folder's name")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="simulated cartridge seed (simulated instrument only)")] = None,
+    fields: Annotated[int | None, typer.Option(
+        help="scan only the first N fields of the plan")] = None,
+    assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
+) -> None:
+    """Scan one cartridge into a run folder, resuming it if it exists."""
+    instrument_file = instrument or DEFAULT_INSTRUMENT
+    try:
+        cfg = InstrumentConfig.from_file(instrument_file)
+        assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
+        lay = get_layout(layout)
+        if seed is not None and not cfg.is_simulated:
+            _fail(f"--seed applies to a simulated instrument; {instrument_file} "
+                  "is real hardware")
+        request = ScanRequest(
+            instrument=cfg, layout=lay, out=out_dir, assay=assay_cfg,
+            instrument_file=str(instrument_file), cartridge_id=cartridge_id,
+            seed=seed, n_fields=fields,
+        )
+        result = _run_with_progress(request)
+    except ScannerError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; run the same command again to resume {out_dir}", 130)
+    _summary(result)
+    if result.canceled:
+        raise typer.Exit(130)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(request: ScanRequest) -> ScanResult:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("fields"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    task = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal task
+        task = progress.add_task(f"scanning {request.cartridge}", total=total,
+                                 completed=done)
+
+    def on_field(name: str, status: str) -> None:
+        if task is not None:
+            progress.advance(task)
+
+    with progress:
+        return Scan(request, on_start=on_start, on_field=on_field).run()
+
+
+def _summary(r: ScanResult) -> None:
+    t = Table(title=f"cartridge {r.cartridge_id}", show_header=False)
+    t.add_row("run folder", str(r.run_dir))
+    t.add_row("fields planned", str(r.planned))
+    t.add_row("stored now", str(r.stored))
+    if r.resumed:
+        t.add_row("already stored (verified)", str(r.resumed))
+    t.add_row("failed", ", ".join(f"{k} ({v})" for k, v in r.failed.items()) or "0")
+    t.add_row("analysed on-line", f"{r.analyzed} ({r.analyzed_from_disk} caught up "
+              "from disk)")
+    t.add_row("acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)")
+    state = "complete" if r.complete else (
+        "interrupted: run the same command to resume" if r.canceled else "incomplete")
+    t.add_row("status", state)
+    out.print(t)
+
+
+@app.command("layouts")
+def list_layouts() -> None:
+    """List the known cartridge layouts."""
+    t = Table("name", "rows x cols", "fields", "description")
+    for lay in LAYOUTS.values():
+        t.add_row(lay.name, f"{lay.rows} x {lay.cols}", str(lay.n_fields),
+                  lay.description)
+    out.print(t)
+
+
+@app.command("version")
+def show_version() -> None:
+    """Print the ctcscan version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pymmcore-plus").setLevel(logging.ERROR)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config import InstrumentConfig
+from controller.layouts import get_layout
+from controller.scan import Scan, ScanRequest, ScanResult
+from hardware_configs import CONFIG_DIR
+
+SIM_YAML = CONFIG_DIR / "simulated.yaml"
+DEMO_YAML = CONFIG_DIR / "demo-adapters.yaml"
+
+
+def sim_instrument(**world: Any) -> InstrumentConfig:
+    """The shipped simulated instrument, with WorldConfig overrides."""
+    cfg = InstrumentConfig.from_file(SIM_YAML)
+    if not world:
+        return cfg
+    sim = cfg.simulation.model_copy(update={"world": {**cfg.simulation.world, **world}})
+    return cfg.model_copy(update={"simulation": sim})
+
+
+def run_scan(out: Path, *, instrument: InstrumentConfig | None = None,
+             layout: str = "test-3x4", **kw: Any) -> ScanResult:
+    analyzer = kw.pop("analyzer", None)
+    req = ScanRequest(instrument=instrument or sim_instrument(),
+                      layout=get_layout(layout), out=out,
+                      instrument_file=str(SIM_YAML), **kw)
+    return Scan(req, analyzer=analyzer).run()
+
+
+@pytest.fixture(scope="session")
+def small_scan(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """One complete scan of the 12-field test layout, shared by read-only tests."""
+    return run_scan(tmp_path_factory.mktemp("scan") / "cart-A", seed=3)

@@ -1,0 +1,212 @@
+"""Scans through the real Micro-Manager core (UniMMCore) on the simulated scanner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from controller.config import InstrumentConfig
+from controller.errors import StorageError
+from controller.layouts import get_layout
+from controller.plan import ScanPlan
+from controller.scan import Scan, ScanRequest, ScanResult
+from controller.store import LedgerState, RunFolder, read_field
+from tests.conftest import DEMO_YAML, run_scan, sim_instrument
+
+CHANNELS = ["DAPI", "FITC", "PE", "APC"]
+
+
+def _ledger(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+
+
+def test_small_scan_stores_every_field_as_ome_tiff(small_scan: ScanResult) -> None:
+    run = small_scan.run_dir
+    assert small_scan.complete and small_scan.stored == 12 and not small_scan.failed
+    scan = json.loads((run / "scan.json").read_text())
+    plan = {f["name"]: f for f in scan["fields"]}
+    assert len(plan) == 12 and all("z_um" in f for f in plan.values())
+    stored = {r["field"]: r for r in _ledger(run) if r["event"] == "stored"}
+    assert set(stored) == set(plan)
+    files = sorted((run / "fields").iterdir())
+    assert [f.name for f in files] == [f"{n}.ome.tif" for n in sorted(plan)]
+    for path in files:
+        name = path.name.removesuffix(".ome.tif")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == stored[name]["sha256"]
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_ome
+            series = tif.series[0]
+            assert series.axes == "CYX"
+            assert series.shape == (4, 1036, 1384) and series.dtype == np.uint16
+            ome = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = ome["Pixels"]
+        assert [c["Name"] for c in pixels["Channel"]] == CHANNELS
+        assert pixels["PhysicalSizeX"] == pytest.approx(0.64)
+        assert pixels["PhysicalSizeY"] == pytest.approx(0.64)
+        planes = pixels["Plane"]
+        assert len(planes) == 4
+        for p in planes:
+            assert p["PositionX"] == pytest.approx(plan[name]["x_um"])
+            assert p["PositionY"] == pytest.approx(plan[name]["y_um"])
+            assert p["PositionZ"] == pytest.approx(plan[name]["z_um"])
+        # the stage position read back at acquisition is in the ledger too
+        assert stored[name]["stage"]["x_um"] == pytest.approx(plan[name]["x_um"])
+
+
+def test_fields_carry_what_the_simulator_rendered(small_scan: ScanResult) -> None:
+    run = small_scan.run_dir
+    truth = json.loads((run / "ground_truth.json").read_text())
+    assert {f["name"] for f in truth["fields"]} == {f"field_{i:03d}" for i in range(12)}
+    assert all("z_true_um" in f for f in truth["fields"])
+    # every CTC of the truth shows cytokeratin (PE) in the stored file
+    n = 0
+    for f in truth["fields"]:
+        data, names, px = read_field(run / "fields" / f"{f['name']}.ome.tif")
+        assert names == CHANNELS and px == pytest.approx(0.64)
+        pe = data[2].astype(float)
+        bg = np.median(pe)
+        for o in f["objects"]:
+            if o["kind"] != "CTC":
+                continue
+            r, c = round(o["row"]), round(o["col"])
+            win = pe[max(r - 4, 0):r + 5, max(c - 4, 0):c + 5]
+            assert win.size and win.max() - bg > 30
+            n += 1
+    assert n > 0
+
+
+def test_every_field_reaches_the_detector_once(small_scan: ScanResult) -> None:
+    records = _ledger(small_scan.run_dir)
+    analyzed = [r["field"] for r in records if r["event"] == "analyzed"]
+    assert sorted(analyzed) == [f"field_{i:03d}" for i in range(12)]
+    qc = next(r for r in records if r["event"] == "analyzed")["qc"]
+    assert set(qc) == set(CHANNELS)
+    assert all(v["noise"] > 0 and v["background"] > 90 for v in qc.values())
+
+
+def test_resume_skips_verified_fields_and_redoes_bad_ones(tmp_path: Path) -> None:
+    run = tmp_path / "cart"
+    first = run_scan(run, n_fields=5, seed=2)
+    assert first.stored == 5
+    before = {p.name: p.read_bytes() for p in (run / "fields").iterdir()}
+    pixels = {p.name: read_field(p)[0] for p in (run / "fields").iterdir()}
+    # damage one stored file and leave a torn temporary file behind
+    (run / "fields" / "field_001.ome.tif").write_bytes(b"garbage")
+    (run / "fields" / "field_007.ome.tif.tmp").write_bytes(b"half a file")
+    second = run_scan(run, seed=2)
+    assert second.resumed == 4  # 000, 002, 003, 004 verified and skipped
+    assert second.stored == 12 - 4  # the damaged one is acquired again
+    assert second.complete
+    assert not list((run / "fields").glob("*.tmp"))
+    for name, data in before.items():
+        path = run / "fields" / name
+        if name != "field_001.ome.tif":  # verified files are not rewritten
+            assert path.read_bytes() == data
+        assert np.array_equal(read_field(path)[0], pixels[name])  # same pixels
+    records = _ledger(run)
+    assert [r["field"] for r in records if r["event"] == "corrupt"] == ["field_001"]
+    state = LedgerState.from_records(records)
+    assert len(state.stored) == 12 and state.analyzed == set(state.stored)
+    # a third run finds nothing to do
+    third = run_scan(run, seed=2)
+    assert (third.resumed, third.stored) == (12, 0)
+
+
+def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
+    run = tmp_path / "cart"
+    run_scan(run, n_fields=1, seed=2)
+    with pytest.raises(StorageError, match="different scan"):
+        run_scan(run, n_fields=1, seed=3)
+
+
+def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
+    clean = run_scan(tmp_path / "clean", n_fields=3, seed=4)
+    flaky = run_scan(tmp_path / "flaky", n_fields=3, seed=4,
+                     instrument=sim_instrument(fail_snaps=[5]))
+    assert flaky.complete and not flaky.failed
+    for i in range(3):
+        name = f"field_{i:03d}.ome.tif"
+        a, _, _ = read_field(clean.run_dir / "fields" / name)
+        b, _, _ = read_field(flaky.run_dir / "fields" / name)
+        assert np.array_equal(a, b)
+
+
+def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(tmp_path: Path) -> None:
+    clean = run_scan(tmp_path / "clean", n_fields=4, seed=4)
+    # snaps 5, 6, 7 fail: field_001's FITC frame fails three times (2 retries)
+    bad = run_scan(tmp_path / "bad", n_fields=4, seed=4,
+                   instrument=sim_instrument(fail_snaps=[5, 6, 7]))
+    assert set(bad.failed) == {"field_001"} and "snap failed" in bad.failed["field_001"]
+    assert not (bad.run_dir / "fields" / "field_001.ome.tif").exists()
+    failed = [r for r in _ledger(bad.run_dir) if r["event"] == "failed"]
+    assert failed[0]["field"] == "field_001" and failed[0]["attempts"] == 3
+    # the fields after the failure hold exactly their own pixels
+    for name in ("field_000", "field_002", "field_003"):
+        a, _, _ = read_field(clean.run_dir / "fields" / f"{name}.ome.tif")
+        b, _, _ = read_field(bad.run_dir / "fields" / f"{name}.ome.tif")
+        assert np.array_equal(a, b), name
+    # resuming acquires the failed field
+    again = run_scan(bad.run_dir, n_fields=4, seed=4)
+    assert again.stored == 1 and again.complete
+
+
+def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
+    """The analyser blocks until acquisition has stored every field; a scan
+    that waited on it would never get there and the wait would time out."""
+    all_stored = threading.Event()
+    seen: list[str] = []
+    n = 8
+
+    def stuck_analyzer(data, names, px):
+        assert data.shape == (4, 1036, 1384)
+        got = all_stored.wait(timeout=60)
+        seen.append("ok" if got else "timeout")
+        return {"mean": float(data.mean())}
+
+    stored = []
+
+    def on_field(name: str, status: str) -> None:
+        stored.append(name)
+        if len(stored) == n:
+            all_stored.set()
+
+    req = ScanRequest(instrument=sim_instrument(), layout=get_layout("test-3x4"),
+                      out=tmp_path / "cart", n_fields=n, seed=1)
+    scan = Scan(req, analyzer=stuck_analyzer, on_field=on_field)
+    result = scan.run()
+    assert all_stored.is_set()
+    assert seen and set(seen) == {"ok"}
+    assert result.analyzed == n  # nothing dropped
+    assert result.analyzed_from_disk > 0  # the overflow was read back from disk
+    analyzed = [r["field"] for r in _ledger(tmp_path / "cart") if r["event"] == "analyzed"]
+    assert sorted(analyzed) == [f"field_{i:03d}" for i in range(n)]
+
+
+def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:
+    cfg = InstrumentConfig.from_file(DEMO_YAML)
+    req = ScanRequest(instrument=cfg, layout=get_layout("test-3x4"),
+                      out=tmp_path / "demo", n_fields=2, instrument_file=str(DEMO_YAML))
+    result = Scan(req).run()
+    assert result.complete and result.stored == 2
+    plan = ScanPlan.build(get_layout("test-3x4"), cfg)
+    for f in plan.fields[:2]:
+        data, names, px = read_field(tmp_path / "demo" / "fields" / f"{f.name}.ome.tif")
+        assert data.shape == (4, 1036, 1384) and names == CHANNELS
+        assert data.max() > 0  # the demo camera's noise pattern, not a blank
+    stored = [r for r in _ledger(tmp_path / "demo") if r["event"] == "stored"]
+    # the demo stage's read-back position lands in the ledger
+    assert stored[0]["stage"]["x_um"] == pytest.approx(plan.fields[0].x_um, abs=0.1)
+    assert not (tmp_path / "demo" / "ground_truth.json").exists()
+
+
+def test_run_folder_checks(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="not writable"):
+        RunFolder(blocker / "run").prepare()
