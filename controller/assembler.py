@@ -72,8 +72,9 @@ class FieldAssembler:
         self._failed: set[int] = set()
         self._lock = threading.Lock()
 
-    def frame_ready(self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]
-                    ) -> None:
+    def frame_ready(
+        self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]
+    ) -> None:
         """Slot for ``frameReady``: place one frame, deliver a complete field."""
         p, c = event.index.get("p", 0), event.index.get("c", 0)
         with self._lock:

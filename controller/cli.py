@@ -47,18 +47,28 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def scan(
-    out_dir: Annotated[Path, typer.Option("--out", help="run folder (created; an "
-                                          "existing one is resumed)")],
-    instrument: Annotated[Path | None, typer.Option(
-        help="instrument YAML; default: the simulated scanner")] = None,
-    layout: Annotated[str, typer.Option(
-        help="cartridge layout name, or a layout YAML file")] = DEFAULT_LAYOUT,
-    cartridge_id: Annotated[str | None, typer.Option(
-        help="cartridge identifier; default: the run folder's name")] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="simulated cartridge seed (simulated instrument only)")] = None,
-    fields: Annotated[int | None, typer.Option(
-        help="scan only the first N fields of the plan")] = None,
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="run folder (created; an existing one is resumed)"),
+    ],
+    instrument: Annotated[
+        Path | None,
+        typer.Option(help="instrument YAML; default: the simulated scanner"),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="cartridge layout name, or a layout YAML file")
+    ] = DEFAULT_LAYOUT,
+    cartridge_id: Annotated[
+        str | None,
+        typer.Option(help="cartridge identifier; default: the run folder's name"),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="simulated cartridge seed (simulated instrument only)"),
+    ] = None,
+    fields: Annotated[
+        int | None, typer.Option(help="scan only the first N fields of the plan")
+    ] = None,
     assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
 ) -> None:
     """Scan one cartridge into a run folder, resuming it if it exists."""
@@ -68,12 +78,19 @@ def scan(
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
         lay = get_layout(layout)
         if seed is not None and not cfg.is_simulated:
-            _fail(f"--seed applies to a simulated instrument; {instrument_file} "
-                  "is real hardware")
+            _fail(
+                f"--seed applies to a simulated instrument; {instrument_file} "
+                "is real hardware"
+            )
         request = ScanRequest(
-            instrument=cfg, layout=lay, out=out_dir, assay=assay_cfg,
-            instrument_file=str(instrument_file), cartridge_id=cartridge_id,
-            seed=seed, n_fields=fields,
+            instrument=cfg,
+            layout=lay,
+            out=out_dir,
+            assay=assay_cfg,
+            instrument_file=str(instrument_file),
+            cartridge_id=cartridge_id,
+            seed=seed,
+            n_fields=fields,
         )
         result = _run_with_progress(request)
     except ScannerError as e:
@@ -103,8 +120,9 @@ def _run_with_progress(request: ScanRequest) -> ScanResult:
 
     def on_start(total: int, done: int) -> None:
         nonlocal task
-        task = progress.add_task(f"scanning {request.cartridge}", total=total,
-                                 completed=done)
+        task = progress.add_task(
+            f"scanning {request.cartridge}", total=total, completed=done
+        )
 
     def on_field(name: str, status: str) -> None:
         if task is not None:
@@ -122,11 +140,21 @@ def _summary(r: ScanResult) -> None:
     if r.resumed:
         t.add_row("already stored (verified)", str(r.resumed))
     t.add_row("failed", ", ".join(f"{k} ({v})" for k, v in r.failed.items()) or "0")
-    t.add_row("analysed on-line", f"{r.analyzed} ({r.analyzed_from_disk} caught up "
-              "from disk)")
-    t.add_row("acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)")
-    state = "complete" if r.complete else (
-        "interrupted: run the same command to resume" if r.canceled else "incomplete")
+    t.add_row(
+        "analysed on-line", f"{r.analyzed} ({r.analyzed_from_disk} caught up from disk)"
+    )
+    t.add_row(
+        "acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)"
+    )
+    state = (
+        "complete"
+        if r.complete
+        else (
+            "interrupted: run the same command to resume"
+            if r.canceled
+            else "incomplete"
+        )
+    )
     t.add_row("status", state)
     out.print(t)
 
@@ -136,8 +164,9 @@ def list_layouts() -> None:
     """List the known cartridge layouts."""
     t = Table("name", "rows x cols", "fields", "description")
     for lay in LAYOUTS.values():
-        t.add_row(lay.name, f"{lay.rows} x {lay.cols}", str(lay.n_fields),
-                  lay.description)
+        t.add_row(
+            lay.name, f"{lay.rows} x {lay.cols}", str(lay.n_fields), lay.description
+        )
     out.print(t)
 
 
@@ -149,8 +178,11 @@ def show_version() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("pymmcore-plus").setLevel(logging.ERROR)
     app()
 

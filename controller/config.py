@@ -77,7 +77,11 @@ class ConfigModel(BaseModel):
 
     @classmethod
     def from_dict(
-        cls, data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None
+        cls,
+        data: dict[str, Any],
+        *,
+        source: str = "<dict>",
+        base_dir: Path | None = None,
     ) -> Self:
         """Validate a mapping; errors name `source` and the offending field."""
         try:
@@ -150,7 +154,9 @@ class InstrumentConfig(ConfigModel):
     """An instrument: its Micro-Manager config and how assay channels map onto it."""
 
     name: str = Field(min_length=1)
-    micromanager_config: Path = Field(description="Micro-Manager .cfg, relative to YAML")
+    micromanager_config: Path = Field(
+        description="Micro-Manager .cfg, relative to YAML"
+    )
     adapter_paths: list[str] = Field(
         default_factory=list,
         description=(
@@ -198,6 +204,10 @@ class InstrumentConfig(ConfigModel):
 ChannelRole = Literal["nucleus", "epithelial", "leukocyte", "marker"]
 
 
+def _default_roles() -> dict[str, ChannelRole]:
+    return {"DAPI": "nucleus", "FITC": "marker", "PE": "epithelial", "APC": "leukocyte"}
+
+
 class Indication(ConfigModel):
     """A clinical indication and its CTC cut-off per 7.5 mL of blood."""
 
@@ -209,14 +219,7 @@ class AssayConfig(ConfigModel):
     """The assay: which stain each channel carries and the clinical cut-off."""
 
     name: str = "cellsearch-ctc"
-    channels: dict[str, ChannelRole] = Field(
-        default_factory=lambda: {
-            "DAPI": "nucleus",
-            "FITC": "marker",
-            "PE": "epithelial",
-            "APC": "leukocyte",
-        }
-    )
+    channels: dict[str, ChannelRole] = Field(default_factory=_default_roles)
     indication: str = "metastatic-breast"
     indications: tuple[Indication, ...] = (
         Indication(name="metastatic-breast", cutoff=5),

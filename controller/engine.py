@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import useq
 from pymmcore_plus import CMMCorePlus
@@ -26,6 +26,9 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from pymmcore_plus.mda import MDAEngine
 from pymmcore_plus.mda._engine import ImagePayload
 from pymmcore_plus.mda._runner import SkipEvent
+
+if TYPE_CHECKING:
+    from pymmcore_plus.mda._protocol import PImagePayload
 
 __all__ = ["FailureHook", "ScanEngine"]
 
@@ -113,8 +116,11 @@ class ScanEngine(MDAEngine):
             self._z = z
             self._stage["z_um"] = core.getZPosition()
         if (ch := event.channel) is not None and (ch.group, ch.config) != self._channel:
-            self._attempt(event, f"channel {ch.config}",
-                          lambda: core.setConfig(ch.group, ch.config))
+            self._attempt(
+                event,
+                f"channel {ch.config}",
+                lambda: core.setConfig(ch.group, ch.config),
+            )
             self._channel = (ch.group, ch.config)
             core.waitForConfig(ch.group, ch.config)
         if event.exposure is not None and event.exposure != self._exposure:
@@ -122,7 +128,7 @@ class ScanEngine(MDAEngine):
             self._attempt(event, "exposure", lambda: core.setExposure(exp))
             self._exposure = exp
 
-    def exec_single_event(self, event: useq.MDAEvent) -> Iterator[ImagePayload]:
+    def exec_single_event(self, event: useq.MDAEvent) -> Iterator[PImagePayload | None]:
         core = self.mmcore
         last: BaseException | None = None
         img = None
@@ -141,8 +147,11 @@ class ScanEngine(MDAEngine):
                 last = e
                 logger.warning("snap failed at %s: %s", event.index, _short(e))
         if img is None:
-            self._fail(event, f"snap failed: {_short(last) if last else '?'}",
-                       self.snap_retries + 1)
+            self._fail(
+                event,
+                f"snap failed: {_short(last) if last else '?'}",
+                self.snap_retries + 1,
+            )
             return
         t0 = event.metadata.get("runner_t0") or time.perf_counter()
         meta = self.get_frame_metadata(
@@ -152,7 +161,7 @@ class ScanEngine(MDAEngine):
             include_position=False,
         )
         meta["ctcscan_stage"] = dict(self._stage)  # type: ignore[typeddict-unknown-key]
-        yield ImagePayload(img, event, meta)  # type: ignore[arg-type]
+        yield ImagePayload(img, event, meta)  # type: ignore[misc]
 
     def teardown_event(self, event: useq.MDAEvent) -> None:
         """Nothing to restore per event; shutter is handled around each snap."""
@@ -169,7 +178,9 @@ class ScanEngine(MDAEngine):
         core.setZPosition(z)
         core.waitForDevice(core.getFocusDevice())
 
-    def _attempt(self, event: useq.MDAEvent, what: str, action: Callable[[], Any]) -> None:
+    def _attempt(
+        self, event: useq.MDAEvent, what: str, action: Callable[[], Any]
+    ) -> None:
         last: BaseException | None = None
         for _ in range(self.move_retries + 1):
             try:
@@ -178,8 +189,11 @@ class ScanEngine(MDAEngine):
             except Exception as e:  # device errors come as RuntimeError or others
                 last = e
                 logger.warning("%s failed at %s: %s", what, event.index, _short(e))
-        self._fail(event, f"{what} failed: {_short(last) if last else '?'}",
-                   self.move_retries + 1)
+        self._fail(
+            event,
+            f"{what} failed: {_short(last) if last else '?'}",
+            self.move_retries + 1,
+        )
         # force a fresh command next time: the hardware state is unknown now
         self._xy = self._z = self._channel = self._exposure = None
         raise SkipEvent(reason=what)

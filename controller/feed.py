@@ -68,10 +68,16 @@ class DetectorFeed:
         self._backlog: collections.deque[str] = collections.deque()
         self._closing = threading.Event()
         self._lock = threading.Lock()
-        self.stats = {"offered": 0, "in_memory": 0, "from_disk": 0, "analyzed": 0,
-                      "errors": 0}
-        self._thread = threading.Thread(target=self._run, name="ctcscan-detect",
-                                        daemon=True)
+        self.stats = {
+            "offered": 0,
+            "in_memory": 0,
+            "from_disk": 0,
+            "analyzed": 0,
+            "errors": 0,
+        }
+        self._thread = threading.Thread(
+            target=self._run, name="ctcscan-detect", daemon=True
+        )
         self._thread.start()
 
     def offer(self, field: AssembledField) -> bool:
@@ -131,8 +137,9 @@ class DetectorFeed:
             except Exception as e:  # an analyser bug must not lose the scan
                 logger.exception("analysis failed on %s", name)
                 self.stats["errors"] += 1
-                self.folder.ledger.append("analysis_failed", field=name,
-                                          reason=f"{type(e).__name__}: {e}")
+                self.folder.ledger.append(
+                    "analysis_failed", field=name, reason=f"{type(e).__name__}: {e}"
+                )
                 continue
             with self._lock:
                 self.stats["analyzed"] += 1

@@ -18,9 +18,9 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from controller.config import InstrumentConfig
-from hardware_configs import CONFIG_DIR
 from controller.errors import ConfigError, DeviceLoadError
 from controller.layouts import CartridgeLayout
+from hardware_configs import CONFIG_DIR
 
 __all__ = ["DEFAULT_INSTRUMENT", "Instrument", "open_instrument"]
 
@@ -123,29 +123,41 @@ def open_instrument(
     """
     mm_path = Path(cfg.micromanager_config)
     if not mm_path.is_file():
-        raise ConfigError(f"{source or cfg.name}: micromanager_config {mm_path} "
-                          "not found")
+        raise ConfigError(
+            f"{source or cfg.name}: micromanager_config {mm_path} not found"
+        )
     text = mm_path.read_text(encoding="utf-8", errors="replace")
     world = None
+    core: CMMCorePlus | None = None
     try:
         if cfg.simulation is not None:
             from simulators import World, WorldConfig, open_simulated_core
 
             sim = cfg.simulation
-            overrides = {**sim.world, "seed": sim.seed if seed is None else seed,
-                         "time_scale": sim.time_scale}
+            overrides = {
+                **sim.world,
+                "seed": sim.seed if seed is None else seed,
+                "time_scale": sim.time_scale,
+            }
             wcfg = WorldConfig.from_dict(overrides, source=f"{source}: simulation")
-            world = World(wcfg, layout, width=cfg.camera.width,
-                          height=cfg.camera.height, pixel_size_um=cfg.pixel_size_um)
-            core: CMMCorePlus = open_simulated_core(mm_path, world)
+            world = World(
+                wcfg,
+                layout,
+                width=cfg.camera.width,
+                height=cfg.camera.height,
+                pixel_size_um=cfg.pixel_size_um,
+            )
+            core = open_simulated_core(mm_path, world)
         else:
             core = UniMMCore()
             if paths := _adapter_paths(cfg):
                 core.setDeviceAdapterSearchPaths(paths)
             core.loadSystemConfiguration(str(mm_path))
-    except ConfigError:
-        raise
     except Exception as e:
+        if core is not None:  # release whatever did load (serial ports, cameras)
+            core.unloadAllDevices()
+        if isinstance(e, ConfigError):
+            raise
         probe = UniMMCore()
         if paths := _adapter_paths(cfg):
             probe.setDeviceAdapterSearchPaths(paths)
@@ -156,8 +168,11 @@ def open_instrument(
         why = " / ".join(lines[-2:]) if lines else type(e).__name__
         raise ConfigError(f"{mm_path}: {why}") from None
 
-    missing = [c.preset for c in cfg.channels
-               if not core.isConfigDefined(cfg.channel_group, c.preset)]
+    missing = [
+        c.preset
+        for c in cfg.channels
+        if not core.isConfigDefined(cfg.channel_group, c.preset)
+    ]
     if missing:
         have = ", ".join(core.getAvailableConfigs(cfg.channel_group)) or "none"
         core.unloadAllDevices()

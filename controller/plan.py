@@ -79,8 +79,9 @@ def plan_fields(
         ``layout.rows * layout.cols`` fields; index and name follow scan order.
     """
     if fov_width_um <= 0 or fov_height_um <= 0:
-        raise ConfigError(f"field of view must be positive, got {fov_width_um} x "
-                          f"{fov_height_um} um")
+        raise ConfigError(
+            f"field of view must be positive, got {fov_width_um} x {fov_height_um} um"
+        )
     # useq computes the grid; the FOV is set explicitly so it can never fall back
     # to its cached default step.
     grid = useq.GridRowsColumns(
@@ -88,9 +89,9 @@ def plan_fields(
         columns=layout.cols,
         fov_width=fov_width_um,
         fov_height=fov_height_um,
-        overlap=0,
-        mode="row_wise_snake",
-        relative_to="center",
+        overlap=(0.0, 0.0),
+        mode=useq.OrderMode.row_wise_snake,
+        relative_to="center",  # type: ignore[arg-type]  # coerced by pydantic
     )
     fields = []
     for i, pos in enumerate(grid):
@@ -161,7 +162,9 @@ class ScanPlan:
     def by_name(self) -> dict[str, FieldSpec]:
         return {f.name: f for f in self.fields}
 
-    def to_sequence(self, fields: Sequence[FieldSpec] | None = None) -> useq.MDASequence:
+    def to_sequence(
+        self, fields: Sequence[FieldSpec] | None = None
+    ) -> useq.MDASequence:
         """The MDA sequence imaging `fields` (default: all), every channel per field.
 
         Axis order ``pc``: the stage moves once per field and all channels are
@@ -169,14 +172,15 @@ class ScanPlan:
         """
         fields = self.fields if fields is None else fields
         return useq.MDASequence(
-            stage_positions=[
+            stage_positions=tuple(
                 useq.Position(x=f.x_um, y=f.y_um, z=f.z_um, name=f.name) for f in fields
-            ],
-            channels=[
-                useq.Channel(config=c.preset, group=self.channel_group,
-                             exposure=c.exposure_ms)
+            ),
+            channels=tuple(
+                useq.Channel(
+                    config=c.preset, group=self.channel_group, exposure=c.exposure_ms
+                )
                 for c in self.channels
-            ],
-            axis_order="pc",
+            ),
+            axis_order=("p", "c"),
             metadata={"ctcscan": {"layout": self.layout.name}},
         )

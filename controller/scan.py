@@ -57,7 +57,7 @@ class ScanRequest:
     instrument: InstrumentConfig
     layout: CartridgeLayout
     out: Path
-    assay: AssayConfig = AssayConfig()
+    assay: AssayConfig = field(default_factory=AssayConfig)
     instrument_file: str = ""
     cartridge_id: str | None = None
     seed: int | None = None
@@ -97,8 +97,9 @@ def qc_analyzer(bit_depth: int) -> FieldAnalyzer:
     """The default on-line analysis: per-channel background, noise, saturation."""
     saturation = 2**bit_depth - 1
 
-    def analyze(data: np.ndarray, channel_names: Sequence[str],
-                pixel_size_um: float) -> Mapping[str, Any]:
+    def analyze(
+        data: np.ndarray, channel_names: Sequence[str], pixel_size_um: float
+    ) -> Mapping[str, Any]:
         return {"qc": channel_qc(data, channel_names, saturation=saturation)}
 
     return analyze
@@ -169,15 +170,22 @@ class Scan:
         needed = len(remaining) * len(plan.channels) * cam.width * cam.height * 2
         folder.check_free_space(int(needed * 1.02) + _DISK_MARGIN_BYTES)
 
-        instrument = open_instrument(req.instrument, req.layout, seed=req.seed,
-                                     source=req.instrument_file)
+        instrument = open_instrument(
+            req.instrument, req.layout, seed=req.seed, source=req.instrument_file
+        )
         try:
             return self._run_on(instrument, plan, state, done, remaining)
         finally:
             instrument.close()
 
-    def _run_on(self, instrument: Any, plan: ScanPlan, state: LedgerState,
-                done: set[str], remaining: list[FieldSpec]) -> ScanResult:
+    def _run_on(
+        self,
+        instrument: Any,
+        plan: ScanPlan,
+        state: LedgerState,
+        done: set[str],
+        remaining: list[FieldSpec],
+    ) -> ScanResult:
         req, folder = self.request, self.folder
         core = instrument.core
         cam = req.instrument.camera
@@ -189,25 +197,35 @@ class Scan:
             )
         self._write_scan_json(plan, instrument)
         if instrument.simulated:
-            truth = instrument.ground_truth([(f.name, f.x_um, f.y_um)
-                                             for f in plan.fields])
+            truth = instrument.ground_truth(
+                [(f.name, f.x_um, f.y_um) for f in plan.fields]
+            )
             folder.write_json(folder.ground_truth_json, truth)
         if done:
-            folder.ledger.append("resumed", skipped=len(done),
-                                 remaining=[f.name for f in remaining])
+            folder.ledger.append(
+                "resumed", skipped=len(done), remaining=[f.name for f in remaining]
+            )
         else:
-            folder.ledger.append("planned", fields=[f.name for f in plan.fields],
-                                 channels=list(plan.channel_names))
+            folder.ledger.append(
+                "planned",
+                fields=[f.name for f in plan.fields],
+                channels=list(plan.channel_names),
+            )
 
-        result = ScanResult(folder.root, req.cartridge, len(plan.fields),
-                            resumed=len(done))
+        result = ScanResult(
+            folder.root, req.cartridge, len(plan.fields), resumed=len(done)
+        )
         if self.on_start is not None:
             self.on_start(len(plan.fields), len(done))
 
-        feed = DetectorFeed(folder, self.analyzer,
-                            pixel_size_um=req.instrument.pixel_size_um)
-        feed.add_backlog(f.name for f in plan.fields
-                         if f.name in done and f.name not in state.analyzed)
+        feed = DetectorFeed(
+            folder, self.analyzer, pixel_size_um=req.instrument.pixel_size_um
+        )
+        feed.add_backlog(
+            f.name
+            for f in plan.fields
+            if f.name in done and f.name not in state.analyzed
+        )
         lock = threading.Lock()
 
         def stored(fld: AssembledField, info: StoredField) -> None:
@@ -218,15 +236,17 @@ class Scan:
                 self.on_field(info.name, "stored")
 
         def failed(spec: FieldSpec, reason: str, attempts: int) -> None:
-            folder.ledger.append("failed", field=spec.name, reason=reason,
-                                 attempts=attempts)
+            folder.ledger.append(
+                "failed", field=spec.name, reason=reason, attempts=attempts
+            )
             with lock:
                 result.failed[spec.name] = reason
             if self.on_field is not None:
                 self.on_field(spec.name, "failed")
 
-        writer = StoreWorker(FieldStore(folder, req.instrument.pixel_size_um),
-                             on_stored=stored)
+        writer = StoreWorker(
+            FieldStore(folder, req.instrument.pixel_size_um), on_stored=stored
+        )
 
         def deliver(fld: AssembledField) -> None:
             try:
@@ -235,9 +255,12 @@ class Scan:
                 self._fail_run(e)
 
         assembler = FieldAssembler(remaining, plan.channel_names, deliver, failed)
-        engine = ScanEngine(core, snap_retries=req.instrument.snap_retries,
-                            move_retries=req.instrument.move_retries,
-                            on_failure=assembler.failure)
+        engine = ScanEngine(
+            core,
+            snap_retries=req.instrument.snap_retries,
+            move_retries=req.instrument.move_retries,
+            on_failure=assembler.failure,
+        )
         core.mda.set_engine(engine)
         t0 = time.perf_counter()
         try:
@@ -255,8 +278,10 @@ class Scan:
         result.canceled = self._cancel.is_set() or self._error is not None
         folder.ledger.append(
             "finished" if result.complete else "stopped",
-            stored=result.stored, resumed=result.resumed,
-            failed=sorted(result.failed), canceled=result.canceled,
+            stored=result.stored,
+            resumed=result.resumed,
+            failed=sorted(result.failed),
+            canceled=result.canceled,
             error=str(self._error) if self._error else None,
             duration_s=round(result.duration_s, 3),
         )
@@ -266,8 +291,14 @@ class Scan:
             raise ScannerError(f"scan stopped: {self._error}") from self._error
         return result
 
-    def _acquire(self, core: Any, plan: ScanPlan, remaining: list[FieldSpec],
-                 assembler: FieldAssembler, writer: StoreWorker) -> None:
+    def _acquire(
+        self,
+        core: Any,
+        plan: ScanPlan,
+        remaining: list[FieldSpec],
+        assembler: FieldAssembler,
+        writer: StoreWorker,
+    ) -> None:
         """Run the MDA on our own thread; watch for cancel and storage errors."""
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
@@ -308,8 +339,9 @@ class Scan:
             if self.folder.verify(name, rec.get("sha256", "")):
                 ok.add(name)
             else:
-                self.folder.ledger.append("corrupt", field=name,
-                                          reason="file missing or checksum mismatch")
+                self.folder.ledger.append(
+                    "corrupt", field=name, reason="file missing or checksum mismatch"
+                )
         return ok
 
     def _check_same_scan(self, plan: ScanPlan) -> None:
@@ -317,12 +349,19 @@ class Scan:
         if prev is None:
             return
         req = self.request
-        mine = {"cartridge_id": req.cartridge, "layout": plan.layout.name,
-                "seed": self._seed(), "channels": list(plan.channel_names)}
+        mine = {
+            "cartridge_id": req.cartridge,
+            "layout": plan.layout.name,
+            "seed": self._seed(),
+            "channels": list(plan.channel_names),
+        }
         theirs = {k: prev.get("request", {}).get(k) for k in mine}
         if theirs != mine:
-            diff = ", ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} now"
-                             for k in mine if theirs[k] != mine[k])
+            diff = ", ".join(
+                f"{k}: {theirs[k]!r} there, {mine[k]!r} now"
+                for k in mine
+                if theirs[k] != mine[k]
+            )
             raise StorageError(
                 f"{self.folder.root} holds a different scan ({diff}); "
                 "choose another --out to start a new one"

@@ -7,7 +7,7 @@ folder fsync'd) and its ``stored`` ledger line, with the file's sha256, is fsync
 Run folder layout::
 
     RUN_DIR/scan.json           request, layout, instruments, fields, version
-    RUN_DIR/ledger.jsonl        planned / resumed / stored / failed / analyzed / finished
+    RUN_DIR/ledger.jsonl        planned, resumed, stored, failed, analyzed, finished
     RUN_DIR/fields/field_NNN.ome.tif
     RUN_DIR/ground_truth.json   simulated instruments only
 """
@@ -21,13 +21,12 @@ import os
 import queue
 import shutil
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import tifffile
@@ -255,8 +254,9 @@ class FieldStore:
         try:
             write_durably(path, data)
         except OSError as e:
-            raise StorageError(f"cannot store {name} in {path.parent}: "
-                               f"{e.strerror or e}") from None
+            raise StorageError(
+                f"cannot store {name} in {path.parent}: {e.strerror or e}"
+            ) from None
         self.folder.ledger.append(
             "stored",
             field=name,
@@ -306,8 +306,9 @@ class StoreWorker:
         self.on_stored = on_stored
         self.error: StorageError | None = None
         self._q: queue.Queue[AssembledField | None] = queue.Queue(maxsize=maxsize)
-        self._thread = threading.Thread(target=self._run, name="ctcscan-store",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="ctcscan-store", daemon=True
+        )
         self._thread.start()
 
     def put(self, field: AssembledField) -> None:

@@ -49,7 +49,9 @@ class Renderer:
         self.vignette = (1.0 - opt.vignetting * r2).astype(np.float32)
         self.max_dn = float(2**opt.bit_depth - 1)
         self._cache_key: tuple[float, float] | None = None
-        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
+        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = (
+            None
+        )
         self._lock = threading.Lock()
         self._extent = world.objects.extent_um()
 
@@ -77,14 +79,21 @@ class Renderer:
             dz = abs(z - w.surface_z(x, y))
             sigma = opt.blur_px_per_um * max(0.0, dz - opt.depth_of_field_um / 2)
             if sigma > 0.3:
-                clean = ndimage.gaussian_filter(clean, sigma, mode="nearest",
-                                                truncate=3.0)
+                clean = ndimage.gaussian_filter(
+                    clean, sigma, mode="nearest", truncate=3.0
+                )
             np.multiply(clean, self.vignette, out=signal)
             signal *= np.float32(exposure_ms)
         npix = signal.size
-        start = w.noise_offset(round(x, 2), round(y, 2), round(z, 3), channel,
-                               round(exposure_ms, 3), span=self.noise.size - npix)
-        noise = self.noise[start:start + npix].reshape(signal.shape)
+        start = w.noise_offset(
+            round(x, 2),
+            round(y, 2),
+            round(z, 3),
+            channel,
+            round(exposure_ms, 3),
+            span=self.noise.size - npix,
+        )
+        noise = self.noise[start : start + npix].reshape(signal.shape)
         sd = signal * np.float32(1.0 / opt.electrons_per_dn)
         sd += np.float32(opt.read_noise_dn**2)
         np.sqrt(sd, out=sd)
@@ -171,7 +180,7 @@ class Renderer:
             bh, bw = r1 - r0, c1 - c0
             t = int(o.texture[i])
             tr, tc = t % (_TEX - bh), (t // _TEX) % (_TEX - bw)
-            tx = tex[tr:tr + bh, tc:tc + bw]
+            tx = tex[tr : tr + bh, tc : tc + bw]
             amp = o.amp[i]
             nuc = None
             if o.nuc_r[i] > 0:
@@ -192,8 +201,9 @@ class Renderer:
             body = _smoothstep((np.float32(cr) - rho) / np.float32(_EDGE_PX))
             membrane = nuc is not None  # cells: CD45 / marker on the membrane
             if membrane:
-                ring = np.clip(1 - np.abs(rho - np.float32(cr - 1.0)) / np.float32(1.5),
-                               0, 1)
+                ring = np.clip(
+                    1 - np.abs(rho - np.float32(cr - 1.0)) / np.float32(1.5), 0, 1
+                )
             for s in (1, 2, 3):
                 a = float(amp[s])
                 if a <= 0:

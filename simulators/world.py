@@ -154,8 +154,12 @@ class World:
         inset = layout.wall_inset_um
         cx, cy = layout.center_x_um, layout.center_y_um
         #: chamber (inner cartridge surface) as x_min, x_max, y_min, y_max in um
-        self.chamber = (cx - half_w + inset, cx + half_w - inset,
-                        cy - half_h + inset, cy + half_h - inset)
+        self.chamber = (
+            cx - half_w + inset,
+            cx + half_w - inset,
+            cy - half_h + inset,
+            cy + half_h - inset,
+        )
         self.objects = self._populate()
         self.renderer = Renderer(self)
         # device state, guarded because devices are called from several threads
@@ -198,8 +202,9 @@ class World:
         px = self.pixel_size_um
         return (x - (self.width - 1) / 2 * px, y + (self.height - 1) / 2 * px)
 
-    def to_pixel(self, fx: float, fy: float, x: np.ndarray, y: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def to_pixel(
+        self, fx: float, fy: float, x: np.ndarray, y: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(row, col) in a frame centred at (fx, fy) of stage points (x, y)."""
         x0, y0 = self.frame_origin(fx, fy)
         return (y0 - y) / self.pixel_size_um, (x - x0) / self.pixel_size_um
@@ -214,8 +219,10 @@ class World:
         area_fields = ((x_max - x_min) * (y_max - y_min)) / (self.fov_w * self.fov_h)
 
         def place(n: int) -> tuple[np.ndarray, np.ndarray]:
-            return (rng.uniform(x_min + margin, x_max - margin, n),
-                    rng.uniform(y_min + margin, y_max - margin, n))
+            return (
+                rng.uniform(x_min + margin, x_max - margin, n),
+                rng.uniform(y_min + margin, y_max - margin, n),
+            )
 
         parts = []
 
@@ -232,8 +239,9 @@ class World:
         t["dim"] = rng.random(n) < cfg.ctc_dim_fraction
         t["marker"] = rng.random(n) < cfg.ctc_fitc_fraction
         t["amp"][:, 0] = rng.uniform(0.6, 1.0, n)
-        t["amp"][:, 2] = np.where(t["dim"], rng.uniform(0.15, 0.3, n),
-                                  rng.uniform(0.5, 1.0, n))
+        t["amp"][:, 2] = np.where(
+            t["dim"], rng.uniform(0.15, 0.3, n), rng.uniform(0.5, 1.0, n)
+        )
         t["amp"][:, 1] = np.where(t["marker"], rng.uniform(0.4, 0.9, n), 0.0)
         x, y = place(n)
         # small clusters of 2-5 touching CTCs
@@ -246,7 +254,7 @@ class World:
                 step = (t["cell_r"][i + k - 1] + t["cell_r"][i + k]) * 0.92
                 x[i + k] = x[i + k - 1] + step * math.cos(ang)
                 y[i + k] = y[i + k - 1] + step * math.sin(ang)
-            t["cluster"][i:i + size] = cid
+            t["cluster"][i : i + size] = cid
             cid += 1
             i += size
         t["x"], t["y"] = x, y
@@ -259,8 +267,9 @@ class World:
         t["nuc_r"] = t["cell_r"] * rng.uniform(0.6, 0.75, n)
         t["amp"][:, 0] = rng.uniform(0.5, 1.0, n)
         cd45_dim = rng.random(n) < cfg.wbc_cd45_dim_fraction
-        t["amp"][:, 3] = np.where(cd45_dim, rng.uniform(0.25, 0.5, n),
-                                  rng.uniform(0.5, 1.0, n))
+        t["amp"][:, 3] = np.where(
+            cd45_dim, rng.uniform(0.25, 0.5, n), rng.uniform(0.5, 1.0, n)
+        )
         t["x"], t["y"] = place(n)
         parts.append(t)
 
@@ -350,8 +359,10 @@ class World:
 
     def noise_offset(self, *key: float | int, span: int) -> int:
         """A deterministic offset in [0, span) for a frame described by `key`."""
-        text = ",".join(f"{k:.4f}" if isinstance(k, float) else str(k)
-                        for k in (self.config.seed, *key))
+        text = ",".join(
+            f"{k:.4f}" if isinstance(k, float) else str(k)
+            for k in (self.config.seed, *key)
+        )
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") % span
 
@@ -364,7 +375,9 @@ class World:
             (np.abs(o.x - x) <= self.fov_w / 2) & (np.abs(o.y - y) <= self.fov_h / 2)
         )
 
-    def ground_truth(self, fields: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
+    def ground_truth(
+        self, fields: Sequence[tuple[str, float, float]]
+    ) -> dict[str, Any]:
         """Ground truth of the given fields (name, stage x, stage y).
 
         Returns a JSON-ready mapping: per field its true focus z and the objects
@@ -380,24 +393,30 @@ class World:
             for j, i in enumerate(idx):
                 kind = KINDS[o.kind[i]]
                 totals[kind] += 1
-                objs.append({
-                    "id": int(i),
-                    "kind": kind,
-                    "row": round(float(rows[j]), 1),
-                    "col": round(float(cols[j]), 1),
-                    "diameter_um": round(float(2 * max(o.cell_r[i], o.nuc_r[i])), 2),
-                    "cluster": int(o.cluster[i]),
-                    "dim": bool(o.dim[i]),
-                    "marker_positive": bool(o.marker[i]),
-                })
-            out_fields.append({
-                "name": name,
-                "x_um": fx,
-                "y_um": fy,
-                "z_true_um": round(self.surface_z(fx, fy), 3),
-                "edge": self._touches_wall(fx, fy),
-                "objects": objs,
-            })
+                objs.append(
+                    {
+                        "id": int(i),
+                        "kind": kind,
+                        "row": round(float(rows[j]), 1),
+                        "col": round(float(cols[j]), 1),
+                        "diameter_um": round(
+                            float(2 * max(o.cell_r[i], o.nuc_r[i])), 2
+                        ),
+                        "cluster": int(o.cluster[i]),
+                        "dim": bool(o.dim[i]),
+                        "marker_positive": bool(o.marker[i]),
+                    }
+                )
+            out_fields.append(
+                {
+                    "name": name,
+                    "x_um": fx,
+                    "y_um": fy,
+                    "z_true_um": round(self.surface_z(fx, fy), 3),
+                    "edge": self._touches_wall(fx, fy),
+                    "objects": objs,
+                }
+            )
         return {
             "seed": self.config.seed,
             "world": self.config.model_dump(mode="json"),
@@ -409,5 +428,9 @@ class World:
 
     def _touches_wall(self, fx: float, fy: float) -> bool:
         x_min, x_max, y_min, y_max = self.chamber
-        return not (x_min < fx - self.fov_w / 2 and fx + self.fov_w / 2 < x_max
-                    and y_min < fy - self.fov_h / 2 and fy + self.fov_h / 2 < y_max)
+        return not (
+            x_min < fx - self.fov_w / 2
+            and fx + self.fov_w / 2 < x_max
+            and y_min < fy - self.fov_h / 2
+            and fy + self.fov_h / 2 < y_max
+        )

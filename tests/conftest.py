@@ -23,12 +23,21 @@ def sim_instrument(**world: Any) -> InstrumentConfig:
     return cfg.model_copy(update={"simulation": sim})
 
 
-def run_scan(out: Path, *, instrument: InstrumentConfig | None = None,
-             layout: str = "test-3x4", **kw: Any) -> ScanResult:
+def run_scan(
+    out: Path,
+    *,
+    instrument: InstrumentConfig | None = None,
+    layout: str = "test-3x4",
+    **kw: Any,
+) -> ScanResult:
     analyzer = kw.pop("analyzer", None)
-    req = ScanRequest(instrument=instrument or sim_instrument(),
-                      layout=get_layout(layout), out=out,
-                      instrument_file=str(SIM_YAML), **kw)
+    req = ScanRequest(
+        instrument=instrument or sim_instrument(),
+        layout=get_layout(layout),
+        out=out,
+        instrument_file=str(SIM_YAML),
+        **kw,
+    )
     return Scan(req, analyzer=analyzer).run()
 
 

@@ -35,19 +35,39 @@ def _one_line_error(result, *needles: str) -> str:
 
 def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "cart-7"
-    r = _invoke("scan", "--out", str(out), "--layout", "test-3x4", "--fields", "3",
-                "--seed", "7")
+    r = _invoke(
+        "scan",
+        "--out",
+        str(out),
+        "--layout",
+        "test-3x4",
+        "--fields",
+        "3",
+        "--seed",
+        "7",
+    )
     assert r.exit_code == 0, r.output
     assert "3/3" in r.stderr and "ETA" in r.stderr  # progress bar with ETA
     assert "complete" in r.stdout and "cart-7" in r.stdout
     assert len(list((out / "fields").glob("*.ome.tif"))) == 3
     scan = json.loads((out / "scan.json").read_text())
     assert scan["request"]["seed"] == 7 and scan["request"]["cartridge_id"] == "cart-7"
-    r = _invoke("scan", "--out", str(out), "--layout", "test-3x4", "--fields", "4",
-                "--seed", "7")
+    r = _invoke(
+        "scan",
+        "--out",
+        str(out),
+        "--layout",
+        "test-3x4",
+        "--fields",
+        "4",
+        "--seed",
+        "7",
+    )
     assert r.exit_code == 0
     assert "already stored" in r.stdout
-    records = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()
+    ]
     stored = [r for r in records if r["event"] == "stored"]
     assert len(stored) == 4  # only the new field was acquired
 
@@ -58,38 +78,59 @@ def test_layouts_are_listed() -> None:
 
 
 def test_missing_instrument_yaml(tmp_path: Path) -> None:
-    r = _invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                str(tmp_path / "nope.yaml"))
+    r = _invoke(
+        "scan",
+        "--out",
+        str(tmp_path / "x"),
+        "--instrument",
+        str(tmp_path / "nope.yaml"),
+    )
     _one_line_error(r, "nope.yaml", "not found")
 
 
 def test_invalid_yaml_syntax(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                            str(bad)), "bad.yaml")
+    _one_line_error(
+        _invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
+        "bad.yaml",
+    )
 
 
 def test_invalid_field_names_file_and_field(tmp_path: Path) -> None:
-    text = (CONFIG_DIR / "simulated.yaml").read_text().replace(
-        "exposure_ms: 100", "exposure_ms: -5")
+    text = (
+        (CONFIG_DIR / "simulated.yaml")
+        .read_text()
+        .replace("exposure_ms: 100", "exposure_ms: -5")
+    )
     bad = tmp_path / "neg.yaml"
     bad.write_text(text)
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                            str(bad)), "neg.yaml", "channels.2.exposure_ms")
+    _one_line_error(
+        _invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
+        "neg.yaml",
+        "channels.2.exposure_ms",
+    )
 
 
 def test_invalid_assay(tmp_path: Path) -> None:
     bad = tmp_path / "assay.yaml"
     bad.write_text("indication: metastatic-lung\n")
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(bad)),
-                    "assay.yaml", "metastatic-lung", "metastatic-breast")
+    _one_line_error(
+        _invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(bad)),
+        "assay.yaml",
+        "metastatic-lung",
+        "metastatic-breast",
+    )
 
 
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),
-                    "unknown layout '5x99'", "cellsearch-5x35", "test-3x4")
+    _one_line_error(
+        _invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),
+        "unknown layout '5x99'",
+        "cellsearch-5x35",
+        "test-3x4",
+    )
 
 
 def test_devices_that_fail_to_load_are_all_named(tmp_path: Path) -> None:
@@ -97,24 +138,52 @@ def test_devices_that_fail_to_load_are_all_named(tmp_path: Path) -> None:
     cfg = cfg.replace("Device,Camera,DemoCamera,DCam", "Device,Camera,NoSuchLib,Cam9")
     cfg = cfg.replace("Device,Focus,DemoCamera,DStage", "Device,Focus,DemoCamera,DWarp")
     (tmp_path / "broken.cfg").write_text(cfg)
-    yaml = (CONFIG_DIR / "demo-adapters.yaml").read_text().replace(
-        "demo-adapters.cfg", "broken.cfg")
+    yaml = (
+        (CONFIG_DIR / "demo-adapters.yaml")
+        .read_text()
+        .replace("demo-adapters.cfg", "broken.cfg")
+    )
     (tmp_path / "broken.yaml").write_text(yaml)
     flat = _one_line_error(
-        _invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                str(tmp_path / "broken.yaml"), "--fields", "1"),
-        "devices failed to load", "Camera", "NoSuchLib", "Focus", "DWarp")
+        _invoke(
+            "scan",
+            "--out",
+            str(tmp_path / "x"),
+            "--instrument",
+            str(tmp_path / "broken.yaml"),
+            "--fields",
+            "1",
+        ),
+        "devices failed to load",
+        "Camera",
+        "NoSuchLib",
+        "Focus",
+        "DWarp",
+    )
     assert "XYStage" not in flat  # only the failing ones
 
 
 def test_missing_channel_preset(tmp_path: Path) -> None:
-    yaml = (CONFIG_DIR / "simulated.yaml").read_text().replace(
-        "preset: APC", "preset: Cy5")
+    yaml = (
+        (CONFIG_DIR / "simulated.yaml")
+        .read_text()
+        .replace("preset: APC", "preset: Cy5")
+    )
     (tmp_path / "sim.yaml").write_text(yaml)
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                            str(tmp_path / "sim.yaml"), "--fields", "1"),
-                    "Cy5", "Channel")
+    _one_line_error(
+        _invoke(
+            "scan",
+            "--out",
+            str(tmp_path / "x"),
+            "--instrument",
+            str(tmp_path / "sim.yaml"),
+            "--fields",
+            "1",
+        ),
+        "Cy5",
+        "Channel",
+    )
 
 
 def test_output_folder_not_writable(tmp_path: Path) -> None:
@@ -133,20 +202,43 @@ def test_not_enough_disk_is_refused_before_anything_moves(tmp_path: Path) -> Non
     huge = tmp_path / "huge.yaml"
     huge.write_text(f"name: huge\nrows: {rows}\ncols: {cols}\n")
     unlimited = tmp_path / "sim.yaml"  # a stage that can reach the huge layout
-    unlimited.write_text("\n".join(
-        line for line in (CONFIG_DIR / "simulated.yaml").read_text().splitlines()
-        if not line.startswith("stage_limits")))
+    unlimited.write_text(
+        "\n".join(
+            line
+            for line in (CONFIG_DIR / "simulated.yaml").read_text().splitlines()
+            if not line.startswith("stage_limits")
+        )
+    )
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
     out = tmp_path / "run"
-    _one_line_error(_invoke("scan", "--out", str(out), "--layout", str(huge),
-                            "--instrument", str(unlimited)),
-                    "not enough free disk", "GB")
+    _one_line_error(
+        _invoke(
+            "scan",
+            "--out",
+            str(out),
+            "--layout",
+            str(huge),
+            "--instrument",
+            str(unlimited),
+        ),
+        "not enough free disk",
+        "GB",
+    )
     # nothing was planned, no instrument was opened, nothing was written
     assert not (out / "ledger.jsonl").exists() and not (out / "scan.json").exists()
     assert not any((out / "fields").iterdir())
 
 
 def test_seed_on_real_hardware_is_refused(tmp_path: Path) -> None:
-    _one_line_error(_invoke("scan", "--out", str(tmp_path / "x"), "--instrument",
-                            str(CONFIG_DIR / "demo-adapters.yaml"), "--seed", "3"),
-                    "--seed")
+    _one_line_error(
+        _invoke(
+            "scan",
+            "--out",
+            str(tmp_path / "x"),
+            "--instrument",
+            str(CONFIG_DIR / "demo-adapters.yaml"),
+            "--seed",
+            "3",
+        ),
+        "--seed",
+    )

@@ -25,8 +25,11 @@ def test_analysis_imports_neither_controller_nor_simulators() -> None:
 
 
 def test_only_the_instrument_module_reaches_the_simulator() -> None:
-    users = sorted(p.name for p in (ROOT / "controller").rglob("*.py")
-                   if "simulators" in _imports(p))
+    users = sorted(
+        p.name
+        for p in (ROOT / "controller").rglob("*.py")
+        if "simulators" in _imports(p)
+    )
     assert users == ["instrument.py"]
 
 
@@ -36,5 +39,6 @@ def test_simulators_use_only_config_types_of_the_controller() -> None:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                    "controller"):
+                "controller"
+            ):
                 assert node.module in allowed, (path, node.module)

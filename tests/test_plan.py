@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from controller.config import StageLimits
@@ -11,11 +13,14 @@ from tests.conftest import sim_instrument
 FOV = (1384 * 0.64, 1036 * 0.64)
 
 
-@pytest.mark.parametrize(("name", "n", "n_edge"), [
-    ("cellsearch-5x35", 175, 2 * 35 + 2 * 3),
-    ("cellsearch-5x36", 180, 2 * 36 + 2 * 3),
-    ("test-3x4", 12, 10),
-])
+@pytest.mark.parametrize(
+    ("name", "n", "n_edge"),
+    [
+        ("cellsearch-5x35", 175, 2 * 35 + 2 * 3),
+        ("cellsearch-5x36", 180, 2 * 36 + 2 * 3),
+        ("test-3x4", 12, 10),
+    ],
+)
 def test_field_count_and_edges(name: str, n: int, n_edge: int) -> None:
     fields = plan_fields(get_layout(name), *FOV)
     assert len(fields) == n
@@ -32,10 +37,10 @@ def test_serpentine_order_and_pitch() -> None:
         cols = [f.col for f in in_row]
         assert cols == (list(range(35)) if row % 2 == 0 else list(range(34, -1, -1)))
         xs = [f.x_um for f in in_row]
-        steps = {round(abs(b - a), 6) for a, b in zip(xs, xs[1:], strict=False)}
+        steps = {round(abs(b - a), 6) for a, b in itertools.pairwise(xs)}
         assert steps == {round(FOV[0], 6)}  # no overlap, no gap
     # consecutive fields are always neighbours: the stage never jumps a row
-    for a, b in zip(fields, fields[1:], strict=False):
+    for a, b in itertools.pairwise(fields):
         assert abs(a.row - b.row) + abs(a.col - b.col) == 1
     # row 0 is at the largest y; the grid is centred on the cartridge centre
     assert fields[0].y_um > fields[-1].y_um
@@ -67,8 +72,13 @@ def test_first_n_fields_and_stage_limits() -> None:
     assert [f.name for f in plan.fields] == [f"field_{i:03d}" for i in range(7)]
     with pytest.raises(ConfigError, match="at least 1"):
         ScanPlan.build(get_layout("test-3x4"), cfg, n_fields=0)
-    narrow = cfg.model_copy(update={"stage_limits": StageLimits(
-        x_min=-1000, x_max=1000, y_min=-1000, y_max=1000)})
+    narrow = cfg.model_copy(
+        update={
+            "stage_limits": StageLimits(
+                x_min=-1000, x_max=1000, y_min=-1000, y_max=1000
+            )
+        }
+    )
     with pytest.raises(ConfigError, match="outside the stage limits"):
         ScanPlan.build(get_layout("cellsearch-5x35"), narrow)
 

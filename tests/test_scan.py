@@ -23,7 +23,9 @@ CHANNELS = ["DAPI", "FITC", "PE", "APC"]
 
 
 def _ledger(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()
+    ]
 
 
 def test_small_scan_stores_every_field_as_ome_tiff(small_scan: ScanResult) -> None:
@@ -75,7 +77,7 @@ def test_fields_carry_what_the_simulator_rendered(small_scan: ScanResult) -> Non
             if o["kind"] != "CTC":
                 continue
             r, c = round(o["row"]), round(o["col"])
-            win = pe[max(r - 4, 0):r + 5, max(c - 4, 0):c + 5]
+            win = pe[max(r - 4, 0) : r + 5, max(c - 4, 0) : c + 5]
             assert win.size and win.max() - bg > 30
             n += 1
     assert n > 0
@@ -127,8 +129,12 @@ def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
 
 def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
     clean = run_scan(tmp_path / "clean", n_fields=3, seed=4)
-    flaky = run_scan(tmp_path / "flaky", n_fields=3, seed=4,
-                     instrument=sim_instrument(fail_snaps=[5]))
+    flaky = run_scan(
+        tmp_path / "flaky",
+        n_fields=3,
+        seed=4,
+        instrument=sim_instrument(fail_snaps=[5]),
+    )
     assert flaky.complete and not flaky.failed
     for i in range(3):
         name = f"field_{i:03d}.ome.tif"
@@ -137,11 +143,17 @@ def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
         assert np.array_equal(a, b)
 
 
-def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(tmp_path: Path) -> None:
+def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(
+    tmp_path: Path,
+) -> None:
     clean = run_scan(tmp_path / "clean", n_fields=4, seed=4)
     # snaps 5, 6, 7 fail: field_001's FITC frame fails three times (2 retries)
-    bad = run_scan(tmp_path / "bad", n_fields=4, seed=4,
-                   instrument=sim_instrument(fail_snaps=[5, 6, 7]))
+    bad = run_scan(
+        tmp_path / "bad",
+        n_fields=4,
+        seed=4,
+        instrument=sim_instrument(fail_snaps=[5, 6, 7]),
+    )
     assert set(bad.failed) == {"field_001"} and "snap failed" in bad.failed["field_001"]
     assert not (bad.run_dir / "fields" / "field_001.ome.tif").exists()
     failed = [r for r in _ledger(bad.run_dir) if r["event"] == "failed"]
@@ -176,27 +188,41 @@ def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
         if len(stored) == n:
             all_stored.set()
 
-    req = ScanRequest(instrument=sim_instrument(), layout=get_layout("test-3x4"),
-                      out=tmp_path / "cart", n_fields=n, seed=1)
+    req = ScanRequest(
+        instrument=sim_instrument(),
+        layout=get_layout("test-3x4"),
+        out=tmp_path / "cart",
+        n_fields=n,
+        seed=1,
+    )
     scan = Scan(req, analyzer=stuck_analyzer, on_field=on_field)
     result = scan.run()
     assert all_stored.is_set()
     assert seen and set(seen) == {"ok"}
     assert result.analyzed == n  # nothing dropped
     assert result.analyzed_from_disk > 0  # the overflow was read back from disk
-    analyzed = [r["field"] for r in _ledger(tmp_path / "cart") if r["event"] == "analyzed"]
+    analyzed = [
+        r["field"] for r in _ledger(tmp_path / "cart") if r["event"] == "analyzed"
+    ]
     assert sorted(analyzed) == [f"field_{i:03d}" for i in range(n)]
 
 
 def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:
     cfg = InstrumentConfig.from_file(DEMO_YAML)
-    req = ScanRequest(instrument=cfg, layout=get_layout("test-3x4"),
-                      out=tmp_path / "demo", n_fields=2, instrument_file=str(DEMO_YAML))
+    req = ScanRequest(
+        instrument=cfg,
+        layout=get_layout("test-3x4"),
+        out=tmp_path / "demo",
+        n_fields=2,
+        instrument_file=str(DEMO_YAML),
+    )
     result = Scan(req).run()
     assert result.complete and result.stored == 2
     plan = ScanPlan.build(get_layout("test-3x4"), cfg)
     for f in plan.fields[:2]:
-        data, names, px = read_field(tmp_path / "demo" / "fields" / f"{f.name}.ome.tif")
+        data, names, _px = read_field(
+            tmp_path / "demo" / "fields" / f"{f.name}.ome.tif"
+        )
         assert data.shape == (4, 1036, 1384) and names == CHANNELS
         assert data.max() > 0  # the demo camera's noise pattern, not a blank
     stored = [r for r in _ledger(tmp_path / "demo") if r["event"] == "stored"]

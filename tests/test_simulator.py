@@ -5,9 +5,9 @@ import pytest
 from scipy import ndimage
 
 from controller.layouts import get_layout
+from hardware_configs import CONFIG_DIR
 from simulators import KINDS, World, WorldConfig, open_simulated_core
 from simulators.config import STAINS
-from hardware_configs import CONFIG_DIR
 
 LAYOUT = get_layout("test-3x4")
 DAPI, FITC, PE, APC = range(4)
@@ -55,8 +55,10 @@ def test_ground_truth_objects_appear_where_rendered(world: World) -> None:
     x, y = _centre_field(world)
     z = world.surface_z(x, y)
     truth = world.ground_truth([("f", x, y)])["fields"][0]
-    frames = {c: world.renderer.frame(x, y, z, c, e).astype(float)
-              for c, e in [(DAPI, 20.0), (PE, 100.0), (APC, 150.0)]}
+    frames = {
+        c: world.renderer.frame(x, y, z, c, e).astype(float)
+        for c, e in [(DAPI, 20.0), (PE, 100.0), (APC, 150.0)]
+    }
     bg = {c: np.median(f) for c, f in frames.items()}
     by_kind: dict[str, list[dict]] = {}
     for o in truth["objects"]:
@@ -65,7 +67,7 @@ def test_ground_truth_objects_appear_where_rendered(world: World) -> None:
 
     def peak(c: int, o: dict) -> float:
         r, col = round(o["row"]), round(o["col"])
-        win = frames[c][max(r - 3, 0):r + 4, max(col - 3, 0):col + 4]
+        win = frames[c][max(r - 3, 0) : r + 4, max(col - 3, 0) : col + 4]
         return float(win.max() - bg[c]) if win.size else 0.0
 
     for o in by_kind["CTC"]:
@@ -85,13 +87,14 @@ def test_edge_field_shows_bright_rim_and_dark_outside(world: World) -> None:
     x = LAYOUT.center_x_um - 2 * world.fov_w + world.fov_w / 2
     y = LAYOUT.center_y_um
     img = world.renderer.frame(x, y, world.surface_z(x, y), PE, 100.0).astype(float)
-    wall_col = int(round(world.to_pixel(x, y, np.array([world.chamber[0]]),
-                                        np.array([y]))[1][0]))
+    wall_col = round(
+        world.to_pixel(x, y, np.array([world.chamber[0]]), np.array([y]))[1][0]
+    )
     assert 0 < wall_col < world.width
     mid = slice(world.height // 2 - 50, world.height // 2 + 50)
-    rim = img[mid, wall_col - 2:wall_col + 3].mean()
+    rim = img[mid, wall_col - 2 : wall_col + 3].mean()
     outside = img[mid, : max(wall_col - 60, 1)].mean()
-    inside = np.median(img[mid, wall_col + 100:])
+    inside = np.median(img[mid, wall_col + 100 :])
     assert rim > inside + 500  # the wall is bright
     assert outside < inside  # beyond the wall it is darker than the chamber
     assert world.ground_truth([("e", x, y)])["fields"][0]["edge"]
@@ -104,22 +107,36 @@ def _sharpness(img: np.ndarray) -> float:
 def test_blur_grows_off_focus(world: World) -> None:
     x, y = _centre_field(world)
     z0 = world.surface_z(x, y)
-    sharp = [_sharpness(world.renderer.frame(x, y, z0 + dz, DAPI, 20.0)[200:600, 200:700])
-             for dz in (0.0, 3.0, 6.0, 12.0)]
+    sharp = [
+        _sharpness(world.renderer.frame(x, y, z0 + dz, DAPI, 20.0)[200:600, 200:700])
+        for dz in (0.0, 3.0, 6.0, 12.0)
+    ]
     assert sharp == sorted(sharp, reverse=True)
     assert sharp[-1] < 0.3 * sharp[0]
     # symmetric: below focus blurs like above
-    below = _sharpness(world.renderer.frame(x, y, z0 - 6.0, DAPI, 20.0)[200:600, 200:700])
+    below = _sharpness(
+        world.renderer.frame(x, y, z0 - 6.0, DAPI, 20.0)[200:600, 200:700]
+    )
     assert below == pytest.approx(sharp[2], rel=0.15)
 
 
 def test_surface_is_tilted_and_bowed() -> None:
-    w = World(WorldConfig(surface={"tilt_x_um_per_mm": 1.0, "tilt_y_um_per_mm": 0.0,
-                                   "bow_um": 0.0}), get_layout("cellsearch-5x35"))
+    w = World(
+        WorldConfig(
+            surface={"tilt_x_um_per_mm": 1.0, "tilt_y_um_per_mm": 0.0, "bow_um": 0.0}
+        ),
+        get_layout("cellsearch-5x35"),
+    )
     assert w.surface_z(1000, 0) - w.surface_z(0, 0) == pytest.approx(1.0)
-    bowed = World(WorldConfig(surface={"tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0,
-                                       "bow_um": 3.0}), get_layout("cellsearch-5x35"))
-    assert bowed.surface_z(0, 0) - bowed.surface_z(bowed.chamber[1], 0) == pytest.approx(3.0)
+    bowed = World(
+        WorldConfig(
+            surface={"tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0, "bow_um": 3.0}
+        ),
+        get_layout("cellsearch-5x35"),
+    )
+    assert bowed.surface_z(0, 0) - bowed.surface_z(
+        bowed.chamber[1], 0
+    ) == pytest.approx(3.0)
 
 
 def test_camera_physics(world: World) -> None:
@@ -133,7 +150,7 @@ def test_camera_physics(world: World) -> None:
     assert ratio == pytest.approx(2.0, rel=0.05)
     # vignetting: the centre is brighter than the corners
     h, w = a.shape
-    centre = np.median(b[h // 2 - 50:h // 2 + 50, w // 2 - 50:w // 2 + 50])
+    centre = np.median(b[h // 2 - 50 : h // 2 + 50, w // 2 - 50 : w // 2 + 50])
     corner = np.median(b[:100, :100])
     assert corner < centre
     # 12-bit range, saturation at 4095
@@ -145,7 +162,8 @@ def test_camera_physics(world: World) -> None:
     assert dark.std() == pytest.approx(opt.read_noise_dn, rel=0.1)
     # shot noise: variance grows with signal
     assert np.var(np.diff(b[400:600, 400:600], axis=1)) > np.var(
-        np.diff(dark[400:600, 400:600], axis=1))
+        np.diff(dark[400:600, 400:600], axis=1)
+    )
 
 
 def test_devices_through_unimmcore_share_the_world() -> None:
