@@ -1,0 +1,5 @@
+"""``python -m controller`` runs the ctcscan command line."""
+
+from controller.cli import main
+
+main()
