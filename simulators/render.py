@@ -135,7 +135,11 @@ class Renderer:
         return planes
 
     def _wall(self, x: float, y: float) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Background mask (1 inside the chamber, dim outside) and the rim band."""
+        """Background mask (1 inside the chamber, dim outside) and the rim band.
+
+        Both are built from 1-D profiles along x and y (outer products), which is
+        exact along the walls and cheap; only edge fields pay for them.
+        """
         w = self.world
         opt = w.config.optics
         x0, y0 = w.frame_origin(x, y)
@@ -143,15 +147,34 @@ class Renderer:
         xs = x0 + px * np.arange(w.width, dtype=np.float64)
         ys = y0 - px * np.arange(w.height, dtype=np.float64)
         x_min, x_max, y_min, y_max = w.chamber
-        dx = np.minimum(xs - x_min, x_max - xs)
-        dy = np.minimum(ys - y_min, y_max - ys)
-        if dx.min() > 2 * opt.rim_width_um and dy.min() > 2 * opt.rim_width_um:
+        dx = np.minimum(xs - x_min, x_max - xs).astype(np.float32)  # um, + inside
+        dy = np.minimum(ys - y_min, y_max - ys).astype(np.float32)
+        near = 2 * opt.rim_width_um
+        if dx.min() > near and dy.min() > near:
             return None, None
-        sd = np.minimum(dy[:, None], dx[None, :]).astype(np.float32)  # um, + inside
-        inside = np.clip(0.5 + sd / np.float32(2 * px), 0, 1)
-        inside = opt.outside_background + (1 - opt.outside_background) * inside
-        rim = np.clip(1 - np.abs(sd) / np.float32(opt.rim_width_um / 2), 0, 1)
-        return inside.astype(np.float32), rim
+        half = np.float32(opt.rim_width_um / 2)
+
+        def inside_1d(d: np.ndarray) -> np.ndarray:
+            return np.clip(0.5 + d / np.float32(2 * px), 0, 1)
+
+        def rim_1d(d: np.ndarray) -> np.ndarray:
+            return np.clip(1 - np.abs(d) / half, 0, 1)
+
+        ix, iy = inside_1d(dx), inside_1d(dy)
+        inside = np.outer(iy, ix)
+        ob = np.float32(opt.outside_background)
+        inside *= 1 - ob
+        inside += ob
+        # a wall's band runs along the wall, up to the corner (+ half its width)
+        along_y = np.clip(0.5 + (dy + half) / np.float32(2 * px), 0, 1)
+        along_x = np.clip(0.5 + (dx + half) / np.float32(2 * px), 0, 1)
+        rim = None
+        if dx.min() <= near:
+            rim = np.outer(along_y, rim_1d(dx))
+        if dy.min() <= near:
+            horiz = np.outer(rim_1d(dy), along_x)
+            rim = horiz if rim is None else np.maximum(rim, horiz, out=rim)
+        return inside, rim
 
     def _draw_objects(self, x: float, y: float) -> np.ndarray:
         """Stain planes (4, height, width) of all objects touching the frame."""
