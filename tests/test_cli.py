@@ -35,34 +35,15 @@ def _one_line_error(result, *needles: str) -> str:
 
 def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "cart-7"
-    r = _invoke(
-        "scan",
-        "--out",
-        str(out),
-        "--layout",
-        "test-3x4",
-        "--fields",
-        "3",
-        "--seed",
-        "7",
-    )
+    args = ["scan", "--out", str(out), "--layout", "test-3x4", "--seed", "7"]
+    r = _invoke(*args, "--fields", "3")
     assert r.exit_code == 0, r.output
     assert "3/3" in r.stderr and "ETA" in r.stderr  # progress bar with ETA
     assert "complete" in r.stdout and "cart-7" in r.stdout
     assert len(list((out / "fields").glob("*.ome.tif"))) == 3
     scan = json.loads((out / "scan.json").read_text())
     assert scan["request"]["seed"] == 7 and scan["request"]["cartridge_id"] == "cart-7"
-    r = _invoke(
-        "scan",
-        "--out",
-        str(out),
-        "--layout",
-        "test-3x4",
-        "--fields",
-        "4",
-        "--seed",
-        "7",
-    )
+    r = _invoke(*args, "--fields", "4")
     assert r.exit_code == 0
     assert "already stored" in r.stdout
     records = [
