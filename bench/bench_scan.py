@@ -19,10 +19,6 @@ prints them side by side:
     The same with pymmcore-plus's built-in OME-TIFF output (ome-writers),
     ``core.mda.run(sequence, output=".../mda.ome.tif")``, on the core exactly as
     ``open_instrument`` returns it. A failure is reported with its error.
-``mda-ometiff-px``
-    As ``mda-ometiff``, but the bench first defines a pixel-size config on the core
-    from the instrument YAML's ``pixel_size_um`` (ome-writers refuses a pixel size
-    of 0).
 
 Every mode runs in its own fresh interpreter (this file with ``--mode``), so peak
 RSS (``ru_maxrss``) is per mode. The simulated instrument's ``time_scale`` is 0 in
@@ -72,7 +68,6 @@ MODES: dict[str, str] = {
     "ctcscan-noanalysis": "ctcscan Scan.run(), run folder, no-op analyzer",
     "mda": "pymmcore-plus MDAEngine, no output (shutter opened by hand)",
     "mda-ometiff": "pymmcore-plus MDAEngine, output=*.ome.tif (ome-writers)",
-    "mda-ometiff-px": "as mda-ometiff, core pixel size set from the YAML by the bench",
 }
 
 #: The budget the full cartridge is held to.
@@ -158,27 +153,36 @@ def _load(instrument: str, layout: str) -> tuple[Any, Any]:
 
     cfg = InstrumentConfig.from_file(instrument)
     if cfg.simulation is not None and cfg.simulation.time_scale != 0:
-        print(f"warning: {instrument} has simulation.time_scale="
-              f"{cfg.simulation.time_scale}; the bench will include real waiting",
-              file=sys.stderr)
+        print(
+            f"warning: {instrument} has simulation.time_scale="
+            f"{cfg.simulation.time_scale}; the bench will include real waiting",
+            file=sys.stderr,
+        )
     return cfg, get_layout(layout)
 
 
-def run_ctcscan(res: ModeResult, args: argparse.Namespace, work: Path, *,
-                analysis: bool) -> None:
+def run_ctcscan(
+    res: ModeResult, args: argparse.Namespace, work: Path, *, analysis: bool
+) -> None:
     """ctcscan's own Scan into a fresh run folder."""
     import controller.scan as scan_mod
     from controller.scan import Scan, ScanRequest
 
     cfg, layout = _load(args.instrument, args.layout)
     run_dir = work / "run"
-    request = ScanRequest(instrument=cfg, layout=layout, out=run_dir,
-                          instrument_file=str(args.instrument), n_fields=args.fields)
+    request = ScanRequest(
+        instrument=cfg,
+        layout=layout,
+        out=run_dir,
+        instrument_file=str(args.instrument),
+        n_fields=args.fields,
+    )
     analyzer: Callable[..., Mapping[str, Any]] | None = (
         None if analysis else (lambda data, names, px: {})
     )
-    res.notes.append("analysis: default qc_analyzer" if analysis
-                     else "analysis: no-op analyzer")
+    res.notes.append(
+        "analysis: default qc_analyzer" if analysis else "analysis: no-op analyzer"
+    )
 
     t0 = time.perf_counter()
     probe = FrameProbe(t0)
@@ -210,21 +214,34 @@ def run_ctcscan(res: ModeResult, args: argparse.Namespace, work: Path, *,
     res.first_frame_mean = probe.first_mean
     res.first_field_s = first_field[0] if first_field else None
     res.output_files, res.output_bytes = _tree_size(run_dir)
-    res.extra.update(planned=result.planned, failed=dict(result.failed),
-                     analyzed=result.analyzed,
-                     analyzed_from_disk=result.analyzed_from_disk,
-                     frames_seen=probe.frames, complete=result.complete)
+    res.extra.update(
+        planned=result.planned,
+        failed=dict(result.failed),
+        analyzed=result.analyzed,
+        analyzed_from_disk=result.analyzed_from_disk,
+        frames_seen=probe.frames,
+        complete=result.complete,
+    )
     if result.analyzed_from_disk:
-        res.notes.append(f"{result.analyzed_from_disk} field(s) analysed from disk "
-                         "(analysis fell behind acquisition)")
+        res.notes.append(
+            f"{result.analyzed_from_disk} field(s) analysed from disk "
+            "(analysis fell behind acquisition)"
+        )
     res.ok = result.complete
     if not result.complete:
-        res.error = (f"incomplete: stored {result.stored}/{result.planned}, "
-                     f"failed {sorted(result.failed)}")
+        res.error = (
+            f"incomplete: stored {result.stored}/{result.planned}, "
+            f"failed {sorted(result.failed)}"
+        )
 
 
-def run_mda(res: ModeResult, args: argparse.Namespace, work: Path, *,
-            output: bool, set_pixel_size: bool = False) -> None:
+def run_mda(
+    res: ModeResult,
+    args: argparse.Namespace,
+    work: Path,
+    *,
+    output: bool,
+) -> None:
     """pymmcore-plus's default MDAEngine on the plan's sequence."""
     from controller.instrument import open_instrument
     from controller.plan import ScanPlan
@@ -237,17 +254,12 @@ def run_mda(res: ModeResult, args: argparse.Namespace, work: Path, *,
         res.extra["engine"] = type(core.mda.engine).__name__
         res.extra["core"] = type(core).__name__
         res.extra["core_pixel_size_um"] = core.getPixelSizeUm()
-        if set_pixel_size:
-            core.definePixelSizeConfig("bench")
-            core.setPixelSizeUm("bench", cfg.pixel_size_um)
-            core.setPixelSizeConfig("bench")
-            res.notes.append(f"bench set core pixel size to {cfg.pixel_size_um} um "
-                             f"(open_instrument left {res.extra['core_pixel_size_um']})")
         # Python cameras under UniMMCore skip auto-shutter: open it once, by hand.
         core.setAutoShutter(False)
         core.setShutterOpen(True)
-        res.notes.append("shutter opened by hand (UniMMCore Python camera skips "
-                         "auto-shutter)")
+        res.notes.append(
+            "shutter opened by hand (UniMMCore Python camera skips auto-shutter)"
+        )
         plan = ScanPlan.build(layout, cfg, n_fields=args.fields)
         sequence = plan.to_sequence()
         res.fields = len(plan.fields)
@@ -287,8 +299,10 @@ def _describe_output(res: ModeResult, work: Path, target: Path) -> None:
         rel = p.relative_to(work)
         if p.is_dir():
             n, nbytes = _tree_size(p)
-            res.notes.append(f"wrote directory {rel}/ with {n} file(s), "
-                             f"{nbytes / 1e9:.2f} GB (asked for {target.name})")
+            res.notes.append(
+                f"wrote directory {rel}/ with {n} file(s), "
+                f"{nbytes / 1e9:.2f} GB (asked for {target.name})"
+            )
         else:
             res.notes.append(f"wrote file {rel}, {p.stat().st_size / 1e9:.2f} GB")
 
@@ -303,8 +317,9 @@ def child(args: argparse.Namespace) -> int:
     else:
         work = Path(tempfile.mkdtemp(prefix=f"ctcscan-bench-{args.mode}-"))
     # import everything a mode needs before the baseline, so it is comparable
-    import controller.scan  # noqa: F401
     import pymmcore_plus  # noqa: F401
+
+    import controller.scan  # noqa: F401
     import simulators  # noqa: F401
 
     res.baseline_rss_mb = _peak_rss_mb()
@@ -319,8 +334,6 @@ def child(args: argparse.Namespace) -> int:
             run_mda(res, args, work, output=False)
         elif args.mode == "mda-ometiff":
             run_mda(res, args, work, output=True)
-        elif args.mode == "mda-ometiff-px":
-            run_mda(res, args, work, output=True, set_pixel_size=True)
         else:
             raise ValueError(f"unknown mode {args.mode!r}")
     except Exception as e:  # report, do not hide: the driver prints it
@@ -341,8 +354,11 @@ def child(args: argparse.Namespace) -> int:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines()
-             if ln.strip() and not ln.strip().startswith("For further information")]
+    lines = [
+        ln
+        for ln in str(e).strip().splitlines()
+        if ln.strip() and not ln.strip().startswith("For further information")
+    ]
     if not lines:
         return ""
     # pydantic ValidationErrors put the useful part after the first line
@@ -354,8 +370,15 @@ def _first_line(e: BaseException) -> str:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("ctcscan", "pymmcore-plus", "pymmcore", "useq-schema", "ome-writers",
-                "tifffile", "numpy"):
+    for pkg in (
+        "ctcscan",
+        "pymmcore-plus",
+        "pymmcore",
+        "useq-schema",
+        "ome-writers",
+        "tifffile",
+        "numpy",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -375,15 +398,27 @@ def run_mode(mode: str, args: argparse.Namespace, base: Path) -> ModeResult:
     work = base / mode
     work.mkdir(parents=True, exist_ok=True)
     result_file = base / f"{mode}.result.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode,
-           "--layout", args.layout, "--instrument", str(args.instrument),
-           "--work-dir", str(work), "--result-json", str(result_file)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--mode",
+        mode,
+        "--layout",
+        args.layout,
+        "--instrument",
+        str(args.instrument),
+        "--work-dir",
+        str(work),
+        "--result-json",
+        str(result_file),
+    ]
     if args.fields is not None:
         cmd += ["--fields", str(args.fields)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         res = ModeResult(mode=mode, error=f"timed out after {args.timeout} s")
         res.process_s = time.perf_counter() - t0
@@ -394,9 +429,17 @@ def run_mode(mode: str, args: argparse.Namespace, base: Path) -> ModeResult:
         res = ModeResult(**data)
     else:
         tail = (proc.stderr or "").strip().splitlines()[-3:]
-        res = ModeResult(mode=mode, error=f"child exited {proc.returncode}: "
-                         + " | ".join(tail))
+        res = ModeResult(
+            mode=mode, error=f"child exited {proc.returncode}: " + " | ".join(tail)
+        )
     res.process_s = process_s
+    res.extra["returncode"] = proc.returncode
+    if proc.returncode < 0 or proc.returncode > 1:
+        res.notes.append(
+            f"subprocess exited with code {proc.returncode} (after writing its result)"
+            if result_file.exists()
+            else f"subprocess exited with code {proc.returncode}"
+        )
     stderr = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
     if stderr:
         res.extra["stderr_tail"] = stderr[-10:]
@@ -410,23 +453,47 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def format_table(results: Sequence[ModeResult]) -> str:
-    head = ["mode", "fields", "frames", "wall s", "acq s", "frames/s", "TTFF s",
-            "CPU s", "base RSS MB", "peak RSS MB", "proc s", "out GB", "status"]
+    head = [
+        "mode",
+        "fields",
+        "frames",
+        "wall s",
+        "acq s",
+        "frames/s",
+        "TTFF s",
+        "CPU s",
+        "base RSS MB",
+        "peak RSS MB",
+        "proc s",
+        "out GB",
+        "status",
+    ]
     rows = [head]
     for r in results:
-        rows.append([
-            r.mode, str(r.fields), str(r.frames), _fmt(r.wall_s, ".2f"),
-            _fmt(r.acquire_s, ".2f"), _fmt(r.frames_per_s, ".1f"),
-            _fmt(r.ttff_s, ".2f"), _fmt(r.cpu_s, ".1f"), _fmt(r.baseline_rss_mb, ".0f"),
-            _fmt(r.peak_rss_mb, ".0f"),
-            _fmt(r.process_s, ".1f"), _fmt(r.output_bytes / 1e9, ".2f"),
-            "ok" if r.ok else "FAILED",
-        ])
+        rows.append(
+            [
+                r.mode,
+                str(r.fields),
+                str(r.frames),
+                _fmt(r.wall_s, ".2f"),
+                _fmt(r.acquire_s, ".2f"),
+                _fmt(r.frames_per_s, ".1f"),
+                _fmt(r.ttff_s, ".2f"),
+                _fmt(r.cpu_s, ".1f"),
+                _fmt(r.baseline_rss_mb, ".0f"),
+                _fmt(r.peak_rss_mb, ".0f"),
+                _fmt(r.process_s, ".1f"),
+                _fmt(r.output_bytes / 1e9, ".2f"),
+                "ok" if r.ok else "FAILED",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
     for i, row in enumerate(rows):
-        cells = [c.ljust(w) if j == 0 else c.rjust(w)
-                 for j, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.ljust(w) if j == 0 else c.rjust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -439,23 +506,26 @@ def _budget_line(r: ModeResult, full: bool) -> str:
     wall = r.process_s if r.process_s is not None else r.wall_s
     ok_t, ok_m = wall <= BUDGET_WALL_S, r.peak_rss_mb <= BUDGET_RSS_MB
     scope = "" if full else "  (partial cartridge: not a budget verdict)"
-    return (f"  {r.mode}: end-to-end {wall:.1f} s {'<=' if ok_t else '>'} "
-            f"{BUDGET_WALL_S:.0f} s [{'PASS' if ok_t else 'FAIL'}], peak RSS "
-            f"{r.peak_rss_mb:.0f} MB {'<=' if ok_m else '>'} {BUDGET_RSS_MB:.0f} MB "
-            f"[{'PASS' if ok_m else 'FAIL'}]{scope}")
+    return (
+        f"  {r.mode}: end-to-end {wall:.1f} s {'<=' if ok_t else '>'} "
+        f"{BUDGET_WALL_S:.0f} s [{'PASS' if ok_t else 'FAIL'}], peak RSS "
+        f"{r.peak_rss_mb:.0f} MB {'<=' if ok_m else '>'} {BUDGET_RSS_MB:.0f} MB "
+        f"[{'PASS' if ok_m else 'FAIL'}]{scope}"
+    )
 
 
 def driver(args: argparse.Namespace) -> int:
     from controller.layouts import get_layout
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         print(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}", file=sys.stderr)
         return 2
     layout = get_layout(args.layout)
-    n_fields = layout.n_fields if args.fields is None else min(args.fields,
-                                                               layout.n_fields)
+    n_fields = (
+        layout.n_fields if args.fields is None else min(args.fields, layout.n_fields)
+    )
     full = n_fields == layout.n_fields
     if args.out_dir:
         base = Path(args.out_dir)
@@ -463,26 +533,38 @@ def driver(args: argparse.Namespace) -> int:
     else:
         base = Path(tempfile.mkdtemp(prefix="ctcscan-bench-"))
     cores = _cores()
-    print(f"ctcscan scan bench: layout {layout.name}, {n_fields}/{layout.n_fields} "
-          f"fields, instrument {args.instrument}")
-    print(f"  {cores} core(s) available, python {platform.python_version()}, "
-          f"run folders under {base}{' (kept)' if args.keep else ' (removed)'}")
-    print(f"  budget: full {layout.n_fields}-field cartridge end to end <= "
-          f"{BUDGET_WALL_S:.0f} s wall on {BUDGET_CORES} cores, peak RSS <= "
-          f"{BUDGET_RSS_MB:.0f} MB")
+    print(
+        f"ctcscan scan bench: layout {layout.name}, {n_fields}/{layout.n_fields} "
+        f"fields, instrument {args.instrument}"
+    )
+    print(
+        f"  {cores} core(s) available, python {platform.python_version()}, "
+        f"run folders under {base}{' (kept)' if args.keep else ' (removed)'}"
+    )
+    print(
+        f"  budget: full {layout.n_fields}-field cartridge end to end <= "
+        f"{BUDGET_WALL_S:.0f} s wall on {BUDGET_CORES} cores, peak RSS <= "
+        f"{BUDGET_RSS_MB:.0f} MB"
+    )
     if cores != BUDGET_CORES:
-        print(f"  note: this machine offers {cores} cores, the budget assumes "
-              f"{BUDGET_CORES}")
-    print("  note: mda modes open the shutter by hand (core.setAutoShutter(False); "
-          "core.setShutterOpen(True)): Python cameras under UniMMCore skip "
-          "auto-shutter", flush=True)
+        print(
+            f"  note: this machine offers {cores} cores, the budget assumes "
+            f"{BUDGET_CORES}"
+        )
+    print(
+        "  note: mda modes open the shutter by hand (core.setAutoShutter(False); "
+        "core.setShutterOpen(True)): Python cameras under UniMMCore skip "
+        "auto-shutter",
+        flush=True,
+    )
 
     results: list[ModeResult] = []
     for mode in modes:
         print(f"-- {mode}: {MODES[mode]} ...", end=" ", flush=True)
         r = run_mode(mode, args, base)
-        print(f"{'ok' if r.ok else 'FAILED'} ({_fmt(r.process_s, '.1f')} s)",
-              flush=True)
+        print(
+            f"{'ok' if r.ok else 'FAILED'} ({_fmt(r.process_s, '.1f')} s)", flush=True
+        )
         results.append(r)
     if not args.keep and not args.out_dir:
         shutil.rmtree(base, ignore_errors=True)
@@ -490,11 +572,13 @@ def driver(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print()
-    print("wall s: the mode in-process (ctcscan: Scan.run(); mda: open_instrument + "
-          "plan + mda.run + close); acq s: ctcscan ScanResult.duration_s (MDA + "
-          "store/analysis drain) / mda.run(); frames/s = frames / wall s; TTFF: mode "
-          "start -> first frameReady; proc s: whole subprocess incl. interpreter "
-          "start and imports; base RSS: peak RSS after imports, before the mode.")
+    print(
+        "wall s: the mode in-process (ctcscan: Scan.run(); mda: open_instrument + "
+        "plan + mda.run + close); acq s: ctcscan ScanResult.duration_s (MDA + "
+        "store/analysis drain) / mda.run(); frames/s = frames / wall s; TTFF: mode "
+        "start -> first frameReady; proc s: whole subprocess incl. interpreter "
+        "start and imports; base RSS: peak RSS after imports, before the mode."
+    )
     print(f"budget (end to end = proc s, {n_fields} fields):")
     for r in results:
         print(_budget_line(r, full))
@@ -505,8 +589,9 @@ def driver(args: argparse.Namespace) -> int:
         if r.first_frame_mean is not None:
             print(f"  {r.mode}: first frame mean {r.first_frame_mean:.1f} ADU")
         if r.first_field_s is not None:
-            print(f"  {r.mode}: first field durably stored after "
-                  f"{r.first_field_s:.2f} s")
+            print(
+                f"  {r.mode}: first field durably stored after {r.first_field_s:.2f} s"
+            )
         if r.error:
             print(f"  {r.mode}: ERROR {r.error}")
 
@@ -524,8 +609,11 @@ def driver(args: argparse.Namespace) -> int:
         "cores": cores,
         "platform": platform.platform(),
         "versions": _versions(),
-        "budget": {"wall_s": BUDGET_WALL_S, "rss_mb": BUDGET_RSS_MB,
-                   "cores": BUDGET_CORES},
+        "budget": {
+            "wall_s": BUDGET_WALL_S,
+            "rss_mb": BUDGET_RSS_MB,
+            "cores": BUDGET_CORES,
+        },
         "results": [{**asdict(r), "frames_per_s": r.frames_per_s} for r in results],
     }
     out_file.write_text(json.dumps(report, indent=1))
@@ -541,26 +629,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(
         description="Scan a simulated cartridge with ctcscan and with plain "
-        "pymmcore-plus MDA; report wall time, frames/s and peak RSS per mode.")
-    p.add_argument("--mode", choices=list(MODES),
-                   help="run ONE mode in this process and print its JSON result "
-                   "(used by the driver)")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated modes for the driver (default: all: "
-                   f"{','.join(MODES)})")
-    p.add_argument("--fields", type=int, default=None,
-                   help="scan only the first N fields (default: the whole layout)")
+        "pymmcore-plus MDA; report wall time, frames/s and peak RSS per mode."
+    )
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        help="run ONE mode in this process and print its JSON result "
+        "(used by the driver)",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated modes for the driver (default: all: {','.join(MODES)})",
+    )
+    p.add_argument(
+        "--fields",
+        type=int,
+        default=None,
+        help="scan only the first N fields (default: the whole layout)",
+    )
     p.add_argument("--layout", default=DEFAULT_LAYOUT, help="layout name or YAML")
-    p.add_argument("--instrument", default=str(DEFAULT_INSTRUMENT),
-                   help="instrument YAML (default: the simulated scanner)")
-    p.add_argument("--out-dir", default=None,
-                   help="where run folders / MDA output go (default: a temp dir)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the run folders and MDA output")
-    p.add_argument("--json-dir", default=str(DEFAULT_OUT),
-                   help="where the driver writes its JSON report (default: bench/out)")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds before a mode's subprocess is killed")
+    p.add_argument(
+        "--instrument",
+        default=str(DEFAULT_INSTRUMENT),
+        help="instrument YAML (default: the simulated scanner)",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="where run folders / MDA output go (default: a temp dir)",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the run folders and MDA output"
+    )
+    p.add_argument(
+        "--json-dir",
+        default=str(DEFAULT_OUT),
+        help="where the driver writes its JSON report (default: bench/out)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before a mode's subprocess is killed",
+    )
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -236,3 +236,27 @@ def test_run_folder_checks(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StorageError, match="not writable"):
         RunFolder(blocker / "run").prepare()
+
+
+@pytest.mark.parametrize("yaml", ["simulated", "demo-adapters"])
+def test_core_reports_the_configured_pixel_size(yaml: str) -> None:
+    from controller.instrument import open_instrument
+    from hardware_configs import CONFIG_DIR
+
+    cfg = InstrumentConfig.from_file(CONFIG_DIR / f"{yaml}.yaml")
+    inst = open_instrument(cfg, get_layout("test-3x4"))
+    try:
+        assert inst.core.getPixelSizeUm() == pytest.approx(0.64)
+    finally:
+        inst.close()
+
+
+def test_pixel_size_disagreeing_with_the_cfg_is_refused() -> None:
+    from controller.errors import ConfigError
+    from controller.instrument import open_instrument
+    from hardware_configs import CONFIG_DIR
+
+    cfg = InstrumentConfig.from_file(CONFIG_DIR / "demo-adapters.yaml")
+    cfg = cfg.model_copy(update={"pixel_size_um": 0.5})
+    with pytest.raises(ConfigError, match="pixel size preset"):
+        open_instrument(cfg, get_layout("test-3x4"))
