@@ -1,0 +1,647 @@
+"""CTC detection in one 4-channel field, by the CellSearch definition.
+
+Pipeline (every threshold in `DetectionSettings`):
+
+1. per channel: smooth background and robust noise (`estimate_background`);
+   signal = pixels - background; SNR = signal / noise;
+2. spillover compensation: the cytokeratin (PE) dye bleeds into the CD45 and
+   marker channels. The bleed-through fraction is estimated from the field's own
+   bright cytokeratin pixels (most of which belong to CD45-negative, marker-
+   negative fragments, the natural single-stain control) as a low quantile of the
+   ratio, and subtracted;
+3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
+   cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; connected
+   components; specks below `min_object_area_um2` dropped;
+4. every CK region is a candidate. When several nuclei lie inside one CK region
+   (touching cells of a cluster) the region is split among them by a watershed
+   seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
+   distance-map peaks first;
+5. candidates are classified in the order of the definition: debris (saturated in
+   two channels, or bright in every channel: also the cartridge rim) -> no nucleus
+   (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
+   CD45-positive (double positive) -> not round to oval -> CTC; for a CTC the
+   marker channel (FITC) is reported positive or not;
+6. nuclei outside CK regions (hundreds per field) are measured in one vectorised
+   pass: leukocytes when CD45 is present on them, else OTHER.
+
+Coordinates are (row, col) pixels of the field; distances in um use the pixel size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from skimage.feature import peak_local_max
+from skimage.segmentation import watershed
+
+from analysis.background import estimate_background
+from analysis.settings import DetectionSettings
+
+__all__ = [
+    "DEFAULT_ROLES",
+    "LABELS",
+    "FieldDetections",
+    "detect_field",
+    "resolve_roles",
+]
+
+#: Labels an object can get.
+LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
+
+#: Channel name -> role of the default assay.
+DEFAULT_ROLES: dict[str, str] = {
+    "DAPI": "nucleus",
+    "FITC": "marker",
+    "PE": "epithelial",
+    "APC": "leukocyte",
+}
+
+
+@dataclass
+class FieldDetections:
+    """Result of `detect_field`.
+
+    Attributes
+    ----------
+    objects : list of dict
+        One row per object: ``row``, ``col`` (centroid, pixels), ``label``,
+        ``reason``, ``score``, ``marker_positive`` and the features.
+    background, noise : dict
+        Per channel name: median background level and noise (DN).
+    spillover : dict
+        Estimated bleed-through of the epithelial channel into each other channel.
+    """
+
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    background: dict[str, float] = field(default_factory=dict)
+    noise: dict[str, float] = field(default_factory=dict)
+    spillover: dict[str, float] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(LABELS, 0)
+        for o in self.objects:
+            out[o["label"]] += 1
+        return out
+
+
+def resolve_roles(
+    channel_names: Sequence[str], roles: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Map each role to a channel index; raise ValueError naming what is missing."""
+    roles = dict(DEFAULT_ROLES if roles is None else roles)
+    names = list(channel_names)
+    out = {role: names.index(name) for name, role in roles.items() if name in names}
+    missing = [f"{n} ({r})" for n, r in roles.items() if r != "marker" and r not in out]
+    if missing:
+        raise ValueError(
+            f"channels {', '.join(missing)} not found; the field has "
+            f"{', '.join(names) or 'no named channels'}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- shape
+
+
+def _shape(mask: np.ndarray) -> tuple[float, float, float]:
+    """(eccentricity, minor/major axis ratio, solidity) of a 2-D mask."""
+    rr, cc = np.nonzero(mask)
+    n = rr.size
+    if n < 3:
+        return 0.0, 1.0, 1.0
+    ecc, ratio = _ellipse(
+        rr.var() + 1 / 12,
+        cc.var() + 1 / 12,
+        float(np.mean((rr - rr.mean()) * (cc - cc.mean()))),
+    )
+    edge = mask & ~ndimage.binary_erosion(mask)
+    er, ec = np.nonzero(edge)
+    corners = np.concatenate(
+        [
+            np.stack([er + dr, ec + dc], axis=1)
+            for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1))
+        ]
+    )
+    try:
+        hull_area = ConvexHull(corners).volume
+    except QhullError:
+        return ecc, ratio, 1.0
+    return ecc, ratio, min(1.0, n / hull_area)
+
+
+def _ellipse(vr: Any, vc: Any, cov: Any) -> tuple[Any, Any]:
+    """Eccentricity and axis ratio from second moments (scalars or arrays)."""
+    tr = vr + vc
+    det = vr * vc - cov * cov
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+    big, small = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-9)
+    ratio = np.sqrt(small / big)
+    return np.sqrt(np.maximum(0, 1 - ratio * ratio)), ratio
+
+
+def _box2(a: np.ndarray) -> np.ndarray:
+    """Mean of each 2 x 2 neighbourhood (same shape; last row/col repeated)."""
+    out = a.copy()
+    out[:-1] += a[1:]
+    out[:, :-1] += out[:, 1:].copy()
+    out *= np.float32(0.25) if out.dtype == np.float32 else 0.25
+    return out
+
+
+def _split_nucleus(mask: np.ndarray, min_dist_px: int) -> np.ndarray:
+    """Labels of a merged nucleus mask split at its distance-map peaks."""
+    dist = ndimage.distance_transform_edt(mask)
+    peaks = peak_local_max(
+        dist, min_distance=min_dist_px, labels=mask.astype(int), exclude_border=False
+    )
+    if len(peaks) < 2:
+        return mask.astype(np.int32)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def detect_field(
+    field: np.ndarray,
+    channel_names: Sequence[str],
+    *,
+    pixel_size_um: float,
+    settings: DetectionSettings | None = None,
+    roles: Mapping[str, str] | None = None,
+    saturation: float | None = None,
+) -> FieldDetections:
+    """Find and classify the objects of one field.
+
+    Parameters
+    ----------
+    field : ndarray, shape (C, Y, X)
+        Any integer (or float) dtype; raw camera values.
+    channel_names : sequence of str, length C
+        Names of the channels, matched against `roles`.
+    pixel_size_um : float
+        Pixel size in the sample plane.
+    settings : DetectionSettings, optional
+        Thresholds; defaults follow the CellSearch definition.
+    roles : mapping, optional
+        Channel name -> ``nucleus`` / ``epithelial`` / ``leukocyte`` / ``marker``;
+        default DAPI / PE / APC / FITC.
+    saturation : float, optional
+        Saturating pixel value; default the dtype maximum for integers.
+
+    Returns
+    -------
+    FieldDetections
+    """
+    st = settings or DetectionSettings()
+    if field.ndim != 3 or field.shape[0] != len(channel_names):
+        raise ValueError(
+            f"field must be (C, Y, X) with C = {len(channel_names)}, "
+            f"got shape {field.shape}"
+        )
+    if not pixel_size_um > 0:
+        raise ValueError(f"pixel size must be positive, got {pixel_size_um}")
+    idx = resolve_roles(channel_names, roles)
+    if saturation is None:
+        saturation = (
+            float(np.iinfo(field.dtype).max)
+            if field.dtype.kind in "ui"
+            else float(np.nanmax(field))
+        )
+    ctx = _Field(field, list(channel_names), idx, st, pixel_size_um, saturation)
+    return ctx.run()
+
+
+class _Field:
+    """The arrays of one field and the per-object measurements on them.
+
+    Full-frame signal is computed only for the two mask channels (nucleus and
+    cytokeratin); the others are computed where they are needed (object crops,
+    nucleus pixels), which keeps a field within a few full-frame passes.
+    """
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        names: list[str],
+        idx: dict[str, int],
+        st: DetectionSettings,
+        px: float,
+        saturation: float,
+    ) -> None:
+        self.raw, self.names, self.idx, self.st, self.px = raw, names, idx, st, px
+        self.saturation = saturation
+        n_ch, self.h, self.w = raw.shape
+        bgs = [
+            estimate_background(raw[c], block=st.background_block_px)
+            for c in range(n_ch)
+        ]
+        self.levels = [b.level for b in bgs]
+        self.noise = np.array([b.noise for b in bgs], np.float32)
+        self.e, self.n, self.lk = idx["epithelial"], idx["nucleus"], idx["leukocyte"]
+        self.m = idx.get("marker")
+        self.full = {
+            c: np.subtract(raw[c], self.levels[c], dtype=np.float32)
+            for c in (self.n, self.e)
+        }
+        self.spill = dict.fromkeys(range(n_ch), 0.0)
+        self.result = FieldDetections(
+            background={
+                nm: float(np.median(b.grid)) for nm, b in zip(names, bgs, strict=True)
+            },
+            noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
+        )
+        self._estimate_spillover()
+        self.min_px = max(1, int(round(st.min_object_area_um2 / (px * px))))
+
+    def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
+        """Background-subtracted, spillover-compensated signal of channel `c` at
+        `where` (a crop of slices, or flat pixel indices with ``flat=True``)."""
+        if c in self.full:
+            return self.full[c].ravel()[where] if flat else self.full[c][where]
+        if flat:
+            v = np.subtract(
+                self.raw[c].ravel()[where],
+                self.levels[c].ravel()[where],
+                dtype=np.float32,
+            )
+        else:
+            v = np.subtract(self.raw[c][where], self.levels[c][where], dtype=np.float32)
+        if s := self.spill[c]:
+            ck = self.full[self.e].ravel()[where] if flat else self.full[self.e][where]
+            v -= np.float32(s) * np.maximum(ck, 0)
+        return v
+
+    def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
+        """Number of saturated channels per pixel at `where`."""
+        out = None
+        for c in range(len(self.names)):
+            r = self.raw[c].ravel()[where] if flat else self.raw[c][where]
+            hit = (r >= self.saturation).astype(np.uint8)
+            out = hit if out is None else out + hit
+        assert out is not None
+        return out
+
+    def _estimate_spillover(self) -> None:
+        e, n = self.e, self.n
+        # bright cytokeratin without DNA and unsaturated: fragments and cytoplasm,
+        # not debris or the cartridge rim (bright in DAPI too)
+        cand = np.flatnonzero((self.full[e] > 50 * self.noise[e]).ravel())
+        if cand.size:
+            cand = cand[
+                (self.full[n].ravel()[cand] < self.st.nucleus_snr * self.noise[n])
+                & (self.sat(cand, flat=True) == 0)
+            ]
+        for c in range(len(self.names)):
+            if c in (e, n):
+                continue
+            s = 0.0
+            if cand.size >= 50:
+                ratio = self.sig(c, cand, flat=True) / self.full[e].ravel()[cand]
+                s = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
+            self.spill[c] = s
+            self.result.spillover[self.names[c]] = round(s, 4)
+
+    # -------------------------------------------------------------- run
+
+    def run(self) -> FieldDetections:
+        st = self.st
+        nuc_mask = _box2(self.full[self.n]) > st.nucleus_snr * self.noise[self.n]
+        ck_mask = _box2(self.full[self.e]) > st.ck_snr * self.noise[self.e]
+        nuc_lab, n_nuc = ndimage.label(nuc_mask)
+        ck_lab, n_ck = ndimage.label(ck_mask)
+        nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
+
+        # which nuclei overlap which CK region, and by how many pixels
+        both = np.flatnonzero(nuc_mask.ravel() & ck_mask.ravel())
+        key = nuc_lab.ravel()[both].astype(np.int64) * (n_ck + 1) + ck_lab.ravel()[both]
+        keys, counts = np.unique(key, return_counts=True)
+        overlaps: dict[int, list[tuple[int, int]]] = {}
+        for kk, cnt in zip(keys.tolist(), counts.tolist(), strict=True):
+            overlaps.setdefault(kk % (n_ck + 1), []).append((kk // (n_ck + 1), cnt))
+
+        claimed: set[int] = set()
+        for k, sl in enumerate(ndimage.find_objects(ck_lab), start=1):
+            if sl is None:
+                continue
+            crop = self._pad(sl, 4)
+            region = ndimage.binary_fill_holes(ck_lab[crop] == k)
+            if np.count_nonzero(region) < self.min_px:
+                continue
+            near = overlaps.get(k, [])
+            inside = [
+                nid for nid, cnt in near if cnt >= st.min_nucleus_inside * nuc_area[nid]
+            ]
+            claimed.update(inside)
+            self.result.objects.extend(
+                self._ck_region(
+                    crop, region, nuc_lab[crop], inside, [nid for nid, _ in near]
+                )
+            )
+        self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
+        return self.result
+
+    def _pad(self, sl: tuple[slice, ...], pad: int) -> tuple[slice, slice]:
+        r, c = sl[0], sl[1]
+        return (
+            slice(max(r.start - pad, 0), min(r.stop + pad, self.h)),
+            slice(max(c.start - pad, 0), min(c.stop + pad, self.w)),
+        )
+
+    # -------------------------------------------------------------- CK regions
+
+    def _ck_region(
+        self,
+        crop: tuple[slice, slice],
+        region: np.ndarray,
+        nl: np.ndarray,
+        inside: list[int],
+        touching: list[int],
+    ) -> list[dict[str, Any]]:
+        """One row per cell of a CK region (clusters split among their nuclei)."""
+        whole, _ = self._intensity(crop, region)
+        if (why := self._debris(whole)) is not None:  # rim, crystals: never split
+            n_px = int(np.count_nonzero(region))
+            nan = float("nan")
+            whole.update(
+                area_um2=round(n_px * self.px**2, 2),
+                diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
+                ck_texture=nan,
+                cd45_snr=nan,
+                marker_snr=nan,
+                cluster_size=1,
+                nucleus_inside=0.0,
+                eccentricity=nan,
+                axis_ratio=nan,
+                solidity=nan,
+            )
+            return [self._finish(whole, "DEBRIS", why)]
+        markers = np.zeros(region.shape, np.int32)
+        n_mark = 0
+        min_dist = max(2, int(round(2.5 / self.px)))
+        for nid in inside:
+            nmask = nl == nid
+            merged = _shape(nmask)[2] < 0.88  # two touching nuclei, one blob
+            pieces = _split_nucleus(nmask, min_dist) if merged else nmask.astype(int)
+            for p in range(1, int(pieces.max()) + 1):
+                n_mark += 1
+                markers[pieces == p] = n_mark
+        parts: list[tuple[np.ndarray, np.ndarray | None]]
+        if n_mark >= 2:
+            cells = watershed(
+                -self.full[self.e][crop], markers, mask=region | (markers > 0)
+            )
+            parts = [
+                ((cells == p) & region, markers == p) for p in range(1, n_mark + 1)
+            ]
+            parts = [(c, n) for c, n in parts if np.count_nonzero(c) >= self.min_px]
+        elif n_mark == 1:
+            parts = [(region, markers > 0)]
+        else:
+            parts = [(region, None)]
+        rows = []
+        for cell, nucleus in parts:
+            f = self._measure(crop, cell)
+            f["cluster_size"] = len(parts)
+            if nucleus is not None:
+                f["nucleus_inside"] = round(
+                    np.count_nonzero(nucleus & cell)
+                    / max(np.count_nonzero(nucleus), 1),
+                    3,
+                )
+            elif touching:
+                near = np.isin(nl, touching)
+                f["nucleus_inside"] = round(
+                    np.count_nonzero(near & cell) / max(np.count_nonzero(near), 1), 3
+                )
+            else:
+                f["nucleus_inside"] = 0.0
+            ecc, ratio, solidity = _shape(cell)
+            f.update(
+                eccentricity=round(float(ecc), 3),
+                axis_ratio=round(float(ratio), 3),
+                solidity=round(float(solidity), 3),
+            )
+            label, reason = self._classify(f, has_nucleus=bool(touching))
+            rows.append(self._finish(f, label, reason))
+        return rows
+
+    def _intensity(
+        self, crop: tuple[slice, slice], mask: np.ndarray
+    ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+        """Position and per-channel intensity of one object; enough to call debris.
+
+        Returns the features and the channel signals over `crop`.
+        """
+        rr, cc = np.nonzero(mask)
+        area = int(rr.size)
+        f: dict[str, Any] = {
+            "row": round(float(rr.mean()) + crop[0].start, 1),
+            "col": round(float(cc.mean()) + crop[1].start, 1),
+        }
+        snr_max = []
+        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        for c, name in enumerate(self.names):
+            vals = sig[c][mask]
+            f[f"{name}_mean"] = round(float(vals.mean()), 1)
+            f[f"{name}_max"] = round(float(vals.max()), 1)
+            f[f"{name}_integrated"] = round(float(vals.sum()), 0)
+            snr_max.append(float(np.percentile(vals, 90)) / float(self.noise[c]))
+        sat = self.sat(crop)[mask]
+        f["saturated_fraction"] = round(float(np.count_nonzero(sat)) / area, 4)
+        ck = sig[self.e][mask]
+        f["ck_snr"] = round(float(ck.mean()) / float(self.noise[self.e]), 2)
+        f["_sat2"] = (
+            np.count_nonzero(sat >= 2) > self.st.debris_saturated_fraction * area
+        )
+        f["_min_snr"] = min(snr_max)
+        return f, sig
+
+    def _measure(self, crop: tuple[slice, slice], mask: np.ndarray) -> dict[str, Any]:
+        """All features of one candidate cell (bool `mask` over `crop`)."""
+        px = self.px
+        f, sig = self._intensity(crop, mask)
+        # size at half the object's own peak cytokeratin (FWHM-like), so a bright
+        # small object does not look large because its blur crosses the threshold
+        ck_s = ndimage.uniform_filter(self.full[self.e][crop], 3)
+        peak = float(np.percentile(ck_s[mask], 95))
+        core = ndimage.binary_fill_holes(mask & (ck_s >= 0.5 * peak))
+        size_px = max(int(np.count_nonzero(core)), 1)
+        f["area_um2"] = round(size_px * px * px, 2)
+        f["diameter_um"] = round(2 * math.sqrt(size_px / math.pi) * px, 2)
+        ck = sig[self.e][mask]
+        f["ck_texture"] = round(float(ck.std() / max(float(ck.mean()), 1e-6)), 3)
+        # CD45 sits on the membrane, just inside the cell's edge: the median over a
+        # band across the border, so a neighbour's ring touching one side does not
+        # make the cell positive
+        band = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(
+            mask, iterations=3
+        )
+        apc = ndimage.uniform_filter(sig[self.lk], 3)
+        f["cd45_snr"] = round(
+            float(np.median(apc[band])) / float(self.noise[self.lk]), 2
+        )
+        if self.m is not None:
+            fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
+            f["marker_snr"] = round(
+                float(np.percentile(fitc, 90)) / float(self.noise[self.m]), 2
+            )
+        else:
+            f["marker_snr"] = float("nan")
+        return f
+
+    def _classify(self, f: dict[str, Any], *, has_nucleus: bool) -> tuple[str, str]:
+        st = self.st
+        if (why := self._debris(f)) is not None:
+            return "DEBRIS", why
+        if not has_nucleus:
+            return "CK_FRAGMENT", "no nucleus"
+        if f["nucleus_inside"] < st.min_nucleus_inside:
+            return "OTHER", "nucleus mostly outside the CK area"
+        if f["diameter_um"] <= st.min_ctc_diameter_um:
+            return "CK_FRAGMENT", f"not larger than {st.min_ctc_diameter_um:g} um"
+        if f["cd45_snr"] >= st.max_cd45_snr:
+            return "DOUBLE_POSITIVE", "CD45 positive"
+        if f["diameter_um"] > st.max_ctc_diameter_um:
+            return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
+        if f["solidity"] < st.min_solidity or f["axis_ratio"] < st.min_axis_ratio:
+            return "OTHER", "not round to oval"
+        return "CTC", "meets the CTC definition"
+
+    def _debris(self, f: Mapping[str, Any]) -> str | None:
+        if f["_sat2"]:
+            return "saturated in two or more channels"
+        if f["_min_snr"] >= self.st.debris_all_channel_snr:
+            return "bright in every channel"
+        return None
+
+    def _finish(self, f: dict[str, Any], label: str, reason: str) -> dict[str, Any]:
+        st = self.st
+        f.pop("_sat2")
+        f.pop("_min_snr")
+        f["label"] = label
+        f["reason"] = reason
+        f["marker_positive"] = bool(label == "CTC" and f["marker_snr"] >= st.marker_snr)
+        f["score"] = round(ctc_score(f, st), 3) if "ck_snr" in f else 0.0
+        return f
+
+    # -------------------------------------------------------------- nuclei
+
+    def _nuclei_table(
+        self, lab: np.ndarray, n: int, claimed: set[int]
+    ) -> list[dict[str, Any]]:
+        """Leukocytes and other CK-negative nuclei, measured in one pass."""
+        if n == 0:
+            return []
+        st, px = self.st, self.px
+        flat = lab.ravel()
+        sel = np.flatnonzero(flat)
+        labels = flat[sel]
+        order = np.argsort(labels, kind="stable")
+        sel, labels = sel[order], labels[order]
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        ids = labels[starts]
+        area = np.diff(np.r_[starts, labels.size]).astype(np.float64)
+        rr, cc = (sel // self.w).astype(np.float64), (sel % self.w).astype(np.float64)
+        r0 = np.add.reduceat(rr, starts) / area
+        c0 = np.add.reduceat(cc, starts) / area
+        dr, dc = (
+            rr - np.repeat(r0, area.astype(int)),
+            cc - np.repeat(c0, area.astype(int)),
+        )
+        vr = np.add.reduceat(dr * dr, starts) / area + 1 / 12
+        vc = np.add.reduceat(dc * dc, starts) / area + 1 / 12
+        cov = np.add.reduceat(dr * dc, starts) / area
+        ecc, ratio = _ellipse(vr, vc, cov)
+        stats = {}
+        snr_max = np.full(ids.size, np.inf)
+        for c, name in enumerate(self.names):
+            v = self.sig(c, sel, flat=True)
+            stats[name] = (np.add.reduceat(v, starts), np.maximum.reduceat(v, starts))
+            snr_max = np.minimum(snr_max, stats[name][1] / float(self.noise[c]))
+        # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
+        # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
+        h2, w2 = self.h // 2, self.w // 2
+        apc = self.sig(self.lk, (slice(0, 2 * h2), slice(0, 2 * w2)))
+        binned = apc[0::2, 0::2] + apc[1::2, 0::2]
+        binned += apc[0::2, 1::2]
+        binned += apc[1::2, 1::2]
+        binned *= np.float32(0.25)
+        near = ndimage.maximum_filter(binned, 3)
+        rb = np.minimum(sel // self.w // 2, h2 - 1)
+        cb = np.minimum(sel % self.w // 2, w2 - 1)
+        cd45 = np.maximum.reduceat(near[rb, cb], starts) / float(self.noise[self.lk])
+        sat = self.sat(sel, flat=True)
+        sat2 = np.add.reduceat((sat >= 2).astype(np.float64), starts)
+        sat_any = np.add.reduceat((sat > 0).astype(np.float64), starts)
+        marker = None
+        if self.m is not None:
+            marker = stats[self.names[self.m]][1] / float(self.noise[self.m])
+        keep = (area >= self.min_px) & ~np.isin(ids, list(claimed))
+        rows = []
+        for j in np.flatnonzero(keep):
+            f: dict[str, Any] = {
+                "row": round(float(r0[j]), 1),
+                "col": round(float(c0[j]), 1),
+                "area_um2": round(float(area[j]) * px * px, 2),
+                "diameter_um": round(2 * math.sqrt(area[j] / math.pi) * px, 2),
+            }
+            for name in self.names:
+                s, mx = stats[name]
+                f[f"{name}_mean"] = round(float(s[j] / area[j]), 1)
+                f[f"{name}_max"] = round(float(mx[j]), 1)
+                f[f"{name}_integrated"] = round(float(s[j]), 0)
+            f["saturated_fraction"] = round(float(sat_any[j] / area[j]), 4)
+            f["ck_snr"] = round(
+                float(stats[self.names[self.e]][0][j] / area[j])
+                / float(self.noise[self.e]),
+                2,
+            )
+            f["ck_texture"] = float("nan")
+            f["cd45_snr"] = round(float(cd45[j]), 2)
+            f["marker_snr"] = (
+                round(float(marker[j]), 2) if marker is not None else float("nan")
+            )
+            f["cluster_size"] = 1
+            f["nucleus_inside"] = 0.0
+            f["eccentricity"] = round(float(ecc[j]), 3)
+            f["axis_ratio"] = round(float(ratio[j]), 3)
+            f["solidity"] = float("nan")
+            f["_sat2"] = bool(sat2[j] > st.debris_saturated_fraction * area[j])
+            f["_min_snr"] = float(snr_max[j])
+            if (why := self._debris(f)) is not None:
+                rows.append(self._finish(f, "DEBRIS", why))
+            elif f["cd45_snr"] >= st.wbc_cd45_snr:
+                rows.append(self._finish(f, "WBC", "nucleus with CD45, no cytokeratin"))
+            else:
+                rows.append(
+                    self._finish(f, "OTHER", "nucleus without CD45 or cytokeratin")
+                )
+        return rows
+
+
+def ctc_score(f: Mapping[str, Any], st: DetectionSettings) -> float:
+    """How clearly an object meets each CTC rule, 0..1 (geometric mean of margins).
+
+    Margins: cytokeratin above its threshold, nucleus inside the CK area, CD45
+    below its limit, diameter above 4 um.
+    """
+    margins = [
+        (f["ck_snr"] - st.ck_snr) / (3 * st.ck_snr),
+        (f["nucleus_inside"] - st.min_nucleus_inside)
+        / max(1 - st.min_nucleus_inside, 1e-6),
+        1 - f["cd45_snr"] / st.max_cd45_snr,
+        (f["diameter_um"] - st.min_ctc_diameter_um) / max(st.min_ctc_diameter_um, 1e-6),
+    ]
+    prod = 1.0
+    for m in margins:
+        prod *= min(1.0, max(float(m), 1e-3))
+    return prod ** (1 / len(margins))

@@ -1,0 +1,70 @@
+"""Detection settings: every threshold of the CTC rule, in one validated model.
+
+Intensity units: a channel's *signal* is the pixel value minus the channel's local
+background (camera counts, DN); thresholds on it are given in multiples of that
+channel's background noise (robust standard deviation, "SNR"), so they do not
+depend on the camera offset or gain.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["DetectionSettings"]
+
+
+class DetectionSettings(BaseModel):
+    """Thresholds of segmentation and of the CellSearch CTC definition."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # segmentation
+    nucleus_snr: float = Field(default=6.0, gt=0, description="DAPI mask threshold")
+    ck_snr: float = Field(default=6.0, gt=0, description="cytokeratin mask threshold")
+    min_object_area_um2: float = Field(
+        default=1.5, ge=0, description="smaller specks are ignored"
+    )
+    background_block_px: int = Field(default=64, ge=16, le=512)
+    # the CTC definition
+    min_ctc_diameter_um: float = Field(
+        default=4.0, ge=0, description="a CTC is larger than this"
+    )
+    max_ctc_diameter_um: float = Field(default=40.0, gt=0)
+    min_nucleus_inside: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="fraction of the nucleus that must lie inside the CK area",
+    )
+    max_cd45_snr: float = Field(
+        default=10.0,
+        gt=0,
+        description="CD45-negative: CD45 signal on the cell below this",
+    )
+    min_solidity: float = Field(
+        default=0.80, ge=0, le=1, description="round to oval: solidity at least"
+    )
+    min_axis_ratio: float = Field(
+        default=0.35, ge=0, le=1, description="round to oval: minor/major axis"
+    )
+    # look-alikes
+    debris_all_channel_snr: float = Field(
+        default=25.0,
+        gt=0,
+        description="an object at least this bright in every channel is debris",
+    )
+    debris_saturated_fraction: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="saturated in two or more channels over this area fraction",
+    )
+    wbc_cd45_snr: float = Field(
+        default=8.0,
+        gt=0,
+        description="a CK-negative nucleus with CD45 at least this is a leukocyte",
+    )
+    # reporting
+    marker_snr: float = Field(
+        default=15.0, gt=0, description="FITC marker-positive at or above"
+    )
