@@ -60,7 +60,8 @@ def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
     not lift it; a 3 x 3 median over tiles rejects a tile dominated by debris;
     bilinear interpolation between tiles follows vignetting. The noise is the
     median absolute deviation of horizontal neighbour differences over pixels
-    at or below the background (divided by sqrt 2), which ignores smooth background changes.
+    at or below the background (divided by sqrt 2), which ignores smooth
+    background changes.
 
     Parameters
     ----------

@@ -17,7 +17,11 @@ Pipeline (every threshold in `DetectionSettings`):
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
    distance-map peaks first;
 5. candidates are classified in the order of the definition: debris (saturated in
-   two channels, or bright in every channel: also the cartridge rim) -> no nucleus
+   two channels, or bright in every channel: also the cartridge rim) -> nucleus
+   cut by the field's top or left edge (fields tile without overlap: a cell is
+   counted in the field holding its nucleus, and a nucleus cut by an edge in the
+   field it leaves by the bottom or right edge, so each cell counts once) -> no
+   nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
    CD45-positive (double positive) -> not round to oval -> CTC; for a CTC the
    marker channel (FITC) is reported positive or not;
@@ -260,7 +264,7 @@ class _Field:
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
         )
         self._estimate_spillover()
-        self.min_px = max(1, int(round(st.min_object_area_um2 / (px * px))))
+        self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -386,7 +390,7 @@ class _Field:
             return [self._finish(whole, "DEBRIS", why)]
         markers = np.zeros(region.shape, np.int32)
         n_mark = 0
-        min_dist = max(2, int(round(2.5 / self.px)))
+        min_dist = max(2, round(2.5 / self.px))
         for nid in inside:
             nmask = nl == nid
             merged = _shape(nmask)[2] < 0.88  # two touching nuclei, one blob
@@ -410,6 +414,13 @@ class _Field:
         rows = []
         for cell, nucleus in parts:
             f = self._measure(crop, cell)
+            # fields tile without overlap, so a cell on a field edge is seen in two
+            # fields; it is counted where its nucleus is, and a nucleus cut by the
+            # edge belongs to the field it leaves by the bottom or right edge
+            f["_cut"] = nucleus is not None and bool(
+                (crop[0].start == 0 and nucleus[0].any())
+                or (crop[1].start == 0 and nucleus[:, 0].any())
+            )
             f["cluster_size"] = len(parts)
             if nucleus is not None:
                 f["nucleus_inside"] = round(
@@ -447,14 +458,15 @@ class _Field:
             "row": round(float(rr.mean()) + crop[0].start, 1),
             "col": round(float(cc.mean()) + crop[1].start, 1),
         }
-        snr_max = []
         sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        dimmest = None  # per pixel: the lowest SNR over all channels
         for c, name in enumerate(self.names):
             vals = sig[c][mask]
             f[f"{name}_mean"] = round(float(vals.mean()), 1)
             f[f"{name}_max"] = round(float(vals.max()), 1)
             f[f"{name}_integrated"] = round(float(vals.sum()), 0)
-            snr_max.append(float(np.percentile(vals, 90)) / float(self.noise[c]))
+            snr = vals / self.noise[c]
+            dimmest = snr if dimmest is None else np.minimum(dimmest, snr)
         sat = self.sat(crop)[mask]
         f["saturated_fraction"] = round(float(np.count_nonzero(sat)) / area, 4)
         ck = sig[self.e][mask]
@@ -462,7 +474,12 @@ class _Field:
         f["_sat2"] = (
             np.count_nonzero(sat >= 2) > self.st.debris_saturated_fraction * area
         )
-        f["_min_snr"] = min(snr_max)
+        # debris glows in every channel at the same pixels; a cell overlapping a
+        # leukocyte is bright in each channel only in its own part
+        assert dimmest is not None
+        f["_all_bright"] = (
+            float(np.count_nonzero(dimmest >= self.st.debris_all_channel_snr)) / area
+        )
         return f, sig
 
     def _measure(self, crop: tuple[slice, slice], mask: np.ndarray) -> dict[str, Any]:
@@ -502,6 +519,8 @@ class _Field:
         st = self.st
         if (why := self._debris(f)) is not None:
             return "DEBRIS", why
+        if f.pop("_cut"):
+            return "OTHER", "nucleus cut by the top or left edge (counted next door)"
         if not has_nucleus:
             return "CK_FRAGMENT", "no nucleus"
         if f["nucleus_inside"] < st.min_nucleus_inside:
@@ -512,21 +531,24 @@ class _Field:
             return "DOUBLE_POSITIVE", "CD45 positive"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
-        if f["solidity"] < st.min_solidity or f["axis_ratio"] < st.min_axis_ratio:
+        # round to oval; a cell split from a cluster has an artificial border on
+        # its contact side, so only its axis ratio is judged
+        irregular = f["cluster_size"] == 1 and f["solidity"] < st.min_solidity
+        if irregular or f["axis_ratio"] < st.min_axis_ratio:
             return "OTHER", "not round to oval"
         return "CTC", "meets the CTC definition"
 
     def _debris(self, f: Mapping[str, Any]) -> str | None:
         if f["_sat2"]:
             return "saturated in two or more channels"
-        if f["_min_snr"] >= self.st.debris_all_channel_snr:
+        if f["_all_bright"] >= self.st.debris_all_channel_fraction:
             return "bright in every channel"
         return None
 
     def _finish(self, f: dict[str, Any], label: str, reason: str) -> dict[str, Any]:
         st = self.st
         f.pop("_sat2")
-        f.pop("_min_snr")
+        f.pop("_all_bright")
         f["label"] = label
         f["reason"] = reason
         f["marker_positive"] = bool(label == "CTC" and f["marker_snr"] >= st.marker_snr)
@@ -562,11 +584,14 @@ class _Field:
         cov = np.add.reduceat(dr * dc, starts) / area
         ecc, ratio = _ellipse(vr, vc, cov)
         stats = {}
-        snr_max = np.full(ids.size, np.inf)
+        dimmest = np.full(sel.size, np.inf, np.float32)
         for c, name in enumerate(self.names):
             v = self.sig(c, sel, flat=True)
             stats[name] = (np.add.reduceat(v, starts), np.maximum.reduceat(v, starts))
-            snr_max = np.minimum(snr_max, stats[name][1] / float(self.noise[c]))
+            dimmest = np.minimum(dimmest, v / self.noise[c])
+        all_bright = np.add.reduceat(
+            (dimmest >= st.debris_all_channel_snr).astype(np.float64), starts
+        )
         # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
         # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
         h2, w2 = self.h // 2, self.w // 2
@@ -616,7 +641,7 @@ class _Field:
             f["axis_ratio"] = round(float(ratio[j]), 3)
             f["solidity"] = float("nan")
             f["_sat2"] = bool(sat2[j] > st.debris_saturated_fraction * area[j])
-            f["_min_snr"] = float(snr_max[j])
+            f["_all_bright"] = float(all_bright[j] / area[j])
             if (why := self._debris(f)) is not None:
                 rows.append(self._finish(f, "DEBRIS", why))
             elif f["cd45_snr"] >= st.wbc_cd45_snr:

@@ -51,7 +51,13 @@ class DetectionSettings(BaseModel):
     debris_all_channel_snr: float = Field(
         default=25.0,
         gt=0,
-        description="an object at least this bright in every channel is debris",
+        description="a pixel at least this bright in every channel is debris-like",
+    )
+    debris_all_channel_fraction: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="an object with this fraction of debris-like pixels is debris",
     )
     debris_saturated_fraction: float = Field(
         default=0.02,

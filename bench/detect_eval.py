@@ -85,45 +85,6 @@ class Tally:
         return 2 * s * p / (s + p) if s + p else float("nan")
 
 
-def match_field(w: World, x: float, y: float, objects: list[dict[str, Any]]) -> Tally:
-    """Match called CTCs to true CTCs (greedy, nearest within MATCH_UM)."""
-    px = w.pixel_size_um
-    o = w.objects
-    near = np.flatnonzero(
-        (np.abs(o.x - x) <= w.fov_w / 2 + 20) & (np.abs(o.y - y) <= w.fov_h / 2 + 20)
-    )
-    rows, cols = w.to_pixel(x, y, o.x[near], o.y[near])
-    inside = (rows >= 0) & (rows < w.height) & (cols >= 0) & (cols < w.width)
-    kinds = o.kind[near]
-    ctc = kinds == KINDS.index("CTC")
-    truth = [
-        (r, c) for r, c, k, i in zip(rows, cols, ctc, inside, strict=True) if k and i
-    ]
-    called = [(d["row"], d["col"]) for d in objects if d["label"] == "CTC"]
-    t = Tally(true_ctc=len(truth), called_ctc=len(called), fields=1)
-    used: set[int] = set()
-    for r, c in called:
-        best, bd = None, MATCH_UM / px
-        for j, (tr, tc) in enumerate(truth):
-            d = np.hypot(r - tr, c - tc)
-            if j not in used and d <= bd:
-                best, bd = j, d
-        if best is not None:
-            used.add(best)
-            t.tp += 1
-        else:
-            t.fp += 1
-            d = np.hypot(rows - r, cols - c)
-            j = int(np.argmin(d)) if d.size else -1
-            kind = KINDS[kinds[j]] if j >= 0 and d[j] * px <= 12 else "background/rim"
-            t.fp_kinds[kind] += 1
-    t.fn = len(truth) - len(used)
-    for j, (tr, tc) in enumerate(truth):
-        if j not in used:
-            t.fn_kinds["missed"] += 1
-    return t
-
-
 def evaluate(
     seed: int,
     world: dict[str, Any],
@@ -133,25 +94,69 @@ def evaluate(
     settings: DetectionSettings | None = None,
     layout: str = "cellsearch-5x35",
 ) -> Tally:
+    """Detect on every field and match called CTCs to true CTCs per cartridge.
+
+    Matching is done in stage coordinates over the whole scanned area (optimal
+    assignment within MATCH_UM), so a cell cut by a field border and counted in
+    the neighbouring field is matched correctly.
+    """
     import time
+
+    from scipy.optimize import linear_sum_assignment
 
     w = make_world(seed, world, layout)
     fields = plan_fields(w.layout, w.fov_w, w.fov_h)
     if n_fields is not None:
         fields = fields[:n_fields]
-    total = Tally()
+    o = w.objects
+    px = w.pixel_size_um
+    total = Tally(fields=len(fields))
+    calls: list[tuple[float, float]] = []
+    truth_idx: list[int] = []
     for f in fields:
         data = render_field(w, f.x_um, f.y_um, z_offset)
         t0 = time.perf_counter()
         det = detect_field(
-            data,
-            CHANNELS,
-            pixel_size_um=w.pixel_size_um,
-            settings=settings,
-            saturation=4095,
+            data, CHANNELS, pixel_size_um=px, settings=settings, saturation=4095
         )
-        dt = time.perf_counter() - t0
-        t = match_field(w, f.x_um, f.y_um, det.objects)
-        t.seconds.append(dt)
-        total.add(t)
+        total.seconds.append(time.perf_counter() - t0)
+        x0, y0 = w.frame_origin(f.x_um, f.y_um)
+        calls += [
+            (x0 + d["col"] * px, y0 - d["row"] * px)
+            for d in det.objects
+            if d["label"] == "CTC"
+        ]
+        truth_idx += [
+            int(i)
+            for i in w.objects_in(f.x_um, f.y_um)
+            if o.kind[i] == KINDS.index("CTC")
+        ]
+    total.true_ctc, total.called_ctc = len(truth_idx), len(calls)
+    all_ctc = np.flatnonzero(o.kind == KINDS.index("CTC"))
+    pairs: list[tuple[int, int]] = []
+    if calls and truth_idx:
+        cx = np.array([c[0] for c in calls])
+        cy = np.array([c[1] for c in calls])
+        dist = np.hypot(
+            np.subtract.outer(cx, o.x[truth_idx]), np.subtract.outer(cy, o.y[truth_idx])
+        )
+        # pairs beyond the tolerance cost more than any set of pairs within it, so
+        # the assignment maximises the matches first
+        ci, ti = linear_sum_assignment(np.where(dist <= MATCH_UM, dist, 1e6))
+        pairs = [(a, b) for a, b in zip(ci, ti, strict=True) if dist[a, b] <= MATCH_UM]
+    total.tp = len(pairs)
+    total.fn = len(truth_idx) - len(pairs)
+    matched = {a for a, _ in pairs}
+    for a, (x, y) in enumerate(calls):
+        if a in matched:
+            continue
+        # a CTC just outside the scanned area (partial scans only): not an error
+        if np.hypot(o.x[all_ctc] - x, o.y[all_ctc] - y).min() <= MATCH_UM and not any(
+            np.hypot(o.x[i] - x, o.y[i] - y) <= MATCH_UM for i in truth_idx
+        ):
+            continue
+        total.fp += 1
+        d = np.hypot(o.x - x, o.y - y)
+        j = int(np.argmin(d))
+        total.fp_kinds[KINDS[o.kind[j]] if d[j] <= 12 else "background/rim"] += 1
     return total

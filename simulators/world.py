@@ -249,11 +249,18 @@ class World:
         i, cid = 0, 0
         while i < n_clustered - 1:
             size = min(int(rng.integers(2, 6)), n_clustered - i)
+            r = t["cell_r"]
             for k in range(1, size):
-                ang = rng.uniform(0, 2 * math.pi)
-                step = (t["cell_r"][i + k - 1] + t["cell_r"][i + k]) * 0.92
-                x[i + k] = x[i + k - 1] + step * math.cos(ang)
-                y[i + k] = y[i + k - 1] + step * math.sin(ang)
+                # touch a random earlier member, without overlapping any other
+                for _ in range(50):
+                    j = i + int(rng.integers(0, k))
+                    ang = rng.uniform(0, 2 * math.pi)
+                    step = (r[j] + r[i + k]) * 0.92
+                    nx, ny = x[j] + step * math.cos(ang), y[j] + step * math.sin(ang)
+                    gap = np.hypot(x[i : i + k] - nx, y[i : i + k] - ny)
+                    if np.all(gap >= (r[i : i + k] + r[i + k]) * 0.9):
+                        break
+                x[i + k], y[i + k] = nx, ny
             t["cluster"][i : i + size] = cid
             cid += 1
             i += size
