@@ -341,17 +341,87 @@ class _Field:
             if np.count_nonzero(region) < self.min_px:
                 continue
             near = overlaps.get(k, [])
-            inside = [
-                nid for nid, cnt in near if cnt >= st.min_nucleus_inside * nuc_area[nid]
-            ]
-            claimed.update(inside)
-            self.result.objects.extend(
-                self._ck_region(
-                    crop, region, nuc_lab[crop], inside, [nid for nid, _ in near]
-                )
-            )
+            whole, _ = self._intensity(crop, region)
+            if (why := self._debris(whole)) is not None:
+                # debris (or the rim) with cells beside it: report the debris, then
+                # look again at what is left once its pixels are peeled away
+                claimed.update(nid for nid, _ in near)
+                self.result.objects.append(self._debris_row(whole, region, why))
+                for sub, nuclei in self._peel(crop, region, nuc_lab[crop]):
+                    self._add_region(
+                        crop, sub, nuc_lab[crop], nuclei, nuc_area, claimed
+                    )
+                continue
+            self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
         self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
         return self.result
+
+    def _add_region(
+        self,
+        crop: tuple[slice, slice],
+        region: np.ndarray,
+        nl: np.ndarray,
+        near: list[tuple[int, int]],
+        nuc_area: np.ndarray,
+        claimed: set[int],
+    ) -> None:
+        inside = [
+            nid
+            for nid, cnt in near
+            if cnt >= self.st.min_nucleus_inside * nuc_area[nid]
+        ]
+        claimed.update(inside)
+        self.result.objects.extend(
+            self._ck_region(crop, region, nl, inside, [nid for nid, _ in near])
+        )
+
+    def _peel(
+        self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
+    ) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
+        """Parts of a debris region left after removing its debris-like pixels.
+
+        Returns each remaining part (bool mask over `crop`) with the nuclei that
+        overlap it, as (nucleus id, overlapping pixels); nuclei touching the
+        debris are left out.
+        """
+        sig = [self.sig(c, crop) for c in range(len(self.names))]
+        dimmest = np.min([sig[c] / self.noise[c] for c in range(len(sig))], axis=0)
+        junk = (dimmest >= self.st.debris_all_channel_snr) | (self.sat(crop) >= 2)
+        junk = ndimage.binary_dilation(junk & region, iterations=4)
+        rest, n = ndimage.label(region & ~junk)
+        bad_nuclei = set(np.unique(nl[junk]).tolist())
+        out = []
+        for k in range(1, n + 1):
+            part = rest == k
+            if np.count_nonzero(part) < self.min_px:
+                continue
+            ids, cnt = np.unique(nl[part], return_counts=True)
+            nuclei = [
+                (int(i), int(c))
+                for i, c in zip(ids, cnt, strict=True)
+                if i and i not in bad_nuclei
+            ]
+            out.append((part, nuclei))
+        return out
+
+    def _debris_row(
+        self, f: dict[str, Any], region: np.ndarray, why: str
+    ) -> dict[str, Any]:
+        n_px = int(np.count_nonzero(region))
+        nan = float("nan")
+        f.update(
+            area_um2=round(n_px * self.px**2, 2),
+            diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
+            ck_texture=nan,
+            cd45_snr=nan,
+            marker_snr=nan,
+            cluster_size=1,
+            nucleus_inside=0.0,
+            eccentricity=nan,
+            axis_ratio=nan,
+            solidity=nan,
+        )
+        return self._finish(f, "DEBRIS", why)
 
     def _pad(self, sl: tuple[slice, ...], pad: int) -> tuple[slice, slice]:
         r, c = sl[0], sl[1]
@@ -371,23 +441,6 @@ class _Field:
         touching: list[int],
     ) -> list[dict[str, Any]]:
         """One row per cell of a CK region (clusters split among their nuclei)."""
-        whole, _ = self._intensity(crop, region)
-        if (why := self._debris(whole)) is not None:  # rim, crystals: never split
-            n_px = int(np.count_nonzero(region))
-            nan = float("nan")
-            whole.update(
-                area_um2=round(n_px * self.px**2, 2),
-                diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
-                ck_texture=nan,
-                cd45_snr=nan,
-                marker_snr=nan,
-                cluster_size=1,
-                nucleus_inside=0.0,
-                eccentricity=nan,
-                axis_ratio=nan,
-                solidity=nan,
-            )
-            return [self._finish(whole, "DEBRIS", why)]
         markers = np.zeros(region.shape, np.int32)
         n_mark = 0
         min_dist = max(2, round(2.5 / self.px))
