@@ -4,11 +4,11 @@ Pipeline (every threshold in `DetectionSettings`):
 
 1. per channel: smooth background and robust noise (`estimate_background`);
    signal = pixels - background; SNR = signal / noise;
-2. spillover compensation: the cytokeratin (PE) dye bleeds into the CD45 and
-   marker channels. The bleed-through fraction is estimated from the field's own
-   bright cytokeratin pixels (most of which belong to CD45-negative, marker-
-   negative fragments, the natural single-stain control) as a low quantile of the
-   ratio, and subtracted;
+2. spillover compensation: the DNA (DAPI) and cytokeratin (PE) dyes bleed into
+   the CD45 and marker channels. Each fraction is estimated from the field's own
+   single-stain pixels (bright cytokeratin without DNA: fragments; bright DNA
+   without cytokeratin: leukocyte nuclei) as a low quantile of the ratio, and
+   subtracted;
 3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
    cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; connected
    components; specks below `min_object_area_um2` dropped;
@@ -79,7 +79,8 @@ class FieldDetections:
     background, noise : dict
         Per channel name: median background level and noise (DN).
     spillover : dict
-        Estimated bleed-through of the epithelial channel into each other channel.
+        Estimated bleed-through ``"SOURCE->TARGET"`` of the DNA and cytokeratin
+        dyes into the other channels.
     """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -256,7 +257,7 @@ class _Field:
             c: np.subtract(raw[c], self.levels[c], dtype=np.float32)
             for c in (self.n, self.e)
         }
-        self.spill = dict.fromkeys(range(n_ch), 0.0)
+        self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.result = FieldDetections(
             background={
                 nm: float(np.median(b.grid)) for nm, b in zip(names, bgs, strict=True)
@@ -279,9 +280,10 @@ class _Field:
             )
         else:
             v = np.subtract(self.raw[c][where], self.levels[c][where], dtype=np.float32)
-        if s := self.spill[c]:
-            ck = self.full[self.e].ravel()[where] if flat else self.full[self.e][where]
-            v -= np.float32(s) * np.maximum(ck, 0)
+        for src in (self.e, self.n):
+            if coef := self.spill.get((src, c), 0.0):
+                dye = self.full[src].ravel()[where] if flat else self.full[src][where]
+                v -= np.float32(coef) * np.maximum(dye, 0)
         return v
 
     def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
@@ -295,24 +297,39 @@ class _Field:
         return out
 
     def _estimate_spillover(self) -> None:
+        """Bleed-through of the two mask dyes (DNA, cytokeratin) into the others.
+
+        Each dye's coefficient comes from its own single-stain pixels: bright in
+        that dye, below the mask threshold in the other, unsaturated (so not
+        debris or the rim, which are bright in every channel). A low quantile of
+        the ratio is used, as genuine staining only ever raises it.
+        """
         e, n = self.e, self.n
-        # bright cytokeratin without DNA and unsaturated: fragments and cytoplasm,
-        # not debris or the cartridge rim (bright in DAPI too)
-        cand = np.flatnonzero((self.full[e] > 50 * self.noise[e]).ravel())
-        if cand.size:
-            cand = cand[
-                (self.full[n].ravel()[cand] < self.st.nucleus_snr * self.noise[n])
-                & (self.sat(cand, flat=True) == 0)
-            ]
-        for c in range(len(self.names)):
-            if c in (e, n):
-                continue
-            s = 0.0
-            if cand.size >= 50:
-                ratio = self.sig(c, cand, flat=True) / self.full[e].ravel()[cand]
-                s = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
-            self.spill[c] = s
-            self.result.spillover[self.names[c]] = round(s, 4)
+        sources = {e: n, n: e}  # source -> the other mask dye
+        for src, other in sources.items():
+            cand = np.flatnonzero((self.full[src] > 50 * self.noise[src]).ravel())
+            if cand.size:
+                thr = self.st.ck_snr if other == e else self.st.nucleus_snr
+                cand = cand[
+                    (self.full[other].ravel()[cand] < thr * self.noise[other])
+                    & (self.sat(cand, flat=True) == 0)
+                ]
+            for c in range(len(self.names)):
+                if c in sources:
+                    continue
+                coef = 0.0
+                if cand.size >= 50:
+                    raw = np.subtract(
+                        self.raw[c].ravel()[cand],
+                        self.levels[c].ravel()[cand],
+                        dtype=np.float32,
+                    )
+                    ratio = raw / self.full[src].ravel()[cand]
+                    coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
+                self.spill[(src, c)] = coef
+                self.result.spillover[f"{self.names[src]}->{self.names[c]}"] = round(
+                    coef, 4
+                )
 
     # -------------------------------------------------------------- run
 
@@ -477,14 +494,16 @@ class _Field:
             f["cluster_size"] = len(parts)
             if nucleus is not None:
                 f["nucleus_inside"] = round(
-                    np.count_nonzero(nucleus & cell)
-                    / max(np.count_nonzero(nucleus), 1),
+                    int(np.count_nonzero(nucleus & cell))
+                    / max(int(np.count_nonzero(nucleus)), 1),
                     3,
                 )
             elif touching:
                 near = np.isin(nl, touching)
                 f["nucleus_inside"] = round(
-                    np.count_nonzero(near & cell) / max(np.count_nonzero(near), 1), 3
+                    int(np.count_nonzero(near & cell))
+                    / max(int(np.count_nonzero(near)), 1),
+                    3,
                 )
             else:
                 f["nucleus_inside"] = 0.0

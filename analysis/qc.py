@@ -14,7 +14,7 @@ def channel_qc(
     field: np.ndarray,
     channel_names: Sequence[str],
     *,
-    saturation: int | None = None,
+    saturation: float | None = None,
     step: int = 4,
 ) -> dict[str, dict[str, Any]]:
     """Robust background, noise and saturation of each channel of a field.

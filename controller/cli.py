@@ -18,6 +18,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -104,9 +105,9 @@ def scan(
         raise typer.Exit(1)
 
 
-def _run_with_progress(request: ScanRequest) -> ScanResult:
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("fields"),
@@ -116,17 +117,20 @@ def _run_with_progress(request: ScanRequest) -> ScanResult:
         console=err,
         transient=False,
     )
-    task = None
+
+
+def _run_with_progress(request: ScanRequest) -> ScanResult:
+    progress = _progress()
+    tasks: dict[str, TaskID] = {}
 
     def on_start(total: int, done: int) -> None:
-        nonlocal task
-        task = progress.add_task(
-            f"scanning {request.cartridge}", total=total, completed=done
-        )
+        tasks["scan"] = progress.add_task("scanning", total=total, completed=done)
+        tasks["detect"] = progress.add_task("detecting", total=total)
 
     def on_field(name: str, status: str) -> None:
-        if task is not None:
-            progress.advance(task)
+        bar = "scan" if status in ("stored", "failed") else "detect"
+        if bar in tasks:
+            progress.advance(tasks[bar])
 
     with progress:
         return Scan(request, on_start=on_start, on_field=on_field).run()
@@ -141,8 +145,13 @@ def _summary(r: ScanResult) -> None:
         t.add_row("already stored (verified)", str(r.resumed))
     t.add_row("failed", ", ".join(f"{k} ({v})" for k, v in r.failed.items()) or "0")
     t.add_row(
-        "analysed on-line", f"{r.analyzed} ({r.analyzed_from_disk} caught up from disk)"
+        "detected on-line",
+        f"{r.detected} fields"
+        + (f", {r.detect_failed} failed" if r.detect_failed else ""),
     )
+    if r.report:
+        t.add_row("CTC count", str(r.report["ctc_count"]))
+        t.add_row("result", r.report["statement"])
     t.add_row(
         "acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)"
     )

@@ -13,6 +13,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from analysis.settings import DetectionSettings
 from controller.errors import ConfigError
 
 __all__ = [
@@ -227,6 +228,8 @@ class AssayConfig(ConfigModel):
         Indication(name="metastatic-colorectal", cutoff=3),
     )
     blood_volume_ml: float = Field(default=7.5, gt=0)
+    #: every threshold of segmentation and of the CTC definition
+    detection: DetectionSettings = DetectionSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -14,23 +14,23 @@ field stays stored, and running the same request again resumes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from analysis import channel_qc
+from analysis.pipeline import FieldJob
+from analysis.report import write_outputs
 from controller import __version__
 from controller.assembler import AssembledField, FieldAssembler
 from controller.config import AssayConfig, InstrumentConfig
+from controller.detector import OnlineDetector, load_records
 from controller.engine import ScanEngine
 from controller.errors import ConfigError, ScannerError, StorageError
-from controller.feed import DetectorFeed, FieldAnalyzer
 from controller.instrument import open_instrument
 from controller.layouts import CartridgeLayout
 from controller.plan import FieldSpec, ScanPlan
@@ -42,7 +42,7 @@ from controller.store import (
     StoreWorker,
 )
 
-__all__ = ["Scan", "ScanRequest", "ScanResult", "qc_analyzer"]
+__all__ = ["Scan", "ScanRequest", "ScanResult"]
 
 logger = logging.getLogger("ctcscan.scan")
 
@@ -78,8 +78,10 @@ class ScanResult:
     resumed: int = 0
     stored: int = 0
     failed: dict[str, str] = field(default_factory=dict)
-    analyzed: int = 0
-    analyzed_from_disk: int = 0
+    detected: int = 0
+    detect_failed: int = 0
+    max_detect_backlog: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
     frames: int = 0
     duration_s: float = 0.0
     canceled: bool = False
@@ -91,18 +93,6 @@ class ScanResult:
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.duration_s if self.duration_s else 0.0
-
-
-def qc_analyzer(bit_depth: int) -> FieldAnalyzer:
-    """The default on-line analysis: per-channel background, noise, saturation."""
-    saturation = 2**bit_depth - 1
-
-    def analyze(
-        data: np.ndarray, channel_names: Sequence[str], pixel_size_um: float
-    ) -> Mapping[str, Any]:
-        return {"qc": channel_qc(data, channel_names, saturation=saturation)}
-
-    return analyze
 
 
 def _versions() -> dict[str, str]:
@@ -122,25 +112,32 @@ class Scan:
     ----------
     request : ScanRequest
         What to scan.
-    analyzer : FieldAnalyzer, optional
-        On-line analysis of each stored field; default `qc_analyzer`.
+    detector_workers : int, optional
+        Worker processes of the on-line detector; 0 detects on a thread of this
+        process. Default: 1 when the machine has a second core, else 0.
+    run_job : callable, optional
+        The per-field analysis (default `analysis.pipeline.analyze_field_file`).
     on_start : callable, optional
         ``on_start(total_fields, already_stored)`` once the plan is known.
     on_field : callable, optional
-        ``on_field(name, status)`` with status ``stored`` or ``failed``; called
-        from worker threads.
+        ``on_field(name, status)`` with status ``stored``, ``failed``,
+        ``detected`` or ``detect_failed``; called from worker threads.
     """
 
     def __init__(
         self,
         request: ScanRequest,
         *,
-        analyzer: FieldAnalyzer | None = None,
+        detector_workers: int | None = None,
+        run_job: Callable[[FieldJob], Mapping[str, Any]] | None = None,
         on_start: Callable[[int, int], None] | None = None,
         on_field: Callable[[str, str], None] | None = None,
     ) -> None:
         self.request = request
-        self.analyzer = analyzer or qc_analyzer(request.instrument.camera.bit_depth)
+        if detector_workers is None:
+            detector_workers = 1 if (os.cpu_count() or 1) >= 2 else 0
+        self.detector_workers = detector_workers
+        self.run_job = run_job
         self.on_start = on_start
         self.on_field = on_field
         self.folder = RunFolder(request.out)
@@ -218,20 +215,21 @@ class Scan:
         if self.on_start is not None:
             self.on_start(len(plan.fields), len(done))
 
-        feed = DetectorFeed(
-            folder, self.analyzer, pixel_size_um=req.instrument.pixel_size_um
-        )
-        feed.add_backlog(
+        detector = self._detector(result)
+        detector.add_backlog(
             f.name
             for f in plan.fields
-            if f.name in done and f.name not in state.analyzed
+            if f.name in done
+            and not (
+                f.name in state.detected and folder.detection_path(f.name).exists()
+            )
         )
         lock = threading.Lock()
 
         def stored(fld: AssembledField, info: StoredField) -> None:
             with lock:
                 result.stored += 1
-            feed.offer(fld)
+            detector.offer(info.name)
             if self.on_field is not None:
                 self.on_field(info.name, "stored")
 
@@ -268,14 +266,16 @@ class Scan:
                 self._acquire(core, plan, remaining, assembler, writer)
         finally:
             writer.close()
-            feed.close()
+            stats = detector.close()
         if writer.error is not None and self._error is None:
             self._error = writer.error
         result.duration_s = time.perf_counter() - t0
         result.frames = result.stored * len(plan.channels)
-        result.analyzed = feed.stats["analyzed"]
-        result.analyzed_from_disk = feed.stats["from_disk"]
+        result.detected, result.detect_failed = stats["detected"], stats["failed"]
+        result.max_detect_backlog = stats["max_backlog"]
         result.canceled = self._cancel.is_set() or self._error is not None
+        if self._error is None:
+            result.report = self._write_outputs(plan, result)
         folder.ledger.append(
             "finished" if result.complete else "stopped",
             stored=result.stored,
@@ -290,6 +290,61 @@ class Scan:
                 raise self._error
             raise ScannerError(f"scan stopped: {self._error}") from self._error
         return result
+
+    def _detector(self, result: ScanResult) -> OnlineDetector:
+        req, folder = self.request, self.folder
+        saturation = float(2**req.instrument.camera.bit_depth - 1)
+
+        def make_job(name: str) -> FieldJob:
+            return FieldJob(
+                path=str(folder.field_path(name)),
+                name=name,
+                out_dir=str(folder.root),
+                settings=req.assay.detection,
+                roles=dict(req.assay.channels),
+                pixel_size_um=req.instrument.pixel_size_um,
+                saturation=saturation,
+            )
+
+        def on_result(name: str, record: Mapping[str, Any]) -> None:
+            if self.on_field is not None:
+                self.on_field(name, "detected")
+
+        kwargs: dict[str, Any] = {}
+        if self.run_job is not None:
+            kwargs["run_job"] = self.run_job
+        return OnlineDetector(
+            folder,
+            make_job,
+            workers=self.detector_workers,
+            on_result=on_result,
+            **kwargs,
+        )
+
+    def _write_outputs(self, plan: ScanPlan, result: ScanResult) -> dict[str, Any]:
+        """events.csv, report.json, report.html from the fields' detections."""
+        req, folder = self.request, self.folder
+        names = [f.name for f in plan.fields]
+        state = LedgerState.from_records(folder.ledger.read())
+        failed = {
+            n: str(r.get("reason", ""))
+            for n, r in state.failed.items()
+            if n in names and n not in state.stored
+        }
+        return write_outputs(
+            folder.root,
+            load_records(folder, names),
+            {
+                "cartridge_id": req.cartridge,
+                "indication": req.assay.indication,
+                "cutoff": req.assay.cutoff,
+                "blood_volume_ml": req.assay.blood_volume_ml,
+                "fields_planned": names,
+                "fields_failed": failed,
+                "source": str(folder.root),
+                "extra_qc": {"acquisition_seconds": round(result.duration_s, 2)},
+            },
+        )
 
     def _acquire(
         self,

@@ -7,8 +7,10 @@ folder fsync'd) and its ``stored`` ledger line, with the file's sha256, is fsync
 Run folder layout::
 
     RUN_DIR/scan.json           request, layout, instruments, fields, version
-    RUN_DIR/ledger.jsonl        planned, resumed, stored, failed, analyzed, finished
+    RUN_DIR/ledger.jsonl        planned, resumed, stored, failed, detected, finished
     RUN_DIR/fields/field_NNN.ome.tif
+    RUN_DIR/detections/field_NNN.json   on-line detection result per field
+    RUN_DIR/events.csv, report.json, report.html, candidates/   cartridge outputs
     RUN_DIR/ground_truth.json   simulated instruments only
 """
 
@@ -21,14 +23,12 @@ import os
 import queue
 import shutil
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tifffile
 
 from controller.assembler import AssembledField
@@ -41,7 +41,6 @@ __all__ = [
     "RunFolder",
     "StoreWorker",
     "StoredField",
-    "read_field",
 ]
 
 FIELD_SUFFIX = ".ome.tif"
@@ -116,13 +115,13 @@ class LedgerState:
 
     stored: dict[str, dict[str, Any]]
     failed: dict[str, dict[str, Any]]
-    analyzed: set[str]
+    detected: set[str]
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> LedgerState:
         stored: dict[str, dict[str, Any]] = {}
         failed: dict[str, dict[str, Any]] = {}
-        analyzed: set[str] = set()
+        detected: set[str] = set()
         for r in records:
             ev, name = r.get("event"), r.get("field")
             if not isinstance(name, str):
@@ -130,15 +129,15 @@ class LedgerState:
             if ev == "stored":
                 stored[name] = dict(r)
                 failed.pop(name, None)
-                analyzed.discard(name)
+                detected.discard(name)
             elif ev == "failed":
                 failed[name] = dict(r)
             elif ev in ("corrupt", "missing"):
                 stored.pop(name, None)
-                analyzed.discard(name)
-            elif ev == "analyzed":
-                analyzed.add(name)
-        return cls(stored, failed, analyzed)
+                detected.discard(name)
+            elif ev == "detected":
+                detected.add(name)
+        return cls(stored, failed, detected)
 
 
 class RunFolder:
@@ -149,15 +148,20 @@ class RunFolder:
         self.fields_dir = self.root / "fields"
         self.scan_json = self.root / "scan.json"
         self.ground_truth_json = self.root / "ground_truth.json"
+        self.detections_dir = self.root / "detections"
         self.ledger = Ledger(self.root / "ledger.jsonl")
 
     def field_path(self, name: str) -> Path:
         return self.fields_dir / f"{name}{FIELD_SUFFIX}"
 
+    def detection_path(self, name: str) -> Path:
+        return self.detections_dir / f"{name}.json"
+
     def prepare(self) -> None:
         """Create the folder and prove it is writable; remove torn temp files."""
         try:
             self.fields_dir.mkdir(parents=True, exist_ok=True)
+            self.detections_dir.mkdir(exist_ok=True)
             probe = self.root / ".write-probe"
             probe.write_bytes(b"ok")
             probe.unlink()
@@ -165,7 +169,11 @@ class RunFolder:
             raise StorageError(
                 f"output folder {self.root} is not writable: {e.strerror or e}"
             ) from None
-        for tmp in self.fields_dir.glob("*.tmp"):
+        for tmp in [
+            *self.root.glob("*.tmp"),
+            *self.fields_dir.glob("*.tmp"),
+            *self.detections_dir.glob("*.tmp"),
+        ]:
             tmp.unlink()
 
     def check_free_space(self, needed_bytes: int) -> None:
@@ -267,25 +275,6 @@ class FieldStore:
             acquired_at=field.acquired_at,
         )
         return StoredField(name, path, digest, len(data))
-
-
-def read_field(path: str | Path) -> tuple[np.ndarray, list[str], float | None]:
-    """Read a field file: pixels (C, Y, X), channel names, pixel size (um or None)."""
-    with tifffile.TiffFile(path) as tif:
-        data = tif.asarray()
-        names: list[str] = []
-        px = None
-        if tif.ome_metadata:
-            root = ET.fromstring(tif.ome_metadata)
-            for el in root.iter():
-                tag = el.tag.rsplit("}", 1)[-1]
-                if tag == "Channel":
-                    names.append(el.get("Name", ""))
-                elif tag == "Pixels" and el.get("PhysicalSizeX"):
-                    px = float(el.get("PhysicalSizeX", "nan"))
-    if data.ndim == 2:
-        data = data[None]
-    return data, names, px
 
 
 class StoreWorker:

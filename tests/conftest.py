@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from analysis.fieldio import read_field_file
 from controller.config import InstrumentConfig
 from controller.layouts import get_layout
 from controller.scan import Scan, ScanRequest, ScanResult
@@ -30,7 +31,8 @@ def run_scan(
     layout: str = "test-3x4",
     **kw: Any,
 ) -> ScanResult:
-    analyzer = kw.pop("analyzer", None)
+    scan_kw = {k: kw.pop(k) for k in ("run_job", "detector_workers") if k in kw}
+    scan_kw.setdefault("detector_workers", 0)  # in-thread: no process start-up
     req = ScanRequest(
         instrument=instrument or sim_instrument(),
         layout=get_layout(layout),
@@ -38,7 +40,13 @@ def run_scan(
         instrument_file=str(SIM_YAML),
         **kw,
     )
-    return Scan(req, analyzer=analyzer).run()
+    return Scan(req, **scan_kw).run()
+
+
+def read_field(path: Path) -> tuple[Any, list[str], float | None]:
+    """Pixels, channel names and pixel size of a stored field file."""
+    ff = read_field_file(path)
+    return ff.data, ff.channel_names, ff.pixel_size_um
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from controller.errors import StorageError
 from controller.layouts import get_layout
 from controller.plan import ScanPlan
 from controller.scan import Scan, ScanRequest, ScanResult
-from controller.store import LedgerState, RunFolder, read_field
-from tests.conftest import DEMO_YAML, run_scan, sim_instrument
+from controller.store import LedgerState, RunFolder
+from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
 
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
 
@@ -83,13 +83,38 @@ def test_fields_carry_what_the_simulator_rendered(small_scan: ScanResult) -> Non
     assert n > 0
 
 
-def test_every_field_reaches_the_detector_once(small_scan: ScanResult) -> None:
-    records = _ledger(small_scan.run_dir)
-    analyzed = [r["field"] for r in records if r["event"] == "analyzed"]
-    assert sorted(analyzed) == [f"field_{i:03d}" for i in range(12)]
-    qc = next(r for r in records if r["event"] == "analyzed")["qc"]
-    assert set(qc) == set(CHANNELS)
-    assert all(v["noise"] > 0 and v["background"] > 90 for v in qc.values())
+def test_every_field_is_detected_once_and_reported(small_scan: ScanResult) -> None:
+    run = small_scan.run_dir
+    records = _ledger(run)
+    detected = [r["field"] for r in records if r["event"] == "detected"]
+    assert sorted(detected) == [f"field_{i:03d}" for i in range(12)]
+    assert small_scan.detected == 12 and not small_scan.detect_failed
+    for name in detected:
+        rec = json.loads((run / "detections" / f"{name}.json").read_text())
+        assert rec["field"] == name and rec["channels"] == CHANNELS
+    report = json.loads((run / "report.json").read_text())
+    assert report["fields"]["analyzed"] == 12
+    assert report["ctc_count"] == report["counts"]["CTC"] > 0
+    assert report["at_or_above_cutoff"] == (report["ctc_count"] >= report["cutoff"])
+    rows = (run / "events.csv").read_text().splitlines()
+    assert rows[0].startswith("field,row,col,stage_x_um,stage_y_um,label,score,")
+    assert len(rows) - 1 == sum(report["counts"].values())
+    pngs = sorted((run / "candidates").glob("*.png"))
+    assert len(pngs) == report["ctc_count"]
+    assert "CTC count" in (run / "report.html").read_text()
+
+
+def test_detection_runs_in_a_worker_process(tmp_path: Path) -> None:
+    import os
+
+    def pid_of_worker(job):
+        return {"counts": {}, "objects": [], "pid": os.getpid()}
+
+    result = run_scan(tmp_path / "cart", n_fields=3, seed=2, detector_workers=1)
+    assert result.detected == 3
+    # the default analysis ran elsewhere: its record reached the run folder
+    rec = json.loads((tmp_path / "cart" / "detections" / "field_000.json").read_text())
+    assert rec["counts"] and rec["seconds"] > 0
 
 
 def test_resume_skips_verified_fields_and_redoes_bad_ones(tmp_path: Path) -> None:
@@ -114,7 +139,7 @@ def test_resume_skips_verified_fields_and_redoes_bad_ones(tmp_path: Path) -> Non
     records = _ledger(run)
     assert [r["field"] for r in records if r["event"] == "corrupt"] == ["field_001"]
     state = LedgerState.from_records(records)
-    assert len(state.stored) == 12 and state.analyzed == set(state.stored)
+    assert len(state.stored) == 12 and state.detected == set(state.stored)
     # a third run finds nothing to do
     third = run_scan(run, seed=2)
     assert (third.resumed, third.stored) == (12, 0)
@@ -169,24 +194,30 @@ def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(
 
 
 def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
-    """The analyser blocks until acquisition has stored every field; a scan
-    that waited on it would never get there and the wait would time out."""
+    """The detector blocks until acquisition has stored every field; a scan that
+    waited on it would never get there and the wait would time out."""
     all_stored = threading.Event()
     seen: list[str] = []
     n = 8
 
-    def stuck_analyzer(data, names, px):
-        assert data.shape == (4, 1036, 1384)
+    def stuck(job):
         got = all_stored.wait(timeout=60)
         seen.append("ok" if got else "timeout")
-        return {"mean": float(data.mean())}
+        data, _, _ = read_field(Path(job.path))  # read back from the store
+        return {
+            "field": job.name,
+            "counts": {"CTC": 0},
+            "objects": [],
+            "mean": float(data.mean()),
+        }
 
     stored = []
 
     def on_field(name: str, status: str) -> None:
-        stored.append(name)
-        if len(stored) == n:
-            all_stored.set()
+        if status == "stored":
+            stored.append(name)
+            if len(stored) == n:
+                all_stored.set()
 
     req = ScanRequest(
         instrument=sim_instrument(),
@@ -195,16 +226,15 @@ def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
         n_fields=n,
         seed=1,
     )
-    scan = Scan(req, analyzer=stuck_analyzer, on_field=on_field)
-    result = scan.run()
+    result = Scan(req, detector_workers=0, run_job=stuck, on_field=on_field).run()
     assert all_stored.is_set()
     assert seen and set(seen) == {"ok"}
-    assert result.analyzed == n  # nothing dropped
-    assert result.analyzed_from_disk > 0  # the overflow was read back from disk
-    analyzed = [
-        r["field"] for r in _ledger(tmp_path / "cart") if r["event"] == "analyzed"
+    assert result.detected == n  # nothing dropped
+    assert result.max_detect_backlog > 1  # fields waited, by name, and caught up
+    detected = [
+        r["field"] for r in _ledger(tmp_path / "cart") if r["event"] == "detected"
     ]
-    assert sorted(analyzed) == [f"field_{i:03d}" for i in range(n)]
+    assert sorted(detected) == [f"field_{i:03d}" for i in range(n)]
 
 
 def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:

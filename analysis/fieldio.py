@@ -1,0 +1,129 @@
+"""Reading fields from OME-TIFF files: pixels, channel names, pixel size, stage.
+
+Works on ctcscan's own field files and on OME-TIFFs from other instruments (one
+field per file, axes CYX, channel names in the OME metadata). Every problem is a
+`FieldReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+__all__ = ["FieldFile", "FieldReadError", "field_name_of", "read_field_file"]
+
+
+class FieldReadError(ValueError):
+    """A field file cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class FieldFile:
+    """One field read from disk.
+
+    Attributes
+    ----------
+    data : ndarray, shape (C, Y, X)
+        Pixels in the file's dtype, channels in the order of `channel_names`.
+    channel_names : list of str
+        Assay channel names (after any renaming).
+    pixel_size_um : float or None
+        From the OME metadata, if present.
+    stage : dict
+        ``x_um``, ``y_um``, ``z_um`` of the field from the OME Plane, if present.
+    """
+
+    path: Path
+    data: np.ndarray
+    channel_names: list[str]
+    pixel_size_um: float | None
+    stage: dict[str, float] = field(default_factory=dict)
+
+
+def field_name_of(path: str | Path) -> str:
+    """The field name of a file: its name without extensions (``field_003``)."""
+    name = Path(path).name
+    return name.split(".", 1)[0]
+
+
+def read_field_file(
+    path: str | Path,
+    *,
+    rename: Mapping[str, str] | None = None,
+    required: Sequence[str] = (),
+) -> FieldFile:
+    """Read one field.
+
+    Parameters
+    ----------
+    path : path
+        An OME-TIFF holding one field, axes CYX (or YX for a single channel).
+    rename : mapping, optional
+        Assay name -> name in the file (``{"DAPI": "Hoechst"}``).
+    required : sequence of str
+        Assay channel names that must be present.
+
+    Raises
+    ------
+    FieldReadError
+        Unreadable or corrupt file, wrong axes, missing channels.
+    """
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            data = series.asarray()
+            axes = series.axes
+            ome = tif.ome_metadata
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
+        raise FieldReadError(f"{path}: not a readable TIFF ({e})") from None
+    except Exception as e:  # tifffile raises assorted errors on corrupt data
+        raise FieldReadError(
+            f"{path}: corrupt TIFF ({type(e).__name__}: {e})"
+        ) from None
+    if data.ndim == 2:
+        data, axes = data[None], "C" + axes
+    if data.ndim != 3 or not axes.endswith("YX"):
+        raise FieldReadError(f"{path}: expected axes CYX, found {axes} {data.shape}")
+    names, px, stage = _ome_info(ome) if ome else ([], None, {})
+    if len(names) != data.shape[0]:
+        names = [f"C{i}" for i in range(data.shape[0])]
+    if rename:
+        back = {file_name: assay for assay, file_name in rename.items()}
+        names = [back.get(n, n) for n in names]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise FieldReadError(
+            f"{path}: channels {', '.join(missing)} not found (the file has "
+            f"{', '.join(names)}); map names with --channels, e.g. DAPI=Hoechst"
+        )
+    return FieldFile(path, data, names, px, stage)
+
+
+def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return [], None, {}
+    names: list[str] = []
+    px = None
+    stage: dict[str, float] = {}
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "Pixels":
+            if el.get("PhysicalSizeX"):
+                px = float(el.get("PhysicalSizeX", "nan"))
+                unit = el.get("PhysicalSizeXUnit", "µm")
+                px *= {"nm": 1e-3, "mm": 1e3}.get(unit, 1.0)
+        elif tag == "Channel":
+            names.append(el.get("Name", ""))
+        elif tag == "Plane" and not stage:
+            for axis in "XYZ":
+                if (v := el.get(f"Position{axis}")) is not None:
+                    stage[f"{axis.lower()}_um"] = float(v)
+    return names, px, stage

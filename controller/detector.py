@@ -1,0 +1,208 @@
+"""On-line detection: every stored field is analysed while the scan goes on.
+
+`OnlineDetector.offer(name)` is called once a field is durably stored; it only
+appends the name to a backlog and returns. A dispatcher thread keeps at most
+`2 x workers` fields in flight in a worker process (the second core), each worker
+reading the field back from its stored file (from the page cache, cheaper than
+copying 11 MB between processes). So detection may lag but never blocks
+acquisition, never drops a field, and holds no pixels in the scanning process.
+
+Each result is written durably as ``detections/<field>.json`` and then recorded
+with a ``detected`` ledger line; a field whose analysis fails gets a
+``detect_failed`` line with the reason. A worker process that dies is replaced
+and its fields retried (twice at most).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from analysis.pipeline import FieldJob, analyze_field_file
+from controller.store import RunFolder, write_durably
+
+__all__ = ["OnlineDetector", "load_records"]
+
+logger = logging.getLogger("ctcscan.detector")
+
+#: How many times a field is retried after its worker process died.
+_MAX_CRASHES = 2
+
+
+def load_records(folder: RunFolder, names: Iterable[str]) -> list[dict[str, Any]]:
+    """The detection records of the given fields that exist on disk."""
+    out = []
+    for name in names:
+        path = folder.detection_path(name)
+        if path.exists():
+            out.append(json.loads(path.read_text()))
+    return out
+
+
+class OnlineDetector:
+    """Bounded, non-blocking detection of stored fields.
+
+    Parameters
+    ----------
+    folder : RunFolder
+        Run folder: field files are read from it, results written into it.
+    make_job : callable
+        ``make_job(name) -> FieldJob`` for a stored field.
+    workers : int
+        Worker processes; 0 runs detection on a thread of this process.
+    run_job : callable
+        The analysis (default `analyze_field_file`); must be picklable when
+        `workers` > 0.
+    on_result : callable, optional
+        ``on_result(name, record)`` after each field, from the dispatcher thread.
+    """
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        make_job: Callable[[str], FieldJob],
+        *,
+        workers: int = 1,
+        run_job: Callable[[FieldJob], Mapping[str, Any]] = analyze_field_file,
+        on_result: Callable[[str, Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        self.folder = folder
+        self.make_job = make_job
+        self.workers = workers
+        self.run_job = run_job
+        self.on_result = on_result
+        self.max_in_flight = max(1, 2 * workers)
+        self.stats = {
+            "offered": 0,
+            "detected": 0,
+            "failed": 0,
+            "restarts": 0,
+            "max_backlog": 0,
+        }
+        self._backlog: collections.deque[str] = collections.deque()
+        self._crashes: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._pool: ProcessPoolExecutor | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="ctcscan-detect", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    def offer(self, name: str) -> None:
+        """A field was stored: queue it for detection (never blocks)."""
+        with self._lock:
+            self._backlog.append(name)
+            self.stats["offered"] += 1
+            self.stats["max_backlog"] = max(
+                self.stats["max_backlog"], len(self._backlog)
+            )
+        self._wake.set()
+
+    def add_backlog(self, names: Iterable[str]) -> None:
+        """Fields stored earlier (a resumed run) that still need detection."""
+        for name in names:
+            self.offer(name)
+
+    def close(self) -> dict[str, int]:
+        """Detect everything offered, then stop the workers; return the stats."""
+        self._closing.set()
+        self._wake.set()
+        self._thread.join()
+        return dict(self.stats)
+
+    # ------------------------------------------------------------------ worker
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: the scanning process has threads and a C++ core; fork would
+        # copy them half-alive into the worker
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    def _submit(self, name: str) -> Future:
+        job = self.make_job(name)
+        if self.workers == 0:
+            fut: Future = Future()
+            try:
+                fut.set_result(self.run_job(job))
+            except Exception as e:  # reported through the future, like a worker
+                fut.set_exception(e)
+            return fut
+        if self._pool is None:
+            self._pool = self._new_pool()
+        return self._pool.submit(self.run_job, job)
+
+    def _run(self) -> None:
+        in_flight: dict[Future, str] = {}
+        try:
+            while True:
+                start: list[str] = []
+                with self._lock:  # only take names here: offer() must never wait
+                    while self._backlog and len(in_flight) + len(start) < (
+                        self.max_in_flight
+                    ):
+                        start.append(self._backlog.popleft())
+                    idle = not self._backlog and not in_flight and not start
+                for name in start:
+                    in_flight[self._submit(name)] = name
+                if idle:
+                    if self._closing.is_set():
+                        return
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                done, _ = wait(
+                    list(in_flight), timeout=0.2, return_when=FIRST_COMPLETED
+                )
+                for fut in done:
+                    self._finish(in_flight.pop(fut), fut)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, name: str, fut: Future) -> None:
+        try:
+            record = fut.result()
+        except BrokenProcessPool:
+            self._crashes[name] += 1
+            self.stats["restarts"] += 1
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            if self._crashes[name] <= _MAX_CRASHES:
+                logger.warning("detection worker died on %s; retrying", name)
+                with self._lock:
+                    self._backlog.appendleft(name)
+                return
+            self._failed(name, "the detection worker died on this field")
+            return
+        except Exception as e:  # a bad file or an analysis bug: record, go on
+            self._failed(name, f"{type(e).__name__}: {e}")
+            return
+        path = self.folder.detection_path(name)
+        write_durably(path, json.dumps(record, separators=(",", ":")).encode())
+        self.folder.ledger.append(
+            "detected",
+            field=name,
+            counts=record["counts"],
+            seconds=record.get("seconds"),
+        )
+        self.stats["detected"] += 1
+        if self.on_result is not None:
+            self.on_result(name, record)
+
+    def _failed(self, name: str, reason: str) -> None:
+        logger.error("detection failed on %s: %s", name, reason)
+        self.stats["failed"] += 1
+        self.folder.ledger.append("detect_failed", field=name, reason=reason)
