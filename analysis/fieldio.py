@@ -7,15 +7,23 @@ field per file, axes CYX, channel names in the OME metadata). Every problem is a
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-__all__ = ["FieldFile", "FieldReadError", "field_name_of", "read_field_file"]
+__all__ = [
+    "FieldFile",
+    "FieldReadError",
+    "field_name_of",
+    "inspect_field_file",
+    "read_field_file",
+]
 
 
 class FieldReadError(ValueError):
@@ -51,6 +59,20 @@ def field_name_of(path: str | Path) -> str:
     return name.split(".", 1)[0]
 
 
+def inspect_field_file(
+    path: str | Path,
+    *,
+    rename: Mapping[str, str] | None = None,
+    required: Sequence[str] = (),
+) -> FieldFile:
+    """Check a field file's metadata without reading its pixels.
+
+    Returns a `FieldFile` whose `data` is an empty array of the field's dtype.
+    Raises `FieldReadError` as `read_field_file` does.
+    """
+    return _open(Path(path), rename, required, pixels=False)
+
+
 def read_field_file(
     path: str | Path,
     *,
@@ -73,26 +95,62 @@ def read_field_file(
     FieldReadError
         Unreadable or corrupt file, wrong axes, missing channels.
     """
-    path = Path(path)
+    return _open(Path(path), rename, required, pixels=True)
+
+
+class _Errors(logging.Handler):
+    """Collects what tifffile logs as errors (it reads past many corruptions)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_errors() -> Iterator[_Errors]:
+    log = logging.getLogger("tifffile")
+    handler, propagate = _Errors(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
     try:
-        with tifffile.TiffFile(path) as tif:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _open(
+    path: Path,
+    rename: Mapping[str, str] | None,
+    required: Sequence[str],
+    *,
+    pixels: bool,
+) -> FieldFile:
+    try:
+        with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
+            shape, axes = tuple(series.shape), series.axes
+            data = series.asarray() if pixels else np.empty((0,), series.dtype)
             ome = tif.ome_metadata
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
-        raise FieldReadError(f"{path}: not a readable TIFF ({e})") from None
+    except FileNotFoundError:
+        raise FieldReadError(f"{path}: no such file") from None
     except Exception as e:  # tifffile raises assorted errors on corrupt data
         raise FieldReadError(
-            f"{path}: corrupt TIFF ({type(e).__name__}: {e})"
+            f"{path}: not a readable TIFF ({type(e).__name__}: {e})"
         ) from None
-    if data.ndim == 2:
-        data, axes = data[None], "C" + axes
-    if data.ndim != 3 or not axes.endswith("YX"):
-        raise FieldReadError(f"{path}: expected axes CYX, found {axes} {data.shape}")
+    if errors.messages:
+        raise FieldReadError(f"{path}: corrupt TIFF ({errors.messages[0]})")
+    if len(shape) == 2:
+        shape, axes = (1, *shape), "C" + axes
+        data = data[None] if pixels else data
+    if len(shape) != 3 or not axes.endswith("YX"):
+        raise FieldReadError(f"{path}: expected axes CYX, found {axes} {shape}")
     names, px, stage = _ome_info(ome) if ome else ([], None, {})
-    if len(names) != data.shape[0]:
-        names = [f"C{i}" for i in range(data.shape[0])]
+    if len(names) != shape[0]:
+        names = [f"C{i}" for i in range(shape[0])]
     if rename:
         back = {file_name: assay for assay, file_name in rename.items()}
         names = [back.get(n, n) for n in names]

@@ -25,7 +25,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from analysis.fieldio import FieldReadError
 from controller import __version__
+from controller.analyze import AnalyzeRequest, parse_channel_map, run_analyze
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import ScannerError
 from controller.instrument import DEFAULT_INSTRUMENT
@@ -165,6 +167,68 @@ def _summary(r: ScanResult) -> None:
         )
     )
     t.add_row("status", state)
+    out.print(t)
+
+
+@app.command()
+def analyze(
+    input_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT", help="a ctcscan run folder, or a folder of OME-TIFF fields"
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+    channels: Annotated[
+        str | None,
+        typer.Option(help="assay=file channel names, e.g. DAPI=Hoechst,PE=CK"),
+    ] = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(help="pixel size in um, for files whose metadata has none"),
+    ] = None,
+    assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes (default: one per core)")
+    ] = None,
+) -> None:
+    """Detect CTCs in stored fields and write events, gallery and report."""
+    try:
+        assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
+        if pixel_size is not None and not pixel_size > 0:
+            _fail(f"--pixel-size must be positive, got {pixel_size}")
+        request = AnalyzeRequest(
+            input=input_dir,
+            out=out_dir,
+            assay=assay_cfg,
+            rename=parse_channel_map(channels, assay_cfg),
+            pixel_size_um=pixel_size,
+            workers=workers,
+        )
+        progress = _progress()
+        task: list[TaskID] = []
+
+        def on_start(total: int) -> None:
+            task.append(progress.add_task("analysing", total=total))
+
+        def on_field(name: str, status: str) -> None:
+            if task:
+                progress.advance(task[0])
+
+        with progress:
+            report = run_analyze(request, on_start=on_start, on_field=on_field)
+    except (ScannerError, FieldReadError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    t = Table(title=f"cartridge {report['cartridge_id']}", show_header=False)
+    t.add_row(
+        "fields analysed",
+        f"{report['fields']['analyzed']} of {report['fields']['planned']}",
+    )
+    t.add_row("CTC count", str(report["ctc_count"]))
+    t.add_row("result", report["statement"])
+    t.add_row("report", str(out_dir / "report.html"))
     out.print(t)
 
 

@@ -157,10 +157,15 @@ class RunFolder:
     def detection_path(self, name: str) -> Path:
         return self.detections_dir / f"{name}.json"
 
-    def prepare(self) -> None:
-        """Create the folder and prove it is writable; remove torn temp files."""
+    def prepare(self, *, fields: bool = True) -> None:
+        """Create the folder and prove it is writable; remove torn temp files.
+
+        ``fields=False`` prepares an analysis-only folder (no ``fields/``).
+        """
         try:
-            self.fields_dir.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            if fields:
+                self.fields_dir.mkdir(exist_ok=True)
             self.detections_dir.mkdir(exist_ok=True)
             probe = self.root / ".write-probe"
             probe.write_bytes(b"ok")
