@@ -6,9 +6,10 @@ Pipeline (every threshold in `DetectionSettings`):
    signal = pixels - background; SNR = signal / noise;
 2. spillover compensation: the DNA (DAPI) and cytokeratin (PE) dyes bleed into
    the CD45 and marker channels. Each fraction is estimated from the field's own
-   single-stain pixels (bright cytokeratin without DNA: fragments; bright DNA
-   without cytokeratin: leukocyte nuclei) as a low quantile of the ratio, and
-   subtracted;
+   single-stain objects (cytokeratin fragments without DNA; nuclei without
+   cytokeratin) as a low quantile of the ratio, with a configured default when a
+   field has too few, and subtracted (after segmentation, which uses only the
+   DAPI and PE channels);
 3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
    cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; connected
    components; specks below `min_object_area_um2` dropped;
@@ -150,6 +151,30 @@ def _ellipse(vr: Any, vc: Any, cov: Any) -> tuple[Any, Any]:
     return np.sqrt(np.maximum(0, 1 - ratio * ratio)), ratio
 
 
+def _core(mask: np.ndarray, signal: np.ndarray) -> np.ndarray:
+    """The part of `mask` at or above half its own peak, holes filled: an object's
+    extent without the blur halo that a fixed detection threshold includes.
+
+    The signal is smoothed over the scale of granular staining, in proportion
+    to the object (sigma = radius / 5, 0.5 to 2 px, so a small object is not
+    widened), and the peak is its 90th percentile, so texture does not punch
+    holes into the extent.
+    """
+    n = int(np.count_nonzero(mask))
+    if not n:
+        return mask
+    sigma = min(2.0, max(0.5, 0.2 * math.sqrt(n / math.pi)))
+    smooth = ndimage.gaussian_filter(signal, sigma)
+    peak = float(np.percentile(smooth[mask], 90))
+    return ndimage.binary_fill_holes(mask & (smooth >= 0.5 * peak))
+
+
+def _inside(part: np.ndarray, area: np.ndarray) -> float:
+    """Fraction of `part` inside `area`."""
+    n = int(np.count_nonzero(part))
+    return round(int(np.count_nonzero(part & area)) / n, 3) if n else 0.0
+
+
 def _box2(a: np.ndarray) -> np.ndarray:
     """Mean of each 2 x 2 neighbourhood (same shape; last row/col repeated)."""
     out = a.copy()
@@ -264,7 +289,6 @@ class _Field:
             },
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
         )
-        self._estimate_spillover()
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
@@ -296,28 +320,33 @@ class _Field:
         assert out is not None
         return out
 
-    def _estimate_spillover(self) -> None:
+    def _estimate_spillover(
+        self, nuc_lab: np.ndarray, n_nuc: int, ck_lab: np.ndarray, n_ck: int
+    ) -> None:
         """Bleed-through of the two mask dyes (DNA, cytokeratin) into the others.
 
-        Each dye's coefficient comes from its own single-stain pixels: bright in
-        that dye, below the mask threshold in the other, unsaturated (so not
-        debris or the rim, which are bright in every channel). A low quantile of
-        the ratio is used, as genuine staining only ever raises it.
+        Each coefficient comes from the field's single-stain objects: bright
+        pixels of cytokeratin objects without any DNA (fragments) for the
+        cytokeratin dye, of nuclei without any cytokeratin for the DNA dye;
+        saturated pixels are left out. A low quantile of the ratio is used, as
+        genuine staining only ever raises it. With fewer than 50 such pixels the
+        configured default (an instrument calibration) is used.
         """
         e, n = self.e, self.n
-        sources = {e: n, n: e}  # source -> the other mask dye
-        for src, other in sources.items():
+        ck_has_dna = np.bincount(ck_lab[nuc_lab > 0], minlength=n_ck + 1) > 0
+        dna_has_ck = np.bincount(nuc_lab[ck_lab > 0], minlength=n_nuc + 1) > 0
+        controls = {e: (ck_lab, ck_has_dna), n: (nuc_lab, dna_has_ck)}
+        for src, (lab, mixed) in controls.items():
             cand = np.flatnonzero((self.full[src] > 50 * self.noise[src]).ravel())
+            ids = lab.ravel()[cand]
+            cand = cand[(ids > 0) & ~mixed[ids]]
             if cand.size:
-                thr = self.st.ck_snr if other == e else self.st.nucleus_snr
-                cand = cand[
-                    (self.full[other].ravel()[cand] < thr * self.noise[other])
-                    & (self.sat(cand, flat=True) == 0)
-                ]
+                cand = cand[self.sat(cand, flat=True) == 0]
             for c in range(len(self.names)):
-                if c in sources:
+                if c in controls:
                     continue
-                coef = 0.0
+                key = f"{self.names[src]}->{self.names[c]}"
+                coef = float(self.st.spillover.get(key, 0.0))
                 if cand.size >= 50:
                     raw = np.subtract(
                         self.raw[c].ravel()[cand],
@@ -327,9 +356,7 @@ class _Field:
                     ratio = raw / self.full[src].ravel()[cand]
                     coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
                 self.spill[(src, c)] = coef
-                self.result.spillover[f"{self.names[src]}->{self.names[c]}"] = round(
-                    coef, 4
-                )
+                self.result.spillover[key] = round(coef, 4)
 
     # -------------------------------------------------------------- run
 
@@ -340,6 +367,7 @@ class _Field:
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
         nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
+        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck)
 
         # which nuclei overlap which CK region, and by how many pixels
         both = np.flatnonzero(nuc_mask.ravel() & ck_mask.ravel())
@@ -364,10 +392,10 @@ class _Field:
                 # look again at what is left once its pixels are peeled away
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
-                for sub, nuclei in self._peel(crop, region, nuc_lab[crop]):
-                    self._add_region(
-                        crop, sub, nuc_lab[crop], nuclei, nuc_area, claimed
-                    )
+                local, parts = self._peel(crop, region, nuc_lab[crop])
+                areas = np.bincount(local.ravel())
+                for sub, nuclei in parts:
+                    self._add_region(crop, sub, local, nuclei, areas, set())
                 continue
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
         self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
@@ -382,6 +410,7 @@ class _Field:
         nuc_area: np.ndarray,
         claimed: set[int],
     ) -> None:
+        """Classify one CK region, given the nuclei overlapping it."""
         inside = [
             nid
             for nid, cnt in near
@@ -394,32 +423,29 @@ class _Field:
 
     def _peel(
         self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
-    ) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
+    ) -> tuple[np.ndarray, list[tuple[np.ndarray, list[tuple[int, int]]]]]:
         """Parts of a debris region left after removing its debris-like pixels.
 
-        Returns each remaining part (bool mask over `crop`) with the nuclei that
-        overlap it, as (nucleus id, overlapping pixels); nuclei touching the
-        debris are left out.
+        The nuclei are segmented again without the debris pixels (a nucleus
+        touching debris merges with the debris' own DNA signal). Returns that
+        local nucleus label image and each remaining part (bool mask over
+        `crop`) with the local nuclei overlapping it, as (id, pixels).
         """
         sig = [self.sig(c, crop) for c in range(len(self.names))]
         dimmest = np.min([sig[c] / self.noise[c] for c in range(len(sig))], axis=0)
         junk = (dimmest >= self.st.debris_all_channel_snr) | (self.sat(crop) >= 2)
         junk = ndimage.binary_dilation(junk & region, iterations=4)
         rest, n = ndimage.label(region & ~junk)
-        bad_nuclei = set(np.unique(nl[junk]).tolist())
+        local, _ = ndimage.label((nl > 0) & ~junk)
         out = []
         for k in range(1, n + 1):
             part = rest == k
             if np.count_nonzero(part) < self.min_px:
                 continue
-            ids, cnt = np.unique(nl[part], return_counts=True)
-            nuclei = [
-                (int(i), int(c))
-                for i, c in zip(ids, cnt, strict=True)
-                if i and i not in bad_nuclei
-            ]
+            ids, cnt = np.unique(local[part], return_counts=True)
+            nuclei = [(int(i), int(c)) for i, c in zip(ids, cnt, strict=True) if i]
             out.append((part, nuclei))
-        return out
+        return local, out
 
     def _debris_row(
         self, f: dict[str, Any], region: np.ndarray, why: str
@@ -431,6 +457,7 @@ class _Field:
             diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
             ck_texture=nan,
             cd45_snr=nan,
+            cd45_ck_ratio=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -482,8 +509,9 @@ class _Field:
         else:
             parts = [(region, None)]
         rows = []
+        dapi = self.full[self.n][crop]
         for cell, nucleus in parts:
-            f = self._measure(crop, cell)
+            f, core = self._measure(crop, cell)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
@@ -492,19 +520,11 @@ class _Field:
                 or (crop[1].start == 0 and nucleus[:, 0].any())
             )
             f["cluster_size"] = len(parts)
+            # both areas at half their own maximum, so neither blur halo counts
             if nucleus is not None:
-                f["nucleus_inside"] = round(
-                    int(np.count_nonzero(nucleus & cell))
-                    / max(int(np.count_nonzero(nucleus)), 1),
-                    3,
-                )
+                f["nucleus_inside"] = _inside(_core(nucleus, dapi), core)
             elif touching:
-                near = np.isin(nl, touching)
-                f["nucleus_inside"] = round(
-                    int(np.count_nonzero(near & cell))
-                    / max(int(np.count_nonzero(near)), 1),
-                    3,
-                )
+                f["nucleus_inside"] = _inside(_core(np.isin(nl, touching), dapi), core)
             else:
                 f["nucleus_inside"] = 0.0
             ecc, ratio, solidity = _shape(cell)
@@ -554,15 +574,19 @@ class _Field:
         )
         return f, sig
 
-    def _measure(self, crop: tuple[slice, slice], mask: np.ndarray) -> dict[str, Any]:
-        """All features of one candidate cell (bool `mask` over `crop`)."""
+    def _measure(
+        self, crop: tuple[slice, slice], mask: np.ndarray
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """All features of one candidate cell (bool `mask` over `crop`).
+
+        Also returns the cell's half-maximum core: its cytokeratin area without
+        the blur halo that the detection threshold includes.
+        """
         px = self.px
         f, sig = self._intensity(crop, mask)
         # size at half the object's own peak cytokeratin (FWHM-like), so a bright
         # small object does not look large because its blur crosses the threshold
-        ck_s = ndimage.uniform_filter(self.full[self.e][crop], 3)
-        peak = float(np.percentile(ck_s[mask], 95))
-        core = ndimage.binary_fill_holes(mask & (ck_s >= 0.5 * peak))
+        core = _core(mask, self.full[self.e][crop])
         size_px = max(int(np.count_nonzero(core)), 1)
         f["area_um2"] = round(size_px * px * px, 2)
         f["diameter_um"] = round(2 * math.sqrt(size_px / math.pi) * px, 2)
@@ -571,13 +595,17 @@ class _Field:
         # CD45 sits on the membrane, just inside the cell's edge: the median over a
         # band across the border, so a neighbour's ring touching one side does not
         # make the cell positive
-        band = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(
-            mask, iterations=3
+        band = ndimage.binary_dilation(core, iterations=1) & ~ndimage.binary_erosion(
+            core, iterations=3
         )
-        apc = ndimage.uniform_filter(sig[self.lk], 3)
-        f["cd45_snr"] = round(
-            float(np.median(apc[band])) / float(self.noise[self.lk]), 2
-        )
+        if not band.any():
+            band = mask
+        apc = float(np.median(ndimage.uniform_filter(sig[self.lk], 3)[band]))
+        ck_band = float(np.median(ndimage.uniform_filter(sig[self.e], 3)[band]))
+        f["cd45_snr"] = round(apc / float(self.noise[self.lk]), 2)
+        # bleed-through of the cytokeratin dye is a few percent of it; genuine
+        # CD45 staining is comparable to the cell's own cytokeratin signal
+        f["cd45_ck_ratio"] = round(apc / max(ck_band, float(self.noise[self.e])), 3)
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
@@ -585,7 +613,7 @@ class _Field:
             )
         else:
             f["marker_snr"] = float("nan")
-        return f
+        return f, core
 
     def _classify(self, f: dict[str, Any], *, has_nucleus: bool) -> tuple[str, str]:
         st = self.st
@@ -599,7 +627,7 @@ class _Field:
             return "OTHER", "nucleus mostly outside the CK area"
         if f["diameter_um"] <= st.min_ctc_diameter_um:
             return "CK_FRAGMENT", f"not larger than {st.min_ctc_diameter_um:g} um"
-        if f["cd45_snr"] >= st.max_cd45_snr:
+        if f["cd45_snr"] >= st.max_cd45_snr and f["cd45_ck_ratio"] >= st.min_cd45_ratio:
             return "DOUBLE_POSITIVE", "CD45 positive"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
@@ -703,6 +731,7 @@ class _Field:
                 2,
             )
             f["ck_texture"] = float("nan")
+            f["cd45_ck_ratio"] = float("nan")
             f["cd45_snr"] = round(float(cd45[j]), 2)
             f["marker_snr"] = (
                 round(float(marker[j]), 2) if marker is not None else float("nan")

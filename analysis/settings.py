@@ -41,6 +41,15 @@ class DetectionSettings(BaseModel):
         gt=0,
         description="CD45-negative: CD45 signal on the cell below this",
     )
+    min_cd45_ratio: float = Field(
+        default=0.2,
+        ge=0,
+        description=(
+            "CD45-positive also needs the membrane CD45 signal to be at "
+            "least this fraction of the cell's cytokeratin signal there, "
+            "well above any dye bleed-through"
+        ),
+    )
     min_solidity: float = Field(
         default=0.80, ge=0, le=1, description="round to oval: solidity at least"
     )
@@ -69,6 +78,13 @@ class DetectionSettings(BaseModel):
         default=8.0,
         gt=0,
         description="a CK-negative nucleus with CD45 at least this is a leukocyte",
+    )
+    spillover: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "bleed-through used when a field has too few single-stain "
+            "objects to measure it, e.g. {'PE->APC': 0.05}"
+        ),
     )
     # reporting
     marker_snr: float = Field(

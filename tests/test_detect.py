@@ -1,0 +1,333 @@
+"""The detector on drawn cells: one test per rule of the CTC definition.
+
+Cells are drawn here, independently of the simulator: soft discs and rings on a
+noisy background, blurred like a 10x objective.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from analysis.detect import DEFAULT_ROLES, detect_field, resolve_roles
+from analysis.settings import DetectionSettings
+
+PX = 0.64  # um per pixel
+NAMES = ["DAPI", "FITC", "PE", "APC"]
+D, F, P, A = range(4)
+
+
+class Canvas:
+    """Noise-free stain planes that become a noisy 4-channel field."""
+
+    def __init__(self, size: int = 256, seed: int = 0) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.planes = np.zeros((4, size, size), np.float64)
+        yy, xx = np.mgrid[0:size, 0:size]
+        self.yy, self.xx = yy, xx
+
+    def _disc(
+        self, r: float, c: float, diam_um: float, ratio: float = 1.0
+    ) -> np.ndarray:
+        rad = diam_um / 2 / PX
+        d = np.hypot((self.yy - r) / ratio, self.xx - c)
+        return np.clip(rad - d + 0.5, 0, 1)
+
+    def _ring(self, r: float, c: float, diam_um: float) -> np.ndarray:
+        rad = diam_um / 2 / PX
+        d = np.hypot(self.yy - r, self.xx - c)
+        return np.clip(1 - np.abs(d - (rad - 1)) / 1.5, 0, 1)
+
+    def cell(
+        self,
+        r: float,
+        c: float,
+        *,
+        diam_um: float = 12.0,
+        ck: float = 800,
+        dapi: float = 1500,
+        nucleus_um: float | None = None,
+        nucleus_at: tuple[float, float] = (0, 0),
+        cd45: float = 0,
+        fitc: float = 0,
+        ratio: float = 1.0,
+    ) -> None:
+        """A cell: CK body (textured), DAPI nucleus, CD45 / marker membrane."""
+        body = self._disc(r, c, diam_um, ratio)
+        if ck:
+            texture = (
+                1
+                + 0.3
+                * ndimage.gaussian_filter(self.rng.standard_normal(body.shape), 1.5)
+                * 4
+            )
+            self.planes[P] += ck * body * np.clip(texture, 0.3, 2)
+        if dapi:
+            nuc = nucleus_um if nucleus_um is not None else diam_um * 0.6
+            self.planes[D] += dapi * self._disc(
+                r + nucleus_at[0] / PX, c + nucleus_at[1] / PX, nuc
+            )
+        if cd45:
+            self.planes[A] += cd45 * self._ring(r, c, diam_um)
+        if fitc:
+            self.planes[F] += fitc * self._ring(r, c, diam_um)
+
+    def leukocyte(self, r: float, c: float, *, cd45: float = 400) -> None:
+        self.cell(r, c, diam_um=9.4, ck=0, dapi=1400, nucleus_um=6.5, cd45=cd45)
+
+    def blob(self, r: float, c: float, diam_um: float, levels: tuple) -> None:
+        """Debris: the same blob in every channel at the given levels."""
+        shape = self._disc(r, c, diam_um, 0.7)
+        for ch, level in enumerate(levels):
+            self.planes[ch] += level * shape
+
+    def field(
+        self,
+        *,
+        background: float = 80,
+        offset: float = 100,
+        vignetting: float = 0.0,
+        dtype: type = np.uint16,
+        top: float = 4095,
+    ) -> np.ndarray:
+        blurred = ndimage.gaussian_filter(self.planes, (0, 1.0, 1.0))
+        r2 = ((self.yy - self.size / 2) ** 2 + (self.xx - self.size / 2) ** 2) / (
+            self.size / 2
+        ) ** 2
+        vig = 1 - vignetting * r2
+        signal = (blurred + background) * vig
+        noisy = signal + np.sqrt(signal / 2 + 9) * self.rng.standard_normal(
+            signal.shape
+        )
+        out = np.clip(noisy + offset, 0, top)
+        return out.astype(dtype)
+
+
+def _detect(field: np.ndarray, **kw) -> list[dict]:
+    kw.setdefault("saturation", 4095)
+    return detect_field(field, NAMES, pixel_size_um=PX, **kw).objects
+
+
+def _at(objects: list[dict], r: float, c: float, tol: float = 8) -> dict:
+    best = min(objects, key=lambda o: np.hypot(o["row"] - r, o["col"] - c))
+    assert np.hypot(best["row"] - r, best["col"] - c) <= tol, best
+    return best
+
+
+def _ctcs(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["label"] == "CTC"]
+
+
+# ---------------------------------------------------------------- the definition
+
+
+def test_a_textbook_ctc_is_called() -> None:
+    cv = Canvas()
+    cv.cell(128, 128)
+    objs = _detect(cv.field())
+    ctc = _at(objs, 128, 128)
+    assert ctc["label"] == "CTC", ctc["reason"]
+    assert ctc["nucleus_inside"] > 0.9 and ctc["cd45_snr"] < 3
+    assert ctc["diameter_um"] == pytest.approx(12, abs=2)
+    assert 0 < ctc["score"] <= 1
+    assert len(_ctcs(objs)) == 1
+
+
+def test_a_dim_ctc_is_still_called() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, ck=120)  # ~10 x the noise
+    ctc = _at(_detect(cv.field()), 128, 128)
+    assert ctc["label"] == "CTC", ctc["reason"]
+
+
+@pytest.mark.parametrize(("fitc", "positive"), [(0, False), (900, True)])
+def test_marker_channel_is_reported(fitc: float, positive: bool) -> None:
+    cv = Canvas()
+    cv.cell(128, 128, fitc=fitc)
+    ctc = _at(_detect(cv.field()), 128, 128)
+    assert ctc["label"] == "CTC"
+    assert ctc["marker_positive"] is positive
+
+
+def test_ck_fragment_without_nucleus() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, diam_um=8, dapi=0)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == "CK_FRAGMENT" and obj["reason"] == "no nucleus"
+
+
+@pytest.mark.parametrize(
+    ("diam", "label"),
+    [(3.0, "CK_FRAGMENT"), (3.6, "CK_FRAGMENT"), (5.0, "CTC"), (6.0, "CTC")],
+)
+def test_larger_than_4_um(diam: float, label: str) -> None:
+    cv = Canvas()
+    cv.cell(128, 128, diam_um=diam, ck=1500, nucleus_um=diam * 0.7)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == label, (obj["diameter_um"], obj["reason"])
+
+
+@pytest.mark.parametrize(
+    ("offset_um", "label"), [(1.0, "CTC"), (7.5, "OTHER"), (10.0, "OTHER")]
+)
+def test_nucleus_must_lie_mostly_inside_the_ck_area(
+    offset_um: float, label: str
+) -> None:
+    # 12 um cell, 7 um nucleus: at 7.5 um from the centre most of it is outside
+    cv = Canvas()
+    cv.cell(128, 128, nucleus_um=7, nucleus_at=(0, offset_um))
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == label, (obj["nucleus_inside"], obj["reason"])
+
+
+def test_double_positive_is_not_a_ctc() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, diam_um=10, cd45=500)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == "DOUBLE_POSITIVE", obj["reason"]
+    assert obj["cd45_snr"] >= DetectionSettings().max_cd45_snr
+
+
+def test_leukocytes_and_free_nuclei() -> None:
+    cv = Canvas()
+    cv.leukocyte(60, 60)
+    cv.cell(180, 180, diam_um=8, ck=0, dapi=1400, nucleus_um=7)  # free nucleus
+    objs = _detect(cv.field())
+    assert _at(objs, 60, 60)["label"] == "WBC"
+    assert _at(objs, 180, 180)["label"] == "OTHER"
+    assert not _ctcs(objs)
+
+
+def test_not_round_to_oval() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, diam_um=22, ratio=0.25, nucleus_um=4)
+    obj = _at(_detect(cv.field()), 128, 128, tol=15)
+    assert obj["label"] == "OTHER" and obj["reason"] == "not round to oval"
+
+
+# ---------------------------------------------------------------- look-alikes
+
+
+def test_debris_bright_in_every_channel() -> None:
+    cv = Canvas()
+    cv.blob(128, 128, 14, (2500, 1500, 2000, 1500))
+    objs = _detect(cv.field())
+    assert _at(objs, 128, 128)["label"] == "DEBRIS"
+    assert not _ctcs(objs)
+
+
+def test_debris_saturated_in_two_channels() -> None:
+    cv = Canvas()
+    cv.blob(128, 128, 10, (9000, 0, 9000, 0))  # saturates DAPI and PE
+    objs = _detect(cv.field())
+    obj = _at(objs, 128, 128)
+    assert obj["label"] == "DEBRIS" and "saturated" in obj["reason"]
+
+
+def test_ctc_beside_debris_is_still_found() -> None:
+    cv = Canvas()
+    cv.blob(128, 120, 12, (3000, 2000, 2500, 2000))
+    cv.cell(128, 140)  # touching the debris
+    objs = _detect(cv.field())
+    assert _at(objs, 128, 140)["label"] == "CTC"
+    assert any(o["label"] == "DEBRIS" for o in objs)
+
+
+def test_cartridge_rim_and_dark_outside_give_no_ctc() -> None:
+    cv = Canvas(size=320)
+    # a bright wall band in every channel at column 100, dark outside on its left
+    band = np.clip(1 - np.abs(cv.xx - 100) / 30, 0, 1)
+    for ch, level in enumerate((1200, 2500, 3000, 2000)):
+        cv.planes[ch] += level * band
+    cv.leukocyte(160, 200)
+    field = cv.field()
+    field[:, :, :70] = (
+        100 + 3 * np.random.default_rng(1).standard_normal((4, 320, 70))
+    ).astype(np.uint16)
+    objs = _detect(field)
+    assert not _ctcs(objs)
+    assert any(o["label"] == "DEBRIS" for o in objs)
+
+
+def test_a_cluster_of_touching_ctcs_counts_each_cell() -> None:
+    cv = Canvas()
+    for r, c in [(118, 118), (118, 135), (134, 126)]:
+        cv.cell(r, c, diam_um=11, nucleus_um=6)
+    ctcs = _ctcs(_detect(cv.field()))
+    assert len(ctcs) == 3
+    assert all(o["cluster_size"] == 3 for o in ctcs)
+
+
+def test_dense_leukocytes_and_vignetting() -> None:
+    # 45 leukocytes on 384 x 384 px is ~ 400 on a full 1384 x 1036 field
+    cv = Canvas(size=384, seed=3)
+    rng = np.random.default_rng(4)
+    drawn = 0
+    for r, c in rng.uniform(20, 364, (46, 2)):
+        if np.hypot(r - 192, c - 192) > 20:
+            cv.leukocyte(r, c, cd45=rng.uniform(200, 600))
+            drawn += 1
+    cv.cell(192, 192)
+    objs = _detect(cv.field(vignetting=0.4))
+    ctcs = _ctcs(objs)
+    assert len(ctcs) == 1 and _at(ctcs, 192, 192)
+    # a few touching leukocytes merge; none is lost to the background estimate
+    assert sum(o["label"] == "WBC" for o in objs) >= 0.85 * drawn
+
+
+# ---------------------------------------------------------------- settings, input
+
+
+def test_every_threshold_comes_from_the_settings() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, diam_um=7, nucleus_um=4)
+    field = cv.field()
+    assert _at(_detect(field), 128, 128)["label"] == "CTC"
+    strict = DetectionSettings(min_ctc_diameter_um=9.0)
+    obj = _at(_detect(field, settings=strict), 128, 128)
+    assert obj["label"] == "CK_FRAGMENT" and "9 um" in obj["reason"]
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.uint16, np.int32, np.uint32, np.float32, np.float64]
+)
+def test_any_dtype(dtype: type) -> None:
+    cv = Canvas()
+    cv.cell(128, 128)
+    cv.leukocyte(60, 200)
+    labels = sorted(o["label"] for o in _detect(cv.field(dtype=dtype)))
+    assert labels == ["CTC", "WBC"]
+
+
+def test_uint8_field() -> None:
+    cv = Canvas()
+    cv.cell(128, 128, ck=120, dapi=150, fitc=0)
+    field = cv.field(background=10, offset=10, top=255, dtype=np.uint8)
+    obj = _at(detect_field(field, NAMES, pixel_size_um=PX).objects, 128, 128)
+    assert obj["label"] == "CTC"
+
+
+def test_other_channel_names_and_order() -> None:
+    cv = Canvas()
+    cv.cell(128, 128)
+    field = cv.field()[[2, 0, 3, 1]]  # PE, DAPI, APC, FITC
+    names = ["CK", "Hoechst", "CD45", "HER2"]
+    roles = {
+        "Hoechst": "nucleus",
+        "CK": "epithelial",
+        "CD45": "leukocyte",
+        "HER2": "marker",
+    }
+    objs = detect_field(
+        field, names, pixel_size_um=PX, roles=roles, saturation=4095
+    ).objects
+    assert _at(objs, 128, 128)["label"] == "CTC"
+
+
+def test_missing_channel_is_named() -> None:
+    with pytest.raises(ValueError, match=r"APC \(leukocyte\)"):
+        resolve_roles(["DAPI", "FITC", "PE"], DEFAULT_ROLES)
+    with pytest.raises(ValueError, match="shape"):
+        detect_field(np.zeros((3, 64, 64), np.uint16), NAMES, pixel_size_um=PX)
