@@ -98,3 +98,26 @@ def test_layout_from_yaml_file(tmp_path) -> None:
     p.write_text("name: mine\nrows: 0\ncols: 3\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: rows"):
         get_layout(str(p))
+
+
+def test_shipped_assay_file_states_the_defaults() -> None:
+    from controller.config import AssayConfig
+    from hardware_configs import CONFIG_DIR
+
+    shipped = AssayConfig.from_file(CONFIG_DIR / "assay-cellsearch.yaml")
+    assert shipped == AssayConfig()
+    assert shipped.cutoff == 5 and shipped.channel_for("leukocyte") == "APC"
+
+
+def test_assay_threshold_errors_name_file_and_field(tmp_path) -> None:
+    from controller.config import AssayConfig
+
+    p = tmp_path / "assay.yaml"
+    p.write_text("detection:\n  min_nucleus_inside: 1.5\n")
+    with pytest.raises(
+        ConfigError, match=r"assay\.yaml: detection\.min_nucleus_inside"
+    ):
+        AssayConfig.from_file(p)
+    p.write_text("detection:\n  nucleus_sn: 5\n")
+    with pytest.raises(ConfigError, match=r"detection\.nucleus_sn: Extra inputs"):
+        AssayConfig.from_file(p)

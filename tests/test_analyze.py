@@ -1,0 +1,196 @@
+"""`ctcscan analyze` on OME-TIFF folders written here and on a scan's run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.scan import ScanResult
+from tests.test_detect import Canvas
+
+runner = CliRunner()
+FILE_NAMES = ["Hoechst", "HER2", "CK", "CD45"]  # another instrument's names
+MAP = "DAPI=Hoechst,FITC=HER2,PE=CK,APC=CD45"
+
+
+def _write(path: Path, data: np.ndarray, names: list[str], px: float | None) -> None:
+    meta: dict = {"axes": "CYX", "Channel": {"Name": names}}
+    if px is not None:
+        meta.update(PhysicalSizeX=px, PhysicalSizeY=px)
+    meta["Plane"] = {
+        "PositionX": [100.0] * len(names),
+        "PositionY": [200.0] * len(names),
+    }
+    tifffile.imwrite(path, data, ome=True, photometric="minisblack", metadata=meta)
+
+
+def _folder(tmp: Path, *, px: float | None = 0.64, n: int = 3) -> Path:
+    """n fields; field k holds k CTCs and a leukocyte."""
+    folder = tmp / "ome"
+    folder.mkdir()
+    for k in range(n):
+        cv = Canvas(size=256, seed=k)
+        for j in range(k):
+            cv.cell(60 + 70 * j, 80 + 60 * j)
+        cv.leukocyte(200, 200)
+        _write(folder / f"scan_{k:03d}.ome.tif", cv.field(), FILE_NAMES, px)
+    return folder
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output + (result.stderr or "")
+    if result.exception is not None:
+        assert isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def _error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert text.startswith("error:")
+    for n in needles:
+        assert n in text, text
+
+
+def test_analyze_an_ome_tiff_folder(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    r = _invoke(
+        "analyze", str(src), "--out", str(out), "--channels", MAP, "--workers", "1"
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ctc_count"] == 0 + 1 + 2
+    assert report["fields"] == {
+        "planned": 3,
+        "analyzed": 3,
+        "failed": [],
+        "not_analyzed": [],
+    }
+    with open(out / "events.csv") as f:
+        rows = list(csv.DictReader(f))
+    ctcs = [r for r in rows if r["label"] == "CTC"]
+    assert sorted({r["field"] for r in rows}) == ["scan_000", "scan_001", "scan_002"]
+    assert sorted(r["field"] for r in ctcs) == ["scan_001", "scan_002", "scan_002"]
+    assert {r["label"] for r in rows} >= {"CTC", "WBC"}
+    # stage position from the OME Plane: the field centre is at (100, 200) um
+    for r in ctcs:
+        x = 100 + (float(r["col"]) - 127.5) * 0.64
+        assert float(r["stage_x_um"]) == pytest.approx(x, abs=0.2)
+    pngs = sorted((out / "candidates").glob("*.png"))
+    assert len(pngs) == 3
+    assert all(r["candidate"].startswith("candidates/") for r in ctcs)
+    html = (out / "report.html").read_text()
+    assert html.count("<figure") == 3 and "below the cut-off of 5" in html
+
+
+def test_reanalysing_a_run_folder_matches_the_online_result(
+    small_scan: ScanResult, tmp_path: Path
+) -> None:
+    online = json.loads((small_scan.run_dir / "report.json").read_text())
+    out = tmp_path / "again"
+    r = _invoke("analyze", str(small_scan.run_dir), "--out", str(out), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "report.json").read_text())
+    assert again["ctc_count"] == online["ctc_count"]
+    assert again["counts"] == online["counts"]
+    assert again["cartridge_id"] == online["cartridge_id"] == "cart-A"
+    assert (small_scan.run_dir / "events.csv").read_text() == (
+        out / "events.csv"
+    ).read_text()
+
+
+def test_pixel_size_missing_then_given(tmp_path: Path) -> None:
+    src = _folder(tmp_path, px=None, n=1)
+    _error(
+        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+        "scan_000.ome.tif",
+        "pixel size",
+        "--pixel-size",
+    )
+    r = _invoke(
+        "analyze",
+        str(src),
+        "--out",
+        str(tmp_path / "o"),
+        "--channels",
+        MAP,
+        "--pixel-size",
+        "0.64",
+        "--workers",
+        "0",
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_file_without_the_needed_channels(tmp_path: Path) -> None:
+    src = _folder(tmp_path, n=1)
+    _error(
+        _invoke("analyze", str(src), "--out", str(tmp_path / "o")),
+        "scan_000.ome.tif",
+        "DAPI",
+        "--channels",
+    )
+
+
+def test_corrupt_file_is_named(tmp_path: Path) -> None:
+    src = _folder(tmp_path, n=2)
+    good = (src / "scan_000.ome.tif").read_bytes()
+    (src / "scan_001.ome.tif").write_bytes(good[: len(good) // 3])
+    _error(
+        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+        "scan_001.ome.tif",
+        "corrupt",
+    )
+    (src / "scan_001.ome.tif").write_bytes(b"not a tiff at all")
+    _error(
+        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+        "scan_001.ome.tif",
+        "not a readable TIFF",
+    )
+
+
+def test_empty_or_missing_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _error(
+        _invoke("analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "o")),
+        "no OME-TIFF field files",
+    )
+    _error(
+        _invoke("analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
+        "no such folder",
+    )
+
+
+def test_bad_channel_map(tmp_path: Path) -> None:
+    src = _folder(tmp_path, n=1)
+    _error(
+        _invoke(
+            "analyze",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--channels",
+            "DAPI:Hoechst",
+        ),
+        "ASSAY=FILE",
+    )
+    _error(
+        _invoke(
+            "analyze",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--channels",
+            "DNA=Hoechst",
+        ),
+        "'DNA' is not a channel of the assay",
+    )
