@@ -4,8 +4,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from analysis.fieldio import read_field_file
+from controller.cli import app
 from controller.config import InstrumentConfig
 from controller.layouts import get_layout
 from controller.scan import Scan, ScanRequest, ScanResult
@@ -53,3 +56,23 @@ def read_field(path: Path) -> tuple[Any, list[str], float | None]:
 def small_scan(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
     """One complete scan of the 12-field test layout, shared by read-only tests."""
     return run_scan(tmp_path_factory.mktemp("scan") / "cart-A", seed=3)
+
+
+def invoke(*args: str) -> Result:
+    """Run the ctcscan CLI in-process; it must never end in a traceback."""
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output + (result.stderr or "")
+    if result.exception is not None:
+        assert isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def one_line_error(result: Result, *needles: str) -> str:
+    """Assert a bad-input exit: code 2, one 'error:' message holding `needles`."""
+    assert result.exit_code == 2, result.output
+    text = result.stderr.strip()
+    assert text.startswith("error:")
+    flat = " ".join(text.split())
+    for n in needles:
+        assert n in flat, flat
+    return flat

@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
-from controller.cli import app
 from controller.scan import ScanResult
+from tests.conftest import invoke, one_line_error
 from tests.test_detect import Canvas
 
-runner = CliRunner()
 FILE_NAMES = ["Hoechst", "HER2", "CK", "CD45"]  # another instrument's names
 MAP = "DAPI=Hoechst,FITC=HER2,PE=CK,APC=CD45"
 
@@ -44,26 +42,10 @@ def _folder(tmp: Path, *, px: float | None = 0.64, n: int = 3) -> Path:
     return folder
 
 
-def _invoke(*args: str):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output + (result.stderr or "")
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def _error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.stderr.split())
-    assert text.startswith("error:")
-    for n in needles:
-        assert n in text, text
-
-
 def test_analyze_an_ome_tiff_folder(tmp_path: Path) -> None:
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    r = _invoke(
+    r = invoke(
         "analyze", str(src), "--out", str(out), "--channels", MAP, "--workers", "1"
     )
     assert r.exit_code == 0, r.output
@@ -97,7 +79,7 @@ def test_reanalysing_a_run_folder_matches_the_online_result(
 ) -> None:
     online = json.loads((small_scan.run_dir / "report.json").read_text())
     out = tmp_path / "again"
-    r = _invoke("analyze", str(small_scan.run_dir), "--out", str(out), "--workers", "0")
+    r = invoke("analyze", str(small_scan.run_dir), "--out", str(out), "--workers", "0")
     assert r.exit_code == 0, r.output
     again = json.loads((out / "report.json").read_text())
     assert again["ctc_count"] == online["ctc_count"]
@@ -110,13 +92,13 @@ def test_reanalysing_a_run_folder_matches_the_online_result(
 
 def test_pixel_size_missing_then_given(tmp_path: Path) -> None:
     src = _folder(tmp_path, px=None, n=1)
-    _error(
-        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
         "scan_000.ome.tif",
         "pixel size",
         "--pixel-size",
     )
-    r = _invoke(
+    r = invoke(
         "analyze",
         str(src),
         "--out",
@@ -133,8 +115,8 @@ def test_pixel_size_missing_then_given(tmp_path: Path) -> None:
 
 def test_file_without_the_needed_channels(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
-    _error(
-        _invoke("analyze", str(src), "--out", str(tmp_path / "o")),
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(tmp_path / "o")),
         "scan_000.ome.tif",
         "DAPI",
         "--channels",
@@ -145,14 +127,14 @@ def test_corrupt_file_is_named(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=2)
     good = (src / "scan_000.ome.tif").read_bytes()
     (src / "scan_001.ome.tif").write_bytes(good[: len(good) // 3])
-    _error(
-        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
         "scan_001.ome.tif",
         "corrupt",
     )
     (src / "scan_001.ome.tif").write_bytes(b"not a tiff at all")
-    _error(
-        _invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP),
         "scan_001.ome.tif",
         "not a readable TIFF",
     )
@@ -160,20 +142,20 @@ def test_corrupt_file_is_named(tmp_path: Path) -> None:
 
 def test_empty_or_missing_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    _error(
-        _invoke("analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "o")),
+    one_line_error(
+        invoke("analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "o")),
         "no OME-TIFF field files",
     )
-    _error(
-        _invoke("analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
+    one_line_error(
+        invoke("analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
         "no such folder",
     )
 
 
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
-    _error(
-        _invoke(
+    one_line_error(
+        invoke(
             "analyze",
             str(src),
             "--out",
@@ -183,8 +165,8 @@ def test_bad_channel_map(tmp_path: Path) -> None:
         ),
         "ASSAY=FILE",
     )
-    _error(
-        _invoke(
+    one_line_error(
+        invoke(
             "analyze",
             str(src),
             "--out",

@@ -7,43 +7,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from controller.cli import app
 from hardware_configs import CONFIG_DIR
-
-runner = CliRunner()
-
-
-def _invoke(*args: str):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output + (result.stderr or "")
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def _one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    text = result.stderr.strip()
-    assert text.startswith("error:")
-    flat = " ".join(text.split())
-    for n in needles:
-        assert n in flat, flat
-    return flat
+from tests.conftest import invoke, one_line_error
 
 
 def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "cart-7"
     args = ["scan", "--out", str(out), "--layout", "test-3x4", "--seed", "7"]
-    r = _invoke(*args, "--fields", "3")
+    r = invoke(*args, "--fields", "3")
     assert r.exit_code == 0, r.output
     assert "3/3" in r.stderr and "ETA" in r.stderr  # progress bar with ETA
     assert "complete" in r.stdout and "cart-7" in r.stdout
     assert len(list((out / "fields").glob("*.ome.tif"))) == 3
     scan = json.loads((out / "scan.json").read_text())
     assert scan["request"]["seed"] == 7 and scan["request"]["cartridge_id"] == "cart-7"
-    r = _invoke(*args, "--fields", "4")
+    r = invoke(*args, "--fields", "4")
     assert r.exit_code == 0
     assert "already stored" in r.stdout
     records = [
@@ -54,26 +33,26 @@ def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
 
 
 def test_layouts_are_listed() -> None:
-    r = _invoke("layouts")
+    r = invoke("layouts")
     assert r.exit_code == 0 and "cellsearch-5x35" in r.stdout and "175" in r.stdout
 
 
 def test_missing_instrument_yaml(tmp_path: Path) -> None:
-    r = _invoke(
+    r = invoke(
         "scan",
         "--out",
         str(tmp_path / "x"),
         "--instrument",
         str(tmp_path / "nope.yaml"),
     )
-    _one_line_error(r, "nope.yaml", "not found")
+    one_line_error(r, "nope.yaml", "not found")
 
 
 def test_invalid_yaml_syntax(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    _one_line_error(
-        _invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
         "bad.yaml",
     )
 
@@ -87,8 +66,8 @@ def test_invalid_field_names_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "neg.yaml"
     bad.write_text(text)
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
-    _one_line_error(
-        _invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--instrument", str(bad)),
         "neg.yaml",
         "channels.2.exposure_ms",
     )
@@ -97,8 +76,8 @@ def test_invalid_field_names_file_and_field(tmp_path: Path) -> None:
 def test_invalid_assay(tmp_path: Path) -> None:
     bad = tmp_path / "assay.yaml"
     bad.write_text("indication: metastatic-lung\n")
-    _one_line_error(
-        _invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(bad)),
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(bad)),
         "assay.yaml",
         "metastatic-lung",
         "metastatic-breast",
@@ -106,8 +85,8 @@ def test_invalid_assay(tmp_path: Path) -> None:
 
 
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:
-    _one_line_error(
-        _invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),
         "unknown layout '5x99'",
         "cellsearch-5x35",
         "test-3x4",
@@ -125,8 +104,8 @@ def test_devices_that_fail_to_load_are_all_named(tmp_path: Path) -> None:
         .replace("demo-adapters.cfg", "broken.cfg")
     )
     (tmp_path / "broken.yaml").write_text(yaml)
-    flat = _one_line_error(
-        _invoke(
+    flat = one_line_error(
+        invoke(
             "scan",
             "--out",
             str(tmp_path / "x"),
@@ -152,8 +131,8 @@ def test_missing_channel_preset(tmp_path: Path) -> None:
     )
     (tmp_path / "sim.yaml").write_text(yaml)
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
-    _one_line_error(
-        _invoke(
+    one_line_error(
+        invoke(
             "scan",
             "--out",
             str(tmp_path / "x"),
@@ -170,7 +149,9 @@ def test_missing_channel_preset(tmp_path: Path) -> None:
 def test_output_folder_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "plain-file"
     blocker.write_text("not a folder")
-    _one_line_error(_invoke("scan", "--out", str(blocker / "run")), "not writable")
+    one_line_error(
+        invoke("scan", "--out", str(blocker / "run")), "not writable"
+    )
 
 
 def test_not_enough_disk_is_refused_before_anything_moves(tmp_path: Path) -> None:
@@ -192,8 +173,8 @@ def test_not_enough_disk_is_refused_before_anything_moves(tmp_path: Path) -> Non
     )
     shutil.copy(CONFIG_DIR / "simulated.cfg", tmp_path)
     out = tmp_path / "run"
-    _one_line_error(
-        _invoke(
+    one_line_error(
+        invoke(
             "scan",
             "--out",
             str(out),
@@ -211,8 +192,8 @@ def test_not_enough_disk_is_refused_before_anything_moves(tmp_path: Path) -> Non
 
 
 def test_seed_on_real_hardware_is_refused(tmp_path: Path) -> None:
-    _one_line_error(
-        _invoke(
+    one_line_error(
+        invoke(
             "scan",
             "--out",
             str(tmp_path / "x"),
