@@ -34,6 +34,7 @@ def candidate_png(
     *,
     pixel_size_um: float,
     background: Mapping[str, float],
+    noise: Mapping[str, float] | None = None,
     title: str = "",
     half_size_um: float = 20.0,
     zoom: int = 3,
@@ -50,7 +51,9 @@ def candidate_png(
         Object centroid in field pixels.
     background : mapping
         Channel name -> background level; the display range of each tile runs
-        from it to the tile's own maximum.
+        from it to the tile's own maximum, but never less than 40 x the channel's
+        `noise`, so an unstained channel looks dark instead of showing its noise
+        stretched into apparent staining.
     half_size_um : float
         Half the tile width, in um; a 10 um scale bar is drawn on every tile.
     """
@@ -66,7 +69,8 @@ def candidate_png(
         t = np.zeros((2 * half, 2 * half), np.float32)
         crop = field[i, r0:r1, c0:c1]
         bg = float(background.get(name, np.median(field[i, ::8, ::8])))
-        top = float(crop.max()) if crop.size else bg + 1
+        floor = 40.0 * float((noise or {}).get(name, 0.0))
+        top = max(float(crop.max()) if crop.size else bg + 1, bg + floor)
         t[r0 - (r - half) : r1 - (r - half), c0 - (c - half) : c1 - (c - half)] = (
             _stretch(crop, bg, top)
         )

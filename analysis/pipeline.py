@@ -120,6 +120,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             (o["row"], o["col"]),
             pixel_size_um=px,
             background=det.background,
+            noise=det.noise,
             title=f"{job.name} score {o['score']:.2f}",
         )
         o["candidate"] = f"candidates/{png.name}"

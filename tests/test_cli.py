@@ -149,9 +149,7 @@ def test_missing_channel_preset(tmp_path: Path) -> None:
 def test_output_folder_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "plain-file"
     blocker.write_text("not a folder")
-    one_line_error(
-        invoke("scan", "--out", str(blocker / "run")), "not writable"
-    )
+    one_line_error(invoke("scan", "--out", str(blocker / "run")), "not writable")
 
 
 def test_not_enough_disk_is_refused_before_anything_moves(tmp_path: Path) -> None:

@@ -1,0 +1,78 @@
+"""report.html in a real browser (headless Chromium driven by Selenium).
+
+Skipped, with the reason, where no Chromium and chromedriver are installed;
+.ci/run installs Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from controller.scan import ScanResult
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver"
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM or ""
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_report_page_shows_count_statement_and_gallery(
+    small_scan: ScanResult, browser
+) -> None:
+    run = small_scan.run_dir
+    report = json.loads((run / "report.json").read_text())
+    browser.get((run / "report.html").as_uri())
+    count = browser.find_element("id", "count").text
+    assert f"CTC count: {report['ctc_count']}" in count
+    assert browser.find_element("id", "statement").text == report["statement"]
+    figures = browser.find_elements("css selector", "#gallery figure")
+    assert len(figures) == report["ctc_count"] > 0
+    scores = [float(f.get_attribute("data-score")) for f in figures]
+    assert scores == sorted(scores, reverse=True)
+    # every candidate image was found and decoded by the browser
+    sizes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#gallery img'))"
+        ".map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
+    )
+    assert sizes and all(ok and w > 100 and h > 50 for ok, w, h in sizes)
+    rows = browser.find_elements("css selector", "#counts tr")
+    shown = {
+        r.find_elements("tag name", "td")[0].text: int(
+            r.find_elements("tag name", "td")[1].text
+        )
+        for r in rows[1:]
+    }
+    assert shown == report["counts"]
