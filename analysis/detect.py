@@ -59,6 +59,9 @@ __all__ = [
 #: Labels an object can get.
 LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
 
+#: More nuclei than this in one cytokeratin region is no cluster of cells.
+_MAX_CLUSTER_NUCLEI = 20
+
 #: Channel name -> role of the default assay.
 DEFAULT_ROLES: dict[str, str] = {
     "DAPI": "nucleus",
@@ -173,6 +176,17 @@ def _inside(part: np.ndarray, area: np.ndarray) -> float:
     """Fraction of `part` inside `area`."""
     n = int(np.count_nonzero(part))
     return round(int(np.count_nonzero(part & area)) / n, 3) if n else 0.0
+
+
+def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """Bounding box of a non-empty mask, padded, clipped to the mask's shape."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (
+        slice(max(rows[0] - pad, 0), min(rows[-1] + pad + 1, h)),
+        slice(max(cols[0] - pad, 0), min(cols[-1] + pad + 1, w)),
+    )
 
 
 def _box2(a: np.ndarray) -> np.ndarray:
@@ -474,7 +488,7 @@ class _Field:
         return local, out
 
     def _debris_row(
-        self, f: dict[str, Any], region: np.ndarray, why: str
+        self, f: dict[str, Any], region: np.ndarray, why: str, label: str = "DEBRIS"
     ) -> dict[str, Any]:
         n_px = int(np.count_nonzero(region))
         nan = float("nan")
@@ -491,7 +505,7 @@ class _Field:
             axis_ratio=nan,
             solidity=nan,
         )
-        return self._finish(f, "DEBRIS", why)
+        return self._finish(f, label, why)
 
     def _pad(self, sl: tuple[slice, ...], pad: int) -> tuple[slice, slice]:
         r, c = sl[0], sl[1]
@@ -511,16 +525,35 @@ class _Field:
         touching: list[int],
     ) -> list[dict[str, Any]]:
         """One row per cell of a CK region (clusters split among their nuclei)."""
+        if np.count_nonzero(region) > self.st.max_cluster_area_um2 / self.px**2:
+            # far larger than a cluster of cells (e.g. a defocused wall): no split
+            f, _ = self._intensity(crop, region)
+            return [
+                self._debris_row(
+                    f, region, "larger than any cell cluster", label="OTHER"
+                )
+            ]
+        if len(inside) > _MAX_CLUSTER_NUCLEI:
+            f, _ = self._intensity(crop, region)
+            return [
+                self._debris_row(
+                    f, region, "more nuclei than any cell cluster", label="OTHER"
+                )
+            ]
         markers = np.zeros(region.shape, np.int32)
         n_mark = 0
         min_dist = max(2, round(2.5 / self.px))
+        boxes = ndimage.find_objects(nl)
         for nid in inside:
-            nmask = nl == nid
+            box = boxes[nid - 1]  # work on the nucleus' own bounding box
+            if box is None:
+                continue
+            nmask = nl[box] == nid
             merged = _shape(nmask)[2] < 0.88  # two touching nuclei, one blob
             pieces = _split_nucleus(nmask, min_dist) if merged else nmask.astype(int)
             for p in range(1, int(pieces.max()) + 1):
                 n_mark += 1
-                markers[pieces == p] = n_mark
+                markers[box][pieces == p] = n_mark
         parts: list[tuple[np.ndarray, np.ndarray | None]]
         if n_mark >= 2:
             cells = watershed(
@@ -535,22 +568,34 @@ class _Field:
         else:
             parts = [(region, None)]
         rows = []
-        dapi = self.full[self.n][crop]
-        for cell, nucleus in parts:
-            f, core = self._measure(crop, cell)
+        for cell_c, nucleus_c in parts:
+            # measure each cell on its own tight crop, not the whole region's
+            either = cell_c if nucleus_c is None else cell_c | nucleus_c
+            loc = _bbox(either, pad=4)
+            sub = (
+                slice(crop[0].start + loc[0].start, crop[0].start + loc[0].stop),
+                slice(crop[1].start + loc[1].start, crop[1].start + loc[1].stop),
+            )
+            cell = cell_c[loc]
+            nucleus = None if nucleus_c is None else nucleus_c[loc]
+            nl_s = nl[loc]
+            dapi = self.full[self.n][sub]
+            f, core = self._measure(sub, cell)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
             f["_cut"] = nucleus is not None and bool(
-                (crop[0].start == 0 and nucleus[0].any())
-                or (crop[1].start == 0 and nucleus[:, 0].any())
+                (sub[0].start == 0 and nucleus[0].any())
+                or (sub[1].start == 0 and nucleus[:, 0].any())
             )
             f["cluster_size"] = len(parts)
             # both areas at half their own maximum, so neither blur halo counts
             if nucleus is not None:
                 f["nucleus_inside"] = _inside(_core(nucleus, dapi), core)
             elif touching:
-                f["nucleus_inside"] = _inside(_core(np.isin(nl, touching), dapi), core)
+                f["nucleus_inside"] = _inside(
+                    _core(np.isin(nl_s, touching), dapi), core
+                )
             else:
                 f["nucleus_inside"] = 0.0
             ecc, ratio, solidity = _shape(cell)

@@ -30,6 +30,11 @@ class DetectionSettings(BaseModel):
         default=4.0, ge=0, description="a CTC is larger than this"
     )
     max_ctc_diameter_um: float = Field(default=40.0, gt=0)
+    max_cluster_area_um2: float = Field(
+        default=5000.0,
+        gt=0,
+        description="a cytokeratin region larger than this is no cell or cluster",
+    )
     min_nucleus_inside: float = Field(
         default=0.5,
         ge=0,

@@ -64,12 +64,17 @@ class OpticsConfig(ConfigModel):
 
 
 class SurfaceConfig(ConfigModel):
-    """The cartridge's top surface: z = z0 + tilt + bow along the long axis (um)."""
+    """The cartridge's top surface: z = z0 + tilt + bow along the long axis (um).
+
+    The defaults keep a 5 x 35 cartridge within about 3 um of z0 (the scanner
+    images every field at its planned z, 0 without a focus map); steeper tilts and
+    bows are set here.
+    """
 
     z0_um: float = 0.0
-    tilt_x_um_per_mm: float = 0.8
-    tilt_y_um_per_mm: float = -1.2
-    bow_um: float = 2.0
+    tilt_x_um_per_mm: float = 0.15
+    tilt_y_um_per_mm: float = -0.3
+    bow_um: float = 1.0
 
 
 class WorldConfig(ConfigModel):
