@@ -83,14 +83,18 @@ class FieldDetections:
     background, noise : dict
         Per channel name: median background level and noise (DN).
     spillover : dict
-        Estimated bleed-through ``"SOURCE->TARGET"`` of the DNA and cytokeratin
-        dyes into the other channels.
+        Bleed-through ``"SOURCE->TARGET"`` of the DNA and cytokeratin dyes into
+        the other channels, as used.
+    spillover_measured : dict
+        The coefficients this field could measure itself (enough single-stain
+        objects); a caller pools them over a cartridge.
     """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
     background: dict[str, float] = field(default_factory=dict)
     noise: dict[str, float] = field(default_factory=dict)
     spillover: dict[str, float] = field(default_factory=dict)
+    spillover_measured: dict[str, float] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(LABELS, 0)
@@ -301,6 +305,7 @@ class _Field:
             for c in (self.n, self.e)
         }
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
+        self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
             background={
                 nm: float(np.median(b.grid)) for nm, b in zip(names, bgs, strict=True)
@@ -385,8 +390,10 @@ class _Field:
                 if c in controls:
                     continue
                 key = f"{self.names[src]}->{self.names[c]}"
+                known = key in self.st.spillover
                 coef = float(self.st.spillover.get(key, 0.0))
                 if cand.size >= 50:
+                    known = True
                     raw = np.subtract(
                         self.raw[c].ravel()[cand],
                         self.levels[c].ravel()[cand],
@@ -396,6 +403,10 @@ class _Field:
                     coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
                 self.spill[(src, c)] = coef
                 self.result.spillover[key] = round(coef, 4)
+                if cand.size >= 50:
+                    self.result.spillover_measured[key] = round(coef, 4)
+                if not known:
+                    self.unknown_spill.add(c)
 
     # -------------------------------------------------------------- run
 
@@ -698,7 +709,13 @@ class _Field:
             return "OTHER", "nucleus mostly outside the CK area"
         if f["diameter_um"] <= st.min_ctc_diameter_um:
             return "CK_FRAGMENT", f"not larger than {st.min_ctc_diameter_um:g} um"
-        if f["cd45_snr"] >= st.max_cd45_snr and f["cd45_ck_ratio"] >= st.min_cd45_ratio:
+        # with bleed-through unknown (too few single-stain objects, no pooled or
+        # configured value) CD45 must also be comparable to the cell's
+        # cytokeratin, which bleed-through never is
+        guard = self.lk in self.unknown_spill
+        if f["cd45_snr"] >= st.max_cd45_snr and (
+            not guard or f["cd45_ck_ratio"] >= st.min_cd45_ratio
+        ):
             return "DOUBLE_POSITIVE", "CD45 positive"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"

@@ -134,6 +134,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         "background": det.background,
         "noise": det.noise,
         "spillover": det.spillover,
+        "spillover_measured": det.spillover_measured,
         "qc": qc,
         "counts": det.counts(),
         "objects": det.objects,

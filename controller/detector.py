@@ -7,6 +7,10 @@ reading the field back from its stored file (from the page cache, cheaper than
 copying 11 MB between processes). So detection may lag but never blocks
 acquisition, never drops a field, and holds no pixels in the scanning process.
 
+Dye bleed-through is a property of the instrument: the coefficients fields
+measure are pooled (median) and given to later fields that have too few
+single-stain objects to measure their own.
+
 Each result is written durably as ``detections/<field>.json`` and then recorded
 with a ``detected`` ledger line; a field whose analysis fails gets a
 ``detect_failed`` line with the reason. A worker process that dies is replaced
@@ -16,6 +20,7 @@ and its fields retried (twice at most).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -24,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import numpy as np
 
 from analysis.pipeline import FieldJob, analyze_field_file
 from controller.store import RunFolder, write_durably
@@ -88,6 +95,7 @@ class OnlineDetector:
         }
         self._backlog: collections.deque[str] = collections.deque()
         self._crashes: collections.Counter[str] = collections.Counter()
+        self._spill: dict[str, list[float]] = {}  # measured bleed-through, by key
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -130,8 +138,20 @@ class OnlineDetector:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
         )
 
+    def _pooled(self, job: FieldJob) -> FieldJob:
+        """The job, with bleed-through measured so far on this cartridge as the
+        fallback for fields with too few single-stain objects of their own."""
+        with self._lock:
+            pooled = {k: float(np.median(v)) for k, v in self._spill.items() if v}
+        if not pooled:
+            return job
+        settings = job.settings.model_copy(
+            update={"spillover": {**pooled, **job.settings.spillover}}
+        )
+        return dataclasses.replace(job, settings=settings)
+
     def _submit(self, name: str) -> Future:
-        job = self.make_job(name)
+        job = self._pooled(self.make_job(name))
         if self.workers == 0:
             fut: Future = Future()
             try:
@@ -190,6 +210,9 @@ class OnlineDetector:
         except Exception as e:  # a bad file or an analysis bug: record, go on
             self._failed(name, f"{type(e).__name__}: {e}")
             return
+        with self._lock:
+            for key, coef in (record.get("spillover_measured") or {}).items():
+                self._spill.setdefault(key, []).append(float(coef))
         path = self.folder.detection_path(name)
         write_durably(path, json.dumps(record, separators=(",", ":")).encode())
         self.folder.ledger.append(
