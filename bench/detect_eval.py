@@ -54,7 +54,7 @@ class Tally:
     fn: int = 0
     fp: int = 0
     fp_kinds: Counter = field(default_factory=Counter)
-    fn_kinds: Counter = field(default_factory=Counter)
+    fn_kinds: Counter = field(default_factory=Counter)  # missed CTCs by subtype
     true_ctc: int = 0
     called_ctc: int = 0
     fields: int = 0
@@ -113,13 +113,21 @@ def evaluate(
     total = Tally(fields=len(fields))
     calls: list[tuple[float, float]] = []
     truth_idx: list[int] = []
+    base = settings or DetectionSettings()
+    measured: dict[str, list[float]] = {}
     for f in fields:
         data = render_field(w, f.x_um, f.y_um, z_offset)
+        # as the on-line detector does: bleed-through measured on earlier fields
+        # of the cartridge is the fallback for a field too sparse to measure it
+        pooled = {k: float(np.median(v)) for k, v in measured.items()}
+        st = base.model_copy(update={"spillover": {**pooled, **base.spillover}})
         t0 = time.perf_counter()
         det = detect_field(
-            data, CHANNELS, pixel_size_um=px, settings=settings, saturation=4095
+            data, CHANNELS, pixel_size_um=px, settings=st, saturation=4095
         )
         total.seconds.append(time.perf_counter() - t0)
+        for k, v in det.spillover_measured.items():
+            measured.setdefault(k, []).append(v)
         x0, y0 = w.frame_origin(f.x_um, f.y_um)
         calls += [
             (x0 + d["col"] * px, y0 - d["row"] * px)
@@ -146,6 +154,13 @@ def evaluate(
         pairs = [(a, b) for a, b in zip(ci, ti, strict=True) if dist[a, b] <= MATCH_UM]
     total.tp = len(pairs)
     total.fn = len(truth_idx) - len(pairs)
+    found = {b for _, b in pairs}
+    for b, i in enumerate(truth_idx):
+        if b not in found:  # missed CTCs by subtype: dim/bright, single/cluster
+            total.fn_kinds[
+                f"{'dim' if o.dim[i] else 'bright'}"
+                f"/{'cluster' if o.cluster[i] >= 0 else 'single'}"
+            ] += 1
     matched = {a for a, _ in pairs}
     for a, (x, y) in enumerate(calls):
         if a in matched:

@@ -43,6 +43,23 @@ logger = logging.getLogger("ctcscan.detector")
 _MAX_CRASHES = 2
 
 
+_LIMITS: Any = None
+
+
+def _single_threaded() -> None:
+    """Worker start-up: one BLAS/OpenMP thread per worker process.
+
+    There is one worker per core already; a multi-threaded BLAS then spends more
+    on waking threads than on the small matrix products of the background
+    estimate (measured: 15 ms instead of 0.7 ms per product, detection 247 ms
+    instead of 149 ms on a crowded field).
+    """
+    global _LIMITS
+    from threadpoolctl import threadpool_limits
+
+    _LIMITS = threadpool_limits(limits=1)
+
+
 def load_records(folder: RunFolder, names: Iterable[str]) -> list[dict[str, Any]]:
     """The detection records of the given fields that exist on disk."""
     out = []
@@ -135,7 +152,9 @@ class OnlineDetector:
         # spawn: the scanning process has threads and a C++ core; fork would
         # copy them half-alive into the worker
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_single_threaded,
         )
 
     def _pooled(self, job: FieldJob) -> FieldJob:
