@@ -99,6 +99,12 @@ def summarize(
         f"{'at or above' if reached else 'below'} the cut-off of {cutoff} "
         f"({ctx.get('indication', 'metastatic-breast')})."
     )
+    whole = int(ctx.get("cartridge_fields") or len(planned))
+    if whole > len(planned):
+        statement += (
+            f" Partial scan: {len(planned)} of {whole} fields of the "
+            "cartridge; the count covers only those."
+        )
     if failed or missing:
         statement += (
             f" {len(failed) + len(missing)} of {len(planned)} fields were "
@@ -127,6 +133,7 @@ def summarize(
         "ctc_marker_positive": marker,
         "fields": {
             "planned": len(planned),
+            "cartridge": whole,
             "analyzed": len(analyzed),
             "failed": [{"field": k, "reason": v} for k, v in failed.items()],
             "not_analyzed": missing,
@@ -220,7 +227,8 @@ def write_outputs(
 
     `ctx` says what the report needs beyond the detections: ``cartridge_id``,
     ``indication``, ``cutoff``, ``blood_volume_ml``, ``fields_planned`` (names),
-    ``fields_failed`` ({name: reason}), ``source`` and ``extra_qc`` (mapping).
+    ``fields_failed`` ({name: reason}), ``cartridge_fields`` (fields of the
+    whole cartridge, when only some were scanned), ``source`` and ``extra_qc``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,9 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
         planned = [f["name"] for f in scan.get("fields", [])]
         state = LedgerState.from_records(run.ledger.read())
         ctx["fields_planned"] = planned
+        lay = scan.get("layout", {})
+        if lay.get("rows") and lay.get("cols"):
+            ctx["cartridge_fields"] = int(lay["rows"]) * int(lay["cols"])
         ctx["fields_failed"] = {
             n: str(r.get("reason", ""))
             for n, r in state.failed.items()

@@ -340,6 +340,7 @@ class Scan:
                 "cutoff": req.assay.cutoff,
                 "blood_volume_ml": req.assay.blood_volume_ml,
                 "fields_planned": names,
+                "cartridge_fields": plan.layout.n_fields,
                 "fields_failed": failed,
                 "source": str(folder.root),
                 "extra_qc": {"acquisition_seconds": round(result.duration_s, 2)},

@@ -53,6 +53,7 @@ def test_analyze_an_ome_tiff_folder(tmp_path: Path) -> None:
     assert report["ctc_count"] == 0 + 1 + 2
     assert report["fields"] == {
         "planned": 3,
+        "cartridge": 3,
         "analyzed": 3,
         "failed": [],
         "not_analyzed": [],

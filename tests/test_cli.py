@@ -19,6 +19,8 @@ def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "3/3" in r.stderr and "ETA" in r.stderr  # progress bar with ETA
     assert "complete" in r.stdout and "cart-7" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert "Partial scan: 3 of 12 fields" in report["statement"]
     assert len(list((out / "fields").glob("*.ome.tif"))) == 3
     scan = json.loads((out / "scan.json").read_text())
     assert scan["request"]["seed"] == 7 and scan["request"]["cartridge_id"] == "cart-7"
