@@ -600,12 +600,16 @@ class _Field:
                 or (sub[1].start == 0 and nucleus[:, 0].any())
             )
             f["cluster_size"] = len(parts)
-            # both areas at half their own maximum, so neither blur halo counts
+            # the nucleus at half its maximum; the CK area is its half-maximum
+            # core or the detection mask less its blur halo (2 px): cytokeratin
+            # over the nucleus is dimmer, and where the nucleus sits near the
+            # cell's edge that dim part is no enclosed hole for the core to fill
+            ck_area = core | ndimage.binary_erosion(cell, iterations=2)
             if nucleus is not None:
-                f["nucleus_inside"] = _inside(_core(nucleus, dapi), core)
+                f["nucleus_inside"] = _inside(_core(nucleus, dapi), ck_area)
             elif touching:
                 f["nucleus_inside"] = _inside(
-                    _core(np.isin(nl_s, touching), dapi), core
+                    _core(np.isin(nl_s, touching), dapi), ck_area
                 )
             else:
                 f["nucleus_inside"] = 0.0
