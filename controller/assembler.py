@@ -33,12 +33,15 @@ class AssembledField:
         Pixels, channel order as in `channel_names`.
     stage : dict
         Stage position read back at acquisition: ``x_um``, ``y_um``, ``z_um``.
+    focus : dict or None
+        The field's focus QC record (`controller.focus.FieldFocus`), if judged.
     """
 
     spec: FieldSpec
     data: np.ndarray
     channel_names: tuple[str, ...]
     stage: dict[str, float]
+    focus: dict[str, Any] | None = None
     acquired_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
@@ -91,7 +94,12 @@ class FieldAssembler:
                 del self._partial[p]
         if done:
             stage = dict(meta.get("ctcscan_stage") or {})
-            self.deliver(AssembledField(self.fields[p], buf, self.channel_names, stage))
+            focus = meta.get("ctcscan_focus")
+            self.deliver(
+                AssembledField(
+                    self.fields[p], buf, self.channel_names, stage, focus=focus
+                )
+            )
 
     def failure(self, event: useq.MDAEvent, reason: str, attempts: int) -> None:
         """Engine failure hook: drop the field's partial frames, report it once."""

@@ -112,7 +112,7 @@ def _progress() -> Progress:
         TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("fields"),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -125,9 +125,16 @@ def _run_with_progress(request: ScanRequest) -> ScanResult:
     progress = _progress()
     tasks: dict[str, TaskID] = {}
 
+    def on_focus(done: int, total: int) -> None:
+        if "focus" not in tasks:
+            tasks["focus"] = progress.add_task("focusing", total=total, unit="anchors")
+        progress.update(tasks["focus"], completed=done)
+
     def on_start(total: int, done: int) -> None:
-        tasks["scan"] = progress.add_task("scanning", total=total, completed=done)
-        tasks["detect"] = progress.add_task("detecting", total=total)
+        tasks["scan"] = progress.add_task(
+            "scanning", total=total, completed=done, unit="fields"
+        )
+        tasks["detect"] = progress.add_task("detecting", total=total, unit="fields")
 
     def on_field(name: str, status: str) -> None:
         bar = "scan" if status in ("stored", "failed") else "detect"
@@ -135,7 +142,9 @@ def _run_with_progress(request: ScanRequest) -> ScanResult:
             progress.advance(tasks[bar])
 
     with progress:
-        return Scan(request, on_start=on_start, on_field=on_field).run()
+        return Scan(
+            request, on_start=on_start, on_field=on_field, on_focus=on_focus
+        ).run()
 
 
 def _summary(r: ScanResult) -> None:
@@ -157,6 +166,20 @@ def _summary(r: ScanResult) -> None:
     t.add_row(
         "acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)"
     )
+    if (fm := r.focus_map) is not None and fm.enabled:
+        used = sum(a.usable for a in fm.anchors)
+        how = (
+            "recorded map reused"
+            if r.focus_map_reused
+            else f"{fm.fit.model} map from {used}/{len(fm.anchors)} anchors, "
+            f"rms {fm.rms_um:.2f} um"
+        )
+        t.add_row(
+            "focus",
+            f"{r.focus_s:.1f} s: {how}; {len(r.refocused)} field(s) re-focused",
+        )
+        for w in fm.warnings:
+            t.add_row("focus warning", w)
     state = (
         "complete"
         if r.complete
@@ -209,7 +232,7 @@ def analyze(
         task: list[TaskID] = []
 
         def on_start(total: int) -> None:
-            task.append(progress.add_task("analysing", total=total))
+            task.append(progress.add_task("analysing", total=total, unit="fields"))
 
         def on_field(name: str, status: str) -> None:
             if task:

@@ -22,6 +22,7 @@ __all__ = [
     "ChannelRole",
     "ChannelSettings",
     "ConfigModel",
+    "FocusSettings",
     "Indication",
     "InstrumentConfig",
     "SimulationSettings",
@@ -151,6 +152,76 @@ class SimulationSettings(ConfigModel):
     world: dict[str, Any] = Field(default_factory=dict)
 
 
+class FocusSettings(ConfigModel):
+    """How the scanner finds focus: the focus map, per-field QC and re-focus.
+
+    All distances in um. See docs/architecture.md ("Focus").
+    """
+
+    enabled: bool = Field(
+        default=True, description="false: every field at z_start_um, no QC"
+    )
+    channel: str = Field(default="DAPI", description="channel focus is measured on")
+    anchors: tuple[int, int] = Field(
+        default=(5, 2), description="anchor grid: points along x, points along y"
+    )
+    anchor_points: tuple[tuple[float, float], ...] | None = Field(
+        default=None, description="explicit anchor stage positions (x, y) instead"
+    )
+    margin_um: float = Field(
+        default=500.0, ge=0, description="least distance of an anchor from the wall"
+    )
+    z_start_um: float = Field(default=0.0, description="nominal focus")
+    search_range_um: float = Field(
+        default=20.0, description="first anchor: search z_start +- this"
+    )
+    anchor_range_um: float = Field(
+        default=6.0, description="later anchors: search the predicted z +- this"
+    )
+    coarse_step_um: float = Field(default=2.0, gt=0)
+    fine_step_um: float = Field(default=0.5, gt=0)
+    model: Literal["auto", "plane", "quadratic"] = Field(
+        default="auto", description="auto: quadratic from 8 anchors, else plane"
+    )
+    outlier_um: float = Field(
+        default=2.0, gt=0, description="anchor residual that triggers a re-measure"
+    )
+    max_residual_um: float = Field(
+        default=1.0, gt=0, description="fit rms above this is reported"
+    )
+    qc: bool = Field(default=True, description="check every field's sharpness")
+    qc_min_relative: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="refocus a field below this fraction of the anchors' sharpness",
+    )
+    refocus_range_um: float = Field(default=6.0, description="local search +- this")
+    autofocus_device: str | None = Field(
+        default=None, description="Micro-Manager autofocus device to use for anchors"
+    )
+    autofocus_retries: int = Field(default=2, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Self:
+        for name in ("search_range_um", "anchor_range_um", "refocus_range_um"):
+            rng = getattr(self, name)
+            if rng <= 0:
+                raise ValueError(f"{name} must be above 0 (empty search range)")
+            if rng < self.coarse_step_um:
+                raise ValueError(
+                    f"{name} ({rng}) is smaller than coarse_step_um "
+                    f"({self.coarse_step_um}): the search would take one plane"
+                )
+        if self.fine_step_um >= self.coarse_step_um:
+            raise ValueError("fine_step_um must be smaller than coarse_step_um")
+        if self.anchor_points is None and min(self.anchors) < 1:
+            raise ValueError("anchors needs at least 1 x 1 points")
+        if self.anchor_points is not None and len(self.anchor_points) < 1:
+            raise ValueError("anchor_points is empty")
+        return self
+
+
 class InstrumentConfig(ConfigModel):
     """An instrument: its Micro-Manager config and how assay channels map onto it."""
 
@@ -172,6 +243,7 @@ class InstrumentConfig(ConfigModel):
     stage_limits: StageLimits | None = None
     snap_retries: int = Field(default=2, ge=0, le=10)
     move_retries: int = Field(default=2, ge=0, le=10)
+    focus: FocusSettings = FocusSettings()
     simulation: SimulationSettings | None = None
 
     @model_validator(mode="before")
@@ -189,6 +261,23 @@ class InstrumentConfig(ConfigModel):
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise ValueError(f"channel names repeat: {names}")
+        f = self.focus
+        if f.enabled and f.channel not in names:
+            raise ValueError(
+                f"focus.channel {f.channel!r} is not one of the channels {names}"
+            )
+        if f.enabled and f.qc and names[0] != f.channel:
+            raise ValueError(
+                f"focus QC judges each field on its first frame: acquire "
+                f"{f.channel!r} first (channels start with {names[0]!r})"
+            )
+        if (lim := self.stage_limits) is not None and f.enabled:
+            lo, hi = f.z_start_um - f.search_range_um, f.z_start_um + f.search_range_um
+            if lo < lim.z_min or hi > lim.z_max:
+                raise ValueError(
+                    f"focus search {lo:g}..{hi:g} um leaves the stage's z limits "
+                    f"{lim.z_min:g}..{lim.z_max:g} um"
+                )
         return self
 
     @property

@@ -10,7 +10,11 @@ Differences from `MDAEngine`, each for a measured reason:
   in the wrong slot, and the field's remaining events are skipped without touching
   the hardware;
 * a Python camera under `UniMMCore` skips auto-shutter, so the shutter is opened
-  and closed around each snap explicitly.
+  and closed around each snap explicitly;
+* with a `FocusQC`, the first frame of each field (the focus channel) is judged
+  for sharpness; a poor field is re-focused locally, its first frame re-taken at
+  the new z, and its other channels taken there too. Every frame carries the
+  field's focus record in its metadata (``ctcscan_focus``).
 """
 
 from __future__ import annotations
@@ -22,20 +26,24 @@ from typing import TYPE_CHECKING, Any
 
 import useq
 from pymmcore_plus import CMMCorePlus
-from pymmcore_plus.experimental.unicore import UniMMCore
 from pymmcore_plus.mda import MDAEngine
 from pymmcore_plus.mda._engine import ImagePayload
 from pymmcore_plus.mda._runner import SkipEvent
 
+from controller.focus import FieldFocus, FocusQC
+from controller.instrument import needs_manual_shutter, snap
+
 if TYPE_CHECKING:
     from pymmcore_plus.mda._protocol import PImagePayload
 
-__all__ = ["FailureHook", "ScanEngine"]
+__all__ = ["FailureHook", "FocusHook", "ScanEngine"]
 
 logger = logging.getLogger("ctcscan.engine")
 
 #: on_failure(event, reason, attempts): a field could not be acquired.
 FailureHook = Callable[[useq.MDAEvent, str, int], None]
+#: on_focus(event, record): a field's focus QC is done.
+FocusHook = Callable[[useq.MDAEvent, FieldFocus], None]
 
 
 def _short(e: BaseException) -> str:
@@ -55,6 +63,10 @@ class ScanEngine(MDAEngine):
         reported failed.
     on_failure : FailureHook, optional
         Called once per failed field with the event, the reason and the attempts.
+    focus_qc : FocusQC, optional
+        Judges (and re-focuses) each field on its focus-channel frame.
+    on_focus : FocusHook, optional
+        Called once per field judged by `focus_qc`.
     """
 
     def __init__(
@@ -64,6 +76,8 @@ class ScanEngine(MDAEngine):
         snap_retries: int = 2,
         move_retries: int = 2,
         on_failure: FailureHook | None = None,
+        focus_qc: FocusQC | None = None,
+        on_focus: FocusHook | None = None,
     ) -> None:
         super().__init__(
             mmc,
@@ -74,6 +88,10 @@ class ScanEngine(MDAEngine):
         self.snap_retries = snap_retries
         self.move_retries = move_retries
         self.on_failure = on_failure
+        self.focus_qc = focus_qc
+        self.on_focus = on_focus
+        self._z_override: dict[int, float] = {}
+        self._focus: tuple[int, dict[str, Any]] | None = None
         self._failed_p: set[int] = set()
         self._xy: tuple[float, float] | None = None
         self._z: float | None = None
@@ -86,16 +104,10 @@ class ScanEngine(MDAEngine):
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         self._failed_p.clear()
+        self._z_override.clear()
+        self._focus = None
         self._xy = self._z = self._channel = self._exposure = None
-        core = self.mmcore
-        cam = core.getCameraDevice()
-        self._manual_shutter = bool(
-            isinstance(core, UniMMCore)
-            and cam
-            and core.isPyDevice(cam)
-            and core.getShutterDevice()
-            and core.getAutoShutter()
-        )
+        self._manual_shutter = needs_manual_shutter(self.mmcore)
         return super().setup_sequence(sequence)
 
     def setup_single_event(self, event: useq.MDAEvent) -> None:
@@ -110,8 +122,9 @@ class ScanEngine(MDAEngine):
                 self._xy = xy
                 x, y = core.getXYPosition()
                 self._stage.update(x_um=x, y_um=y)
-        if event.z_pos is not None and event.z_pos != self._z:
-            z = event.z_pos
+        z_target = self._z_override.get(p, event.z_pos)
+        if z_target is not None and z_target != self._z:
+            z = z_target
             self._attempt(event, "focus move", lambda: self._move_z(z))
             self._z = z
             self._stage["z_um"] = core.getZPosition()
@@ -134,14 +147,7 @@ class ScanEngine(MDAEngine):
         img = None
         for _ in range(self.snap_retries + 1):
             try:
-                if self._manual_shutter:
-                    core.setShutterOpen(True)
-                try:
-                    core.snapImage()
-                finally:
-                    if self._manual_shutter:
-                        core.setShutterOpen(False)
-                img = core.getImage()
+                img = snap(core, self._manual_shutter)
                 break
             except Exception as e:  # any device error: retry, then report
                 last = e
@@ -153,6 +159,14 @@ class ScanEngine(MDAEngine):
                 self.snap_retries + 1,
             )
             return
+        qc = self.focus_qc
+        p = event.index.get("p", 0)
+        if (
+            qc is not None
+            and event.channel is not None
+            and event.channel.config == qc.preset
+        ):
+            img = self._check_focus(event, p, img)
         t0 = event.metadata.get("runner_t0") or time.perf_counter()
         meta = self.get_frame_metadata(
             event,
@@ -161,12 +175,29 @@ class ScanEngine(MDAEngine):
             include_position=False,
         )
         meta["ctcscan_stage"] = dict(self._stage)  # type: ignore[typeddict-unknown-key]
+        if self._focus is not None and self._focus[0] == p:
+            meta["ctcscan_focus"] = dict(self._focus[1])  # type: ignore[typeddict-unknown-key]
         yield ImagePayload(img, event, meta)  # type: ignore[misc]
 
     def teardown_event(self, event: useq.MDAEvent) -> None:
         """Nothing to restore per event; shutter is handled around each snap."""
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_focus(self, event: useq.MDAEvent, p: int, img: Any) -> Any:
+        """Focus QC of this field's first frame; later channels follow its z."""
+        core = self.mmcore
+        planned = self._z if self._z is not None else float(core.getZPosition())
+        img, info = self.focus_qc.check(img, planned)  # type: ignore[union-attr]
+        self._z = info.z_um
+        if info.z_um != planned:
+            self._z_override[p] = info.z_um
+        if info.search_snaps:
+            self._stage["z_um"] = core.getZPosition()
+        self._focus = (p, info.as_dict())
+        if self.on_focus is not None:
+            self.on_focus(event, info)
+        return img
 
     def _move_xy(self, x: float, y: float) -> None:
         core = self.mmcore

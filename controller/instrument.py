@@ -23,7 +23,13 @@ from controller.errors import ConfigError, DeviceLoadError
 from controller.layouts import CartridgeLayout
 from hardware_configs import CONFIG_DIR
 
-__all__ = ["DEFAULT_INSTRUMENT", "Instrument", "open_instrument"]
+__all__ = [
+    "DEFAULT_INSTRUMENT",
+    "Instrument",
+    "needs_manual_shutter",
+    "open_instrument",
+    "snap",
+]
 
 logger = logging.getLogger("ctcscan.instrument")
 
@@ -194,7 +200,56 @@ def open_instrument(
             f"{cfg.channel_group!r} of {mm_path.name} (it has: {have})"
         )
     _apply_pixel_size(core, cfg, source or cfg.name)
+    _select_autofocus(core, cfg, source or cfg.name)
     return Instrument(cfg, core, world)
+
+
+def _select_autofocus(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> None:
+    """Make the YAML's autofocus device (if any) the core's autofocus device."""
+    label = cfg.focus.autofocus_device
+    if not cfg.focus.enabled or not label:
+        return
+    if label not in core.getLoadedDevices():
+        core.unloadAllDevices()
+        raise ConfigError(
+            f"{source}: focus.autofocus_device {label!r} is not a device of "
+            f"{Path(cfg.micromanager_config).name}"
+        )
+    try:
+        core.setAutoFocusDevice(label)
+    except Exception as e:
+        core.unloadAllDevices()
+        raise ConfigError(
+            f"{source}: focus.autofocus_device {label!r} is not an autofocus "
+            f"device ({str(e).strip().splitlines()[-1] if str(e).strip() else e})"
+        ) from None
+
+
+def needs_manual_shutter(core: CMMCorePlus) -> bool:
+    """Whether snaps must open the shutter themselves.
+
+    A Python camera under `UniMMCore` skips Micro-Manager's auto-shutter.
+    """
+    cam = core.getCameraDevice()
+    return bool(
+        isinstance(core, UniMMCore)
+        and cam
+        and core.isPyDevice(cam)
+        and core.getShutterDevice()
+        and core.getAutoShutter()
+    )
+
+
+def snap(core: CMMCorePlus, manual_shutter: bool) -> Any:
+    """Snap one image (shutter opened around it when `manual_shutter`)."""
+    if manual_shutter:
+        core.setShutterOpen(True)
+    try:
+        core.snapImage()
+    finally:
+        if manual_shutter:
+            core.setShutterOpen(False)
+    return core.getImage()
 
 
 def _apply_pixel_size(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> None:

@@ -8,7 +8,7 @@ them into a `useq.MDASequence` with one position per field and every channel at 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import useq
 
@@ -154,6 +154,29 @@ class ScanPlan:
             fov_width_um=fov_w,
             fov_height_um=fov_h,
         )
+
+    def with_focus(
+        self, z_of: Callable[[float, float], float], instrument: InstrumentConfig
+    ) -> ScanPlan:
+        """This plan with each field's z taken from a focus map ``z_of(x, y)``.
+
+        Raises
+        ------
+        ConfigError
+            A field's z falls outside the focus drive's limits.
+        """
+        fields = tuple(
+            replace(f, z_um=round(float(z_of(f.x_um, f.y_um)), 3)) for f in self.fields
+        )
+        if (lim := instrument.stage_limits) is not None:
+            out = [f for f in fields if not lim.z_min <= f.z_um <= lim.z_max]
+            if out:
+                raise ConfigError(
+                    f"the focus map puts {len(out)} field(s) outside the focus "
+                    f"limits {lim.z_min:g}..{lim.z_max:g} um (first: {out[0].name} "
+                    f"at {out[0].z_um:g} um)"
+                )
+        return replace(self, fields=fields)
 
     @property
     def channel_names(self) -> tuple[str, ...]:

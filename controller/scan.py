@@ -31,6 +31,14 @@ from controller.config import AssayConfig, InstrumentConfig
 from controller.detector import OnlineDetector, load_records
 from controller.engine import ScanEngine
 from controller.errors import ConfigError, ScannerError, StorageError
+from controller.focus import (
+    FieldFocus,
+    Focuser,
+    FocusMap,
+    FocusMapper,
+    FocusQC,
+    anchor_positions,
+)
 from controller.instrument import open_instrument
 from controller.layouts import CartridgeLayout
 from controller.plan import FieldSpec, ScanPlan
@@ -85,6 +93,20 @@ class ScanResult:
     frames: int = 0
     duration_s: float = 0.0
     canceled: bool = False
+    focus_map: FocusMap | None = None
+    focus_map_reused: bool = False
+    focus_qc_s: float = 0.0
+    refocused: list[str] = field(default_factory=list)
+
+    @property
+    def focus_s(self) -> float:
+        """Time spent on focus: the map (if measured now) and the per-field QC."""
+        fmap = (
+            0.0
+            if self.focus_map is None or self.focus_map_reused
+            else (self.focus_map.seconds)
+        )
+        return fmap + self.focus_qc_s
 
     @property
     def complete(self) -> bool:
@@ -122,6 +144,8 @@ class Scan:
     on_field : callable, optional
         ``on_field(name, status)`` with status ``stored``, ``failed``,
         ``detected`` or ``detect_failed``; called from worker threads.
+    on_focus : callable, optional
+        ``on_focus(done, total)`` while the focus map's anchors are measured.
     """
 
     def __init__(
@@ -132,6 +156,7 @@ class Scan:
         run_job: Callable[[FieldJob], Mapping[str, Any]] | None = None,
         on_start: Callable[[int, int], None] | None = None,
         on_field: Callable[[str, str], None] | None = None,
+        on_focus: Callable[[int, int], None] | None = None,
     ) -> None:
         self.request = request
         if detector_workers is None:
@@ -140,6 +165,7 @@ class Scan:
         self.run_job = run_job
         self.on_start = on_start
         self.on_field = on_field
+        self.on_focus = on_focus
         self.folder = RunFolder(request.out)
         self._cancel = threading.Event()
         self._core: Any = None
@@ -192,6 +218,10 @@ class Scan:
                 f"{core.getImageWidth()} x {core.getImageHeight()} px, config says "
                 f"{cam.width} x {cam.height}"
             )
+        fmap, reused = self._focus_map(instrument, plan)
+        plan = plan.with_focus(fmap.z_of, req.instrument)
+        by_name = plan.by_name()
+        remaining = [by_name[f.name] for f in remaining]
         self._write_scan_json(plan, instrument)
         if instrument.simulated:
             truth = instrument.ground_truth(
@@ -210,7 +240,12 @@ class Scan:
             )
 
         result = ScanResult(
-            folder.root, req.cartridge, len(plan.fields), resumed=len(done)
+            folder.root,
+            req.cartridge,
+            len(plan.fields),
+            resumed=len(done),
+            focus_map=fmap,
+            focus_map_reused=reused,
         )
         if self.on_start is not None:
             self.on_start(len(plan.fields), len(done))
@@ -252,12 +287,38 @@ class Scan:
             except StorageError as e:  # disk trouble: stop cleanly, stay resumable
                 self._fail_run(e)
 
+        def focused(event: Any, info: FieldFocus) -> None:
+            name = remaining[event.index.get("p", 0)].name
+            if info.refocused:
+                result.refocused.append(name)
+                folder.ledger.append(
+                    "refocused",
+                    field=name,
+                    first={
+                        "z_um": info.z_planned_um,
+                        "sharpness": info.first_sharpness,
+                    },
+                    second={
+                        "z_um": info.z_um if info.z_um != info.z_planned_um else None,
+                        "sharpness": info.sharpness,
+                    },
+                    kept="second" if info.z_um != info.z_planned_um else "first",
+                    reason=info.reason,
+                    search_snaps=info.search_snaps,
+                    seconds=info.seconds,
+                )
+
         assembler = FieldAssembler(remaining, plan.channel_names, deliver, failed)
+        qc = None
+        if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
+            qc = FocusQC(Focuser(core, req.instrument), fmap.reference_sharpness)
         engine = ScanEngine(
             core,
             snap_retries=req.instrument.snap_retries,
             move_retries=req.instrument.move_retries,
             on_failure=assembler.failure,
+            focus_qc=qc,
+            on_focus=focused,
         )
         core.mda.set_engine(engine)
         t0 = time.perf_counter()
@@ -270,6 +331,7 @@ class Scan:
         if writer.error is not None and self._error is None:
             self._error = writer.error
         result.duration_s = time.perf_counter() - t0
+        result.focus_qc_s = qc.seconds if qc is not None else 0.0
         result.frames = result.stored * len(plan.channels)
         result.detected, result.detect_failed = stats["detected"], stats["failed"]
         result.max_detect_backlog = stats["max_backlog"]
@@ -284,6 +346,8 @@ class Scan:
             canceled=result.canceled,
             error=str(self._error) if self._error else None,
             duration_s=round(result.duration_s, 3),
+            focus_s=round(result.focus_s, 3),
+            refocused=result.refocused,
         )
         if self._error is not None:
             if isinstance(self._error, ScannerError):
@@ -385,6 +449,67 @@ class Scan:
             self._error = error
         if self._core is not None:
             self._core.mda.cancel()
+
+    # ------------------------------------------------------------------ focus
+
+    def _focus_map(self, instrument: Any, plan: ScanPlan) -> tuple[FocusMap, bool]:
+        """The run's focus map: the recorded one on resume, else measured now.
+
+        A recorded map is reused when it was measured with the same focus
+        settings; it is written durably before any field is imaged.
+        """
+        req, folder = self.request, self.folder
+        settings = req.instrument.focus
+        recorded = folder.read_json(folder.focus_map_json)
+        if recorded is not None:
+            try:
+                fmap = FocusMap.from_dict(recorded)
+            except (KeyError, TypeError, ValueError) as e:
+                raise StorageError(
+                    f"{folder.focus_map_json}: not a focus map ({e}); remove it to "
+                    "measure the focus map again"
+                ) from None
+            if fmap.settings == settings.model_dump(mode="json"):
+                folder.ledger.append("focus_map", reused=True, model=fmap.fit.model)
+                return fmap, True
+            logger.warning("focus settings changed since the map was measured")
+        fov = (plan.fov_width_um, plan.fov_height_um)
+        total = (
+            len(anchor_positions(plan.layout, *fov, settings))
+            if settings.enabled
+            else 0
+        )
+        done = 0
+
+        def anchor_done(_: Any) -> None:
+            nonlocal done
+            done += 1
+            if self.on_focus is not None:
+                self.on_focus(done, total)
+
+        mapper = FocusMapper(
+            instrument.core,
+            req.instrument,
+            plan.layout,
+            fov,
+            on_anchor=anchor_done,
+        )
+        fmap = mapper.build()
+        fmap.settings = settings.model_dump(mode="json")
+        folder.write_json(folder.focus_map_json, fmap.as_dict())
+        folder.ledger.append(
+            "focus_map",
+            reused=False,
+            model=fmap.fit.model,
+            anchors=len(fmap.anchors),
+            used=sum(a.usable for a in fmap.anchors),
+            rms_um=fmap.rms_um,
+            seconds=fmap.seconds,
+            warnings=fmap.warnings,
+        )
+        for w in fmap.warnings:
+            logger.warning("%s", w)
+        return fmap, False
 
     # ------------------------------------------------------------------ helpers
 

@@ -148,6 +148,7 @@ class RunFolder:
         self.fields_dir = self.root / "fields"
         self.scan_json = self.root / "scan.json"
         self.ground_truth_json = self.root / "ground_truth.json"
+        self.focus_map_json = self.root / "focus_map.json"
         self.detections_dir = self.root / "detections"
         self.ledger = Ledger(self.root / "ledger.jsonl")
 
@@ -193,13 +194,17 @@ class RunFolder:
     def write_json(self, path: Path, data: Any) -> None:
         write_durably(path, json.dumps(data, indent=1).encode())
 
-    def read_scan_json(self) -> dict[str, Any] | None:
-        if not self.scan_json.exists():
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON file of the run folder; None when absent."""
+        if not path.exists():
             return None
         try:
-            return json.loads(self.scan_json.read_text())
+            return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise StorageError(f"{self.scan_json}: unreadable ({e})") from None
+            raise StorageError(f"{path}: unreadable ({e})") from None
+
+    def read_scan_json(self) -> dict[str, Any] | None:
+        return self.read_json(self.scan_json)
 
     def verify(self, name: str, sha256: str) -> bool:
         """Whether the field file exists and hashes to `sha256`."""
@@ -277,6 +282,7 @@ class FieldStore:
             sha256=digest,
             bytes=len(data),
             stage=field.stage,
+            focus=field.focus,
             acquired_at=field.acquired_at,
         )
         return StoredField(name, path, digest, len(data))

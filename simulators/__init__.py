@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pymmcore_plus.experimental.unicore import UniMMCore
-
 from simulators.config import STAINS, WorldConfig
+from simulators.core import SimCore
 from simulators.world import KINDS, World
 
-__all__ = ["KINDS", "STAINS", "World", "WorldConfig", "open_simulated_core"]
+__all__ = ["KINDS", "STAINS", "SimCore", "World", "WorldConfig", "open_simulated_core"]
 
 
-def open_simulated_core(mm_config: str | Path, world: World) -> UniMMCore:
-    """Load `mm_config` into a new `UniMMCore` whose simulated devices share `world`."""
-    core = UniMMCore()
+def open_simulated_core(mm_config: str | Path, world: World) -> SimCore:
+    """Load `mm_config` into a new `SimCore` whose simulated devices share `world`."""
+    core = SimCore()
     with world.bound():
         core.loadSystemConfiguration(str(mm_config))
     return core

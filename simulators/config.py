@@ -66,9 +66,9 @@ class OpticsConfig(ConfigModel):
 class SurfaceConfig(ConfigModel):
     """The cartridge's top surface: z = z0 + tilt + bow along the long axis (um).
 
-    The defaults keep a 5 x 35 cartridge within about 3 um of z0 (the scanner
-    images every field at its planned z, 0 without a focus map); steeper tilts and
-    bows are set here.
+    `bow_um` is the height of the centre over the chamber's ends (negative: sags).
+    The defaults are a mildly tilted, slightly bowed cartridge; the focus map
+    follows steeper tilts and bows set here.
     """
 
     z0_um: float = 0.0
@@ -90,3 +90,9 @@ class WorldConfig(ConfigModel):
     time_scale: float = Field(default=0.0, ge=0, le=1)
     #: snaps (0-based count of every snap of this world) that fail, for tests
     fail_snaps: tuple[int, ...] = ()
+    #: hardware autofocus: residual error (sd, um) of a successful full focus
+    autofocus_sd_um: float = Field(default=0.15, ge=0)
+    #: full-focus calls (0-based count) that fail, and that land this far off
+    fail_autofocus: tuple[int, ...] = ()
+    wrong_autofocus: tuple[int, ...] = ()
+    wrong_autofocus_um: float = 12.0

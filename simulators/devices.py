@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from pymmcore_plus.experimental.unicore import (
+    GenericDevice,
     ShutterDevice,
     SimpleCameraDevice,
     StageDevice,
@@ -24,7 +25,14 @@ from pymmcore_plus.experimental.unicore import (
 from simulators.config import STAINS
 from simulators.world import World, current_world
 
-__all__ = ["SimCamera", "SimFilterCube", "SimFocus", "SimShutter", "SimXYStage"]
+__all__ = [
+    "SimAutofocus",
+    "SimCamera",
+    "SimFilterCube",
+    "SimFocus",
+    "SimShutter",
+    "SimXYStage",
+]
 
 
 def _wait(world: World, ms: float) -> None:
@@ -169,3 +177,26 @@ class SimShutter(ShutterDevice):
     def set_open(self, open: bool) -> None:
         with self.world.lock:
             self.world.shutter_open = bool(open)
+
+
+class SimAutofocus(GenericDevice):
+    """Hardware autofocus (reflection type): finds the surface and moves the focus
+    drive there. `simulators.core.SimCore` routes Micro-Manager's autofocus calls
+    (``fullFocus``, ``getLastFocusScore`` ...) to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = current_world()
+        self.last_score = 0.0
+        self.offset_um = 0.0
+
+    def full_focus(self) -> None:
+        start = self.world.z
+        z = self.world.autofocus()
+        _wait(self.world, 50 + abs(z - start) / self.world.config.focus_speed_um_per_ms)
+        self.last_score = 1.0
+
+    def current_score(self) -> float:
+        w = self.world
+        x, y = w.xy
+        return float(np.exp(-abs(w.z - w.surface_z(x, y))))

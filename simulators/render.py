@@ -76,9 +76,8 @@ class Renderer:
         signal = np.zeros((w.height, w.width), np.float32)
         if channel >= 0 and exposure_ms > 0:
             clean = self._channel_image(x, y, channel)
-            dz = abs(z - w.surface_z(x, y))
-            sigma = opt.blur_px_per_um * max(0.0, dz - opt.depth_of_field_um / 2)
-            if sigma > 0.3:
+            sigma = self.defocus_sigma_px(z - w.surface_z(x, y))
+            if sigma > 0.1:
                 clean = ndimage.gaussian_filter(
                     clean, sigma, mode="nearest", truncate=3.0
                 )
@@ -105,6 +104,17 @@ class Renderer:
             out = np.empty(signal.shape, np.uint16)
         np.copyto(out, signal, casting="unsafe")
         return out
+
+    def defocus_sigma_px(self, dz_um: float) -> float:
+        """Extra blur (Gaussian sigma, px) of a frame taken `dz_um` off focus.
+
+        Smooth and symmetric: ``blur * (sqrt(dz^2 + d^2) - d)`` with ``d`` half the
+        depth of field, so the blur grows quadratically within the depth of field
+        and linearly (``blur`` px per um) beyond it.
+        """
+        opt = self.world.config.optics
+        d = opt.depth_of_field_um / 2
+        return opt.blur_px_per_um * (math.hypot(dz_um, d) - d)
 
     # ------------------------------------------------------------------ internals
 

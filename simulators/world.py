@@ -170,6 +170,7 @@ class World:
         self.shutter_open = False
         self.snap_failures_pending = 0
         self.snaps = 0
+        self.autofocus_calls = 0
 
     # ------------------------------------------------------------------ binding
 
@@ -363,6 +364,31 @@ class World:
             (x, y), z, ch = self.xy, self.z, self.channel
             lit = self.shutter_open
         return self.renderer.frame(x, y, z, ch if lit else -1, exposure_ms, out=out)
+
+    def autofocus(self) -> float:
+        """A hardware full focus at the current stage position; returns the new z.
+
+        Like a reflection autofocus, it finds the surface to within
+        `autofocus_sd_um` (repeatable per position); configured calls fail or land
+        `wrong_autofocus_um` off (locked onto the wrong interface).
+        """
+        cfg = self.config
+        with self.lock:
+            n = self.autofocus_calls
+            self.autofocus_calls += 1
+            x, y = self.xy
+        if n in cfg.fail_autofocus:
+            raise RuntimeError(f"simulated autofocus: no reflection signal (call {n})")
+        key = (cfg.seed, 7, round(x * 100), round(y * 100))
+        err = np.random.default_rng([int(k) % 2**32 for k in key]).normal(
+            0.0, cfg.autofocus_sd_um
+        )
+        z = self.surface_z(x, y) + float(err)
+        if n in cfg.wrong_autofocus:
+            z += cfg.wrong_autofocus_um
+        with self.lock:
+            self.z = z
+        return z
 
     def noise_offset(self, *key: float | int, span: int) -> int:
         """A deterministic offset in [0, span) for a frame described by `key`."""

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from analysis.fieldio import read_field_file
 from controller.cli import app
-from controller.config import InstrumentConfig
+from controller.config import InstrumentConfig, load_yaml
 from controller.layouts import get_layout
 from controller.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
@@ -17,13 +17,15 @@ SIM_YAML = CONFIG_DIR / "simulated.yaml"
 DEMO_YAML = CONFIG_DIR / "demo-adapters.yaml"
 
 
-def sim_instrument(**world: Any) -> InstrumentConfig:
-    """The shipped simulated instrument, with WorldConfig overrides."""
-    cfg = InstrumentConfig.from_file(SIM_YAML)
-    if not world:
-        return cfg
-    sim = cfg.simulation.model_copy(update={"world": {**cfg.simulation.world, **world}})
-    return cfg.model_copy(update={"simulation": sim})
+def sim_instrument(
+    *, focus: dict[str, Any] | None = None, **world: Any
+) -> InstrumentConfig:
+    """The shipped simulated instrument, with focus settings and WorldConfig
+    overrides."""
+    data = load_yaml(SIM_YAML)
+    data["simulation"]["world"] = {**data["simulation"].get("world", {}), **world}
+    data["focus"] = {**data.get("focus", {}), **(focus or {})}
+    return InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
 
 
 def run_scan(

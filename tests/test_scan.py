@@ -20,6 +20,7 @@ from controller.store import LedgerState, RunFolder
 from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
 
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
+NO_FOCUS = {"enabled": False}
 
 
 def _ledger(run: Path) -> list[dict]:
@@ -153,12 +154,18 @@ def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
 
 
 def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
-    clean = run_scan(tmp_path / "clean", n_fields=3, seed=4)
+    # focus off: the injected snap numbers then count field frames only
+    clean = run_scan(
+        tmp_path / "clean",
+        n_fields=3,
+        seed=4,
+        instrument=sim_instrument(focus=NO_FOCUS),
+    )
     flaky = run_scan(
         tmp_path / "flaky",
         n_fields=3,
         seed=4,
-        instrument=sim_instrument(fail_snaps=[5]),
+        instrument=sim_instrument(focus=NO_FOCUS, fail_snaps=[5]),
     )
     assert flaky.complete and not flaky.failed
     for i in range(3):
@@ -171,13 +178,18 @@ def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
 def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(
     tmp_path: Path,
 ) -> None:
-    clean = run_scan(tmp_path / "clean", n_fields=4, seed=4)
+    clean = run_scan(
+        tmp_path / "clean",
+        n_fields=4,
+        seed=4,
+        instrument=sim_instrument(focus=NO_FOCUS),
+    )
     # snaps 5, 6, 7 fail: field_001's FITC frame fails three times (2 retries)
     bad = run_scan(
         tmp_path / "bad",
         n_fields=4,
         seed=4,
-        instrument=sim_instrument(fail_snaps=[5, 6, 7]),
+        instrument=sim_instrument(focus=NO_FOCUS, fail_snaps=[5, 6, 7]),
     )
     assert set(bad.failed) == {"field_001"} and "snap failed" in bad.failed["field_001"]
     assert not (bad.run_dir / "fields" / "field_001.ome.tif").exists()
@@ -189,7 +201,9 @@ def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(
         b, _, _ = read_field(bad.run_dir / "fields" / f"{name}.ome.tif")
         assert np.array_equal(a, b), name
     # resuming acquires the failed field
-    again = run_scan(bad.run_dir, n_fields=4, seed=4)
+    again = run_scan(
+        bad.run_dir, n_fields=4, seed=4, instrument=sim_instrument(focus=NO_FOCUS)
+    )
     assert again.stored == 1 and again.complete
 
 

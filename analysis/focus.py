@@ -1,0 +1,147 @@
+"""Focus measures of nucleus-channel frames, and the peak of a focus curve.
+
+Two measures, for two questions:
+
+* `gradient_energy` answers "which of these planes of the same field is
+  sharpest?" (a z search). It is the Brenner gradient, the mean squared
+  difference of pixels two apart: large for sharp edges, falling steeply with
+  blur, cheap. Its value depends on what the field holds, so it only compares
+  frames of one field.
+* `field_sharpness` answers "is this frame, of a field never seen before, in
+  focus?" (per-field QC). It compares gradient energy at two scales, which
+  cancels how many nuclei the field holds and how bright they are: a blurred
+  edge looks alike at 1 and 4 px, a sharp one does not. The value is
+  0 (no detail finer than 4 px) to 1 (ideal step edges); in-focus nuclei at
+  0.64 um/px give about 0.85.
+
+`refine_peak` locates the maximum of a sampled focus curve between samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "FieldSharpness",
+    "PeakEstimate",
+    "field_sharpness",
+    "gradient_energy",
+    "refine_peak",
+]
+
+#: Fine detail below this many times the noise's own gradient energy is noise.
+MIN_DETAIL = 3.0
+#: Mean excess over the median, in noise sigmas, that says the field holds signal.
+MIN_CONTENT = 0.5
+
+
+def gradient_energy(image: np.ndarray) -> float:
+    """Brenner focus measure: mean of (I[x+2] - I[x])^2 over the frame (DN^2)."""
+    f = np.asarray(image, dtype=np.float32)
+    d = f[:, 2:] - f[:, :-2]
+    return float(np.mean(d * d))
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSharpness:
+    """Sharpness of one frame.
+
+    Attributes
+    ----------
+    sharpness : float or None
+        0..1 (see module docstring); 0 when the frame holds signal but no fine
+        detail at all (badly blurred); None when it holds nothing to judge by
+        (an empty field).
+    detail : float
+        Gradient energy at 1 px above the noise's, in units of the noise's.
+    content : float
+        Mean minus median of the frame, in noise sigmas.
+    """
+
+    sharpness: float | None
+    detail: float
+    content: float
+
+
+def _noise_sigma(f: np.ndarray) -> float:
+    """Pixel noise (DN) from second differences of every 4th row.
+
+    Second differences cancel background slopes and ramps; for white noise their
+    variance is 6 sigma^2. The median absolute value ignores edges.
+    """
+    sub = f[::4]
+    d2 = sub[:, 2:] - 2 * sub[:, 1:-1] + sub[:, :-2]
+    return float(1.4826 * np.median(np.abs(d2)) / np.sqrt(6.0))
+
+
+def _mean_sq_diff(f: np.ndarray, d: int) -> float:
+    a = f[:, d:] - f[:, :-d]
+    b = f[d:, :] - f[:-d, :]
+    return float((np.mean(a * a) + np.mean(b * b)) / 2)
+
+
+def field_sharpness(image: np.ndarray) -> FieldSharpness:
+    """How sharp a nucleus-channel frame is, independent of its content.
+
+    With g(d) the mean squared difference of pixels d apart (both axes) less the
+    noise's share 2 sigma^2, r = g(4) / (4 g(1)) is 1 for ideal step edges and 4
+    for a signal smooth over 4 px; the sharpness is (4 - r) / 3.
+    """
+    f = np.asarray(image, dtype=np.float32)
+    sigma = max(_noise_sigma(f), 1e-6)
+    noise2 = 2 * sigma * sigma
+    g1 = _mean_sq_diff(f, 1) - noise2
+    g4 = _mean_sq_diff(f, 4) - noise2
+    detail = g1 / noise2
+    content = float(f.mean() - np.median(f[::4])) / sigma
+    if detail < MIN_DETAIL:
+        return FieldSharpness(0.0 if content >= MIN_CONTENT else None, detail, content)
+    r = min(max(g4 / (4 * g1), 1.0), 4.0)
+    return FieldSharpness((4.0 - r) / 3.0, detail, content)
+
+
+@dataclass(frozen=True, slots=True)
+class PeakEstimate:
+    """The peak of a focus curve.
+
+    `z` is None when the curve has no peak to find (`reason` says why).
+    """
+
+    z: float | None
+    value: float
+    reason: str = ""
+
+
+def refine_peak(
+    zs: Sequence[float], values: Sequence[float], *, min_contrast: float = 1.2
+) -> PeakEstimate:
+    """Sub-step location of the maximum of focus values sampled at `zs`.
+
+    A Gaussian fitted to the best sample and up to two neighbours on each side
+    (a least-squares parabola through their logarithms) gives the peak between
+    samples; it is clamped to the span of the best sample's nearest neighbours.
+    The curve must rise above its lowest sample by `min_contrast` (a flat curve
+    has no focus), and its maximum must not sit at either end of the samples
+    (the focus lies outside the searched range).
+    """
+    z = np.asarray(zs, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if z.size < 3 or z.size != v.size:
+        return PeakEstimate(None, 0.0, "fewer than 3 samples")
+    order = np.argsort(z)
+    z, v = z[order], v[order]
+    i = int(np.argmax(v))
+    vmax, vmin = float(v[i]), float(v.min())
+    if not np.isfinite(vmax) or vmax <= 0 or vmax < min_contrast * max(vmin, 1e-12):
+        return PeakEstimate(None, vmax, "no focus signal (flat focus curve)")
+    if i == 0 or i == z.size - 1:
+        return PeakEstimate(None, vmax, "sharpest plane at the end of the search")
+    lo, hi = max(i - 2, 0), min(i + 3, z.size)
+    x, y = z[lo:hi], np.log(np.maximum(v[lo:hi], 1e-12))
+    a, b, _ = np.polyfit(x - z[i], y, 2)
+    peak = float(z[i]) if a >= 0 else float(z[i] - b / (2 * a))
+    x = z[i - 1 : i + 2]
+    return PeakEstimate(min(max(peak, float(x[0])), float(x[2])), vmax)
