@@ -150,6 +150,7 @@ def summarize(
             ),
             **dict(ctx.get("extra_qc") or {}),
         },
+        "focus": dict(ctx["focus"]) if ctx.get("focus") else None,
         "source": str(ctx.get("source", "")),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -164,7 +165,115 @@ table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
 .gallery figure{margin:0 0 1em 0} .gallery img{max-width:100%;image-rendering:pixelated}
 figcaption{font-size:.9em;color:#555}
+.focusmap svg{max-width:100%;height:auto;background:#fafafa}
 """
+
+
+_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def _color(t: float) -> str:
+    """Viridis colour of t in 0..1."""
+    t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
+    i = min(int(t), len(_VIRIDIS) - 2)
+    f = t - i
+    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
+    return "#" + "".join(f"{round(a[k] + f * (b[k] - a[k])):02x}" for k in range(3))
+
+
+def _focus_panel(
+    focus: Mapping[str, Any], key: str, lo: float, hi: float, title: str, unit: str
+) -> str:
+    """One SVG map of the cartridge: fields coloured by `key`, anchors, refocus."""
+    e = html.escape
+    fields = focus["fields"]
+    fw, fh = focus["fov_um"]
+    xs = [f["x_um"] for f in fields] + [a["x_um"] for a in focus["anchors"]]
+    ys = [f["y_um"] for f in fields] + [a["y_um"] for a in focus["anchors"]]
+    x0, x1 = min(xs) - fw / 2, max(xs) + fw / 2
+    y0, y1 = min(ys) - fh / 2, max(ys) + fh / 2
+    scale = 1100 / max(x1 - x0, 1.0)
+    w, h = (x1 - x0) * scale, (y1 - y0) * scale
+
+    def sx(x: float) -> float:
+        return (x - x0) * scale
+
+    def sy(y: float) -> float:
+        return (y1 - y) * scale
+
+    span = hi - lo if hi > lo else 1.0
+    parts = []
+    for f in fields:
+        v = f.get(key)
+        fill = "#ccc" if v is None else _color((v - lo) / span)
+        cls = "field refocused" if f.get("refocused") else "field"
+        stroke = (
+            'stroke="#e00" stroke-width="3"'
+            if f.get("refocused")
+            else ('stroke="#fff" stroke-width="0.5"')
+        )
+        val = "none" if v is None else f"{v:.2f}{unit}"
+        parts.append(
+            f'<rect class="{cls}" data-field="{e(f["name"])}" data-value="{val}" '
+            f'x="{sx(f["x_um"] - fw / 2):.1f}" y="{sy(f["y_um"] + fh / 2):.1f}" '
+            f'width="{fw * scale:.1f}" height="{fh * scale:.1f}" fill="{fill}" '
+            f"{stroke}><title>{e(f['name'])}: {val}</title></rect>"
+        )
+    for a in focus["anchors"]:
+        used = a["status"] in ("ok", "remeasured")
+        z = "failed" if a["z_um"] is None else f"{a['z_um']:.2f} um"
+        parts.append(
+            f'<circle class="anchor{"" if used else " unused"}" '
+            f'cx="{sx(a["x_um"]):.1f}" cy="{sy(a["y_um"]):.1f}" r="6" '
+            f'fill="{"#fff" if used else "#e00"}" stroke="#000" stroke-width="1.5">'
+            f"<title>anchor {a['index']} ({e(a['source'])}, {e(a['status'])}): "
+            f"{z}</title></circle>"
+        )
+    return (
+        f'<figure class="focusmap" id="focus-{key}">'
+        '<svg xmlns="http://www.w3.org/2000/svg" '
+        f'width="{w:.0f}" height="{h:.0f}" viewBox="0 0 {w:.0f} {h:.0f}">'
+        + "".join(parts)
+        + f"</svg><figcaption>{e(title)}: colour {lo:.2f} (dark) to {hi:.2f}{unit} "
+        "(yellow); circles are anchors (red: unused); red outline: re-focused "
+        "field.</figcaption></figure>"
+    )
+
+
+def _focus_html(focus: Mapping[str, Any] | None) -> str:
+    if not focus or not focus.get("enabled"):
+        return "<h2>Focus</h2><p>Focus map off: every field at one z.</p>"
+    e = html.escape
+    fields = focus["fields"]
+    zs = [f["z_um"] for f in fields if f.get("z_um") is not None]
+    sharp = [f["sharpness"] for f in fields if f.get("sharpness") is not None]
+    refocused = [f["name"] for f in fields if f.get("refocused")]
+    panels = ""
+    if zs:
+        panels += _focus_panel(
+            focus, "z_um", min(zs), max(zs), "Focus z of each field", " um"
+        )
+    if sharp:
+        thr = focus.get("threshold") or min(sharp)
+        panels += _focus_panel(
+            focus,
+            "sharpness",
+            min(min(sharp), thr),
+            max(sharp),
+            f"Sharpness of each field (re-focus below {thr:.2f})",
+            "",
+        )
+    warn = "".join(f"<li>{e(w)}</li>" for w in focus.get("warnings", []))
+    used = sum(a["status"] in ("ok", "remeasured") for a in focus["anchors"])
+    reused = " (recorded map reused)" if focus.get("reused") else ""
+    return f"""<h2>Focus</h2>
+<p id="focus-summary">{e(focus["model"])} focus map from {used} of
+{len(focus["anchors"])} anchors{reused},
+rms residual {focus["rms_um"]:.2f} um, max {focus["max_residual_um"]:.2f} um.
+Time on focus {focus["seconds"]:.1f} s (map {focus["map_seconds"]:.1f} s, per-field
+checks and re-focus {focus["qc_seconds"]:.1f} s). Re-focused fields:
+<span id="refocused">{e(", ".join(refocused)) or "none"}</span>.</p>
+{f"<ul id='focus-warnings'>{warn}</ul>" if warn else ""}{panels}"""
 
 
 def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
@@ -211,6 +320,7 @@ def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> st
 {rows}</table>
 <h2>Image quality</h2><table id="qc"><tr><th>channel</th><th>background (DN)</th>
 <th>noise (DN)</th><th>max saturated fraction</th></tr>{qc_rows}</table>
+{_focus_html(report.get("focus"))}
 <h2>CTC candidates, by score</h2>
 <p>Every object called CTC, for review. Tiles: overlay (DAPI blue, cytokeratin green,
 CD45 red, marker yellow), then each channel; bar 10 um.</p>
@@ -228,7 +338,8 @@ def write_outputs(
     `ctx` says what the report needs beyond the detections: ``cartridge_id``,
     ``indication``, ``cutoff``, ``blood_volume_ml``, ``fields_planned`` (names),
     ``fields_failed`` ({name: reason}), ``cartridge_fields`` (fields of the
-    whole cartridge, when only some were scanned), ``source`` and ``extra_qc``.
+    whole cartridge, when only some were scanned), ``source``, ``extra_qc`` and
+    ``focus`` (the focus map and per-field focus, drawn as a picture).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -407,9 +407,64 @@ class Scan:
                 "cartridge_fields": plan.layout.n_fields,
                 "fields_failed": failed,
                 "source": str(folder.root),
-                "extra_qc": {"acquisition_seconds": round(result.duration_s, 2)},
+                "extra_qc": {
+                    "acquisition_seconds": round(result.duration_s, 2),
+                    "focus_seconds": round(result.focus_s, 2),
+                },
+                "focus": self._focus_report(plan, state, result),
             },
         )
+
+    def _focus_report(
+        self, plan: ScanPlan, state: LedgerState, result: ScanResult
+    ) -> dict[str, Any] | None:
+        """The focus section of the report: map, anchors, per-field focus."""
+        fmap = result.focus_map
+        if fmap is None:
+            return None
+        fields = []
+        for f in plan.fields:
+            rec = state.stored.get(f.name) or {}
+            foc = rec.get("focus") or {}
+            fields.append(
+                {
+                    "name": f.name,
+                    "x_um": f.x_um,
+                    "y_um": f.y_um,
+                    "z_planned_um": f.z_um,
+                    "z_um": foc.get("z_um", (rec.get("stage") or {}).get("z_um")),
+                    "sharpness": foc.get("sharpness"),
+                    "refocused": bool(foc.get("refocused")),
+                }
+            )
+        map_s = 0.0 if result.focus_map_reused else fmap.seconds
+        ref = fmap.reference_sharpness
+        return {
+            "enabled": fmap.enabled,
+            "model": fmap.fit.model,
+            "reused": result.focus_map_reused,
+            "rms_um": fmap.rms_um,
+            "max_residual_um": fmap.max_residual_um,
+            "warnings": fmap.warnings,
+            "reference_sharpness": ref,
+            "threshold": (
+                None
+                if ref is None
+                else ref * self.request.instrument.focus.qc_min_relative
+            ),
+            "map_seconds": round(map_s, 3),
+            "qc_seconds": round(result.focus_qc_s, 3),
+            "seconds": round(result.focus_s, 3),
+            "fov_um": [plan.fov_width_um, plan.fov_height_um],
+            "anchors": [
+                {
+                    k: getattr(a, k)
+                    for k in ("index", "x_um", "y_um", "z_um", "status", "source")
+                }
+                for a in fmap.anchors
+            ],
+            "fields": fields,
+        }
 
     def _acquire(
         self,
