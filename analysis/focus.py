@@ -34,8 +34,12 @@ __all__ = [
 
 #: Fine detail below this many times the noise's own gradient energy is noise.
 MIN_DETAIL = 3.0
-#: Mean excess over the median, in noise sigmas, that says the field holds signal.
-MIN_CONTENT = 0.5
+#: A pixel this many noise sigmas above the median is signal (a nucleus, blurred
+#: or not)...
+BRIGHT_SIGMAS = 8.0
+#: ...and this fraction of signal pixels (about one nucleus) says the field holds
+#: something to focus on.
+MIN_CONTENT = 1e-4
 
 
 def gradient_energy(image: np.ndarray) -> float:
@@ -58,7 +62,7 @@ class FieldSharpness:
     detail : float
         Gradient energy at 1 px above the noise's, in units of the noise's.
     content : float
-        Mean minus median of the frame, in noise sigmas.
+        Fraction of pixels more than `BRIGHT_SIGMAS` noise sigmas above the median.
     """
 
     sharpness: float | None
@@ -96,7 +100,8 @@ def field_sharpness(image: np.ndarray) -> FieldSharpness:
     g1 = _mean_sq_diff(f, 1) - noise2
     g4 = _mean_sq_diff(f, 4) - noise2
     detail = g1 / noise2
-    content = float(f.mean() - np.median(f[::4])) / sigma
+    sub = f[::4]
+    content = float(np.mean(sub > np.median(sub) + BRIGHT_SIGMAS * sigma))
     if detail < MIN_DETAIL:
         return FieldSharpness(0.0 if content >= MIN_CONTENT else None, detail, content)
     r = min(max(g4 / (4 * g1), 1.0), 4.0)

@@ -220,7 +220,7 @@ def _focus_panel(
             f"{stroke}><title>{e(f['name'])}: {val}</title></rect>"
         )
     for a in focus["anchors"]:
-        used = a["status"] in ("ok", "remeasured")
+        used = a["used"]
         z = "failed" if a["z_um"] is None else f"{a['z_um']:.2f} um"
         parts.append(
             f'<circle class="anchor{"" if used else " unused"}" '
@@ -264,7 +264,7 @@ def _focus_html(focus: Mapping[str, Any] | None) -> str:
             "",
         )
     warn = "".join(f"<li>{e(w)}</li>" for w in focus.get("warnings", []))
-    used = sum(a["status"] in ("ok", "remeasured") for a in focus["anchors"])
+    used = sum(a["used"] for a in focus["anchors"])
     reused = " (recorded map reused)" if focus.get("reused") else ""
     return f"""<h2>Focus</h2>
 <p id="focus-summary">{e(focus["model"])} focus map from {used} of

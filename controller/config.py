@@ -191,7 +191,7 @@ class FocusSettings(ConfigModel):
     )
     qc: bool = Field(default=True, description="check every field's sharpness")
     qc_min_relative: float = Field(
-        default=0.8,
+        default=0.9,
         gt=0,
         le=1,
         description="refocus a field below this fraction of the anchors' sharpness",

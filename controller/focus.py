@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ __all__ = [
     "fit_anchors",
 ]
 
+#: anchor states whose z enters the fit
+USABLE = ("ok", "remeasured", "confirmed")
 #: quadratic terms need this many anchors beyond their count (to see residuals)
 _SPARE_ANCHORS = 2
 
@@ -224,7 +226,7 @@ class Anchor:
     y_um: float
     z_um: float | None = None
     source: str = ""  # hardware | software
-    status: str = "pending"  # ok | remeasured | dropped | failed
+    status: str = "pending"  # ok | remeasured | confirmed | dropped | failed
     reason: str = ""
     sharpness: float | None = None
     residual_um: float | None = None
@@ -233,7 +235,7 @@ class Anchor:
 
     @property
     def usable(self) -> bool:
-        return self.z_um is not None and self.status in ("ok", "remeasured")
+        return self.z_um is not None and self.status in USABLE
 
 
 @dataclass
@@ -295,6 +297,8 @@ class FieldFocus:
     z_um: float
     sharpness: float | None
     first_sharpness: float | None
+    second_z_um: float | None = None
+    second_sharpness: float | None = None
     refocused: bool = False
     reason: str = ""
     search_snaps: int = 0
@@ -363,24 +367,36 @@ class Focuser:
                     raise
         raise AssertionError("unreachable")
 
-    def search(self, center: float, half_range: float) -> FocusSearch:
-        """Coarse-to-fine search of z in center +- half_range at the current xy."""
+    def search(
+        self, center: float, half_range: float, *, extend: int = 1
+    ) -> FocusSearch:
+        """Coarse-to-fine search of z in center +- half_range at the current xy.
+
+        When the sharpest coarse plane lies at an end of the window, the window
+        moves one range further that way (up to `extend` times, never past the
+        focus drive's limits) before giving up.
+        """
         s = self.settings
         t0 = time.perf_counter()
-        lo = max(center - half_range, self.z_limits[0])
-        hi = min(center + half_range, self.z_limits[1])
         samples: dict[float, float] = {}
+        zmin, zmax = self.z_limits
 
-        def measure(zs: Sequence[float]) -> None:
+        def measure(zs: Iterable[float]) -> None:
             for z in zs:
                 z = round(float(z), 3)
-                if z not in samples and lo - 1e-9 <= z <= hi + 1e-9:
+                if z not in samples and zmin - 1e-9 <= z <= zmax + 1e-9:
                     samples[z] = gradient_energy(self.snap_at(z))
 
-        n = max(math.floor((hi - lo) / s.coarse_step_um + 1e-9), 1)
-        mid = (lo + hi) / 2
-        measure(mid + (np.arange(n + 1) - n / 2) * s.coarse_step_um)
-        coarse = refine_peak(list(samples), list(samples.values()))
+        n = max(math.floor(2 * half_range / s.coarse_step_um + 1e-9), 1)
+        offsets = (np.arange(n + 1) - n / 2) * s.coarse_step_um
+        mid = center
+        for _ in range(extend + 1):
+            measure(mid + offsets)
+            coarse = refine_peak(list(samples), list(samples.values()))
+            if coarse.z is not None or "end of the search" not in coarse.reason:
+                break
+            low_end = max(samples, key=samples.__getitem__) == min(samples)
+            mid += -2 * half_range if low_end else 2 * half_range
         if coarse.z is None:
             return FocusSearch(
                 None, coarse.reason, sorted(samples.items()), time.perf_counter() - t0
@@ -416,8 +432,11 @@ def fit_anchors(
     An anchor's disagreement is its leave-one-out residual (its z less the fit of
     the others), so one bad anchor cannot hide by pulling the fit. The worst
     anchor beyond `outlier_um` is re-measured once (`remeasure(anchor,
-    predicted_z)` updates it in place); if it still disagrees it is dropped.
-    Leaves each anchor's residual against the final fit.
+    predicted_z)` updates it in place). The same z again means the surface
+    really is there (``confirmed``: kept; the fit's residual reports what the
+    model misses); a z that now agrees with the others replaces the first
+    (``remeasured``); anything else is dropped. Leaves each anchor's residual
+    against the final fit.
     """
 
     def pts(sel: Sequence[Anchor]) -> list[tuple[float, float, float]]:
@@ -432,26 +451,39 @@ def fit_anchors(
             break
         worst, worst_res, worst_pred = None, 0.0, 0.0
         for a in ok:
-            others = SurfaceFit.fit(
-                pts([b for b in ok if b is not a]), fit.model, center, scale
-            )
+            if a.status != "ok":  # measured twice already
+                continue
+            # confirmed anchors are known departures from the model: they do
+            # not predict the others
+            rest = [b for b in ok if b is not a and b.status != "confirmed"]
+            if len(rest) < len(fit.terms):
+                continue
+            others = SurfaceFit.fit(pts(rest), fit.model, center, scale)
             pred = others(a.x_um, a.y_um)
             res = float(a.z_um) - pred  # type: ignore[arg-type]
             if abs(res) > abs(worst_res):
                 worst, worst_res, worst_pred = a, res, pred
         if worst is None or abs(worst_res) <= settings.outlier_um:
             break
-        if worst.status == "ok":
-            before = worst.z_um
-            remeasure(worst, worst_pred)
-            worst.status = "remeasured" if worst.z_um is not None else "dropped"
-            worst.reason = (
-                f"disagreed with the others by {worst_res:+.2f} um at "
-                f"{before if before is None else round(before, 2)} um; re-measured"
-            )
+        before = worst.z_um
+        remeasure(worst, worst_pred)
+        again = worst.z_um
+        if again is None:
+            worst.status = "dropped"
+            worst.reason = f"off by {worst_res:+.2f} um; re-measure failed"
+        elif abs(again - float(before)) <= 2 * settings.fine_step_um:  # type: ignore[arg-type]
+            # the same z twice: a real feature of the surface, not a bad
+            # measurement; the fit's residual will say the model misses it
+            worst.status = "confirmed"
+            worst.reason = f"off by {worst_res:+.2f} um; re-measure agreed"
+        elif abs(again - worst_pred) <= settings.outlier_um:
+            worst.status = "remeasured"
+            worst.reason = f"off by {worst_res:+.2f} um at {before} um; re-measured"
         else:
             worst.status = "dropped"
-            worst.reason += f"; still off by {worst_res:+.2f} um, dropped"
+            worst.reason = (
+                f"off by {worst_res:+.2f} um; re-measure gave {again:.2f} um, dropped"
+            )
     for a in anchors:
         a.residual_um = (
             None if a.z_um is None else round(float(a.z_um) - fit(a.x_um, a.y_um), 3)
@@ -508,7 +540,10 @@ class FocusMapper:
             raise FocusError(f"focus map failed, no anchor found focus ({reasons})")
 
         def remeasure(a: Anchor, predicted: float) -> None:
-            self._measure(a, predicted, s.anchor_range_um, hardware=False)
+            # a window holding both the first z and the predicted one
+            first = predicted if a.z_um is None else a.z_um
+            half = abs(first - predicted) / 2 + s.anchor_range_um
+            self._measure(a, (first + predicted) / 2, half, hardware=False)
 
         fit = fit_anchors(anchors, s, center, scale, remeasure)  # type: ignore[arg-type]
         used = [a for a in anchors if a.usable]
@@ -650,6 +685,8 @@ class FocusQC:
                 second = fz.snap_at(search.z)
                 s2 = field_sharpness(second)
                 info.refocused = True
+                info.second_z_um = round(search.z, 3)
+                info.second_sharpness = s2.sharpness
                 if _better(s2, first):
                     keep, kept, info.z_um = second, s2, round(search.z, 3)
                     info.reason = "re-focused"

@@ -289,23 +289,24 @@ class Scan:
 
         def focused(event: Any, info: FieldFocus) -> None:
             name = remaining[event.index.get("p", 0)].name
-            if info.refocused:
+            if info.refocused:  # both acquisitions of the focus channel
                 result.refocused.append(name)
+                d = info.as_dict()
                 folder.ledger.append(
                     "refocused",
                     field=name,
                     first={
-                        "z_um": info.z_planned_um,
-                        "sharpness": info.first_sharpness,
+                        "z_um": d["z_planned_um"],
+                        "sharpness": d["first_sharpness"],
                     },
                     second={
-                        "z_um": info.z_um if info.z_um != info.z_planned_um else None,
-                        "sharpness": info.sharpness,
+                        "z_um": d["second_z_um"],
+                        "sharpness": d["second_sharpness"],
                     },
-                    kept="second" if info.z_um != info.z_planned_um else "first",
-                    reason=info.reason,
-                    search_snaps=info.search_snaps,
-                    seconds=info.seconds,
+                    kept="first" if d["z_um"] == d["z_planned_um"] else "second",
+                    reason=d["reason"],
+                    search_snaps=d["search_snaps"],
+                    seconds=d["seconds"],
                 )
 
         assembler = FieldAssembler(remaining, plan.channel_names, deliver, failed)
@@ -458,8 +459,11 @@ class Scan:
             "fov_um": [plan.fov_width_um, plan.fov_height_um],
             "anchors": [
                 {
-                    k: getattr(a, k)
-                    for k in ("index", "x_um", "y_um", "z_um", "status", "source")
+                    **{
+                        k: getattr(a, k)
+                        for k in ("index", "x_um", "y_um", "z_um", "status", "source")
+                    },
+                    "used": a.usable,
                 }
                 for a in fmap.anchors
             ],

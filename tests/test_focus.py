@@ -1,0 +1,404 @@
+"""Focus: peak finding, sharpness, surface fit, and the focus map in real scans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+
+from analysis.focus import field_sharpness, refine_peak
+from controller.config import FocusSettings, InstrumentConfig, load_yaml
+from controller.errors import ConfigError
+from controller.focus import Anchor, anchor_positions, fit_anchors
+from controller.layouts import CartridgeLayout, get_layout
+from controller.scan import Scan, ScanRequest, ScanResult
+from hardware_configs import CONFIG_DIR
+from simulators import World, WorldConfig
+from tests.conftest import DEMO_YAML, SIM_YAML, invoke, one_line_error, sim_instrument
+
+#: 24 fields over 5.3 x 2.0 mm: wide enough for a bow, quick to scan
+STRIP = CartridgeLayout(name="test-3x8", rows=3, cols=8)
+FOV = (1384 * 0.64, 1036 * 0.64)
+
+
+def scan(out: Path, instrument: InstrumentConfig, **kw: Any) -> ScanResult:
+    req = ScanRequest(
+        instrument=instrument,
+        layout=kw.pop("layout", STRIP),
+        out=out,
+        instrument_file=str(SIM_YAML),
+        **kw,
+    )
+    return Scan(req, detector_workers=0).run()
+
+
+def ledger(run: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()
+    ]
+
+
+def truth_z(run: Path) -> dict[str, float]:
+    truth = json.loads((run / "ground_truth.json").read_text())
+    return {f["name"]: f["z_true_um"] for f in truth["fields"]}
+
+
+def stored_z(run: Path) -> dict[str, float]:
+    """The z every stored field was imaged at, from its OME-TIFF planes."""
+    out = {}
+    for path in sorted((run / "fields").glob("*.ome.tif")):
+        with tifffile.TiffFile(path) as tif:
+            ome = tif.ome_metadata or ""
+        z = float(ome.split('PositionZ="')[1].split('"')[0])
+        out[path.name.split(".")[0]] = z
+    return out
+
+
+# ---------------------------------------------------------------- peak and sharpness
+
+
+@pytest.mark.parametrize("peak", [-3.3, 0.0, 0.26, 1.9])
+def test_refine_peak_finds_a_gaussian_peak_between_samples(peak: float) -> None:
+    zs = np.arange(-6.0, 6.01, 0.5)
+    values = 100 + 5000 * np.exp(-((zs - peak) ** 2) / (2 * 1.5**2))
+    est = refine_peak(zs, values)
+    assert est.z is not None and abs(est.z - peak) < 0.1
+
+
+def test_refine_peak_refuses_flat_and_one_sided_curves() -> None:
+    zs = np.arange(-4.0, 4.01, 1.0)
+    flat = refine_peak(zs, np.full(zs.size, 500.0) + np.linspace(0, 5, zs.size) % 2)
+    assert flat.z is None and "flat" in flat.reason
+    rising = refine_peak(zs, 100 + 50 * (zs + 5))
+    assert rising.z is None and "end of the search" in rising.reason
+
+
+def test_field_sharpness_does_not_depend_on_how_much_the_field_holds() -> None:
+    layout = get_layout("cellsearch-5x35")
+    dense = World(WorldConfig(seed=21), layout)
+    sparse = World(
+        WorldConfig(
+            seed=22, population={"wbc_per_field": 15, "free_nucleus_per_field": 1}
+        ),
+        layout,
+    )
+    empty = World(
+        WorldConfig(
+            seed=23,
+            population={
+                k: 0
+                for k in (
+                    "ctc",
+                    "wbc_per_field",
+                    "double_positive",
+                    "ck_fragment",
+                    "small_ck_dapi",
+                    "nucleus_beside_ck",
+                    "free_nucleus_per_field",
+                    "debris",
+                )
+            },
+        ),
+        layout,
+    )
+    x, y = 2000.0, 0.0  # an inner field
+
+    def sharp(w: World, dz: float) -> float | None:
+        return field_sharpness(
+            w.renderer.frame(x, y, w.surface_z(x, y) + dz, 0, 20.0)
+        ).sharpness
+
+    in_focus = [sharp(w, 0.0) for w in (dense, sparse)]
+    assert all(s is not None for s in in_focus)
+    assert max(in_focus) - min(in_focus) < 0.1  # type: ignore[operator]
+    for w in (dense, sparse):
+        assert sharp(w, 0.5) > 0.9 * sharp(w, 0.0)  # type: ignore[operator]
+        assert sharp(w, 2.5) < 0.7 * sharp(w, 0.0)  # type: ignore[operator]
+        assert sharp(w, 15.0) < 0.5 * sharp(w, 0.0)  # type: ignore[operator]
+    assert sharp(empty, 0.0) is None
+
+
+# ---------------------------------------------------------------- surface fit
+
+
+def _anchors(points: list[tuple[float, float, float]]) -> list[Anchor]:
+    return [Anchor(i, x, y, z, "software", "ok") for i, (x, y, z) in enumerate(points)]
+
+
+def _plane_points(n_x: int = 4, n_y: int = 2) -> list[tuple[float, float, float]]:
+    return [
+        (x, y, 2.0 + 0.001 * x - 0.002 * y)
+        for x in np.linspace(-3000, 3000, n_x)
+        for y in np.linspace(-500, 500, n_y)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("second_try", "status"),
+    [("agrees", "remeasured"), ("repeats", "confirmed"), ("elsewhere", "dropped")],
+)
+def test_an_anchor_that_disagrees_is_remeasured(second_try: str, status: str) -> None:
+    points = _plane_points()
+    anchors = _anchors(points)
+    first = float(points[3][2]) + 6.0
+    anchors[3].z_um = first
+    calls = []
+
+    def remeasure(a: Anchor, predicted: float) -> None:
+        calls.append((a.index, predicted))
+        a.z_um = {
+            "agrees": predicted + 0.2,
+            "repeats": first - 0.3,
+            "elsewhere": first - 12.0,
+        }[second_try]
+
+    settings = FocusSettings(model="plane")
+    fit = fit_anchors(anchors, settings, (0.0, 0.0), (3000.0, 500.0), remeasure)
+    assert [c[0] for c in calls] == [3]  # only the bad anchor, once
+    assert calls[0][1] == pytest.approx(points[3][2], abs=1e-6)
+    assert anchors[3].status == status
+    assert anchors[3].usable == (status != "dropped")
+    assert all(a.status == "ok" for a in anchors if a.index != 3)
+    if status == "confirmed":  # a real bump: kept, and the fit shows a residual
+        assert abs(anchors[3].residual_um) > 2.0  # type: ignore[arg-type]
+    else:
+        for x, y, z in points[:3] + points[4:]:
+            assert fit(x, y) == pytest.approx(z, abs=0.1)
+
+
+def test_model_follows_the_anchors_geometry() -> None:
+    bowed = [(x, y, 5 - 4e-7 * x * x) for x, y, _ in _plane_points(5, 2)]
+    fit = fit_anchors(
+        _anchors(bowed), FocusSettings(), (0.0, 0.0), (3000.0, 500.0), lambda a, p: None
+    )
+    # 5 x 2 anchors carry u^2 and uv but not v^2
+    assert fit.model == "quadratic" and "vv" not in fit.terms and "uu" in fit.terms
+    assert max(abs(fit(x, y) - z) for x, y, z in bowed) < 1e-6
+    few = fit_anchors(
+        _anchors(bowed[:4]),
+        FocusSettings(),
+        (0.0, 0.0),
+        (3000.0, 500.0),
+        lambda a, p: None,
+    )
+    assert few.model == "plane"
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_anchors_are_placed_inside_the_chamber_away_from_the_wall() -> None:
+    pts = anchor_positions(STRIP, *FOV, FocusSettings(anchors=(4, 3), margin_um=300))
+    half_w = STRIP.cols * FOV[0] / 2 - STRIP.wall_inset_um
+    half_h = STRIP.rows * FOV[1] / 2 - STRIP.wall_inset_um
+    assert len(pts) == 12
+    assert all(
+        abs(x) <= half_w - 300 + 1e-6 and abs(y) <= half_h - 300 + 1e-6 for x, y in pts
+    )
+    assert max(x for x, _ in pts) == pytest.approx(half_w - 300)
+
+
+@pytest.mark.parametrize(
+    ("focus", "words"),
+    [
+        ({"search_range_um": 0}, "empty search range"),
+        ({"refocus_range_um": 1.0}, "smaller than coarse_step_um"),
+        ({"fine_step_um": 3.0}, "fine_step_um must be smaller"),
+        ({"channel": "Cy7"}, "not one of the channels"),
+        ({"search_range_um": 500}, "leaves the stage's z limits"),
+    ],
+)
+def test_bad_focus_settings_are_refused_by_name(
+    tmp_path: Path, focus: dict[str, Any], words: str
+) -> None:
+    data = load_yaml(SIM_YAML)
+    data["focus"] = focus
+    yml = tmp_path / "instrument.yaml"
+    yml.write_text(
+        json.dumps({**data, "micromanager_config": str(CONFIG_DIR / "simulated.cfg")})
+    )
+    res = invoke("scan", "--out", str(tmp_path / "run"), "--instrument", str(yml))
+    assert res.exit_code == 2
+    msg = one_line_error(res)
+    assert "focus" in msg and words in msg and str(yml) in msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("focus", "words"),
+    [
+        ({"anchor_points": [[0, 0], [90000, 0]]}, "outside the cartridge chamber"),
+        ({"margin_um": 2000}, "leaves no room for anchors"),
+    ],
+)
+def test_anchors_outside_the_cartridge_are_refused_before_anything_moves(
+    tmp_path: Path, focus: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ConfigError, match=words):
+        scan(tmp_path / "run", sim_instrument(focus=focus), n_fields=1)
+    assert not list((tmp_path / "run" / "fields").glob("*"))
+
+
+# ---------------------------------------------------------------- scans
+
+
+SURFACES = [
+    (31, {"z0_um": 0.0}),  # the default mild surface
+    (
+        32,
+        {
+            "z0_um": 7.0,
+            "tilt_x_um_per_mm": 2.0,
+            "tilt_y_um_per_mm": -1.5,
+            "bow_um": 4.0,
+        },
+    ),
+    (
+        33,
+        {
+            "z0_um": -12.0,
+            "tilt_x_um_per_mm": -1.0,
+            "tilt_y_um_per_mm": 2.5,
+            "bow_um": -3.0,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("seed", "surface"), SURFACES)
+def test_every_field_is_imaged_within_1um_of_true_focus(
+    tmp_path: Path, seed: int, surface: dict[str, float]
+) -> None:
+    result = scan(tmp_path / "run", sim_instrument(surface=surface), seed=seed)
+    assert result.complete and result.focus_map is not None
+    truth = truth_z(result.run_dir)
+    planned = json.loads((result.run_dir / "scan.json").read_text())["fields"]
+    assert len(planned) == STRIP.n_fields
+    errors = {f["name"]: f["z_um"] - truth[f["name"]] for f in planned}
+    assert max(abs(e) for e in errors.values()) < 1.0, errors
+    imaged = stored_z(result.run_dir)
+    assert max(abs(imaged[n] - truth[n]) for n in truth) < 1.0
+    # a good map leaves nothing to re-focus; every field's sharpness is recorded
+    assert result.refocused == []
+    stored = [r for r in ledger(result.run_dir) if r["event"] == "stored"]
+    assert all(r["focus"]["sharpness"] > 0.5 for r in stored)
+    assert result.focus_map.rms_um < 0.5 and not result.focus_map.warnings
+
+
+def test_a_bowed_cartridge_refocuses_the_fields_that_need_it_and_only_those(
+    tmp_path: Path,
+) -> None:
+    # a plane cannot follow an 8 um bow: fields far from the anchors' plane blur
+    inst = sim_instrument(
+        surface={"bow_um": 8.0, "tilt_x_um_per_mm": 0.5, "tilt_y_um_per_mm": 0.0},
+        focus={"model": "plane"},
+    )
+    result = scan(tmp_path / "run", inst, seed=34)
+    run = result.run_dir
+    truth = truth_z(run)
+    planned = {
+        f["name"]: f["z_um"]
+        for f in json.loads((run / "scan.json").read_text())["fields"]
+    }
+    off = {n: abs(planned[n] - truth[n]) for n in planned}
+    need = {n for n, d in off.items() if d > 1.4}
+    fine = {n for n, d in off.items() if d < 1.0}
+    assert len(need) >= 4 and len(fine) >= 4  # the test means something
+    refocused = set(result.refocused)
+    assert need <= refocused and not (refocused & fine), sorted(off.items())
+    # re-focused fields end up in focus, the rest within what QC accepts; each
+    # stored file is the sharp one
+    imaged = stored_z(run)
+    assert max(abs(imaged[n] - truth[n]) for n in refocused) < 1.0
+    assert max(abs(imaged[n] - truth[n]) for n in truth) < 1.4
+    records = ledger(run)
+    again = {r["field"]: r for r in records if r["event"] == "refocused"}
+    assert set(again) == refocused
+    stored = {r["field"]: r for r in records if r["event"] == "stored"}
+    for name in need:
+        rec = again[name]
+        assert rec["first"]["z_um"] == pytest.approx(planned[name])
+        assert rec["kept"] == "second"
+        assert rec["second"]["sharpness"] > rec["first"]["sharpness"]
+        assert stored[name]["focus"]["z_um"] == pytest.approx(imaged[name], abs=0.01)
+        assert stored[name]["focus"]["sharpness"] == pytest.approx(
+            rec["second"]["sharpness"]
+        )
+    report = json.loads((run / "report.json").read_text())["focus"]
+    assert {f["name"] for f in report["fields"] if f["refocused"]} == refocused
+    assert report["seconds"] > 0 and report["qc_seconds"] > 0
+
+
+def test_hardware_autofocus_measures_the_anchors(tmp_path: Path) -> None:
+    surface = {"z0_um": 5.0, "tilt_x_um_per_mm": 1.5, "bow_um": 2.0}
+    hw = scan(
+        tmp_path / "hw",
+        sim_instrument(surface=surface, focus={"autofocus_device": "Autofocus"}),
+        seed=35,
+    )
+    sw = scan(tmp_path / "sw", sim_instrument(surface=surface), seed=35)
+    fm = hw.focus_map
+    assert fm is not None and sw.focus_map is not None
+    assert {a.source for a in fm.anchors} == {"hardware"}
+    assert {a.source for a in sw.focus_map.anchors} == {"software"}
+    # one sharpness frame per anchor instead of a z search
+    assert sum(a.snaps for a in fm.anchors) == len(fm.anchors)
+    assert sum(a.snaps for a in sw.focus_map.anchors) > 8 * len(fm.anchors)
+    truth = truth_z(hw.run_dir)
+    assert max(abs(z - truth[n]) for n, z in stored_z(hw.run_dir).items()) < 1.0
+
+
+def test_a_failing_autofocus_falls_back_to_software_focus(tmp_path: Path) -> None:
+    # calls 0-2: anchor 0 fails all three tries; call 3 (anchor 1) lands 12 um
+    # off, outside the search range, and is tried again
+    inst = sim_instrument(
+        surface={"z0_um": -4.0, "tilt_x_um_per_mm": 1.0},
+        focus={"autofocus_device": "Autofocus"},
+        fail_autofocus=[0, 1, 2],
+        wrong_autofocus=[3],
+    )
+    result = scan(tmp_path / "run", inst, seed=36)
+    fm = result.focus_map
+    assert fm is not None and result.complete
+    sources = [a.source for a in fm.anchors]
+    assert sources[0] == "software" and set(sources[1:]) == {"hardware"}
+    assert all(a.usable for a in fm.anchors)
+    assert any("hardware autofocus failed at 1 anchor" in w for w in fm.warnings)
+    truth = truth_z(result.run_dir)
+    assert max(abs(z - truth[n]) for n, z in stored_z(result.run_dir).items()) < 1.0
+    rec = next(r for r in ledger(result.run_dir) if r["event"] == "focus_map")
+    assert rec["warnings"] == fm.warnings
+
+
+def test_cpp_demo_autofocus_device_measures_the_anchors(tmp_path: Path) -> None:
+    inst = InstrumentConfig.from_file(DEMO_YAML)
+    req = ScanRequest(
+        instrument=inst,
+        layout=get_layout("test-3x4"),
+        out=tmp_path / "demo",
+        instrument_file=str(DEMO_YAML),
+        n_fields=2,
+    )
+    result = Scan(req, detector_workers=0).run()
+    fm = result.focus_map
+    assert result.complete and fm is not None
+    assert {a.source for a in fm.anchors} == {"hardware"}
+    assert all(a.usable for a in fm.anchors)
+
+
+def test_a_resumed_run_reuses_the_recorded_focus_map(tmp_path: Path) -> None:
+    inst = sim_instrument(surface={"z0_um": 3.0, "tilt_x_um_per_mm": 2.0})
+    first = scan(tmp_path / "run", inst, seed=37, n_fields=5)
+    map_bytes = (first.run_dir / "focus_map.json").read_bytes()
+    second = scan(tmp_path / "run", inst, seed=37)
+    assert second.focus_map_reused and not first.focus_map_reused
+    assert second.resumed == 5 and second.stored == STRIP.n_fields - 5
+    assert (first.run_dir / "focus_map.json").read_bytes() == map_bytes
+    maps = [r for r in ledger(first.run_dir) if r["event"] == "focus_map"]
+    assert [m["reused"] for m in maps] == [False, True]
+    truth = truth_z(first.run_dir)
+    assert max(abs(z - truth[n]) for n, z in stored_z(first.run_dir).items()) < 1.0
