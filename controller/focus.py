@@ -162,13 +162,8 @@ class SurfaceFit:
         a = np.array([_monomials(terms, ui, vi) for ui, vi in zip(u, v, strict=True)])
         z = np.array([p[2] for p in points], dtype=float)
         coef, *_ = np.linalg.lstsq(a, z, rcond=None)
-        name = (
-            "quadratic"
-            if len(terms) > 3
-            else "plane"
-            if len(terms) == 3
-            else ("constant")
-        )
+        curved = any(t in terms for t in ("uu", "uv", "vv"))
+        name = "quadratic" if curved else "constant" if terms == ("1",) else "plane"
         return cls(name, terms, tuple(float(c) for c in coef), center, scale)
 
 

@@ -1,0 +1,183 @@
+"""Benchmark: the focus stage, time against anchors x z-steps, and its accuracy.
+
+For every seed and every focus setting in the grid, opens the simulated
+instrument on a full ``cellsearch-5x35`` cartridge with a tilted and bowed
+surface, measures the focus map (`controller.focus.FocusMapper`) and reports:
+
+- ``anchors``, ``snaps`` (all anchors), ``snaps/anchor``;
+- ``map s``: wall time of the map; with ``--time-scale 1`` the simulator waits
+  for every exposure (DAPI 20 ms) and every stage and focus move, so the figure
+  is what the instrument would spend; with 0 it is software only (rendering
+  defocused frames, the focus measure, the fit);
+- ``anchor err``: largest |measured - true| focus at an anchor;
+- ``map err max/rms``: the map's error at the centres of all 175 fields;
+- per-field QC: the cost of `analysis.focus.field_sharpness` on one DAPI frame
+  (median of 20), paid once per field during the scan.
+
+Usage::
+
+    python bench/bench_focus.py                      # grid, seeds 51-53
+    python bench/bench_focus.py --time-scale 1 --grid 5x2:2/0.5
+
+Writes ``bench/out/bench_focus-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from analysis.focus import field_sharpness  # noqa: E402
+from controller.config import InstrumentConfig, load_yaml  # noqa: E402
+from controller.focus import FocusMapper  # noqa: E402
+from controller.instrument import open_instrument  # noqa: E402
+from controller.layouts import get_layout  # noqa: E402
+from controller.plan import ScanPlan  # noqa: E402
+from hardware_configs import CONFIG_DIR  # noqa: E402
+
+SURFACE = {
+    "z0_um": 6.0,
+    "tilt_x_um_per_mm": 0.8,
+    "tilt_y_um_per_mm": -1.5,
+    "bow_um": 3.0,
+}
+GRID = "3x1:2/0.5,5x2:2/0.5,7x3:2/0.5,5x2:3/0.75,5x2:1.5/0.5"
+
+
+def parse_grid(text: str) -> list[dict[str, object]]:
+    """``NXxNY:COARSE/FINE,...`` -> focus setting overrides."""
+    out = []
+    for item in text.split(","):
+        grid, steps = item.split(":")
+        nx, ny = (int(v) for v in grid.split("x"))
+        coarse, fine = (float(v) for v in steps.split("/"))
+        out.append(
+            {"anchors": [nx, ny], "coarse_step_um": coarse, "fine_step_um": fine}
+        )
+    return out
+
+
+def instrument(focus: dict[str, object], time_scale: float) -> InstrumentConfig:
+    data = load_yaml(CONFIG_DIR / "simulated.yaml")
+    data["focus"] = {**data.get("focus", {}), **focus}
+    data["simulation"]["time_scale"] = time_scale
+    data["simulation"]["world"] = {"surface": SURFACE}
+    return InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
+
+
+def run_one(
+    focus: dict[str, object], seed: int, time_scale: float
+) -> dict[str, object]:
+    cfg = instrument(focus, time_scale)
+    layout = get_layout("cellsearch-5x35")
+    plan = ScanPlan.build(layout, cfg)
+    inst = open_instrument(cfg, layout, seed=seed)
+    try:
+        world = inst.world
+        mapper = FocusMapper(
+            inst.core, cfg, layout, (plan.fov_width_um, plan.fov_height_um)
+        )
+        t0 = time.perf_counter()
+        fmap = mapper.build()
+        map_s = time.perf_counter() - t0
+        anchor_err = max(
+            abs(float(a.z_um) - world.surface_z(a.x_um, a.y_um))
+            for a in fmap.anchors
+            if a.usable
+        )
+        errs = np.array(
+            [
+                fmap.z_of(f.x_um, f.y_um) - world.surface_z(f.x_um, f.y_um)
+                for f in plan.fields
+            ]
+        )
+        snaps = sum(a.snaps for a in fmap.anchors)
+        return {
+            "seed": seed,
+            "anchors": f"{focus['anchors'][0]}x{focus['anchors'][1]}",  # type: ignore[index]
+            "steps": f"{focus['coarse_step_um']}/{focus['fine_step_um']}",
+            "model": fmap.fit.model,
+            "n_anchors": len(fmap.anchors),
+            "snaps": snaps,
+            "snaps_per_anchor": round(snaps / len(fmap.anchors), 1),
+            "map_s": round(map_s, 2),
+            "anchor_err_um": round(anchor_err, 3),
+            "map_err_max_um": round(float(np.max(np.abs(errs))), 3),
+            "map_err_rms_um": round(float(np.sqrt(np.mean(errs**2))), 3),
+            "warnings": fmap.warnings,
+        }
+    finally:
+        inst.close()
+
+
+def qc_cost(seed: int) -> float:
+    """Median ms of field_sharpness on one in-focus DAPI frame."""
+    cfg = instrument({}, 0.0)
+    layout = get_layout("cellsearch-5x35")
+    inst = open_instrument(cfg, layout, seed=seed)
+    try:
+        w = inst.world
+        frame = w.renderer.frame(0.0, 0.0, w.surface_z(0.0, 0.0), 0, 20.0)
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            field_sharpness(frame)
+            times.append((time.perf_counter() - t0) * 1000)
+        return round(statistics.median(times), 2)
+    finally:
+        inst.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="51,52,53")
+    p.add_argument("--grid", default=GRID, help="NXxNY:COARSE/FINE,... (um)")
+    p.add_argument("--time-scale", type=float, default=0.0)
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [
+        run_one(f, s, args.time_scale) for f in parse_grid(args.grid) for s in seeds
+    ]
+    cols = [
+        "anchors", "steps", "seed", "model", "snaps", "snaps_per_anchor", "map_s",
+        "anchor_err_um", "map_err_max_um", "map_err_rms_um",
+    ]  # fmt: skip
+    print(f"time_scale {args.time_scale}; surface {SURFACE}")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+        for w in r["warnings"]:  # type: ignore[attr-defined]
+            print("   warning:", w)
+    qc_ms = qc_cost(seeds[0])
+    print(f"per-field QC (field_sharpness, one DAPI frame): {qc_ms} ms median")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_focus-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "time_scale": args.time_scale,
+                "surface": SURFACE,
+                "rows": rows,
+                "qc_ms_per_field": qc_ms,
+                "machine": platform.platform(),
+                "python": platform.python_version(),
+            },
+            indent=1,
+        )
+    )
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
