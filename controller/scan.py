@@ -34,6 +34,7 @@ from controller.errors import ConfigError, ScannerError, StorageError
 from controller.focus import (
     FieldFocus,
     Focuser,
+    FocusError,
     FocusMap,
     FocusMapper,
     FocusQC,
@@ -553,7 +554,11 @@ class Scan:
             fov,
             on_anchor=anchor_done,
         )
-        fmap = mapper.build()
+        try:
+            fmap = mapper.build()
+        except FocusError as e:
+            folder.ledger.append("focus_failed", reason=str(e))
+            raise
         fmap.settings = settings.model_dump(mode="json")
         folder.write_json(folder.focus_map_json, fmap.as_dict())
         folder.ledger.append(

@@ -13,7 +13,7 @@ import tifffile
 from analysis.focus import field_sharpness, refine_peak
 from controller.config import FocusSettings, InstrumentConfig, load_yaml
 from controller.errors import ConfigError
-from controller.focus import Anchor, anchor_positions, fit_anchors
+from controller.focus import Anchor, FocusError, anchor_positions, fit_anchors
 from controller.layouts import CartridgeLayout, get_layout
 from controller.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
@@ -23,6 +23,20 @@ from tests.conftest import DEMO_YAML, SIM_YAML, invoke, one_line_error, sim_inst
 #: 24 fields over 5.3 x 2.0 mm: wide enough for a bow, quick to scan
 STRIP = CartridgeLayout(name="test-3x8", rows=3, cols=8)
 FOV = (1384 * 0.64, 1036 * 0.64)
+#: a cartridge with nothing in it
+EMPTY = dict.fromkeys(
+    (
+        "ctc",
+        "wbc_per_field",
+        "double_positive",
+        "ck_fragment",
+        "small_ck_dapi",
+        "nucleus_beside_ck",
+        "free_nucleus_per_field",
+        "debris",
+    ),
+    0,
+)
 
 
 def scan(out: Path, instrument: InstrumentConfig, **kw: Any) -> ScanResult:
@@ -86,25 +100,7 @@ def test_field_sharpness_does_not_depend_on_how_much_the_field_holds() -> None:
         ),
         layout,
     )
-    empty = World(
-        WorldConfig(
-            seed=23,
-            population={
-                k: 0
-                for k in (
-                    "ctc",
-                    "wbc_per_field",
-                    "double_positive",
-                    "ck_fragment",
-                    "small_ck_dapi",
-                    "nucleus_beside_ck",
-                    "free_nucleus_per_field",
-                    "debris",
-                )
-            },
-        ),
-        layout,
-    )
+    empty = World(WorldConfig(seed=23, population=EMPTY), layout)
     x, y = 2000.0, 0.0  # an inner field
 
     def sharp(w: World, dz: float) -> float | None:
@@ -402,3 +398,12 @@ def test_a_resumed_run_reuses_the_recorded_focus_map(tmp_path: Path) -> None:
     assert [m["reused"] for m in maps] == [False, True]
     truth = truth_z(first.run_dir)
     assert max(abs(z - truth[n]) for n, z in stored_z(first.run_dir).items()) < 1.0
+
+
+def test_a_cartridge_with_nothing_to_focus_on_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FocusError, match=r"no anchor found focus.*flat focus curve"):
+        scan(tmp_path / "run", sim_instrument(population=EMPTY), n_fields=2)
+    records = ledger(tmp_path / "run")
+    assert records[-1]["event"] == "focus_failed"
+    assert not any(r["event"] == "stored" for r in records)
+    assert not (tmp_path / "run" / "focus_map.json").exists()

@@ -76,3 +76,29 @@ def test_report_page_shows_count_statement_and_gallery(
         for r in rows[1:]
     }
     assert shown == report["counts"]
+
+
+def test_report_page_draws_the_focus_map(small_scan: ScanResult, browser) -> None:
+    run = small_scan.run_dir
+    focus = json.loads((run / "report.json").read_text())["focus"]
+    fmap = json.loads((run / "focus_map.json").read_text())
+    browser.get((run / "report.html").as_uri())
+    summary = browser.find_element("id", "focus-summary").text
+    assert fmap["fit"]["model"] in summary and "Time on focus" in summary
+    for panel in ("focus-z_um", "focus-sharpness"):
+        rects = browser.find_elements("css selector", f"#{panel} svg rect.field")
+        assert len(rects) == len(focus["fields"]) == small_scan.planned
+        circles = browser.find_elements("css selector", f"#{panel} svg circle.anchor")
+        assert len(circles) == len(fmap["anchors"])
+        # drawn at a real size, inside the picture
+        box = browser.execute_script(
+            f"const s = document.querySelector('#{panel} svg').getBoundingClientRect();"
+            "return [s.width, s.height];"
+        )
+        assert box[0] > 300 and box[1] > 50
+    shown = {
+        r.get_attribute("data-field"): r.get_attribute("data-value")
+        for r in browser.find_elements("css selector", "#focus-z_um svg rect.field")
+    }
+    for f in focus["fields"]:
+        assert shown[f["name"]] == f"{f['z_um']:.2f} um"
