@@ -279,9 +279,9 @@ class LoaderEmulator:
                 return err
             if self.stage is None:
                 return "ER 07 NO-CARTRIDGE"
-            slot = self.stage
+            back = self.stage
             self._start_motion(None, fault)
-            return f"OK UNLOAD {slot}"
+            return f"OK UNLOAD {back}"
         if cmd in ("ID?", "INV?", "STAT?", "BC?", "RESET", "UNLOAD"):
             return "ER 02 BAD-ARGUMENT"
         return "ER 01 UNKNOWN-COMMAND"
