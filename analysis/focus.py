@@ -142,7 +142,8 @@ def refine_peak(
     vmax, vmin = float(v[i]), float(v.min())
     if not np.isfinite(vmax) or vmax <= 0 or vmax < min_contrast * max(vmin, 1e-12):
         return PeakEstimate(None, vmax, "no focus signal (flat focus curve)")
-    if i == 0 or i == z.size - 1:
+    # a maximum at an end, or a plateau reaching one, may hide the peak beyond
+    if i == 0 or i == z.size - 1 or max(v[0], v[-1]) >= 0.98 * vmax:
         return PeakEstimate(None, vmax, "sharpest plane at the end of the search")
     lo, hi = max(i - 2, 0), min(i + 3, z.size)
     x, y = z[lo:hi], np.log(np.maximum(v[lo:hi], 1e-12))

@@ -241,7 +241,9 @@ def _focus_panel(
 
 
 def _focus_html(focus: Mapping[str, Any] | None) -> str:
-    if not focus or not focus.get("enabled"):
+    if not focus:  # e.g. fields analysed after the fact: no focus record
+        return ""
+    if not focus.get("enabled"):
         return "<h2>Focus</h2><p>Focus map off: every field at one z.</p>"
     e = html.escape
     fields = focus["fields"]

@@ -181,7 +181,8 @@ class FocusSettings(ConfigModel):
     coarse_step_um: float = Field(default=2.0, gt=0)
     fine_step_um: float = Field(default=0.5, gt=0)
     model: Literal["auto", "plane", "quadratic"] = Field(
-        default="auto", description="auto: quadratic from 8 anchors, else plane"
+        default="auto",
+        description="auto: quadratic with 2 anchors more than its terms, else plane",
     )
     outlier_um: float = Field(
         default=2.0, gt=0, description="anchor residual that triggers a re-measure"

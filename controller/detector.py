@@ -237,7 +237,7 @@ class OnlineDetector:
         self.folder.ledger.append(
             "detected",
             field=name,
-            counts=record["counts"],
+            counts=record.get("counts"),
             seconds=record.get("seconds"),
         )
         self.stats["detected"] += 1

@@ -189,11 +189,13 @@ class ScanEngine(MDAEngine):
         core = self.mmcore
         planned = self._z if self._z is not None else float(core.getZPosition())
         img, info = self.focus_qc.check(img, planned)  # type: ignore[union-attr]
-        self._z = info.z_um
-        if info.z_um != planned:
+        if info.z_um != planned:  # the re-focused frame is kept: so is its z
             self._z_override[p] = info.z_um
-        if info.search_snaps:
             self._stage["z_um"] = core.getZPosition()
+        if info.search_snaps:
+            # the drive moved during the search: command the field's z again
+            # before the next channel, whatever the search left it at
+            self._z = None
         self._focus = (p, info.as_dict())
         if self.on_focus is not None:
             self.on_focus(event, info)

@@ -40,6 +40,7 @@ from controller.layouts import CartridgeLayout
 __all__ = [
     "Anchor",
     "FieldFocus",
+    "FocusCanceled",
     "FocusError",
     "FocusMap",
     "FocusMapper",
@@ -59,6 +60,10 @@ _SPARE_ANCHORS = 2
 
 class FocusError(ScannerError):
     """The focus map could not be measured."""
+
+
+class FocusCanceled(FocusError):
+    """The scan was stopped while the focus map was measured."""
 
 
 # ---------------------------------------------------------------- geometry
@@ -327,6 +332,7 @@ class Focuser:
         self.z_limits = (lim.z_min, lim.z_max) if lim is not None else (-1e6, 1e6)
         self.manual_shutter = needs_manual_shutter(core)
         self.snap_retries = instrument.snap_retries
+        self.move_retries = instrument.move_retries
         self.snaps = 0
 
     @property
@@ -347,8 +353,16 @@ class Focuser:
         self.core.waitForDevice(self.core.getXYStageDevice())
 
     def move_z(self, z: float) -> None:
-        self.core.setZPosition(z)
-        self.core.waitForDevice(self.core.getFocusDevice())
+        """Move the focus drive (a failed move is retried, then raised)."""
+        core = self.core
+        for attempt in range(self.move_retries + 1):
+            try:
+                core.setZPosition(z)
+                core.waitForDevice(core.getFocusDevice())
+                return
+            except Exception:
+                if attempt == self.move_retries:
+                    raise
 
     def snap_at(self, z: float) -> np.ndarray:
         """A focus-channel frame at `z` (a failed snap is retried, then raised)."""
@@ -497,18 +511,22 @@ class FocusMapper:
         fov: tuple[float, float],
         *,
         on_anchor: Callable[[Anchor], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = instrument.focus
         self.layout = layout
         self.fov = fov
-        self.focuser = Focuser(core, instrument)
+        self.core = core
+        self.instrument = instrument
         self.on_anchor = on_anchor
+        self.should_stop = should_stop
         self.fallbacks = 0
 
     def build(self) -> FocusMap:
         s = self.settings
         if not s.enabled:
             return FocusMap.flat(s)
+        self.focuser = Focuser(self.core, self.instrument)
         t0 = time.perf_counter()
         positions = anchor_positions(self.layout, *self.fov, s)
         anchors = [Anchor(i, x, y) for i, (x, y) in enumerate(positions)]
@@ -516,6 +534,8 @@ class FocusMapper:
         scale = tuple(max(h, 1.0) for h in chamber_half_size(self.layout, *self.fov))
         self.focuser.select_channel()
         for a in anchors:
+            if self.should_stop is not None and self.should_stop():
+                raise FocusCanceled("stopped while measuring the focus map")
             found = [b for b in anchors if b.usable]
             if found:
                 guess = SurfaceFit.fit(
@@ -561,6 +581,11 @@ class FocusMapper:
                 "software focus used there"
             )
         sharp = [a.sharpness for a in used if a.sharpness is not None]
+        if s.qc and not sharp:
+            warnings.append(
+                "no anchor held anything sharp to compare fields with: "
+                "per-field focus QC is off"
+            )
         return FocusMap(
             fit=fit,
             anchors=anchors,
@@ -621,7 +646,8 @@ class FocusMapper:
                 z = self.focuser.hardware_focus()
             except Exception:  # device errors: retry, then software focus
                 continue
-            if abs(z - center) <= half_range:
+            lo, hi = self.focuser.z_limits
+            if abs(z - center) <= half_range and lo <= z <= hi:
                 return z
         return None
 
@@ -690,6 +716,7 @@ class FocusQC:
                     fz.move_z(z)
         except Exception as e:  # keep the first frame; the field is not lost
             info.reason = f"re-focus failed: {type(e).__name__}: {e}"
+            keep, kept, info.z_um = image, first, z
         info.sharpness = kept.sharpness
         info.search_snaps = fz.snaps - snaps0
         info.seconds = round(time.perf_counter() - t0, 4)

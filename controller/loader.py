@@ -34,6 +34,17 @@ logger = logging.getLogger("ctcscan.loader")
 _REPLY = re.compile(rb"^(OK|ER)( [\x20-\x29\x2b-\x7e]*)?\*([0-9A-F]{2})\r\n$")
 
 
+#: what a vanished or broken port raises (on POSIX, pyserial's termios calls
+#: raise termios.error on a hung-up tty)
+_PORT_ERRORS: tuple[type[BaseException], ...] = (OSError, serial.SerialException)
+try:
+    import termios
+
+    _PORT_ERRORS += (termios.error,)
+except ImportError:  # Windows
+    pass
+
+
 class LoaderError(ScannerError):
     """The loader cannot be reached or does not answer properly."""
 
@@ -121,7 +132,7 @@ class CartridgeLoader:
     def close(self) -> None:
         port, self._port = self._port, None
         if port is not None:
-            with contextlib.suppress(OSError, serial.SerialException):
+            with contextlib.suppress(*_PORT_ERRORS):
                 port.close()
 
     def __enter__(self) -> CartridgeLoader:
@@ -137,7 +148,7 @@ class CartridgeLoader:
                 return self._open_port(
                     self.port_name, baudrate=self.baudrate, timeout=self.timeout_s
                 )
-            except (OSError, serial.SerialException) as e:
+            except _PORT_ERRORS as e:
                 if time.monotonic() >= deadline:
                     why = f"gone for {self.reconnect_s:g} s" if lost else "unavailable"
                     raise LoaderError(
@@ -165,7 +176,7 @@ class CartridgeLoader:
                 port.write(command.encode("ascii") + b"\r")
                 port.flush()
                 return bytes(port.read_until(b"\r\n", 128))
-            except (OSError, serial.SerialException) as e:
+            except _PORT_ERRORS as e:
                 self.close()
                 if deadline is None:
                     deadline = time.monotonic() + self.reconnect_s
@@ -183,7 +194,7 @@ class CartridgeLoader:
         try:
             if self._port is not None:
                 self._port.reset_input_buffer()
-        except (OSError, serial.SerialException):
+        except _PORT_ERRORS:
             self.close()
 
     def _parse(self, raw: bytes, command: str) -> list[str]:

@@ -137,8 +137,10 @@ class ScanPlan:
             outside = [
                 f.name
                 for f in fields
-                if not lim.contains(f.x_um - fov_w / 2, f.y_um - fov_h / 2, f.z_um)
-                or not lim.contains(f.x_um + fov_w / 2, f.y_um + fov_h / 2, f.z_um)
+                # x and y only: the fields' z comes from the focus map later
+                # (`with_focus` checks it)
+                if not lim.contains(f.x_um - fov_w / 2, f.y_um - fov_h / 2)
+                or not lim.contains(f.x_um + fov_w / 2, f.y_um + fov_h / 2)
             ]
             if outside:
                 raise ConfigError(

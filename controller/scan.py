@@ -33,6 +33,7 @@ from controller.engine import ScanEngine
 from controller.errors import ConfigError, ScannerError, StorageError
 from controller.focus import (
     FieldFocus,
+    FocusCanceled,
     Focuser,
     FocusError,
     FocusMap,
@@ -219,8 +220,12 @@ class Scan:
                 f"{core.getImageWidth()} x {core.getImageHeight()} px, config says "
                 f"{cam.width} x {cam.height}"
             )
-        fmap, reused = self._focus_map(instrument, plan)
-        plan = plan.with_focus(fmap.z_of, req.instrument)
+        try:
+            fmap, plan, reused = self._focus_map(instrument, plan, bool(done))
+        except FocusCanceled:
+            result = ScanResult(folder.root, req.cartridge, len(plan.fields))
+            result.resumed, result.canceled = len(done), True
+            return result
         by_name = plan.by_name()
         remaining = [by_name[f.name] for f in remaining]
         self._write_scan_json(plan, instrument)
@@ -512,33 +517,43 @@ class Scan:
 
     # ------------------------------------------------------------------ focus
 
-    def _focus_map(self, instrument: Any, plan: ScanPlan) -> tuple[FocusMap, bool]:
-        """The run's focus map: the recorded one on resume, else measured now.
+    def _focus_map(
+        self, instrument: Any, plan: ScanPlan, resuming: bool
+    ) -> tuple[FocusMap, ScanPlan, bool]:
+        """The run's focus map and the plan with each field's z from it.
 
-        A recorded map is reused when it was measured with the same focus
-        settings; it is written durably before any field is imaged.
+        A recorded map (``focus_map.json``) is reused when it was measured with
+        the same focus settings, or whenever fields were stored with it (they
+        must keep the z they were imaged at). A new map is checked against the
+        focus limits, then written durably before any field is imaged.
         """
         req, folder = self.request, self.folder
         settings = req.instrument.focus
+        if not settings.enabled:
+            fmap = FocusMap.flat(settings)
+            return fmap, plan.with_focus(fmap.z_of, req.instrument), False
         recorded = folder.read_json(folder.focus_map_json)
         if recorded is not None:
             try:
                 fmap = FocusMap.from_dict(recorded)
+                planned = plan.with_focus(fmap.z_of, req.instrument)
             except (KeyError, TypeError, ValueError) as e:
                 raise StorageError(
-                    f"{folder.focus_map_json}: not a focus map ({e}); remove it to "
-                    "measure the focus map again"
+                    f"{folder.focus_map_json}: not a usable focus map ({e}); "
+                    "remove it to measure the focus map again"
                 ) from None
-            if fmap.settings == settings.model_dump(mode="json"):
+            same = fmap.settings == settings.model_dump(mode="json")
+            if same or resuming:
+                if not same:
+                    logger.warning(
+                        "focus settings changed since this run began; the run "
+                        "keeps its recorded focus map"
+                    )
                 folder.ledger.append("focus_map", reused=True, model=fmap.fit.model)
-                return fmap, True
+                return fmap, planned, True
             logger.warning("focus settings changed since the map was measured")
         fov = (plan.fov_width_um, plan.fov_height_um)
-        total = (
-            len(anchor_positions(plan.layout, *fov, settings))
-            if settings.enabled
-            else 0
-        )
+        total = len(anchor_positions(plan.layout, *fov, settings))
         done = 0
 
         def anchor_done(_: Any) -> None:
@@ -553,10 +568,18 @@ class Scan:
             plan.layout,
             fov,
             on_anchor=anchor_done,
+            should_stop=self._cancel.is_set,
         )
         try:
             fmap = mapper.build()
-        except FocusError as e:
+            planned = plan.with_focus(fmap.z_of, req.instrument)
+        except FocusCanceled:
+            folder.ledger.append("stopped", canceled=True, during="focus map")
+            raise
+        except KeyboardInterrupt:
+            folder.ledger.append("stopped", canceled=True, during="focus map")
+            raise
+        except (FocusError, ConfigError) as e:
             folder.ledger.append("focus_failed", reason=str(e))
             raise
         fmap.settings = settings.model_dump(mode="json")
@@ -573,7 +596,7 @@ class Scan:
         )
         for w in fmap.warnings:
             logger.warning("%s", w)
-        return fmap, False
+        return fmap, planned, False
 
     # ------------------------------------------------------------------ helpers
 

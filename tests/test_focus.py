@@ -47,7 +47,22 @@ def scan(out: Path, instrument: InstrumentConfig, **kw: Any) -> ScanResult:
         instrument_file=str(SIM_YAML),
         **kw,
     )
-    return Scan(req, detector_workers=0).run()
+    return Scan(req, detector_workers=0, run_job=no_detection).run()
+
+
+def no_detection(job: Any) -> dict[str, Any]:
+    """Focus tests judge focus, not cells: a valid, empty detection record."""
+    return {"field": job.name, "counts": {}, "objects": []}
+
+
+BOWED = {"bow_um": 8.0, "tilt_x_um_per_mm": 0.5, "tilt_y_um_per_mm": 0.0}
+
+
+@pytest.fixture(scope="module")
+def bowed(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """A plane map of an 8 um bow: fields far from the plane need re-focus."""
+    out = tmp_path_factory.mktemp("bowed") / "run"
+    return scan(out, sim_instrument(surface=BOWED, focus={"model": "plane"}), seed=34)
 
 
 def ledger(run: Path) -> list[dict[str, Any]]:
@@ -286,14 +301,9 @@ def test_every_field_is_imaged_within_1um_of_true_focus(
 
 
 def test_a_bowed_cartridge_refocuses_the_fields_that_need_it_and_only_those(
-    tmp_path: Path,
+    bowed: ScanResult,
 ) -> None:
-    # a plane cannot follow an 8 um bow: fields far from the anchors' plane blur
-    inst = sim_instrument(
-        surface={"bow_um": 8.0, "tilt_x_um_per_mm": 0.5, "tilt_y_um_per_mm": 0.0},
-        focus={"model": "plane"},
-    )
-    result = scan(tmp_path / "run", inst, seed=34)
+    result = bowed
     run = result.run_dir
     truth = truth_z(run)
     planned = {
@@ -335,8 +345,9 @@ def test_hardware_autofocus_measures_the_anchors(tmp_path: Path) -> None:
         tmp_path / "hw",
         sim_instrument(surface=surface, focus={"autofocus_device": "Autofocus"}),
         seed=35,
+        n_fields=4,
     )
-    sw = scan(tmp_path / "sw", sim_instrument(surface=surface), seed=35)
+    sw = scan(tmp_path / "sw", sim_instrument(surface=surface), seed=35, n_fields=4)
     fm = hw.focus_map
     assert fm is not None and sw.focus_map is not None
     assert {a.source for a in fm.anchors} == {"hardware"}
@@ -402,8 +413,90 @@ def test_a_resumed_run_reuses_the_recorded_focus_map(tmp_path: Path) -> None:
 
 def test_a_cartridge_with_nothing_to_focus_on_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FocusError, match=r"no anchor found focus.*flat focus curve"):
-        scan(tmp_path / "run", sim_instrument(population=EMPTY), n_fields=2)
+        scan(
+            tmp_path / "run",
+            sim_instrument(population=EMPTY, focus={"anchors": [2, 1]}),
+            n_fields=2,
+        )
     records = ledger(tmp_path / "run")
     assert records[-1]["event"] == "focus_failed"
     assert not any(r["event"] == "stored" for r in records)
     assert not (tmp_path / "run" / "focus_map.json").exists()
+
+
+def test_a_refocus_that_fails_leaves_the_field_at_its_planned_z(
+    tmp_path: Path, bowed: ScanResult
+) -> None:
+    clean = bowed
+    surface, focus = BOWED, {"model": "plane"}
+    planned = json.loads((clean.run_dir / "scan.json").read_text())["fields"]
+    first = clean.refocused[0]
+    k = [f["name"] for f in planned].index(first)
+    map_snaps = sum(
+        a["snaps"]
+        for a in json.loads((clean.run_dir / "focus_map.json").read_text())["anchors"]
+    )
+    search = map_snaps + 4 * k + 1  # the snap after the field's DAPI frame
+    # every try of the search's first snap fails: the re-focus gives up
+    inst = sim_instrument(
+        surface=surface, focus=focus, fail_snaps=[search, search + 1, search + 2]
+    )
+    bad = scan(tmp_path / "bad", inst, seed=34, n_fields=k + 2)
+    stored = {r["field"]: r for r in ledger(bad.run_dir) if r["event"] == "stored"}
+    rec = stored[first]["focus"]
+    assert rec["reason"].startswith("re-focus failed") and not rec["refocused"]
+    z_plan = planned[k]["z_um"]
+    assert rec["z_um"] == pytest.approx(z_plan)
+    # every channel really was taken at the planned z: the simulator renders the
+    # same pixels for the same position, z, channel and exposure
+    world = World(
+        WorldConfig(seed=34, surface=surface),
+        STRIP,
+        width=1384,
+        height=1036,
+        pixel_size_um=0.64,
+    )
+    data = tifffile.imread(bad.run_dir / "fields" / f"{first}.ome.tif")
+    x, y = planned[k]["x_um"], planned[k]["y_um"]
+    for c, exposure in enumerate((20.0, 150.0, 100.0, 150.0)):
+        expected = world.renderer.frame(x, y, z_plan, c, exposure)
+        assert np.array_equal(data[c], expected), c
+    # the field after it is unharmed
+    assert bad.complete and not bad.failed
+
+
+def test_stopping_during_the_focus_map_stops_between_anchors(tmp_path: Path) -> None:
+    req = ScanRequest(
+        instrument=sim_instrument(),
+        layout=STRIP,
+        out=tmp_path / "run",
+        instrument_file=str(SIM_YAML),
+    )
+    seen: list[int] = []
+
+    def on_focus(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            job.cancel()
+
+    job = Scan(req, detector_workers=0, on_focus=on_focus)
+    result = job.run()
+    assert result.canceled and not result.complete and result.stored == 0
+    assert seen == [1, 2]
+    records = ledger(tmp_path / "run")
+    assert records[-1]["event"] == "stopped" and records[-1]["during"] == "focus map"
+    assert not (tmp_path / "run" / "focus_map.json").exists()
+    again = scan(tmp_path / "run", sim_instrument())
+    assert again.complete and not again.focus_map_reused
+
+
+def test_a_focus_range_away_from_zero_works(tmp_path: Path) -> None:
+    inst = sim_instrument(surface={"z0_um": 150.0, "tilt_x_um_per_mm": 1.0})
+    data = inst.model_dump(mode="json")
+    data["stage_limits"] = {**data["stage_limits"], "z_min": 100.0, "z_max": 199.0}
+    data["focus"] = {**data["focus"], "z_start_um": 145.0, "anchors": [3, 1]}
+    inst = InstrumentConfig.from_dict(data)
+    result = scan(tmp_path / "run", inst, n_fields=3)
+    truth = truth_z(result.run_dir)
+    assert result.complete
+    assert max(abs(z - truth[n]) for n, z in stored_z(result.run_dir).items()) < 1.0
