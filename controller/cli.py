@@ -73,6 +73,10 @@ def scan(
         int | None, typer.Option(help="scan only the first N fields of the plan")
     ] = None,
     assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(help="who runs the scan, for the audit log; default: login"),
+    ] = None,
 ) -> None:
     """Scan one cartridge into a run folder, resuming it if it exists."""
     instrument_file = instrument or DEFAULT_INSTRUMENT
@@ -94,6 +98,7 @@ def scan(
             cartridge_id=cartridge_id,
             seed=seed,
             n_fields=fields,
+            operator=operator,
         )
         result = _run_with_progress(request)
     except ScannerError as e:

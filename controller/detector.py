@@ -86,6 +86,8 @@ class OnlineDetector:
         `workers` > 0.
     on_result : callable, optional
         ``on_result(name, record)`` after each field, from the dispatcher thread.
+    on_failed : callable, optional
+        ``on_failed(name, reason)`` for a field whose detection failed.
     """
 
     def __init__(
@@ -96,8 +98,10 @@ class OnlineDetector:
         workers: int = 1,
         run_job: Callable[[FieldJob], Mapping[str, Any]] = analyze_field_file,
         on_result: Callable[[str, Mapping[str, Any]], None] | None = None,
+        on_failed: Callable[[str, str], None] | None = None,
     ) -> None:
         self.folder = folder
+        self.on_failed = on_failed
         self.make_job = make_job
         self.workers = workers
         self.run_job = run_job
@@ -248,3 +252,5 @@ class OnlineDetector:
         logger.error("detection failed on %s: %s", name, reason)
         self.stats["failed"] += 1
         self.folder.ledger.append("detect_failed", field=name, reason=reason)
+        if self.on_failed is not None:
+            self.on_failed(name, reason)

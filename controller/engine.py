@@ -11,6 +11,12 @@ Differences from `MDAEngine`, each for a measured reason:
   the hardware;
 * a Python camera under `UniMMCore` skips auto-shutter, so the shutter is opened
   and closed around each snap explicitly;
+* the channel device's state is read back after each change (the channel
+  group's current preset must be the requested one), and every frame is
+  checked before it is used: a black frame (no brighter than the camera's dark
+  frame), a saturated one (most pixels at full scale) or a stale one (identical
+  to the previous frame) counts as a failed snap and is taken again;
+* device errors and recoveries are reported through `on_event` (the audit log);
 * with a `FocusQC`, the first frame of each field (the focus channel) is judged
   for sharpness; a poor field is re-focused locally, its first frame re-taken at
   the new z, and its other channels taken there too. Every frame carries the
@@ -24,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import useq
 from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.mda import MDAEngine
@@ -36,12 +43,22 @@ from controller.instrument import needs_manual_shutter, snap
 if TYPE_CHECKING:
     from pymmcore_plus.mda._protocol import PImagePayload
 
-__all__ = ["FailureHook", "FocusHook", "ScanEngine"]
+__all__ = ["EventHook", "FailureHook", "FocusHook", "FrameError", "ScanEngine"]
+
+#: a frame with more than this fraction of pixels at full scale is a bad frame
+SATURATED_FRACTION = 0.5
+
+
+class FrameError(RuntimeError):
+    """A frame that came back but cannot be right (black, saturated, stale)."""
+
 
 logger = logging.getLogger("ctcscan.engine")
 
 #: on_failure(event, reason, attempts): a field could not be acquired.
 FailureHook = Callable[[useq.MDAEvent, str, int], None]
+#: on_event(kind, message): a device error or a recovery, for the audit log.
+EventHook = Callable[[str, str], None]
 #: on_focus(event, record): a field's focus QC is done.
 FocusHook = Callable[[useq.MDAEvent, FieldFocus], None]
 
@@ -49,6 +66,17 @@ FocusHook = Callable[[useq.MDAEvent, FieldFocus], None]
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _noise(a: np.ndarray) -> float:
+    """Pixel noise of `a` from neighbour differences (robust to edges)."""
+    d = np.diff(a.astype(np.float32), axis=1)
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+
+def _where(event: useq.MDAEvent) -> str:
+    channel = event.channel.config if event.channel else ""
+    return f"{event.pos_name or 'field'} {channel}".strip()
 
 
 class ScanEngine(MDAEngine):
@@ -67,6 +95,11 @@ class ScanEngine(MDAEngine):
         Judges (and re-focuses) each field on its focus-channel frame.
     on_focus : FocusHook, optional
         Called once per field judged by `focus_qc`.
+    on_event : EventHook, optional
+        Called with ``("DEVICE-ERROR", message)`` on every failed hardware call
+        or bad frame and ``("RECOVERED", message)`` when a retry succeeds.
+    check_frames : bool
+        Check every frame for black, saturated and stale (default on).
     """
 
     def __init__(
@@ -78,6 +111,8 @@ class ScanEngine(MDAEngine):
         on_failure: FailureHook | None = None,
         focus_qc: FocusQC | None = None,
         on_focus: FocusHook | None = None,
+        on_event: EventHook | None = None,
+        check_frames: bool = True,
     ) -> None:
         super().__init__(
             mmc,
@@ -90,6 +125,11 @@ class ScanEngine(MDAEngine):
         self.on_failure = on_failure
         self.focus_qc = focus_qc
         self.on_focus = on_focus
+        self.on_event = on_event
+        self.check_frames = check_frames
+        self._dark: tuple[float, float] | None = None  # median, noise of a dark frame
+        self._full_scale = 0.0
+        self._last: np.ndarray | None = None
         self._z_override: dict[int, float] = {}
         self._focus: tuple[int, dict[str, Any]] | None = None
         self._failed_p: set[int] = set()
@@ -108,7 +148,11 @@ class ScanEngine(MDAEngine):
         self._focus = None
         self._xy = self._z = self._channel = self._exposure = None
         self._manual_shutter = needs_manual_shutter(self.mmcore)
-        return super().setup_sequence(sequence)
+        self._last = None
+        out = super().setup_sequence(sequence)
+        if self.check_frames:
+            self._measure_dark()
+        return out
 
     def setup_single_event(self, event: useq.MDAEvent) -> None:
         p = event.index.get("p", 0)
@@ -132,10 +176,9 @@ class ScanEngine(MDAEngine):
             self._attempt(
                 event,
                 f"channel {ch.config}",
-                lambda: core.setConfig(ch.group, ch.config),
+                lambda: self._set_channel(ch.group, ch.config),
             )
             self._channel = (ch.group, ch.config)
-            core.waitForConfig(ch.group, ch.config)
         if event.exposure is not None and event.exposure != self._exposure:
             exp = event.exposure
             self._attempt(event, "exposure", lambda: core.setExposure(exp))
@@ -145,13 +188,20 @@ class ScanEngine(MDAEngine):
         core = self.mmcore
         last: BaseException | None = None
         img = None
-        for _ in range(self.snap_retries + 1):
+        for attempt in range(self.snap_retries + 1):
             try:
                 img = snap(core, self._manual_shutter)
+                if self.check_frames:
+                    self._check_frame(img)
+                if attempt:
+                    self._event(
+                        "RECOVERED", f"snap at {_where(event)}, try {attempt + 1}"
+                    )
                 break
             except Exception as e:  # any device error: retry, then report
-                last = e
+                last, img = e, None
                 logger.warning("snap failed at %s: %s", event.index, _short(e))
+                self._event("DEVICE-ERROR", f"snap at {_where(event)}: {_short(e)}")
         if img is None:
             self._fail(
                 event,
@@ -159,6 +209,7 @@ class ScanEngine(MDAEngine):
                 self.snap_retries + 1,
             )
             return
+        self._last = img
         qc = self.focus_qc
         p = event.index.get("p", 0)
         if (
@@ -206,6 +257,67 @@ class ScanEngine(MDAEngine):
         core.setXYPosition(x, y)
         core.waitForDevice(core.getXYStageDevice())
 
+    def _set_channel(self, group: str, preset: str) -> None:
+        """Apply a channel preset and check the devices really are there."""
+        core = self.mmcore
+        core.setConfig(group, preset)
+        core.waitForConfig(group, preset)
+        now = core.getCurrentConfig(group)
+        if now != preset:
+            raise RuntimeError(
+                f"channel devices report {now or 'no preset'!r}, not {preset!r}"
+            )
+
+    def _measure_dark(self) -> None:
+        """One frame with the shutter closed: the level of a black frame."""
+        core = self.mmcore
+        auto = core.getAutoShutter()
+        try:
+            core.setAutoShutter(False)
+            if core.getShutterDevice():
+                core.setShutterOpen(False)
+            core.snapImage()
+            dark = np.asarray(core.getImage(), dtype=np.float32)[::8, ::8]
+        except Exception as e:  # no dark frame: skip the black check, say so
+            logger.warning("no dark frame (%s): black frames go unchecked", e)
+            self._dark = None
+            return
+        finally:
+            core.setAutoShutter(auto)
+        self._dark = (float(np.median(dark)), max(_noise(dark), 1.0))
+        bits = core.getImageBitDepth() or 16
+        self._full_scale = float(2**bits - 1)
+
+    def _check_frame(self, img: Any) -> None:
+        """Raise `FrameError` for a black, saturated or stale frame.
+
+        Black: flat (no structure beyond noise, where any lit field shows at
+        least its vignetted background) and no brighter than the dark frame.
+        """
+        a = np.asarray(img)
+        sub = a[::8, ::8]
+        last = self._last
+        if (
+            last is not None
+            and a.shape == last.shape
+            and np.array_equal(sub, last[::8, ::8])
+            and np.array_equal(a, last)
+        ):
+            raise FrameError("stale frame (identical to the previous one)")
+        if self._dark is not None:
+            level, dark_noise = self._dark
+            f = sub.astype(np.float32)
+            lo, hi = np.percentile(f, (0.1, 99.9))
+            flat = hi - lo <= 10 * max(_noise(f), dark_noise)
+            if flat and float(np.median(f)) <= level + 10 * dark_noise:
+                raise FrameError("black frame (flat, at the dark frame's level)")
+        if self._full_scale and np.mean(sub >= self._full_scale) > SATURATED_FRACTION:
+            raise FrameError("saturated frame (most pixels at full scale)")
+
+    def _event(self, kind: str, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, message)
+
     def _move_z(self, z: float) -> None:
         core = self.mmcore
         core.setZPosition(z)
@@ -215,13 +327,18 @@ class ScanEngine(MDAEngine):
         self, event: useq.MDAEvent, what: str, action: Callable[[], Any]
     ) -> None:
         last: BaseException | None = None
-        for _ in range(self.move_retries + 1):
+        for attempt in range(self.move_retries + 1):
             try:
                 action()
+                if attempt:
+                    self._event(
+                        "RECOVERED", f"{what} at {_where(event)}, try {attempt + 1}"
+                    )
                 return
             except Exception as e:  # device errors come as RuntimeError or others
                 last = e
                 logger.warning("%s failed at %s: %s", what, event.index, _short(e))
+                self._event("DEVICE-ERROR", f"{what} at {_where(event)}: {_short(e)}")
         self._fail(
             event,
             f"{what} failed: {_short(last) if last else '?'}",

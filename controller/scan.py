@@ -27,6 +27,7 @@ from analysis.pipeline import FieldJob
 from analysis.report import write_outputs
 from controller import __version__
 from controller.assembler import AssembledField, FieldAssembler
+from controller.audit import AuditLog, config_hash
 from controller.config import AssayConfig, InstrumentConfig
 from controller.detector import OnlineDetector, load_records
 from controller.engine import ScanEngine
@@ -72,6 +73,7 @@ class ScanRequest:
     cartridge_id: str | None = None
     seed: int | None = None
     n_fields: int | None = None
+    operator: str | None = None
 
     @property
     def cartridge(self) -> str:
@@ -170,13 +172,17 @@ class Scan:
         self.on_focus = on_focus
         self.folder = RunFolder(request.out)
         self._cancel = threading.Event()
+        self._cancel_reason = ""
+        self.audit = AuditLog(self.folder.root / "audit.log", request.operator)
         self._core: Any = None
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ control
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "stop requested") -> None:
         """Stop after the current frame; what is stored stays stored."""
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
         self._cancel.set()
         if self._core is not None:
             self._core.mda.cancel()
@@ -184,8 +190,55 @@ class Scan:
     # ------------------------------------------------------------------ run
 
     def run(self) -> ScanResult:
+        """Scan (or resume) the cartridge; see the class docstring."""
+        self.folder.prepare()
+        self._audit_start()
+        try:
+            result = self._run()
+        except KeyboardInterrupt:
+            self.audit.write("STOP", "interrupted by the operator (Ctrl-C); resumable")
+            raise
+        except BaseException as e:
+            self.audit.write("ERROR", f"{type(e).__name__}: {e}")
+            raise
+        if result.complete:
+            self.audit.write(
+                "FINISH",
+                f"{result.stored} fields stored now, {result.resumed} before; "
+                f"{len(result.failed)} failed; CTC count "
+                f"{result.report.get('ctc_count', '?')}",
+            )
+        else:
+            why = self._cancel_reason or "incomplete"
+            self.audit.write(
+                "STOP",
+                f"{why}; {result.stored} fields stored now, {result.resumed} before, "
+                f"{len(result.failed)} failed; resumable",
+            )
+        return result
+
+    def _audit_start(self) -> None:
+        req = self.request
+        inst_file = Path(req.instrument_file) if req.instrument_file else None
+        digest = config_hash(
+            req.instrument.model_dump(mode="json"),
+            inst_file,
+            Path(req.instrument.micromanager_config),
+            req.assay.model_dump(mode="json"),
+            req.layout.model_dump(mode="json"),
+        )
+        resuming = self.folder.scan_json.exists()
+        self.audit.write(
+            "RESUME" if resuming else "START",
+            f"scan of cartridge {req.cartridge} into {self.folder.root}: "
+            f"ctcscan {__version__}, instrument {req.instrument.name} "
+            f"({req.instrument_file or 'in memory'}), layout {req.layout.name}, "
+            f"fields {req.n_fields or 'all'}, seed {self._seed()}, "
+            f"config sha256 {digest}",
+        )
+
+    def _run(self) -> ScanResult:
         req, folder = self.request, self.folder
-        folder.prepare()
         plan = ScanPlan.build(req.layout, req.instrument, n_fields=req.n_fields)
         self._check_same_scan(plan)
         state = LedgerState.from_records(folder.ledger.read())
@@ -278,6 +331,9 @@ class Scan:
             folder.ledger.append(
                 "failed", field=spec.name, reason=reason, attempts=attempts
             )
+            self.audit.write(
+                "FIELD-FAILED", f"{spec.name} after {attempts} attempts: {reason}"
+            )
             with lock:
                 result.failed[spec.name] = reason
             if self.on_field is not None:
@@ -326,6 +382,7 @@ class Scan:
             on_failure=assembler.failure,
             focus_qc=qc,
             on_focus=focused,
+            on_event=self.audit.write,
         )
         core.mda.set_engine(engine)
         t0 = time.perf_counter()
@@ -381,6 +438,11 @@ class Scan:
             if self.on_field is not None:
                 self.on_field(name, "detected")
 
+        def on_failed(name: str, reason: str) -> None:
+            self.audit.write("DETECT-FAILED", f"{name}: {reason}")
+            if self.on_field is not None:
+                self.on_field(name, "detect_failed")
+
         kwargs: dict[str, Any] = {}
         if self.run_job is not None:
             kwargs["run_job"] = self.run_job
@@ -389,6 +451,7 @@ class Scan:
             make_job,
             workers=self.detector_workers,
             on_result=on_result,
+            on_failed=on_failed,
             **kwargs,
         )
 
@@ -503,7 +566,7 @@ class Scan:
                 if writer.error is not None:
                     self._fail_run(writer.error)
         except KeyboardInterrupt:
-            self.cancel()
+            self.cancel("interrupted by the operator (Ctrl-C)")
             thread.join()
         finally:
             core.mda.events.frameReady.disconnect(assembler.frame_ready)
@@ -594,8 +657,15 @@ class Scan:
             seconds=fmap.seconds,
             warnings=fmap.warnings,
         )
+        self.audit.write(
+            "FOCUS",
+            f"focus map measured: {fmap.fit.model} from "
+            f"{sum(a.usable for a in fmap.anchors)}/{len(fmap.anchors)} anchors, "
+            f"rms {fmap.rms_um:.2f} um, {fmap.seconds:.1f} s",
+        )
         for w in fmap.warnings:
             logger.warning("%s", w)
+            self.audit.write("WARNING", w)
         return fmap, planned, False
 
     # ------------------------------------------------------------------ helpers

@@ -90,6 +90,13 @@ class WorldConfig(ConfigModel):
     time_scale: float = Field(default=0.0, ge=0, le=1)
     #: snaps (0-based count of every snap of this world) that fail, for tests
     fail_snaps: tuple[int, ...] = ()
+    #: snaps that come back black (lamp off), saturated, or stale (the previous
+    #: frame again)
+    black_snaps: tuple[int, ...] = ()
+    saturated_snaps: tuple[int, ...] = ()
+    stale_snaps: tuple[int, ...] = ()
+    #: filter moves (0-based count of channel changes) that do not happen
+    stuck_filter: tuple[int, ...] = ()
     #: hardware autofocus: residual error (sd, um) of a successful full focus
     autofocus_sd_um: float = Field(default=0.15, ge=0)
     #: full-focus calls (0-based count) that fail, and that land this far off

@@ -159,8 +159,7 @@ class SimFilterCube(StateDevice):
     def set_state(self, position: int) -> None:
         if not 0 <= int(position) < len(STAINS):
             raise ValueError(f"no filter position {position}")
-        with self.world.lock:
-            self.world.channel = int(position)
+        self.world.move_filter(int(position))
 
 
 class SimShutter(ShutterDevice):

@@ -171,6 +171,8 @@ class World:
         self.snap_failures_pending = 0
         self.snaps = 0
         self.autofocus_calls = 0
+        self.filter_moves = 0
+        self.last_frame: np.ndarray | None = None
 
     # ------------------------------------------------------------------ binding
 
@@ -363,7 +365,34 @@ class World:
                 raise RuntimeError(f"simulated camera: readout failed (snap {n})")
             (x, y), z, ch = self.xy, self.z, self.channel
             lit = self.shutter_open
-        return self.renderer.frame(x, y, z, ch if lit else -1, exposure_ms, out=out)
+            cfg = self.config
+            if n in cfg.stale_snaps and self.last_frame is not None:
+                frame = self.last_frame.copy()
+                if out is not None:
+                    np.copyto(out, frame)
+                return frame
+        frame = self.renderer.frame(
+            x,
+            y,
+            z,
+            ch if lit and n not in cfg.black_snaps else -1,
+            exposure_ms,
+            out=out,
+        )
+        if n in cfg.saturated_snaps:
+            frame[...] = self.renderer.max_dn
+        if cfg.stale_snaps:  # only a world that replays frames keeps one
+            with self.lock:
+                self.last_frame = frame.copy()
+        return frame
+
+    def move_filter(self, position: int) -> None:
+        """The filter cube moves to `position` (or, when configured, does not)."""
+        with self.lock:
+            n = self.filter_moves
+            self.filter_moves += 1
+            if n not in self.config.stuck_filter:
+                self.channel = position
 
     def autofocus(self) -> float:
         """A hardware full focus at the current stage position; returns the new z.

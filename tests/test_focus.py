@@ -436,7 +436,9 @@ def test_a_refocus_that_fails_leaves_the_field_at_its_planned_z(
         a["snaps"]
         for a in json.loads((clean.run_dir / "focus_map.json").read_text())["anchors"]
     )
-    search = map_snaps + 4 * k + 1  # the snap after the field's DAPI frame
+    # the map's snaps, the engine's dark frame, 4 frames per earlier field, the
+    # field's DAPI frame: the next snap is the re-focus search's first
+    search = map_snaps + 1 + 4 * k + 1
     # every try of the search's first snap fails: the re-focus gives up
     inst = sim_instrument(
         surface=surface, focus=focus, fail_snaps=[search, search + 1, search + 2]
