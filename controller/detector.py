@@ -184,7 +184,12 @@ class OnlineDetector:
             return fut
         if self._pool is None:
             self._pool = self._new_pool()
-        return self._pool.submit(self.run_job, job)
+        try:
+            return self._pool.submit(self.run_job, job)
+        except BrokenProcessPool:  # a worker died since the last result: renew
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(self.run_job, job)
 
     def _run(self) -> None:
         in_flight: dict[Future, str] = {}
@@ -198,7 +203,10 @@ class OnlineDetector:
                         start.append(self._backlog.popleft())
                     idle = not self._backlog and not in_flight and not start
                 for name in start:
-                    in_flight[self._submit(name)] = name
+                    try:
+                        in_flight[self._submit(name)] = name
+                    except Exception as e:  # the dispatcher must not die
+                        self._failed(name, f"could not start detection: {e}")
                 if idle:
                     if self._closing.is_set():
                         return

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EventHook", "FailureHook", "FocusHook", "FrameError", "ScanEngine"]
 
+#: pause before the n-th retry of a hardware setting: n times this
+RETRY_BACKOFF_S = 0.25
 #: a frame with more than this fraction of pixels at full scale is a bad frame
 SATURATED_FRACTION = 0.5
 
@@ -100,6 +102,8 @@ class ScanEngine(MDAEngine):
         or bad frame and ``("RECOVERED", message)`` when a retry succeeds.
     check_frames : bool
         Check every frame for black, saturated and stale (default on).
+    saturation : float, optional
+        The camera's full-scale value (default: from the core's bit depth).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class ScanEngine(MDAEngine):
         on_focus: FocusHook | None = None,
         on_event: EventHook | None = None,
         check_frames: bool = True,
+        saturation: float | None = None,
     ) -> None:
         super().__init__(
             mmc,
@@ -128,7 +133,8 @@ class ScanEngine(MDAEngine):
         self.on_event = on_event
         self.check_frames = check_frames
         self._dark: tuple[float, float] | None = None  # median, noise of a dark frame
-        self._full_scale = 0.0
+        self._saturation = saturation
+        self._full_scale = saturation or 0.0
         self._last: np.ndarray | None = None
         self._z_override: dict[int, float] = {}
         self._focus: tuple[int, dict[str, Any]] | None = None
@@ -285,8 +291,9 @@ class ScanEngine(MDAEngine):
         finally:
             core.setAutoShutter(auto)
         self._dark = (float(np.median(dark)), max(_noise(dark), 1.0))
-        bits = core.getImageBitDepth() or 16
-        self._full_scale = float(2**bits - 1)
+        if self._saturation is None:
+            bits = core.getImageBitDepth() or 16
+            self._full_scale = float(2**bits - 1)
 
     def _check_frame(self, img: Any) -> None:
         """Raise `FrameError` for a black, saturated or stale frame.
@@ -328,6 +335,8 @@ class ScanEngine(MDAEngine):
     ) -> None:
         last: BaseException | None = None
         for attempt in range(self.move_retries + 1):
+            if attempt:  # give a device that just failed a moment to settle
+                time.sleep(RETRY_BACKOFF_S * attempt)
             try:
                 action()
                 if attempt:

@@ -383,6 +383,7 @@ class Scan:
             focus_qc=qc,
             on_focus=focused,
             on_event=self.audit.write,
+            saturation=float(2**req.instrument.camera.bit_depth - 1),
         )
         core.mda.set_engine(engine)
         t0 = time.perf_counter()

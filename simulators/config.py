@@ -95,8 +95,12 @@ class WorldConfig(ConfigModel):
     black_snaps: tuple[int, ...] = ()
     saturated_snaps: tuple[int, ...] = ()
     stale_snaps: tuple[int, ...] = ()
-    #: filter moves (0-based count of channel changes) that do not happen
+    #: changes of filter position (0-based count) that stick for
+    #: `stuck_filter_ms` of wall time
     stuck_filter: tuple[int, ...] = ()
+    stuck_filter_ms: float = Field(default=150.0, ge=0)
+    #: XY moves (0-based count) that time out without moving
+    fail_xy_moves: tuple[int, ...] = ()
     #: hardware autofocus: residual error (sd, um) of a successful full focus
     autofocus_sd_um: float = Field(default=0.15, ge=0)
     #: full-focus calls (0-based count) that fail, and that land this far off

@@ -90,6 +90,10 @@ class SimXYStage(XYStageDevice):
         w = self.world
         with w.lock:
             ox, oy = w.xy
+            n = w.xy_moves
+            w.xy_moves += 1
+        if n in w.config.fail_xy_moves:  # the controller times out; nothing moved
+            raise TimeoutError(f"simulated XY stage: move {n} timed out")
         _wait(w, max(abs(x - ox), abs(y - oy)) / w.config.stage_speed_um_per_ms)
         with w.lock:
             w.xy = (float(x), float(y))
@@ -153,8 +157,7 @@ class SimFilterCube(StateDevice):
         self.world = current_world()
 
     def get_state(self) -> int:
-        with self.world.lock:
-            return self.world.channel
+        return self.world.filter_position()
 
     def set_state(self, position: int) -> None:
         if not 0 <= int(position) < len(STAINS):

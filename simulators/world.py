@@ -17,6 +17,7 @@ import contextvars
 import hashlib
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,9 @@ class World:
         self.snaps = 0
         self.autofocus_calls = 0
         self.filter_moves = 0
+        self._filter_target = self.channel
+        self._filter_stuck_until = 0.0
+        self.xy_moves = 0
         self.last_frame: np.ndarray | None = None
 
     # ------------------------------------------------------------------ binding
@@ -387,12 +391,27 @@ class World:
         return frame
 
     def move_filter(self, position: int) -> None:
-        """The filter cube moves to `position` (or, when configured, does not)."""
+        """The filter cube is told to go to `position`.
+
+        Changes of position are counted; a change listed in `stuck_filter`
+        sticks: orders to that position are ignored for `stuck_filter_ms` of
+        wall time (a jammed wheel that frees itself), whatever the exposure
+        time scale.
+        """
         with self.lock:
-            n = self.filter_moves
-            self.filter_moves += 1
-            if n not in self.config.stuck_filter:
+            now = time.monotonic()
+            if position != self._filter_target:
+                n = self.filter_moves
+                self.filter_moves += 1
+                self._filter_target = position
+                if n in self.config.stuck_filter:
+                    self._filter_stuck_until = now + self.config.stuck_filter_ms / 1000
+            if now >= self._filter_stuck_until:
                 self.channel = position
+
+    def filter_position(self) -> int:
+        with self.lock:
+            return self.channel
 
     def autofocus(self) -> float:
         """A hardware full focus at the current stage position; returns the new z.
