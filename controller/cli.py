@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,6 +32,7 @@ from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import ScannerError
 from controller.instrument import DEFAULT_INSTRUMENT
 from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
+from controller.queue import CartridgeQueue, QueueRequest, request_stop
 from controller.scan import Scan, ScanRequest, ScanResult
 
 app = typer.Typer(
@@ -126,16 +127,23 @@ def _progress() -> Progress:
     )
 
 
-def _run_with_progress(request: ScanRequest) -> ScanResult:
-    progress = _progress()
+def _scan_callbacks(progress: Progress) -> dict[str, Any]:
+    """Progress bars for one scan (focusing, scanning, detecting); a new scan
+    on the same `progress` replaces the previous scan's bars."""
     tasks: dict[str, TaskID] = {}
 
     def on_focus(done: int, total: int) -> None:
-        if "focus" not in tasks:
+        if "focus" not in tasks or done <= 1:  # a new scan's focus map
+            for old in tasks.values():
+                progress.remove_task(old)
+            tasks.clear()
             tasks["focus"] = progress.add_task("focusing", total=total, unit="anchors")
         progress.update(tasks["focus"], completed=done)
 
     def on_start(total: int, done: int) -> None:
+        for key in ("scan", "detect"):
+            if key in tasks:
+                progress.remove_task(tasks.pop(key))
         tasks["scan"] = progress.add_task(
             "scanning", total=total, completed=done, unit="fields"
         )
@@ -146,10 +154,13 @@ def _run_with_progress(request: ScanRequest) -> ScanResult:
         if bar in tasks:
             progress.advance(tasks[bar])
 
+    return {"on_start": on_start, "on_field": on_field, "on_focus": on_focus}
+
+
+def _run_with_progress(request: ScanRequest) -> ScanResult:
+    progress = _progress()
     with progress:
-        return Scan(
-            request, on_start=on_start, on_field=on_field, on_focus=on_focus
-        ).run()
+        return Scan(request, **_scan_callbacks(progress)).run()
 
 
 def _summary(r: ScanResult) -> None:
@@ -196,6 +207,107 @@ def _summary(r: ScanResult) -> None:
     )
     t.add_row("status", state)
     out.print(t)
+
+
+@app.command()
+def queue(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="queue folder: one run folder per cartridge")
+    ],
+    instrument: Annotated[
+        Path | None,
+        typer.Option(help="instrument YAML with a loader section (default: simulated)"),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="cartridge layout name, or a layout YAML file")
+    ] = DEFAULT_LAYOUT,
+    slots: Annotated[
+        str | None, typer.Option(help="only these loader slots, e.g. 1,3,4")
+    ] = None,
+    fields: Annotated[
+        int | None, typer.Option(help="scan only the first N fields of each cartridge")
+    ] = None,
+    assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(help="who runs the queue, for the audit log; default: login"),
+    ] = None,
+) -> None:
+    """Scan every cartridge in the loader, unattended; resumes a queue folder.
+
+    `ctcscan stop QUEUE` stops it after the current cartridge.
+    """
+    instrument_file = instrument or DEFAULT_INSTRUMENT
+    try:
+        cfg = InstrumentConfig.from_file(instrument_file)
+        assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
+        lay = get_layout(layout)
+        chosen = None
+        if slots:
+            try:
+                chosen = tuple(int(v) for v in slots.split(","))
+            except ValueError:
+                _fail(f"--slots takes slot numbers like 1,3,4, got {slots!r}")
+        request = QueueRequest(
+            instrument=cfg,
+            layout=lay,
+            out=out_dir,
+            assay=assay_cfg,
+            instrument_file=str(instrument_file),
+            operator=operator,
+            n_fields=fields,
+            slots=chosen,
+        )
+        progress = _progress()
+
+        def on_cartridge(slot: int, barcode: str) -> None:
+            progress.console.print(f"[bold]cartridge {barcode}[/] (slot {slot})")
+
+        job = CartridgeQueue(
+            request,
+            on_cartridge=on_cartridge,
+            scan_kwargs=_scan_callbacks(progress),
+        )
+        with progress:
+            outcomes = job.run()
+    except ScannerError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; run the same command again to resume {out_dir}", 130)
+    t = Table(title=f"queue {out_dir}")
+    for col in ("slot", "cartridge", "CTC", "cut-off", "status", "duration", "note"):
+        t.add_column(col)
+    for o in outcomes:
+        t.add_row(
+            str(o.slot),
+            o.barcode,
+            "" if o.ctc_count is None else str(o.ctc_count),
+            ""
+            if o.cutoff is None
+            else (
+                f"{o.cutoff} ({'reached' if o.at_or_above_cutoff else 'not reached'})"
+            ),
+            o.status,
+            f"{o.duration_s:.0f} s",
+            o.reason,
+        )
+    out.print(t)
+    if job.stop_requested():
+        out.print("stopped after the current cartridge; run the same command to go on")
+        raise typer.Exit(130)
+    if any(o.status != "complete" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def stop(
+    queue_dir: Annotated[Path, typer.Argument(metavar="QUEUE", help="queue folder")],
+) -> None:
+    """Ask a running queue to stop after its current cartridge."""
+    if not (queue_dir / "queue.jsonl").exists():
+        _fail(f"{queue_dir} is not a queue folder (no queue.jsonl)")
+    path = request_stop(queue_dir)
+    out.print(f"the queue stops after its current cartridge ({path})")
 
 
 @app.command()

@@ -25,6 +25,7 @@ __all__ = [
     "FocusSettings",
     "Indication",
     "InstrumentConfig",
+    "LoaderSettings",
     "SimulationSettings",
     "StageLimits",
     "load_yaml",
@@ -223,6 +224,24 @@ class FocusSettings(ConfigModel):
         return self
 
 
+class LoaderSettings(ConfigModel):
+    """The cartridge loader on a serial line (hardware_configs/loader-protocol.md)."""
+
+    port: str = Field(
+        min_length=1,
+        description="device path or pyserial URL; 'emulated' for the simulator",
+    )
+    baudrate: int = Field(default=115200, gt=0)
+    timeout_s: float = Field(default=0.5, gt=0, le=30)
+    retries: int = Field(default=2, ge=0, le=10)
+    reconnect_s: float = Field(default=10.0, ge=0, le=600)
+    motion_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    #: the emulated loader's magazine: barcode per slot (simulator only)
+    slots: dict[int, str | None] | None = None
+    #: faults of the emulated loader by command number (simulators.loader)
+    faults: dict[str, list[int]] = Field(default_factory=dict)
+
+
 class InstrumentConfig(ConfigModel):
     """An instrument: its Micro-Manager config and how assay channels map onto it."""
 
@@ -245,6 +264,7 @@ class InstrumentConfig(ConfigModel):
     snap_retries: int = Field(default=2, ge=0, le=10)
     move_retries: int = Field(default=2, ge=0, le=10)
     focus: FocusSettings = FocusSettings()
+    loader: LoaderSettings | None = None
     simulation: SimulationSettings | None = None
 
     @model_validator(mode="before")
@@ -272,6 +292,12 @@ class InstrumentConfig(ConfigModel):
                 f"focus QC judges each field on its first frame: acquire "
                 f"{f.channel!r} first (channels start with {names[0]!r})"
             )
+        if (
+            self.loader is not None
+            and self.loader.port == "emulated"
+            and self.simulation is None
+        ):
+            raise ValueError("loader.port 'emulated' needs a simulated instrument")
         if (lim := self.stage_limits) is not None and f.enabled:
             lo, hi = f.z_start_um - f.search_range_um, f.z_start_um + f.search_range_um
             if lo < lim.z_min or hi > lim.z_max:

@@ -8,9 +8,12 @@ Device load failures are collected and reported together, by label.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from controller.config import InstrumentConfig
 from controller.errors import ConfigError, DeviceLoadError
 from controller.layouts import CartridgeLayout
+from controller.loader import CartridgeLoader
 from hardware_configs import CONFIG_DIR
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "Instrument",
     "needs_manual_shutter",
     "open_instrument",
+    "open_loader",
     "snap",
 ]
 
@@ -223,6 +228,50 @@ def _select_autofocus(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
             f"{source}: focus.autofocus_device {label!r} is not an autofocus "
             f"device ({str(e).strip().splitlines()[-1] if str(e).strip() else e})"
         ) from None
+
+
+@contextlib.contextmanager
+def open_loader(
+    cfg: InstrumentConfig,
+    workdir: Path,
+    *,
+    source: str = "",
+    on_event: Callable[[str, str], None] | None = None,
+) -> Iterator[CartridgeLoader]:
+    """The instrument's cartridge loader, open for the duration of the block.
+
+    ``port: emulated`` (simulated instruments) runs the simulator's loader on a
+    pseudo-terminal whose state lives in `workdir`; any other port is opened
+    as a serial device or pyserial URL.
+    """
+    lc = cfg.loader
+    if lc is None:
+        raise ConfigError(f"{source or cfg.name}: the instrument has no loader section")
+    kw: dict[str, Any] = {
+        "baudrate": lc.baudrate,
+        "timeout_s": lc.timeout_s,
+        "retries": lc.retries,
+        "reconnect_s": lc.reconnect_s,
+        "motion_timeout_s": lc.motion_timeout_s,
+        "on_event": on_event,
+    }
+    if lc.port != "emulated":
+        with CartridgeLoader(lc.port, **kw) as loader:
+            yield loader
+        return
+    from simulators.loader import LoaderEmulator
+
+    slots = lc.slots or {1: "SIM-0001"}
+    with tempfile.TemporaryDirectory(prefix="ctcscan-loader-") as tmp:
+        emu = LoaderEmulator(
+            slots,
+            Path(tmp) / "port",
+            state_file=workdir / ".loader-emulator.json",
+            script=lc.faults,
+        )
+        with emu, CartridgeLoader(str(emu.port), **kw) as loader:
+            loader.emulator = emu  # type: ignore[attr-defined]
+            yield loader
 
 
 def needs_manual_shutter(core: CMMCorePlus) -> bool:

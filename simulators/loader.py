@@ -15,11 +15,17 @@ Faults are queued with `inject` and consumed by the next command(s):
 ``busy``      the next motion takes `busy_s` instead of `motion_s`
 
 `unplug` / `replug` make the port vanish and come back.
+
+`script` schedules faults by number instead: ``{"garble": [3]}`` garbles the
+reply to command 3 (0-based, every command counts); ``jam`` and ``busy``
+count motion commands (LOAD, UNLOAD) instead; ``unplug`` unplugs the port for
+`unplug_s` when command n arrives (the command is lost).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -27,7 +33,7 @@ import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -61,6 +67,9 @@ class LoaderEmulator:
         Where the symlink to the current pty is made.
     motion_s : float
         Duration of a LOAD or UNLOAD.
+    state_file : path, optional
+        Where the loader remembers which cartridge is on the stage (it stays
+        there when the host process dies).
     """
 
     def __init__(
@@ -73,6 +82,9 @@ class LoaderEmulator:
         busy_s: float = 1.0,
         firmware: str = "2.1.0",
         serial_no: str = "SIM0001",
+        state_file: str | Path | None = None,
+        script: Mapping[str, Iterable[int]] | None = None,
+        unplug_s: float = 0.5,
     ) -> None:
         if not slots or min(slots) < 1:
             raise ValueError("slots are numbered from 1")
@@ -87,9 +99,20 @@ class LoaderEmulator:
         self.motion_s, self.late_s, self.busy_s = motion_s, late_s, busy_s
         self.firmware, self.serial_no = firmware, serial_no
         self.stage: int | None = None  # slot whose cartridge is on the stage
+        # a real loader keeps its cartridge on the stage when the host dies
+        self.state_file = Path(state_file) if state_file is not None else None
+        if self.state_file is not None and self.state_file.exists():
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                self.stage = json.loads(self.state_file.read_text())["stage"]
         self.state = "IDLE"
         self.code = 0
         self.commands: list[str] = []  # every command received, for tests
+        self.motions = 0
+        self.script = {k: set(v) for k, v in (script or {}).items()}
+        for k in self.script:
+            if k not in (*FAULTS, "unplug"):
+                raise ValueError(f"unknown fault {k!r} in script")
+        self.unplug_s = unplug_s
         self._motion: tuple[float, int | None, bool] | None = None
         self._faults: deque[str] = deque()
         self._lock = threading.Lock()
@@ -190,7 +213,24 @@ class LoaderEmulator:
 
     def _answer(self, master: int, command: str) -> None:
         with self._lock:
+            n = len(self.commands)
             self.commands.append(command)
+            motion = command.split()[:1] in (["LOAD"], ["UNLOAD"])
+            m = -1
+            if motion:
+                m = self.motions
+                self.motions += 1
+            for kind, when in self.script.items():
+                if kind in ("jam", "busy"):
+                    hit = motion and m in when
+                else:
+                    hit = n in when
+                if hit and kind == "unplug":
+                    self._unplug()
+                    threading.Timer(self.unplug_s, self.replug).start()
+                    return
+                if hit:
+                    self._faults.appendleft(kind)
             fault = self._faults.popleft() if self._faults else None
             if fault in ("jam", "busy"):  # motion faults wait for a motion
                 self._faults.appendleft(fault)
@@ -223,10 +263,15 @@ class LoaderEmulator:
             self.state, self.code = "FAULT", 5
             return
         self.state = "IDLE"
-        if slot is not None:  # LOAD: the cartridge leaves its slot
-            self.stage = slot
-        else:  # UNLOAD: back to its slot
-            self.stage = None
+        # LOAD: the cartridge leaves its slot; UNLOAD: back to its slot
+        self.stage = slot
+        self._save()
+
+    def _save(self) -> None:
+        if self.state_file is not None:
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(json.dumps({"stage": self.stage}))
+            tmp.replace(self.state_file)
 
     def _start_motion(self, slot: int | None, fault: str | None) -> None:
         duration = self.busy_s if fault == "busy" else self.motion_s
@@ -257,6 +302,7 @@ class LoaderEmulator:
         if cmd == "RESET" and not args:
             if self.state == "FAULT":  # cleared by hand: back in its slot
                 self.stage = None
+                self._save()
             self._motion = None
             self.state, self.code = "IDLE", 0
             return "OK RESET"

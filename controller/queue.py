@@ -1,0 +1,308 @@
+"""Unattended queue: every cartridge the loader holds, one after another.
+
+`CartridgeQueue.run` opens the loader, reads its inventory and, slot by slot,
+loads a cartridge, reads its barcode, scans it into ``QUEUE/<barcode>/`` (an
+ordinary, resumable run folder) and unloads it. A failed cartridge (a jam, a
+scan error) is recorded with its reason and the queue goes on. Everything is
+journalled in ``QUEUE/queue.jsonl`` (fsync'd lines, like a run's ledger) and in
+``QUEUE/audit.log``; ``QUEUE/summary.json`` holds the table printed at the end.
+
+Resume: running the same queue again skips cartridges the journal calls done,
+continues a cartridge left on the stage (its run folder resumes), and scans the
+rest. ``QUEUE/STOP`` (`request_stop`) stops the queue after the current
+cartridge; Ctrl-C stops the current scan after its current frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.audit import AuditLog
+from controller.config import AssayConfig, InstrumentConfig
+from controller.errors import ScannerError, StorageError
+from controller.instrument import open_loader
+from controller.layouts import CartridgeLayout
+from controller.loader import CartridgeLoader, LoaderError, LoaderFault
+from controller.scan import Scan, ScanRequest, ScanResult
+from controller.store import Ledger, write_durably
+
+__all__ = ["CartridgeOutcome", "CartridgeQueue", "QueueRequest", "request_stop"]
+
+logger = logging.getLogger("ctcscan.queue")
+
+STOP_FILE = "STOP"
+
+
+def request_stop(queue_dir: str | Path) -> Path:
+    """Ask a running queue to stop after its current cartridge."""
+    path = Path(queue_dir) / STOP_FILE
+    write_durably(path, b"stop after the current cartridge\n")
+    return path
+
+
+@dataclass(frozen=True)
+class QueueRequest:
+    instrument: InstrumentConfig
+    layout: CartridgeLayout
+    out: Path
+    assay: AssayConfig = field(default_factory=AssayConfig)
+    instrument_file: str = ""
+    operator: str | None = None
+    n_fields: int | None = None
+    slots: tuple[int, ...] | None = None  # default: every occupied slot
+
+
+@dataclass
+class CartridgeOutcome:
+    """One row of the queue's summary."""
+
+    slot: int
+    barcode: str
+    status: str  # complete | incomplete | failed | stopped
+    ctc_count: int | None = None
+    cutoff: int | None = None
+    at_or_above_cutoff: bool | None = None
+    duration_s: float = 0.0
+    reason: str = ""
+    run_dir: str = ""
+
+
+class CartridgeQueue:
+    """Scans every cartridge of the loader; see the module docstring.
+
+    `on_cartridge(slot, barcode)` is called as each cartridge starts;
+    `scan_kwargs` go to every `Scan` (progress callbacks, detector workers).
+    """
+
+    def __init__(
+        self,
+        request: QueueRequest,
+        *,
+        on_cartridge: Callable[[int, str], None] | None = None,
+        scan_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.request = request
+        self.root = Path(request.out)
+        self.on_cartridge = on_cartridge
+        self.scan_kwargs = dict(scan_kwargs or {})
+        self.journal = Ledger(self.root / "queue.jsonl")
+        self.audit = AuditLog(self.root / "audit.log", request.operator)
+        self.current: Scan | None = None
+        self.outcomes: list[CartridgeOutcome] = []
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def stop_file(self) -> Path:
+        return self.root / STOP_FILE
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> list[CartridgeOutcome]:
+        req = self.request
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"queue folder {self.root}: {e.strerror or e}") from None
+        self.stop_file.unlink(missing_ok=True)  # a new command is a new decision
+        done = self._done_before()
+        self.journal.append("queue_started", operator=self.audit.operator)
+        self.audit.write(
+            "QUEUE-START",
+            f"queue into {self.root}: instrument {req.instrument.name}, layout "
+            f"{req.layout.name}, {len(done)} cartridge(s) done before",
+        )
+        try:
+            with open_loader(
+                req.instrument,
+                self.root,
+                source=req.instrument_file,
+                on_event=lambda k, m: self.audit.write(f"LOADER-{k}", m),
+            ) as loader:
+                self._run_with(loader, done)
+        except KeyboardInterrupt:
+            self.journal.append("queue_stopped", reason="interrupted (Ctrl-C)")
+            self.audit.write("QUEUE-STOP", "interrupted by the operator (Ctrl-C)")
+            self._write_summary()
+            raise
+        except LoaderError as e:
+            self.journal.append("queue_stopped", reason=str(e))
+            self.audit.write("QUEUE-STOP", f"loader unusable: {e}")
+            self._write_summary()
+            raise
+        stopped = self.stop_requested()
+        self.journal.append(
+            "queue_stopped" if stopped else "queue_finished",
+            reason="stop requested" if stopped else "",
+            cartridges=len(self.outcomes),
+        )
+        self.audit.write(
+            "QUEUE-STOP" if stopped else "QUEUE-FINISH",
+            ("stopped after the current cartridge, as requested; " if stopped else "")
+            + ", ".join(f"{o.barcode}: {o.status}" for o in self.outcomes),
+        )
+        self._write_summary()
+        return self.outcomes
+
+    def _run_with(self, loader: CartridgeLoader, done: dict[str, dict]) -> None:
+        req = self.request
+        info = loader.identify()
+        status = loader.status()
+        if status.state == "FAULT":
+            loader.reset()
+        inventory = loader.inventory()
+        self.journal.append("loader", identity=info, inventory=inventory)
+        if status.slot is not None:  # left on the stage by an interrupted queue
+            barcode = loader.barcode()
+            inventory[status.slot] = barcode
+        slots = [s for s in (req.slots or sorted(inventory)) if inventory.get(s)]
+        for slot in slots:
+            barcode = str(inventory[slot])
+            if barcode in done:
+                self.outcomes.append(CartridgeOutcome(**done[barcode]))
+                continue
+            if self.stop_requested():
+                break
+            self._one(loader, slot, barcode, on_stage=status.slot == slot)
+            if self.stop_requested():
+                break
+
+    def _one(
+        self, loader: CartridgeLoader, slot: int, barcode: str, *, on_stage: bool
+    ) -> None:
+        t0 = time.perf_counter()
+        outcome = CartridgeOutcome(slot, barcode, "failed")
+        try:
+            if not on_stage:
+                got = loader.load(slot)
+                if got != barcode:
+                    raise LoaderError(
+                        f"slot {slot} was listed as {barcode} but the loaded "
+                        f"cartridge reads {got}"
+                    )
+            self.journal.append("loaded", slot=slot, barcode=barcode)
+            self.audit.write("LOAD", f"slot {slot}: cartridge {barcode}")
+            if self.on_cartridge is not None:
+                self.on_cartridge(slot, barcode)
+            result = self._scan(slot, barcode)
+            outcome = self._outcome(slot, barcode, result)
+            if result.canceled:  # Ctrl-C inside the scan: leave it on the stage
+                raise KeyboardInterrupt
+            loader.unload()
+            self.journal.append("unloaded", slot=slot, barcode=barcode)
+        except KeyboardInterrupt:  # the cartridge stays; the queue resumes it
+            outcome.status = "stopped"
+            raise
+        except LoaderFault as e:
+            outcome.reason = str(e)
+            self._recover(loader)
+        except ScannerError as e:  # the scan failed: unload, go on
+            outcome.reason = str(e)
+            self._recover(loader)
+        finally:
+            outcome.duration_s = round(time.perf_counter() - t0, 2)
+            if outcome.status != "stopped":
+                self.outcomes.append(outcome)
+                self.journal.append("cartridge", **asdict(outcome))
+                self.audit.write(
+                    "CARTRIDGE",
+                    f"{barcode} (slot {slot}): {outcome.status}"
+                    + (f", {outcome.reason}" if outcome.reason else "")
+                    + (
+                        f", {outcome.ctc_count} CTC"
+                        if outcome.ctc_count is not None
+                        else ""
+                    ),
+                )
+
+    def _scan(self, slot: int, barcode: str) -> ScanResult:
+        req = self.request
+        sim = req.instrument.simulation
+        scan = Scan(
+            ScanRequest(
+                instrument=req.instrument,
+                layout=req.layout,
+                out=self.root / _folder_name(barcode),
+                assay=req.assay,
+                instrument_file=req.instrument_file,
+                cartridge_id=barcode,
+                # each simulated cartridge is a different draw
+                seed=None if sim is None else sim.seed + slot,
+                n_fields=req.n_fields,
+                operator=req.operator,
+            ),
+            **self.scan_kwargs,
+        )
+        self.current = scan
+        try:
+            return scan.run()
+        finally:
+            self.current = None
+
+    def _outcome(self, slot: int, barcode: str, r: ScanResult) -> CartridgeOutcome:
+        if r.canceled:
+            status = "stopped"
+        elif r.complete and not r.failed:
+            status = "complete"
+        else:
+            status = "incomplete"
+        reason = (
+            f"{len(r.failed)} field(s) failed: " + ", ".join(sorted(r.failed))
+            if r.failed
+            else ""
+        )
+        return CartridgeOutcome(
+            slot=slot,
+            barcode=barcode,
+            status=status,
+            ctc_count=r.report.get("ctc_count"),
+            cutoff=r.report.get("cutoff"),
+            at_or_above_cutoff=r.report.get("at_or_above_cutoff"),
+            reason=reason,
+            run_dir=str(r.run_dir),
+        )
+
+    def _recover(self, loader: CartridgeLoader) -> None:
+        """After a failed cartridge: clear a fault and empty the stage."""
+        st = loader.status()
+        if st.state == "FAULT":
+            self.audit.write("LOADER-RESET", f"fault code {st.code:02d}")
+            loader.reset()
+            st = loader.status()
+        if st.slot is not None:
+            loader.unload()
+
+    # ------------------------------------------------------------------ journal
+
+    def _done_before(self) -> dict[str, dict]:
+        """Cartridges a previous run of this queue finished (by barcode)."""
+        out: dict[str, dict] = {}
+        for rec in self.journal.read():
+            if rec.get("event") == "cartridge" and rec.get("status") in (
+                "complete",
+                "incomplete",
+            ):
+                out[rec["barcode"]] = {
+                    k: rec[k] for k in CartridgeOutcome.__dataclass_fields__ if k in rec
+                }
+        return out
+
+    def _write_summary(self) -> None:
+        write_durably(
+            self.root / "summary.json",
+            json.dumps([asdict(o) for o in self.outcomes], indent=1).encode(),
+        )
+
+
+def _folder_name(barcode: str) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in barcode)
+    return name.strip(".") or "cartridge"

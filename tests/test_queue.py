@@ -1,0 +1,138 @@
+"""`ctcscan queue`: unattended cartridges from the (emulated, pty) loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from controller.config import InstrumentConfig
+from controller.layouts import get_layout
+from controller.queue import CartridgeQueue, QueueRequest, request_stop
+from tests.conftest import SIM_YAML, invoke, read_field, sim_instrument
+
+QUICK_FOCUS = {"anchors": [2, 1]}  # the queue is under test, not the focus map
+
+
+def instrument(**loader: Any) -> InstrumentConfig:
+    inst = sim_instrument(focus=QUICK_FOCUS)
+    data = inst.model_dump(mode="json")
+    data["loader"] = {**data["loader"], **loader}
+    return InstrumentConfig.from_dict(data)
+
+
+def run_queue(out: Path, inst: InstrumentConfig, **kw: Any) -> CartridgeQueue:
+    req = QueueRequest(
+        instrument=inst,
+        layout=get_layout("test-3x4"),
+        out=out,
+        instrument_file=str(SIM_YAML),
+        n_fields=2,
+        slots=kw.pop("slots", (1, 2, 3)),
+        operator="tester",
+    )
+    q = CartridgeQueue(req, scan_kwargs={"detector_workers": 0}, **kw)
+    q.run()
+    return q
+
+
+def journal(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "queue.jsonl").read_text().splitlines()]
+
+
+def test_a_queue_scans_every_cartridge_into_a_folder_named_by_barcode(
+    tmp_path: Path,
+) -> None:
+    q = run_queue(tmp_path / "q", instrument())
+    assert [(o.slot, o.barcode, o.status) for o in q.outcomes] == [
+        (1, "SIM-0001", "complete"),
+        (2, "SIM-0002", "complete"),
+        (3, "SIM-0003", "complete"),
+    ]
+    for o in q.outcomes:
+        run = tmp_path / "q" / o.barcode
+        report = json.loads((run / "report.json").read_text())
+        assert report["cartridge_id"] == o.barcode
+        assert report["ctc_count"] == o.ctc_count and o.cutoff == report["cutoff"]
+        assert "tester" in (run / "audit.log").read_text()
+    # each cartridge is its own simulated draw
+    a, _, _ = read_field(tmp_path / "q" / "SIM-0001" / "fields" / "field_000.ome.tif")
+    b, _, _ = read_field(tmp_path / "q" / "SIM-0002" / "fields" / "field_000.ome.tif")
+    assert not np.array_equal(a, b)
+    events = [r["event"] for r in journal(tmp_path / "q")]
+    assert events.count("loaded") == events.count("unloaded") == 3
+    assert events[-1] == "queue_finished"
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert [s["barcode"] for s in summary] == ["SIM-0001", "SIM-0002", "SIM-0003"]
+
+
+def test_a_jam_fails_one_cartridge_and_the_queue_goes_on(tmp_path: Path) -> None:
+    # motions: LOAD 1 (0), UNLOAD (1), LOAD 2 (2) jams
+    q = run_queue(tmp_path / "q", instrument(faults={"jam": [2]}))
+    status = {o.barcode: o.status for o in q.outcomes}
+    assert status == {
+        "SIM-0001": "complete",
+        "SIM-0002": "failed",
+        "SIM-0003": "complete",
+    }
+    failed = next(o for o in q.outcomes if o.status == "failed")
+    assert "JAM" in failed.reason
+    audit = (tmp_path / "q" / "audit.log").read_text()
+    assert "LOADER-RESET" in audit and "LOADER-FAULT" in audit
+    assert not (tmp_path / "q" / "SIM-0002" / "fields").exists()
+    # running the queue again scans what failed, and only that
+    again = run_queue(tmp_path / "q", instrument())
+    assert {o.barcode: o.status for o in again.outcomes} == dict.fromkeys(
+        status, "complete"
+    )
+    loads = [r for r in journal(tmp_path / "q") if r["event"] == "loaded"]
+    assert [r["barcode"] for r in loads] == ["SIM-0001", "SIM-0003", "SIM-0002"]
+
+
+def test_garbled_replies_and_a_vanishing_port_are_survived(tmp_path: Path) -> None:
+    faults = {"garble": [2, 9], "truncate": [14], "unplug": [20]}
+    q = run_queue(tmp_path / "q", instrument(faults=faults, reconnect_s=5.0))
+    assert [o.status for o in q.outcomes] == ["complete"] * 3
+    audit = (tmp_path / "q" / "audit.log").read_text()
+    assert "LOADER-RETRY" in audit and "LOADER-RECONNECT" in audit
+
+
+def test_stop_after_the_current_cartridge_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+
+    def stop_during_first(slot: int, barcode: str) -> None:
+        if slot == 1:
+            request_stop(out)
+
+    first = run_queue(out, instrument(), on_cartridge=stop_during_first)
+    assert [(o.barcode, o.status) for o in first.outcomes] == [("SIM-0001", "complete")]
+    assert journal(out)[-1]["event"] == "queue_stopped"
+    second = run_queue(out, instrument())
+    assert [o.barcode for o in second.outcomes] == ["SIM-0001", "SIM-0002", "SIM-0003"]
+    assert all(o.status == "complete" for o in second.outcomes)
+    loads = [r["barcode"] for r in journal(out) if r["event"] == "loaded"]
+    assert loads == ["SIM-0001", "SIM-0002", "SIM-0003"]  # nothing scanned twice
+
+
+def test_queue_command_prints_the_summary_table(tmp_path: Path) -> None:
+    res = invoke(
+        "queue",
+        "--out",
+        str(tmp_path / "q"),
+        "--layout",
+        "test-3x4",
+        "--fields",
+        "1",
+        "--slots",
+        "2,4",
+        "--operator",
+        "night shift",
+    )
+    assert res.exit_code == 0, res.output
+    for word in ("SIM-0002", "SIM-0004", "complete", "cut-off"):
+        assert word in res.output
+    assert "night_shift" in (tmp_path / "q" / "audit.log").read_text()
+    bad = invoke("stop", str(tmp_path / "nothing"))
+    assert bad.exit_code == 2 and "not a queue folder" in bad.output
