@@ -1,0 +1,192 @@
+"""kill -9 at random moments of a scan, then the same command again.
+
+Each run is the real CLI in its own process, killed with SIGKILL at a seeded
+random moment (start-up, focus map, acquisition, detection or report), then
+resumed by the same command. The finished run must equal an uninterrupted one:
+the same fields with identical pixels, every field stored once (a file that
+verifies is never acquired again), no temporary files left, every field
+detected, and the same events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hardware_configs import CONFIG_DIR
+from tests.conftest import read_field
+
+KILLS = 22
+FIELDS = 5
+
+
+@pytest.fixture(scope="module")
+def instrument_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The simulated scanner with a quick (2-anchor) focus map."""
+    text = (CONFIG_DIR / "simulated.yaml").read_text()
+    text = text.replace(
+        "micromanager_config: simulated.cfg",
+        "micromanager_config: " + str(CONFIG_DIR / "simulated.cfg"),
+    )
+    text = text.replace("  anchors: [5, 2]", "  anchors: [2, 1]")
+    path = tmp_path_factory.mktemp("inst") / "quick.yaml"
+    path.write_text(text)
+    return path
+
+
+def command(out: Path, yaml: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "controller", "scan", "--out", str(out),
+        "--instrument", str(yaml), "--layout", "test-3x4",
+        "--fields", str(FIELDS), "--seed", "7",
+    ]  # fmt: skip
+
+
+def run(out: Path, yaml: Path, kill_after: float | None = None) -> int | None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        command(out, yaml),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    if kill_after is None:
+        return proc.wait(timeout=600)
+    try:
+        proc.wait(timeout=kill_after)
+        return proc.returncode  # finished before the kill
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the scan and its detector worker
+        proc.wait()
+        return None
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, instrument_yaml: Path
+) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    t0 = time.monotonic()
+    assert run(out, instrument_yaml) == 0
+    return out, time.monotonic() - t0
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+
+
+def check_equal(ref: Path, got: Path) -> None:
+    names = sorted(p.name for p in (ref / "fields").iterdir())
+    assert sorted(p.name for p in (got / "fields").iterdir()) == names
+    for name in names:
+        a, _, _ = read_field(ref / "fields" / name)
+        b, _, _ = read_field(got / "fields" / name)
+        assert np.array_equal(a, b), name
+    records = ledger(got)
+    stored = [r for r in records if r["event"] == "stored"]
+    corrupt = {r["field"] for r in records if r["event"] == "corrupt"}
+    per_field: dict[str, int] = {}
+    for r in stored:
+        per_field[r["field"]] = per_field.get(r["field"], 0) + 1
+    for field, n in per_field.items():  # stored again only if found damaged
+        assert n == 1 or field in corrupt, (field, n)
+    for r in stored:
+        if r is max(
+            (s for s in stored if s["field"] == r["field"]), key=lambda s: s["t"]
+        ):
+            data = (got / r["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == r["sha256"]
+    assert not list(got.rglob("*.tmp"))
+    detected = {r["field"] for r in records if r["event"] == "detected"}
+    assert detected == {n.split(".")[0] for n in names}
+    assert (got / "events.csv").read_text() == (ref / "events.csv").read_text()
+    a = json.loads((ref / "report.json").read_text())
+    b = json.loads((got / "report.json").read_text())
+    assert (a["ctc_count"], a["counts"]) == (b["ctc_count"], b["counts"])
+    assert records[-1]["event"] == "finished"
+
+
+def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, instrument_yaml: Path, reference: tuple[Path, float]
+) -> None:
+    ref, duration = reference
+    rng = random.Random(20261124)
+    moments = sorted(rng.uniform(0.3, duration) for _ in range(KILLS))
+
+    def one(i: int) -> tuple[float, bool]:
+        out = tmp_path / f"run-{i:02d}"
+        killed = run(out, instrument_yaml, kill_after=moments[i]) is None
+        assert run(out, instrument_yaml) == 0
+        check_equal(ref, out)
+        return moments[i], killed
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(KILLS)))
+    killed = [t for t, k in results if k]
+    # the moments really interrupted runs, spread over the whole run
+    assert len(killed) >= 20
+    assert min(killed) < 0.25 * duration and max(killed) > 0.75 * duration
+
+
+def queue_command(out: Path, yaml: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "controller", "queue", "--out", str(out),
+        "--instrument", str(yaml), "--layout", "test-3x4",
+        "--fields", "2", "--slots", "1,2",
+    ]  # fmt: skip
+
+
+def run_queue(out: Path, yaml: Path, kill_after: float | None = None) -> int | None:
+    proc = subprocess.Popen(
+        queue_command(out, yaml),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if kill_after is None:
+        return proc.wait(timeout=600)
+    try:
+        proc.wait(timeout=kill_after)
+        return proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def test_kill_9_of_a_queue_then_resume_matches_an_uninterrupted_queue(
+    tmp_path: Path, instrument_yaml: Path
+) -> None:
+    t0 = time.monotonic()
+    assert run_queue(tmp_path / "ref", instrument_yaml) == 0
+    duration = time.monotonic() - t0
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    rng = random.Random(7)
+    for i, moment in enumerate(sorted(rng.uniform(0.5, duration) for _ in range(4))):
+        out = tmp_path / f"q{i}"
+        run_queue(out, instrument_yaml, kill_after=moment)
+        assert run_queue(out, instrument_yaml) == 0
+        got = json.loads((out / "summary.json").read_text())
+        key = ("slot", "barcode", "status", "ctc_count")
+        assert [[s[k] for k in key] for s in got] == [[s[k] for k in key] for s in ref]
+        for s in ref:
+            check_equal(tmp_path / "ref" / s["barcode"], out / s["barcode"])
+        loads = [
+            json.loads(x)["barcode"]
+            for x in (out / "queue.jsonl").read_text().splitlines()
+            if json.loads(x)["event"] == "loaded"
+        ]
+        # a cartridge is loaded again only if the kill came before it was done
+        assert sorted(set(loads)) == ["SIM-0001", "SIM-0002"]
