@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 from analysis.pipeline import FieldJob, analyze_field_file
-from controller.scan import ScanResult
-from tests.conftest import read_field, run_scan, sim_instrument
+from controller.errors import StorageError
+from controller.layouts import get_layout
+from controller.scan import Scan, ScanRequest, ScanResult
+from tests.conftest import SIM_YAML, read_field, run_scan, sim_instrument
 
 NO_FOCUS = {"enabled": False}
 
@@ -152,3 +154,42 @@ def test_a_detector_worker_that_dies_is_replaced(tmp_path: Path) -> None:
     assert_nothing_lost(result)
     events = json.loads((result.run_dir / "report.json").read_text())
     assert events["fields"]["analyzed"] == 3
+
+
+def test_disk_full_in_the_middle_stops_cleanly_and_resumes(
+    tmp_path: Path, clean: ScanResult
+) -> None:
+    """field_002's file cannot be written: its temporary name leads to /dev/full,
+    which fails every write with ENOSPC, as a full disk does."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    run = tmp_path / "run"
+    inst = sim_instrument(focus=NO_FOCUS)
+
+    def on_field(name: str, status: str) -> None:
+        if name == "field_000" and status == "stored":
+            (run / "fields" / "field_002.ome.tif.tmp").symlink_to("/dev/full")
+
+    req = ScanRequest(
+        instrument=inst,
+        layout=get_layout("test-3x4"),
+        out=run,
+        instrument_file=str(SIM_YAML),
+        seed=5,
+        n_fields=3,
+    )
+    with pytest.raises(StorageError, match="No space left on device"):
+        Scan(req, detector_workers=0, on_field=on_field).run()
+    records = ledger(run)
+    assert records[-1]["event"] == "stopped"
+    assert "No space left" in records[-1]["error"]
+    stored = {r["field"]: r for r in records if r["event"] == "stored"}
+    assert "field_002" not in stored and "field_000" in stored
+    for r in stored.values():  # what was stored is intact
+        assert hashlib.sha256((run / r["file"]).read_bytes()).hexdigest() == r["sha256"]
+    assert "ERROR" in audit(run) and "No space left" in audit(run)
+    # the disk has room again: the same request resumes and completes
+    result = Scan(req, detector_workers=0).run()
+    assert result.complete and result.resumed == len(stored)
+    assert_nothing_lost(result)
+    same_pixels(clean, result, NAMES)
