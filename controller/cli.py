@@ -8,6 +8,7 @@ fields 1, an interrupted one 130 (run the same command again to resume).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +30,7 @@ from analysis.fieldio import FieldReadError
 from controller import __version__
 from controller.analyze import AnalyzeRequest, parse_channel_map, run_analyze
 from controller.config import AssayConfig, InstrumentConfig
-from controller.errors import ScannerError
+from controller.errors import HardwareHangError, ScannerError
 from controller.instrument import DEFAULT_INSTRUMENT
 from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
 from controller.queue import CartridgeQueue, QueueRequest, request_stop
@@ -42,6 +43,21 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+
+#: exit code when a hardware call hung (the process leaves without touching it)
+EXIT_HUNG = 3
+
+
+def _hung(e: HardwareHangError) -> None:
+    """A hardware call hangs in a thread nobody can stop: leave at once.
+
+    Everything stored is already durable and recorded; exiting normally would
+    wait on, or tear down, a device that is still inside a call.
+    """
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_HUNG)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -102,6 +118,8 @@ def scan(
             operator=operator,
         )
         result = _run_with_progress(request)
+    except HardwareHangError as e:
+        _hung(e)
     except ScannerError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -270,6 +288,8 @@ def queue(
         )
         with progress:
             outcomes = job.run()
+    except HardwareHangError as e:
+        _hung(e)
     except ScannerError as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -263,6 +263,12 @@ class InstrumentConfig(ConfigModel):
     stage_limits: StageLimits | None = None
     snap_retries: int = Field(default=2, ge=0, le=10)
     move_retries: int = Field(default=2, ge=0, le=10)
+    watchdog_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a hardware call (move, snap beyond its exposure) taking longer "
+        "than this has hung",
+    )
     focus: FocusSettings = FocusSettings()
     loader: LoaderSettings | None = None
     simulation: SimulationSettings | None = None

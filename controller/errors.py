@@ -54,3 +54,11 @@ class DiskSpaceError(StorageError):
 
 class AcquisitionError(ScannerError):
     """The instrument failed in a way the scan could not recover from."""
+
+
+class HardwareHangError(AcquisitionError):
+    """A hardware call did not return within the watchdog's limit.
+
+    The call cannot be interrupted; the process must end (and the instrument be
+    checked) before the run is resumed.
+    """

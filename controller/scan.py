@@ -31,7 +31,12 @@ from controller.audit import AuditLog, config_hash
 from controller.config import AssayConfig, InstrumentConfig
 from controller.detector import OnlineDetector, load_records
 from controller.engine import ScanEngine
-from controller.errors import ConfigError, ScannerError, StorageError
+from controller.errors import (
+    ConfigError,
+    HardwareHangError,
+    ScannerError,
+    StorageError,
+)
 from controller.focus import (
     FieldFocus,
     FocusCanceled,
@@ -173,6 +178,8 @@ class Scan:
         self.folder = RunFolder(request.out)
         self._cancel = threading.Event()
         self._cancel_reason = ""
+        #: a hardware call hung: the instrument must not be touched again
+        self.hung = False
         self.audit = AuditLog(self.folder.root / "audit.log", request.operator)
         self._core: Any = None
         self._error: BaseException | None = None
@@ -254,7 +261,8 @@ class Scan:
         try:
             return self._run_on(instrument, plan, state, done, remaining)
         finally:
-            instrument.close()
+            if not self.hung:  # unloading a hung device would hang too
+                instrument.close()
 
     def _run_on(
         self,
@@ -389,7 +397,7 @@ class Scan:
         t0 = time.perf_counter()
         try:
             if remaining and not self._cancel.is_set():
-                self._acquire(core, plan, remaining, assembler, writer)
+                self._acquire(core, plan, remaining, assembler, writer, engine)
         finally:
             writer.close()
             stats = detector.close()
@@ -547,8 +555,10 @@ class Scan:
         remaining: list[FieldSpec],
         assembler: FieldAssembler,
         writer: StoreWorker,
+        engine: ScanEngine,
     ) -> None:
-        """Run the MDA on our own thread; watch for cancel and storage errors."""
+        """Run the MDA on our own thread; watch for cancel, storage errors and
+        hardware calls that do not return (the watchdog)."""
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
         self._core = core
@@ -561,11 +571,26 @@ class Scan:
 
         thread = threading.Thread(target=target, name="ctcscan-mda", daemon=True)
         thread.start()
+        limit = self.request.instrument.watchdog_s
+        longest_exposure = max(c.exposure_ms for c in plan.channels) / 1000
         try:
             while thread.is_alive():
                 thread.join(timeout=0.1)
                 if writer.error is not None:
                     self._fail_run(writer.error)
+                if (busy := engine.busy) is not None:
+                    started, what = busy
+                    waited = time.monotonic() - started
+                    if waited > limit + longest_exposure:
+                        self.hung = True
+                        self._fail_run(
+                            HardwareHangError(
+                                f"{what} has not returned after {waited:.0f} s "
+                                f"(watchdog {limit:g} s): check the instrument, then "
+                                "run the same command again to resume"
+                            )
+                        )
+                        break  # the call cannot be interrupted; do not wait on it
         except KeyboardInterrupt:
             self.cancel("interrupted by the operator (Ctrl-C)")
             thread.join()

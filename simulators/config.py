@@ -101,6 +101,9 @@ class WorldConfig(ConfigModel):
     stuck_filter_ms: float = Field(default=150.0, ge=0)
     #: XY moves (0-based count) that time out without moving
     fail_xy_moves: tuple[int, ...] = ()
+    #: snaps that hang for `hang_s` of wall time (a camera that stops answering)
+    hang_snaps: tuple[int, ...] = ()
+    hang_s: float = Field(default=3600.0, ge=0)
     #: hardware autofocus: residual error (sd, um) of a successful full focus
     autofocus_sd_um: float = Field(default=0.15, ge=0)
     #: full-focus calls (0-based count) that fail, and that land this far off

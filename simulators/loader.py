@@ -221,10 +221,7 @@ class LoaderEmulator:
                 m = self.motions
                 self.motions += 1
             for kind, when in self.script.items():
-                if kind in ("jam", "busy"):
-                    hit = motion and m in when
-                else:
-                    hit = n in when
+                hit = (motion and m in when) if kind in ("jam", "busy") else n in when
                 if hit and kind == "unplug":
                     self._unplug()
                     threading.Timer(self.unplug_s, self.replug).start()

@@ -370,11 +370,14 @@ class World:
             (x, y), z, ch = self.xy, self.z, self.channel
             lit = self.shutter_open
             cfg = self.config
+            hang = n in cfg.hang_snaps
             if n in cfg.stale_snaps and self.last_frame is not None:
                 frame = self.last_frame.copy()
                 if out is not None:
                     np.copyto(out, frame)
                 return frame
+        if hang:  # wall time, whatever the time scale
+            time.sleep(cfg.hang_s)
         frame = self.renderer.frame(
             x,
             y,

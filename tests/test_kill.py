@@ -190,3 +190,36 @@ def test_kill_9_of_a_queue_then_resume_matches_an_uninterrupted_queue(
         ]
         # a cartridge is loaded again only if the kill came before it was done
         assert sorted(set(loads)) == ["SIM-0001", "SIM-0002"]
+
+
+def test_a_hardware_call_that_never_returns_is_caught_and_the_run_resumes(
+    tmp_path: Path, instrument_yaml: Path, reference: tuple[Path, float]
+) -> None:
+    """The camera stops answering on a snap (it would for an hour); the watchdog
+    (1 s here) ends the process with exit code 3, everything stored intact; the
+    same command on the instrument once it answers again completes the run."""
+    fmap = json.loads((reference[0] / "focus_map.json").read_text())
+    # after the focus map's snaps and the dark frame: field_002's FITC frame
+    snap = sum(a["snaps"] for a in fmap["anchors"]) + 1 + 4 * 2 + 1
+    text = instrument_yaml.read_text()
+    hang = text.replace("snap_retries: 2", "snap_retries: 2\nwatchdog_s: 1.0").replace(
+        "  world: {}", f"  world: {{hang_snaps: [{snap}]}}"
+    )
+    assert hang != text and "hang_snaps" in hang
+    hang_yaml = tmp_path / "hang.yaml"
+    hang_yaml.write_text(hang)
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        command(out, hang_yaml), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert "has not returned" in proc.stderr and "watchdog 1 s" in proc.stderr
+    records = ledger(out)
+    assert (
+        records[-1]["event"] == "stopped" and "has not returned" in records[-1]["error"]
+    )
+    assert "has not returned" in (out / "audit.log").read_text()
+    assert run(out, instrument_yaml) == 0
+    check_equal(reference[0], out)
