@@ -22,10 +22,11 @@ re-acquired at the found z (see `controller.engine`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -334,6 +335,8 @@ class Focuser:
         self.snap_retries = instrument.snap_retries
         self.move_retries = instrument.move_retries
         self.snaps = 0
+        #: (monotonic start, what) of the hardware call in progress (watchdog)
+        self.busy: tuple[float, str] | None = None
 
     @property
     def core(self) -> Any:
@@ -348,17 +351,27 @@ class Focuser:
         core.waitForConfig(self.group, self.channel.preset)
         core.setExposure(self.channel.exposure_ms)
 
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        self.busy = (time.monotonic(), what)
+        try:
+            yield
+        finally:
+            self.busy = None
+
     def move_xy(self, x: float, y: float) -> None:
-        self.core.setXYPosition(x, y)
-        self.core.waitForDevice(self.core.getXYStageDevice())
+        with self._call(f"focus: XY move to ({x:.0f}, {y:.0f})"):
+            self.core.setXYPosition(x, y)
+            self.core.waitForDevice(self.core.getXYStageDevice())
 
     def move_z(self, z: float) -> None:
         """Move the focus drive (a failed move is retried, then raised)."""
         core = self.core
         for attempt in range(self.move_retries + 1):
             try:
-                core.setZPosition(z)
-                core.waitForDevice(core.getFocusDevice())
+                with self._call(f"focus: z move to {z:.2f}"):
+                    core.setZPosition(z)
+                    core.waitForDevice(core.getFocusDevice())
                 return
             except Exception:
                 if attempt == self.move_retries:
@@ -370,7 +383,8 @@ class Focuser:
         for attempt in range(self.snap_retries + 1):
             self.snaps += 1
             try:
-                return np.asarray(snap(self.core, self.manual_shutter))
+                with self._call(f"focus: snap at z {z:.2f}"):
+                    return np.asarray(snap(self.core, self.manual_shutter))
             except Exception:
                 if attempt == self.snap_retries:
                     raise
@@ -421,9 +435,10 @@ class Focuser:
     def hardware_focus(self) -> float:
         """The autofocus device's full focus; returns the z it settled at."""
         core = self.core
-        core.fullFocus()
-        core.waitForDevice(core.getFocusDevice())
-        return float(core.getZPosition())
+        with self._call("focus: hardware autofocus"):
+            core.fullFocus()
+            core.waitForDevice(core.getFocusDevice())
+            return float(core.getZPosition())
 
 
 # ---------------------------------------------------------------- the map
@@ -521,12 +536,23 @@ class FocusMapper:
         self.on_anchor = on_anchor
         self.should_stop = should_stop
         self.fallbacks = 0
+        self._focuser: Focuser | None = None
+
+    @property
+    def focuser(self) -> Focuser:
+        if self._focuser is None:
+            self._focuser = Focuser(self.core, self.instrument)
+        return self._focuser
+
+    @property
+    def busy(self) -> tuple[float, str] | None:
+        """The hardware call in progress, for a watchdog."""
+        return None if self._focuser is None else self._focuser.busy
 
     def build(self) -> FocusMap:
         s = self.settings
         if not s.enabled:
             return FocusMap.flat(s)
-        self.focuser = Focuser(self.core, self.instrument)
         t0 = time.perf_counter()
         positions = anchor_positions(self.layout, *self.fov, s)
         anchors = [Anchor(i, x, y) for i, (x, y) in enumerate(positions)]

@@ -571,32 +571,66 @@ class Scan:
 
         thread = threading.Thread(target=target, name="ctcscan-mda", daemon=True)
         thread.start()
-        limit = self.request.instrument.watchdog_s
         longest_exposure = max(c.exposure_ms for c in plan.channels) / 1000
         try:
             while thread.is_alive():
                 thread.join(timeout=0.1)
                 if writer.error is not None:
                     self._fail_run(writer.error)
-                if (busy := engine.busy) is not None:
-                    started, what = busy
-                    waited = time.monotonic() - started
-                    if waited > limit + longest_exposure:
-                        self.hung = True
-                        self._fail_run(
-                            HardwareHangError(
-                                f"{what} has not returned after {waited:.0f} s "
-                                f"(watchdog {limit:g} s): check the instrument, then "
-                                "run the same command again to resume"
-                            )
-                        )
-                        break  # the call cannot be interrupted; do not wait on it
+                if hang := self._hang(engine.busy, longest_exposure):
+                    self._fail_run(hang)
+                    break  # the call cannot be interrupted; do not wait on it
         except KeyboardInterrupt:
             self.cancel("interrupted by the operator (Ctrl-C)")
             thread.join()
         finally:
             core.mda.events.frameReady.disconnect(assembler.frame_ready)
             self._core = None
+
+    def _hang(
+        self, busy: tuple[float, str] | None, allowance_s: float
+    ) -> HardwareHangError | None:
+        """The watchdog: the error for a hardware call running too long, if any."""
+        if busy is None:
+            return None
+        started, what = busy
+        waited = time.monotonic() - started
+        limit = self.request.instrument.watchdog_s
+        if waited <= limit + allowance_s:
+            return None
+        self.hung = True
+        return HardwareHangError(
+            f"{what} has not returned after {waited:.0f} s (watchdog {limit:g} s): "
+            "check the instrument, then run the same command again to resume"
+        )
+
+    def _watched_focus_map(self, mapper: FocusMapper) -> FocusMap:
+        """Measure the focus map on a thread, under the watchdog."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["map"] = mapper.build()
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name="ctcscan-focus", daemon=True)
+        thread.start()
+        exposure = max(c.exposure_ms for c in self.request.instrument.channels) / 1000
+        interrupted = False
+        while thread.is_alive():
+            try:
+                thread.join(timeout=0.1)
+            except KeyboardInterrupt:  # stop between anchors, like cancel()
+                interrupted = True
+                self.cancel("interrupted by the operator (Ctrl-C)")
+            if hang := self._hang(mapper.busy, exposure):
+                raise hang  # the call cannot be interrupted; do not wait on it
+        if "error" in box:
+            if interrupted and isinstance(box["error"], FocusCanceled):
+                raise KeyboardInterrupt
+            raise box["error"]
+        return box["map"]
 
     def _fail_run(self, error: BaseException) -> None:
         if self._error is None:
@@ -660,13 +694,16 @@ class Scan:
             should_stop=self._cancel.is_set,
         )
         try:
-            fmap = mapper.build()
+            fmap = self._watched_focus_map(mapper)
             planned = plan.with_focus(fmap.z_of, req.instrument)
         except FocusCanceled:
             folder.ledger.append("stopped", canceled=True, during="focus map")
             raise
         except KeyboardInterrupt:
             folder.ledger.append("stopped", canceled=True, during="focus map")
+            raise
+        except HardwareHangError as e:
+            folder.ledger.append("stopped", canceled=False, error=str(e))
             raise
         except (FocusError, ConfigError) as e:
             folder.ledger.append("focus_failed", reason=str(e))

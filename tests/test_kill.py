@@ -192,15 +192,19 @@ def test_kill_9_of_a_queue_then_resume_matches_an_uninterrupted_queue(
         assert sorted(set(loads)) == ["SIM-0001", "SIM-0002"]
 
 
+@pytest.mark.parametrize("during", ["focus map", "acquisition"])
 def test_a_hardware_call_that_never_returns_is_caught_and_the_run_resumes(
-    tmp_path: Path, instrument_yaml: Path, reference: tuple[Path, float]
+    tmp_path: Path, instrument_yaml: Path, reference: tuple[Path, float], during: str
 ) -> None:
     """The camera stops answering on a snap (it would for an hour); the watchdog
     (1 s here) ends the process with exit code 3, everything stored intact; the
     same command on the instrument once it answers again completes the run."""
     fmap = json.loads((reference[0] / "focus_map.json").read_text())
-    # after the focus map's snaps and the dark frame: field_002's FITC frame
-    snap = sum(a["snaps"] for a in fmap["anchors"]) + 1 + 4 * 2 + 1
+    # the 6th snap of the focus map; or, after the map's snaps and the dark
+    # frame, field_002's FITC frame
+    snap = 5
+    if during == "acquisition":
+        snap = sum(a["snaps"] for a in fmap["anchors"]) + 1 + 4 * 2 + 1
     text = instrument_yaml.read_text()
     hang = text.replace("snap_retries: 2", "snap_retries: 2\nwatchdog_s: 1.0").replace(
         "  world: {}", f"  world: {{hang_snaps: [{snap}]}}"
