@@ -227,3 +227,35 @@ def test_a_hardware_call_that_never_returns_is_caught_and_the_run_resumes(
     assert "has not returned" in (out / "audit.log").read_text()
     assert run(out, instrument_yaml) == 0
     check_equal(reference[0], out)
+
+
+def test_ctrl_c_in_a_queue_leaves_it_resumable(
+    tmp_path: Path, instrument_yaml: Path
+) -> None:
+    out = tmp_path / "q"
+    proc = subprocess.Popen(
+        queue_command(out, instrument_yaml),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # wait until the first cartridge has stored a field, then press Ctrl-C
+    deadline = time.monotonic() + 120
+    while not list((out / "SIM-0001" / "fields").glob("*.ome.tif")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "resume" in stderr
+    events = [json.loads(x) for x in (out / "queue.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "queue_stopped"
+    assert run_queue(out, instrument_yaml) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["barcode"], s["status"]) for s in summary] == [
+        ("SIM-0001", "complete"),
+        ("SIM-0002", "complete"),
+    ]
+    first = ledger(out / "SIM-0001")
+    assert any(r["event"] == "resumed" for r in first)  # continued, not redone
+    assert sum(r["event"] == "stored" for r in first) == 2
