@@ -33,7 +33,12 @@ from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import HardwareHangError, ScannerError
 from controller.instrument import DEFAULT_INSTRUMENT
 from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
-from controller.queue import CartridgeQueue, QueueRequest, request_stop
+from controller.queue import (
+    CartridgeQueue,
+    HolderConfig,
+    QueueRequest,
+    request_stop,
+)
 from controller.scan import Scan, ScanRequest, ScanResult
 
 app = typer.Typer(
@@ -242,6 +247,13 @@ def queue(
     slots: Annotated[
         str | None, typer.Option(help="only these loader slots, e.g. 1,3,4")
     ] = None,
+    cartridges: Annotated[
+        Path | None,
+        typer.Option(
+            help="a multi-cartridge holder YAML (cartridge ids and stage centres) "
+            "to scan instead of the loader"
+        ),
+    ] = None,
     fields: Annotated[
         int | None, typer.Option(help="scan only the first N fields of each cartridge")
     ] = None,
@@ -251,7 +263,8 @@ def queue(
         typer.Option(help="who runs the queue, for the audit log; default: login"),
     ] = None,
 ) -> None:
-    """Scan every cartridge in the loader, unattended; resumes a queue folder.
+    """Scan every cartridge in the loader (or a holder), unattended; resumes a
+    queue folder.
 
     `ctcscan stop QUEUE` stops it after the current cartridge.
     """
@@ -260,6 +273,9 @@ def queue(
         cfg = InstrumentConfig.from_file(instrument_file)
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
         lay = get_layout(layout)
+        holder = HolderConfig.from_file(cartridges) if cartridges else None
+        if holder is not None and slots:
+            _fail("--slots chooses loader slots; with --cartridges list the holder's")
         chosen = None
         if slots:
             try:
@@ -275,6 +291,7 @@ def queue(
             operator=operator,
             n_fields=fields,
             slots=chosen,
+            holder=holder,
         )
         progress = _progress()
 

@@ -1,4 +1,4 @@
-"""Unattended queue: every cartridge the loader holds, one after another.
+"""Unattended queue: every cartridge the loader (or a holder) holds, in turn.
 
 `CartridgeQueue.run` opens the loader, reads its inventory and, slot by slot,
 loads a cartridge, reads its barcode, scans it into ``QUEUE/<barcode>/`` (an
@@ -11,6 +11,9 @@ Resume: running the same queue again skips cartridges the journal calls done,
 continues a cartridge left on the stage (its run folder resumes), and scans the
 rest. ``QUEUE/STOP`` (`request_stop`) stops the queue after the current
 cartridge; Ctrl-C stops the current scan after its current frame.
+
+Without a loader, a multi-cartridge holder (`HolderConfig`: cartridge ids and
+where each sits on the stage) is scanned the same way, cartridge by cartridge.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import Field, model_validator
 
 from controller.audit import AuditLog
-from controller.config import AssayConfig, InstrumentConfig
+from controller.config import AssayConfig, ConfigModel, InstrumentConfig
 from controller.errors import ScannerError, StorageError
 from controller.instrument import open_loader
 from controller.layouts import CartridgeLayout
@@ -35,7 +40,14 @@ from controller.loader import CartridgeLoader, LoaderError, LoaderFault
 from controller.scan import Scan, ScanRequest, ScanResult
 from controller.store import Ledger, write_durably
 
-__all__ = ["CartridgeOutcome", "CartridgeQueue", "QueueRequest", "request_stop"]
+__all__ = [
+    "CartridgeOutcome",
+    "CartridgeQueue",
+    "HolderCartridge",
+    "HolderConfig",
+    "QueueRequest",
+    "request_stop",
+]
 
 logger = logging.getLogger("ctcscan.queue")
 
@@ -49,6 +61,28 @@ def request_stop(queue_dir: str | Path) -> Path:
     return path
 
 
+class HolderCartridge(ConfigModel):
+    """One cartridge of a multi-cartridge holder: its identifier and where the
+    centre of its layout sits on the stage."""
+
+    id: str = Field(min_length=1, max_length=64)
+    center_x_um: float
+    center_y_um: float
+
+
+class HolderConfig(ConfigModel):
+    """A multi-cartridge holder (``--cartridges FILE``): the cartridges on it."""
+
+    cartridges: tuple[HolderCartridge, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        ids = [c.id for c in self.cartridges]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"cartridge ids repeat: {ids}")
+        return self
+
+
 @dataclass(frozen=True)
 class QueueRequest:
     instrument: InstrumentConfig
@@ -59,6 +93,8 @@ class QueueRequest:
     operator: str | None = None
     n_fields: int | None = None
     slots: tuple[int, ...] | None = None  # default: every occupied slot
+    #: a multi-cartridge holder instead of the loader
+    holder: HolderConfig | None = None
 
 
 @dataclass
@@ -125,13 +161,16 @@ class CartridgeQueue:
             f"{req.layout.name}, {len(done)} cartridge(s) done before",
         )
         try:
-            with open_loader(
-                req.instrument,
-                self.root,
-                source=req.instrument_file,
-                on_event=lambda k, m: self.audit.write(f"LOADER-{k}", m),
-            ) as loader:
-                self._run_with(loader, done)
+            if req.holder is not None:
+                self._run_holder(req.holder, done)
+            else:
+                with open_loader(
+                    req.instrument,
+                    self.root,
+                    source=req.instrument_file,
+                    on_event=lambda k, m: self.audit.write(f"LOADER-{k}", m),
+                ) as loader:
+                    self._run_with(loader, done)
         except KeyboardInterrupt:
             self.journal.append("queue_stopped", reason="interrupted (Ctrl-C)")
             self.audit.write("QUEUE-STOP", "interrupted by the operator (Ctrl-C)")
@@ -155,6 +194,24 @@ class CartridgeQueue:
         )
         self._write_summary()
         return self.outcomes
+
+    def _run_holder(self, holder: HolderConfig, done: dict[str, dict]) -> None:
+        """Every cartridge of a holder in turn: no loader, one layout each."""
+        for i, cart in enumerate(holder.cartridges, start=1):
+            if cart.id in done:
+                self.outcomes.append(CartridgeOutcome(**done[cart.id]))
+                continue
+            if self.stop_requested():
+                break
+            layout = self.request.layout.model_copy(
+                update={
+                    "center_x_um": cart.center_x_um,
+                    "center_y_um": cart.center_y_um,
+                }
+            )
+            self._one(None, i, cart.id, on_stage=True, layout=layout)
+            if self.stop_requested():
+                break
 
     def _run_with(self, loader: CartridgeLoader, done: dict[str, dict]) -> None:
         req = self.request
@@ -180,12 +237,19 @@ class CartridgeQueue:
                 break
 
     def _one(
-        self, loader: CartridgeLoader, slot: int, barcode: str, *, on_stage: bool
+        self,
+        loader: CartridgeLoader | None,
+        slot: int,
+        barcode: str,
+        *,
+        on_stage: bool,
+        layout: CartridgeLayout | None = None,
     ) -> None:
+        """Load (with a loader), scan, unload one cartridge; record its outcome."""
         t0 = time.perf_counter()
         outcome = CartridgeOutcome(slot, barcode, "failed")
         try:
-            if not on_stage:
+            if loader is not None and not on_stage:
                 got = loader.load(slot)
                 if got != barcode:
                     raise LoaderError(
@@ -196,12 +260,13 @@ class CartridgeQueue:
             self.audit.write("LOAD", f"slot {slot}: cartridge {barcode}")
             if self.on_cartridge is not None:
                 self.on_cartridge(slot, barcode)
-            result = self._scan(slot, barcode)
+            result = self._scan(slot, barcode, layout or self.request.layout)
             outcome = self._outcome(slot, barcode, result)
             if result.canceled:  # Ctrl-C inside the scan: leave it on the stage
                 raise KeyboardInterrupt
-            loader.unload()
-            self.journal.append("unloaded", slot=slot, barcode=barcode)
+            if loader is not None:
+                loader.unload()
+                self.journal.append("unloaded", slot=slot, barcode=barcode)
             _release_memory()
         except KeyboardInterrupt:  # the cartridge stays; the queue resumes it
             outcome.status = "stopped"
@@ -211,7 +276,8 @@ class CartridgeQueue:
             self._recover(loader)
         except ScannerError as e:  # the scan failed: unload, go on
             outcome.reason = str(e)
-            self._recover(loader)
+            if loader is not None:
+                self._recover(loader)
         finally:
             outcome.duration_s = round(time.perf_counter() - t0, 2)
             if outcome.status != "stopped":
@@ -228,13 +294,13 @@ class CartridgeQueue:
                     ),
                 )
 
-    def _scan(self, slot: int, barcode: str) -> ScanResult:
+    def _scan(self, slot: int, barcode: str, layout: CartridgeLayout) -> ScanResult:
         req = self.request
         sim = req.instrument.simulation
         scan = Scan(
             ScanRequest(
                 instrument=req.instrument,
-                layout=req.layout,
+                layout=layout,
                 out=self.root / _folder_name(barcode),
                 assay=req.assay,
                 instrument_file=req.instrument_file,
@@ -275,8 +341,10 @@ class CartridgeQueue:
             run_dir=str(r.run_dir),
         )
 
-    def _recover(self, loader: CartridgeLoader) -> None:
+    def _recover(self, loader: CartridgeLoader | None) -> None:
         """After a failed cartridge: clear a fault and empty the stage."""
+        if loader is None:
+            return
         st = loader.status()
         if st.state == "FAULT":
             self.audit.write("LOADER-RESET", f"fault code {st.code:02d}")

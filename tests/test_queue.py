@@ -136,3 +136,32 @@ def test_queue_command_prints_the_summary_table(tmp_path: Path) -> None:
     assert "night_shift" in (tmp_path / "q" / "audit.log").read_text()
     bad = invoke("stop", str(tmp_path / "nothing"))
     assert bad.exit_code == 2 and "not a queue folder" in bad.output
+
+
+def test_a_multi_cartridge_holder_is_scanned_without_a_loader(tmp_path: Path) -> None:
+    holder = tmp_path / "holder.yaml"
+    holder.write_text(
+        "cartridges:\n"
+        "  - {id: PT-0001, center_x_um: -6000, center_y_um: 0}\n"
+        "  - {id: PT-0002, center_x_um: 6000, center_y_um: 1000}\n"
+    )
+    res = invoke(
+        "queue", "--out", str(tmp_path / "q"), "--cartridges", str(holder),
+        "--layout", "test-3x4", "--fields", "2",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for cid, (cx, cy) in (("PT-0001", (-6000, 0)), ("PT-0002", (6000, 1000))):
+        scan = json.loads((tmp_path / "q" / cid / "scan.json").read_text())
+        assert scan["request"]["cartridge_id"] == cid
+        assert (scan["layout"]["center_x_um"], scan["layout"]["center_y_um"]) == (
+            cx,
+            cy,
+        )
+        first = scan["fields"][0]
+        assert abs(first["x_um"] - cx) < 3000 and abs(first["y_um"] - cy) < 2000
+    events = [r["event"] for r in journal(tmp_path / "q")]
+    assert "loader" not in events and events[-1] == "queue_finished"
+    # a bad holder file is one clear line
+    holder.write_text("cartridges: []\n")
+    bad = invoke("queue", "--out", str(tmp_path / "q2"), "--cartridges", str(holder))
+    assert bad.exit_code == 2 and "holder.yaml" in bad.output
