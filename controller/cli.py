@@ -32,7 +32,7 @@ from controller.analyze import AnalyzeRequest, parse_channel_map, run_analyze
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import HardwareHangError, ScannerError
 from controller.instrument import DEFAULT_INSTRUMENT
-from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
+from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, CartridgeLayout, get_layout
 from controller.queue import (
     CartridgeQueue,
     HolderConfig,
@@ -63,6 +63,15 @@ def _hung(e: HardwareHangError) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_HUNG)
+
+
+def _inputs(
+    instrument_file: Path, assay: Path | None, layout: str
+) -> tuple[InstrumentConfig, AssayConfig, CartridgeLayout]:
+    """The instrument, assay and layout a scan or a queue starts from."""
+    cfg = InstrumentConfig.from_file(instrument_file)
+    assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
+    return cfg, assay_cfg, get_layout(layout)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -103,9 +112,7 @@ def scan(
     """Scan one cartridge into a run folder, resuming it if it exists."""
     instrument_file = instrument or DEFAULT_INSTRUMENT
     try:
-        cfg = InstrumentConfig.from_file(instrument_file)
-        assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
-        lay = get_layout(layout)
+        cfg, assay_cfg, lay = _inputs(instrument_file, assay, layout)
         if seed is not None and not cfg.is_simulated:
             _fail(
                 f"--seed applies to a simulated instrument; {instrument_file} "
@@ -270,9 +277,7 @@ def queue(
     """
     instrument_file = instrument or DEFAULT_INSTRUMENT
     try:
-        cfg = InstrumentConfig.from_file(instrument_file)
-        assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
-        lay = get_layout(layout)
+        cfg, assay_cfg, lay = _inputs(instrument_file, assay, layout)
         holder = HolderConfig.from_file(cartridges) if cartridges else None
         if holder is not None and slots:
             _fail("--slots chooses loader slots; with --cartridges list the holder's")

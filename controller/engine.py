@@ -25,7 +25,6 @@ Differences from `MDAEngine`, each for a measured reason:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from pymmcore_plus.mda._engine import ImagePayload
 from pymmcore_plus.mda._runner import SkipEvent
 
 from controller.focus import FieldFocus, FocusQC
-from controller.instrument import needs_manual_shutter, snap
+from controller.instrument import HardwareCalls, needs_manual_shutter, snap
 
 if TYPE_CHECKING:
     from pymmcore_plus.mda._protocol import PImagePayload
@@ -134,8 +133,8 @@ class ScanEngine(MDAEngine):
         self.on_event = on_event
         self.check_frames = check_frames
         self._dark: tuple[float, float] | None = None  # median, noise of a dark frame
-        #: (monotonic start, what) of the hardware call in progress, for a watchdog
-        self.busy: tuple[float, str] | None = None
+        #: the hardware call in progress, for the scan's watchdog
+        self.calls = HardwareCalls()
         self._saturation = saturation
         self._full_scale = saturation or 0.0
         self._last: np.ndarray | None = None
@@ -199,7 +198,7 @@ class ScanEngine(MDAEngine):
         img = None
         for attempt in range(self.snap_retries + 1):
             try:
-                with self._busy(f"snap at {_where(event)}"):
+                with self.calls.mark(f"snap at {_where(event)}"):
                     img = snap(core, self._manual_shutter)
                 if self.check_frames:
                     self._check_frame(img)
@@ -325,14 +324,6 @@ class ScanEngine(MDAEngine):
         if self._full_scale and np.mean(sub >= self._full_scale) > SATURATED_FRACTION:
             raise FrameError("saturated frame (most pixels at full scale)")
 
-    @contextlib.contextmanager
-    def _busy(self, what: str) -> Iterator[None]:
-        self.busy = (time.monotonic(), what)
-        try:
-            yield
-        finally:
-            self.busy = None
-
     def _event(self, kind: str, message: str) -> None:
         if self.on_event is not None:
             self.on_event(kind, message)
@@ -350,7 +341,7 @@ class ScanEngine(MDAEngine):
             if attempt:  # give a device that just failed a moment to settle
                 time.sleep(RETRY_BACKOFF_S * attempt)
             try:
-                with self._busy(f"{what} at {_where(event)}"):
+                with self.calls.mark(f"{what} at {_where(event)}"):
                     action()
                 if attempt:
                     self._event(

@@ -22,11 +22,10 @@ re-acquired at the found z (see `controller.engine`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 from analysis.focus import FieldSharpness, field_sharpness, gradient_energy, refine_peak
 from controller.config import FocusSettings, InstrumentConfig
 from controller.errors import ConfigError, ScannerError
-from controller.instrument import needs_manual_shutter, snap
+from controller.instrument import HardwareCalls, needs_manual_shutter, snap
 from controller.layouts import CartridgeLayout
 
 __all__ = [
@@ -335,8 +334,8 @@ class Focuser:
         self.snap_retries = instrument.snap_retries
         self.move_retries = instrument.move_retries
         self.snaps = 0
-        #: (monotonic start, what) of the hardware call in progress (watchdog)
-        self.busy: tuple[float, str] | None = None
+        #: the hardware call in progress, for the scan's watchdog
+        self.calls = HardwareCalls()
 
     @property
     def core(self) -> Any:
@@ -351,16 +350,8 @@ class Focuser:
         core.waitForConfig(self.group, self.channel.preset)
         core.setExposure(self.channel.exposure_ms)
 
-    @contextlib.contextmanager
-    def _call(self, what: str) -> Iterator[None]:
-        self.busy = (time.monotonic(), what)
-        try:
-            yield
-        finally:
-            self.busy = None
-
     def move_xy(self, x: float, y: float) -> None:
-        with self._call(f"focus: XY move to ({x:.0f}, {y:.0f})"):
+        with self.calls.mark(f"focus: XY move to ({x:.0f}, {y:.0f})"):
             self.core.setXYPosition(x, y)
             self.core.waitForDevice(self.core.getXYStageDevice())
 
@@ -369,7 +360,7 @@ class Focuser:
         core = self.core
         for attempt in range(self.move_retries + 1):
             try:
-                with self._call(f"focus: z move to {z:.2f}"):
+                with self.calls.mark(f"focus: z move to {z:.2f}"):
                     core.setZPosition(z)
                     core.waitForDevice(core.getFocusDevice())
                 return
@@ -383,7 +374,7 @@ class Focuser:
         for attempt in range(self.snap_retries + 1):
             self.snaps += 1
             try:
-                with self._call(f"focus: snap at z {z:.2f}"):
+                with self.calls.mark(f"focus: snap at z {z:.2f}"):
                     return np.asarray(snap(self.core, self.manual_shutter))
             except Exception:
                 if attempt == self.snap_retries:
@@ -435,7 +426,7 @@ class Focuser:
     def hardware_focus(self) -> float:
         """The autofocus device's full focus; returns the z it settled at."""
         core = self.core
-        with self._call("focus: hardware autofocus"):
+        with self.calls.mark("focus: hardware autofocus"):
             core.fullFocus()
             core.waitForDevice(core.getFocusDevice())
             return float(core.getZPosition())
@@ -547,7 +538,7 @@ class FocusMapper:
     @property
     def busy(self) -> tuple[float, str] | None:
         """The hardware call in progress, for a watchdog."""
-        return None if self._focuser is None else self._focuser.busy
+        return None if self._focuser is None else self._focuser.calls.busy
 
     def build(self) -> FocusMap:
         s = self.settings

@@ -13,6 +13,7 @@ import gc
 import importlib
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from hardware_configs import CONFIG_DIR
 
 __all__ = [
     "DEFAULT_INSTRUMENT",
+    "HardwareCalls",
     "Instrument",
     "needs_manual_shutter",
     "open_instrument",
@@ -272,6 +274,25 @@ def open_loader(
         with emu, CartridgeLoader(str(emu.port), **kw) as loader:
             loader.emulator = emu  # type: ignore[attr-defined]
             yield loader
+
+
+class HardwareCalls:
+    """Marks the hardware call in progress, for a watchdog on another thread.
+
+    ``with calls.mark("snap at field_003"): core.snapImage()``; `busy` is the
+    (monotonic start, description) of the call in progress, or None.
+    """
+
+    def __init__(self) -> None:
+        self.busy: tuple[float, str] | None = None
+
+    @contextlib.contextmanager
+    def mark(self, what: str) -> Iterator[None]:
+        self.busy = (time.monotonic(), what)
+        try:
+            yield
+        finally:
+            self.busy = None
 
 
 def needs_manual_shutter(core: CMMCorePlus) -> bool:

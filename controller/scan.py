@@ -577,7 +577,7 @@ class Scan:
                 thread.join(timeout=0.1)
                 if writer.error is not None:
                     self._fail_run(writer.error)
-                if hang := self._hang(engine.busy, longest_exposure):
+                if hang := self._hang(engine.calls.busy, longest_exposure):
                     self._fail_run(hang)
                     break  # the call cannot be interrupted; do not wait on it
         except KeyboardInterrupt:
