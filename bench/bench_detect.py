@@ -75,7 +75,7 @@ from detect_eval import (  # noqa: E402
     render_field,
 )
 
-from controller.plan import plan_fields  # noqa: E402
+from controller.acquisition.plan import plan_fields  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out"
 DEFAULT_SEEDS = (2001, 2002, 2003)

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from analysis.focus import field_sharpness  # noqa: E402
 from controller.config import InstrumentConfig, load_yaml  # noqa: E402
 from controller.focus import FocusMapper  # noqa: E402
-from controller.instrument import open_instrument  # noqa: E402
+from controller.hardware.instrument import open_instrument  # noqa: E402
 from controller.layouts import get_layout  # noqa: E402
-from controller.plan import ScanPlan  # noqa: E402
+from controller.acquisition.plan import ScanPlan  # noqa: E402
 from hardware_configs import CONFIG_DIR  # noqa: E402
 
 SURFACE = {

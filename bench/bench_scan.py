@@ -231,7 +231,7 @@ def run_ctcscan(
 ) -> None:
     """ctcscan's own Scan into a fresh run folder."""
     import controller.scan as scan_mod
-    from controller.scan import Scan, ScanRequest
+    from controller.runs.scan import Scan, ScanRequest
 
     cfg, layout = _load(args.instrument, args.layout)
     run_dir = work / "run"
@@ -359,8 +359,8 @@ def run_mda(
     output: bool,
 ) -> None:
     """pymmcore-plus's default MDAEngine on the plan's sequence."""
-    from controller.instrument import open_instrument
-    from controller.plan import ScanPlan
+    from controller.hardware.instrument import open_instrument
+    from controller.acquisition.plan import ScanPlan
 
     cfg, layout = _load(args.instrument, args.layout)
     t0 = time.perf_counter()
@@ -767,7 +767,7 @@ def driver(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from controller.instrument import DEFAULT_INSTRUMENT
+    from controller.hardware.instrument import DEFAULT_INSTRUMENT
 
     p = argparse.ArgumentParser(
         description="Scan a simulated cartridge with ctcscan and with plain "

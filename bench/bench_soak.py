@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.config import InstrumentConfig  # noqa: E402
 from controller.layouts import get_layout  # noqa: E402
-from controller.queue import CartridgeQueue, QueueRequest  # noqa: E402
+from controller.runs.queue import CartridgeQueue, QueueRequest  # noqa: E402
 from hardware_configs import CONFIG_DIR  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -62,3 +62,11 @@ class HardwareHangError(AcquisitionError):
     The call cannot be interrupted; the process must end (and the instrument be
     checked) before the run is resumed.
     """
+
+
+class FocusError(ScannerError):
+    """The focus map could not be measured."""
+
+
+class FocusCanceled(FocusError):
+    """The scan was stopped while the focus map was measured."""

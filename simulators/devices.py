@@ -74,14 +74,10 @@ class SimXYStage(XYStageDevice):
     def __init__(self) -> None:
         super().__init__()
         self.world = current_world()
-        lay, w = self.world.layout, self.world
-        margin = 2000.0
-        self.limits = (
-            lay.center_x_um - lay.cols * w.fov_w / 2 - margin,
-            lay.center_x_um + lay.cols * w.fov_w / 2 + margin,
-            lay.center_y_um - lay.rows * w.fov_h / 2 - margin,
-            lay.center_y_um + lay.rows * w.fov_h / 2 + margin,
-        )
+
+    @property
+    def limits(self) -> tuple[float, float, float, float]:
+        return self.world.travel
 
     def set_position_um(self, x: float, y: float) -> None:
         x_lo, x_hi, y_lo, y_hi = self.limits

@@ -12,15 +12,32 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
 
-if TYPE_CHECKING:
-    from simulators.world import World
+from simulators.config import WorldConfig
 
-__all__ = ["Renderer"]
+__all__ = ["Renderer", "Scene"]
+
+
+class Scene(Protocol):
+    """What the renderer needs of a world (`simulators.world.World`)."""
+
+    config: WorldConfig
+    width: int
+    height: int
+    pixel_size_um: float
+    fov_w: float
+    fov_h: float
+    chamber: tuple[float, float, float, float]
+    objects: Any
+
+    def surface_z(self, x: float, y: float) -> float: ...
+    def frame_origin(self, x: float, y: float) -> tuple[float, float]: ...
+    def to_pixel(self, fx: float, fy: float, x: Any, y: Any) -> Any: ...
+    def noise_offset(self, *key: float | int, span: int) -> int: ...
 
 _TEX = 256  # side of the texture bank
 _EDGE_PX = 1.2  # soft edge of every drawn shape, ~ in-focus PSF of 10x/0.45
@@ -34,7 +51,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 class Renderer:
     """Renders frames of one `World`; holds the precomputed maps and a field cache."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: Scene) -> None:
         self.world = world
         h, w = world.height, world.width
         opt = world.config.optics

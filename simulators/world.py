@@ -144,12 +144,30 @@ class World:
         height: int = 1036,
         pixel_size_um: float = 0.64,
     ) -> None:
-        self.config = config
-        self.layout = layout
         self.width, self.height = width, height
         self.pixel_size_um = pixel_size_um
         self.fov_w = width * pixel_size_um
         self.fov_h = height * pixel_size_um
+        self._set_sample(config, layout)
+        # device state, guarded because devices are called from several threads
+        self.lock = threading.RLock()
+        self.xy = (layout.center_x_um, layout.center_y_um)
+        self.z = config.surface.z0_um
+        self.channel = 0
+        self.shutter_open = False
+        self.snap_failures_pending = 0
+        self.snaps = 0
+        self.autofocus_calls = 0
+        self.filter_moves = 0
+        self._filter_target = self.channel
+        self._filter_stuck_until = 0.0
+        self.xy_moves = 0
+        self.last_frame: np.ndarray | None = None
+
+    def _set_sample(self, config: WorldConfig, layout: CartridgeLayout) -> None:
+        """Draw the cartridge: objects from the seed, chamber, renderer."""
+        self.config = config
+        self.layout = layout
         half_w = layout.cols * self.fov_w / 2
         half_h = layout.rows * self.fov_h / 2
         inset = layout.wall_inset_um
@@ -163,20 +181,32 @@ class World:
         )
         self.objects = self._populate()
         self.renderer = Renderer(self)
-        # device state, guarded because devices are called from several threads
-        self.lock = threading.RLock()
-        self.xy = (cx, cy)
-        self.z = config.surface.z0_um
-        self.channel = 0
-        self.shutter_open = False
-        self.snap_failures_pending = 0
-        self.snaps = 0
-        self.autofocus_calls = 0
-        self.filter_moves = 0
-        self._filter_target = self.channel
-        self._filter_stuck_until = 0.0
-        self.xy_moves = 0
-        self.last_frame: np.ndarray | None = None
+        # the stage reaches 2 mm around every cartridge put on it (a holder's
+        # cartridges all fit on one stage)
+        margin = 2000.0
+        reach = (
+            cx - half_w - margin,
+            cx + half_w + margin,
+            cy - half_h - margin,
+            cy + half_h + margin,
+        )
+        old = getattr(self, "travel", reach)
+        self.travel = (
+            min(old[0], reach[0]),
+            max(old[1], reach[1]),
+            min(old[2], reach[2]),
+            max(old[3], reach[3]),
+        )
+
+    def load_cartridge(self, config: WorldConfig, layout: CartridgeLayout) -> None:
+        """Another cartridge on the same microscope (a loader's next slot):
+        a new sample and fault script; the stage stays where it is."""
+        with self.lock:
+            self._set_sample(config, layout)
+            self.snap_failures_pending = 0
+            self.snaps = self.autofocus_calls = self.filter_moves = 0
+            self.xy_moves = 0
+            self.last_frame = None
 
     # ------------------------------------------------------------------ binding
 

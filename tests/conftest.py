@@ -10,7 +10,7 @@ from analysis.fieldio import read_field_file
 from controller.cli import app
 from controller.config import InstrumentConfig, load_yaml
 from controller.layouts import get_layout
-from controller.scan import Scan, ScanRequest, ScanResult
+from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 
 SIM_YAML = CONFIG_DIR / "simulated.yaml"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from controller.scan import ScanResult
+from controller.runs.scan import ScanResult
 from tests.conftest import invoke, one_line_error
 from tests.test_detect import Canvas
 

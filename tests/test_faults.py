@@ -25,7 +25,8 @@ import pytest
 from analysis.pipeline import FieldJob, analyze_field_file
 from controller.errors import StorageError
 from controller.layouts import get_layout
-from controller.scan import Scan, ScanRequest, ScanResult
+from controller.records import Record, Stored
+from controller.runs.scan import Scan, ScanRequest, ScanResult
 from tests.conftest import SIM_YAML, read_field, run_scan, sim_instrument
 
 NO_FOCUS = {"enabled": False}
@@ -166,8 +167,8 @@ def test_disk_full_in_the_middle_stops_cleanly_and_resumes(
     run = tmp_path / "run"
     inst = sim_instrument(focus=NO_FOCUS)
 
-    def on_field(name: str, status: str) -> None:
-        if name == "field_000" and status == "stored":
+    def on_record(r: Record) -> None:
+        if isinstance(r, Stored) and r.field == "field_000":
             (run / "fields" / "field_002.ome.tif.tmp").symlink_to("/dev/full")
 
     req = ScanRequest(
@@ -179,7 +180,9 @@ def test_disk_full_in_the_middle_stops_cleanly_and_resumes(
         n_fields=3,
     )
     with pytest.raises(StorageError, match="No space left on device"):
-        Scan(req, detector_workers=0, on_field=on_field).run()
+        job = Scan(req, detector_workers=0)
+        job.events.subscribe(on_record)
+        job.run()
     records = ledger(run)
     assert records[-1]["event"] == "stopped"
     assert "No space left" in records[-1]["error"]

@@ -13,9 +13,11 @@ import tifffile
 from analysis.focus import field_sharpness, refine_peak
 from controller.config import FocusSettings, InstrumentConfig, load_yaml
 from controller.errors import ConfigError
-from controller.focus import Anchor, FocusError, anchor_positions, fit_anchors
+from controller.errors import FocusError
+from controller.records import FocusAnchorDone, Record
+from controller.focus.surface import Anchor, anchor_positions, fit_anchors
 from controller.layouts import CartridgeLayout, get_layout
-from controller.scan import Scan, ScanRequest, ScanResult
+from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 from simulators import World, WorldConfig
 from tests.conftest import DEMO_YAML, SIM_YAML, invoke, one_line_error, sim_instrument
@@ -476,12 +478,14 @@ def test_stopping_during_the_focus_map_stops_between_anchors(tmp_path: Path) -> 
     )
     seen: list[int] = []
 
-    def on_focus(done: int, total: int) -> None:
-        seen.append(done)
-        if done == 2:
-            job.cancel()
+    def on_record(r: Record) -> None:
+        if isinstance(r, FocusAnchorDone):
+            seen.append(r.done)
+            if r.done == 2:
+                job.cancel()
 
-    job = Scan(req, detector_workers=0, on_focus=on_focus)
+    job = Scan(req, detector_workers=0)
+    job.events.subscribe(on_record)
     result = job.run()
     assert result.canceled and not result.complete and result.stored == 0
     assert seen == [1, 2]

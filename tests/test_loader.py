@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.loader import CartridgeLoader, LoaderError, LoaderFault
+from controller.hardware.loader import CartridgeLoader, LoaderError, LoaderFault
+from controller.records import DeviceEvent
 from simulators.loader import LoaderEmulator, checksum, frame
 
 SLOTS = {1: "CS-0001", 2: None, 3: "CS-0003", 4: "CS-0004"}
@@ -29,12 +30,13 @@ def emu(tmp_path: Path) -> Iterator[LoaderEmulator]:
 @pytest.fixture
 def loader(emu: LoaderEmulator) -> Iterator[CartridgeLoader]:
     events: list[tuple[str, str]] = []
+
+    class Sink:
+        def emit(self, r: DeviceEvent) -> None:
+            events.append((r.what, r.message))
+
     ld = CartridgeLoader(
-        emu.port,
-        timeout_s=0.25,
-        retries=2,
-        reconnect_s=3.0,
-        on_event=lambda k, m: events.append((k, m)),
+        emu.port, timeout_s=0.25, retries=2, reconnect_s=3.0, sink=Sink()
     )
     ld.events = events  # type: ignore[attr-defined]
     with ld:

@@ -10,7 +10,8 @@ import numpy as np
 
 from controller.config import InstrumentConfig
 from controller.layouts import get_layout
-from controller.queue import CartridgeQueue, QueueRequest, request_stop
+from controller.records import Loaded, Record
+from controller.runs.queue import CartridgeQueue, QueueRequest, request_stop
 from tests.conftest import SIM_YAML, invoke, read_field, sim_instrument
 
 QUICK_FOCUS = {"anchors": [2, 1]}  # the queue is under test, not the focus map
@@ -33,7 +34,9 @@ def run_queue(out: Path, inst: InstrumentConfig, **kw: Any) -> CartridgeQueue:
         slots=kw.pop("slots", (1, 2, 3)),
         operator="tester",
     )
-    q = CartridgeQueue(req, scan_kwargs={"detector_workers": 0}, **kw)
+    q = CartridgeQueue(req, scan_kwargs={"detector_workers": 0})
+    if (on_record := kw.pop("on_record", None)) is not None:
+        q.events.subscribe(on_record)
     q.run()
     return q
 
@@ -102,11 +105,11 @@ def test_garbled_replies_and_a_vanishing_port_are_survived(tmp_path: Path) -> No
 def test_stop_after_the_current_cartridge_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "q"
 
-    def stop_during_first(slot: int, barcode: str) -> None:
-        if slot == 1:
+    def stop_during_first(r: Record) -> None:
+        if isinstance(r, Loaded) and r.slot == 1:
             request_stop(out)
 
-    first = run_queue(out, instrument(), on_cartridge=stop_during_first)
+    first = run_queue(out, instrument(), on_record=stop_during_first)
     assert [(o.barcode, o.status) for o in first.outcomes] == [("SIM-0001", "complete")]
     assert journal(out)[-1]["event"] == "queue_stopped"
     second = run_queue(out, instrument())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.scan import ScanResult
+from controller.runs.scan import ScanResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -14,9 +14,11 @@ import tifffile
 from controller.config import InstrumentConfig
 from controller.errors import StorageError
 from controller.layouts import get_layout
-from controller.plan import ScanPlan
-from controller.scan import Scan, ScanRequest, ScanResult
-from controller.store import LedgerState, RunFolder
+from controller.acquisition.plan import ScanPlan
+from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.records import Record, Stored
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import LedgerState
 from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
 
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
@@ -139,7 +141,7 @@ def test_resume_skips_verified_fields_and_redoes_bad_ones(tmp_path: Path) -> Non
         assert np.array_equal(read_field(path)[0], pixels[name])  # same pixels
     records = _ledger(run)
     assert [r["field"] for r in records if r["event"] == "corrupt"] == ["field_001"]
-    state = LedgerState.from_records(records)
+    state = LedgerState.from_records(RunFolder(run).ledger.read())
     assert len(state.stored) == 12 and state.detected == set(state.stored)
     # a third run finds nothing to do
     third = run_scan(run, seed=2)
@@ -227,9 +229,9 @@ def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
 
     stored = []
 
-    def on_field(name: str, status: str) -> None:
-        if status == "stored":
-            stored.append(name)
+    def on_record(r: Record) -> None:
+        if isinstance(r, Stored):
+            stored.append(r.field)
             if len(stored) == n:
                 all_stored.set()
 
@@ -240,7 +242,9 @@ def test_acquisition_never_waits_for_a_stuck_detector(tmp_path: Path) -> None:
         n_fields=n,
         seed=1,
     )
-    result = Scan(req, detector_workers=0, run_job=stuck, on_field=on_field).run()
+    job = Scan(req, detector_workers=0, run_job=stuck)
+    job.events.subscribe(on_record)
+    result = job.run()
     assert all_stored.is_set()
     assert seen and set(seen) == {"ok"}
     assert result.detected == n  # nothing dropped
@@ -284,7 +288,7 @@ def test_run_folder_checks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("yaml", ["simulated", "demo-adapters"])
 def test_core_reports_the_configured_pixel_size(yaml: str) -> None:
-    from controller.instrument import open_instrument
+    from controller.hardware.instrument import open_instrument
     from hardware_configs import CONFIG_DIR
 
     cfg = InstrumentConfig.from_file(CONFIG_DIR / f"{yaml}.yaml")
@@ -297,7 +301,7 @@ def test_core_reports_the_configured_pixel_size(yaml: str) -> None:
 
 def test_pixel_size_disagreeing_with_the_cfg_is_refused() -> None:
     from controller.errors import ConfigError
-    from controller.instrument import open_instrument
+    from controller.hardware.instrument import open_instrument
     from hardware_configs import CONFIG_DIR
 
     cfg = InstrumentConfig.from_file(CONFIG_DIR / "demo-adapters.yaml")

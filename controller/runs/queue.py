@@ -23,22 +23,43 @@ import ctypes
 import gc
 import json
 import logging
+import os
+import socket
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, model_validator
 
-from controller.audit import AuditLog
 from controller.config import AssayConfig, ConfigModel, InstrumentConfig
-from controller.errors import ScannerError, StorageError
-from controller.instrument import open_loader
+from controller.errors import HardwareHangError, ScannerError
+from controller.events import EventStream
+from controller.hardware.instrument import Instrument, open_instrument
+from controller.hardware.loader import (
+    CartridgeLoader,
+    LoaderError,
+    LoaderFault,
+    open_loader,
+)
 from controller.layouts import CartridgeLayout
-from controller.loader import CartridgeLoader, LoaderError, LoaderFault
-from controller.scan import Scan, ScanRequest, ScanResult
-from controller.store import Ledger, write_durably
+from controller.records import (
+    CartridgeDone,
+    DeviceEvent,
+    Loaded,
+    LoaderSeen,
+    QueueFinished,
+    QueueStarted,
+    QueueStopped,
+    Record,
+    Unloaded,
+)
+from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.runstore.audit import AuditLog, AuditTrail
+from controller.runstore.folder import write_durably
+from controller.runstore.ledger import Ledger, RunLog
+from controller.runstore.lock import FolderLock
 
 __all__ = [
     "CartridgeOutcome",
@@ -112,28 +133,53 @@ class CartridgeOutcome:
     run_dir: str = ""
 
 
+class QueueCanceled(Exception):
+    """The queue was stopped during a cartridge's scan (Ctrl-C, a signal)."""
+
+
 class CartridgeQueue:
     """Scans every cartridge of the loader; see the module docstring.
 
-    `on_cartridge(slot, barcode)` is called as each cartridge starts;
-    `scan_kwargs` go to every `Scan` (progress callbacks, detector workers).
+    The queue's journal records and every cartridge scan's records are
+    published on `events` (subscribe before `run`); `scan_kwargs` go to every
+    `Scan` (detector workers). The instrument is opened once for the whole
+    queue (or `instrument`, opened by the caller, is used).
     """
 
     def __init__(
         self,
         request: QueueRequest,
         *,
-        on_cartridge: Callable[[int, str], None] | None = None,
         scan_kwargs: dict[str, Any] | None = None,
+        instrument: Instrument | None = None,
+        events: EventStream | None = None,
     ) -> None:
         self.request = request
         self.root = Path(request.out)
-        self.on_cartridge = on_cartridge
         self.scan_kwargs = dict(scan_kwargs or {})
+        self.instrument = instrument
+        self.events = events or EventStream()
+        self.lock = FolderLock(self.root, "queue folder")
         self.journal = Ledger(self.root / "queue.jsonl")
+        self.log = RunLog(self.journal, self.events)
         self.audit = AuditLog(self.root / "audit.log", request.operator)
         self.current: Scan | None = None
         self.outcomes: list[CartridgeOutcome] = []
+        self._cancel = threading.Event()
+        self._cancel_reason = ""
+
+    def cancel(self, reason: str = "stop requested") -> None:
+        """Stop the current cartridge's scan after its current frame, then the
+        queue (the cartridge stays on the stage; the queue resumes it)."""
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
+        self._cancel.set()
+        if (scan := self.current) is not None:
+            scan.cancel(reason)
+
+    @property
+    def canceled(self) -> bool:
+        return self._cancel.is_set()
 
     # ------------------------------------------------------------------ control
 
@@ -147,45 +193,81 @@ class CartridgeQueue:
     # ------------------------------------------------------------------ run
 
     def run(self) -> list[CartridgeOutcome]:
+        """Scan the queue's cartridges (resuming the folder); see the module
+        docstring.
+
+        Raises
+        ------
+        FolderLockedError
+            Another process runs a queue on this folder.
+        """
+        with self.lock:
+            trail = AuditTrail(self.audit)
+            unsubscribe = self.events.subscribe(
+                lambda r: trail(r) if _loader_event(r) else None
+            )
+            try:
+                return self._run()
+            finally:
+                unsubscribe()
+
+    def _run(self) -> list[CartridgeOutcome]:
         req = self.request
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"queue folder {self.root}: {e.strerror or e}") from None
         self.stop_file.unlink(missing_ok=True)  # a new command is a new decision
         done = self._done_before()
-        self.journal.append("queue_started", operator=self.audit.operator)
+        self.log.emit(
+            QueueStarted(
+                operator=self.audit.operator,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            )
+        )
         self.audit.write(
             "QUEUE-START",
             f"queue into {self.root}: instrument {req.instrument.name}, layout "
             f"{req.layout.name}, {len(done)} cartridge(s) done before",
         )
+        instrument = self.instrument
+        hung = False
         try:
+            if instrument is None:
+                instrument = open_instrument(
+                    req.instrument, req.layout, source=req.instrument_file
+                )
             if req.holder is not None:
-                self._run_holder(req.holder, done)
+                self._run_holder(instrument, req.holder, done)
             else:
                 with open_loader(
                     req.instrument,
                     self.root,
                     source=req.instrument_file,
-                    on_event=lambda k, m: self.audit.write(f"LOADER-{k}", m),
+                    sink=self.log,
                 ) as loader:
-                    self._run_with(loader, done)
-        except KeyboardInterrupt:
-            self.journal.append("queue_stopped", reason="interrupted (Ctrl-C)")
-            self.audit.write("QUEUE-STOP", "interrupted by the operator (Ctrl-C)")
+                    self._run_with(instrument, loader, done)
+        except (KeyboardInterrupt, QueueCanceled):
+            why = self._cancel_reason or "interrupted (Ctrl-C)"
+            self.log.emit(QueueStopped(reason=why))
+            self.audit.write("QUEUE-STOP", f"{why}; resumable")
             self._write_summary()
             raise
         except LoaderError as e:
-            self.journal.append("queue_stopped", reason=str(e))
+            self.log.emit(QueueStopped(reason=str(e)))
             self.audit.write("QUEUE-STOP", f"loader unusable: {e}")
             self._write_summary()
             raise
+        except HardwareHangError:
+            hung = True
+            raise
+        finally:
+            if instrument is not None and self.instrument is None and not hung:
+                instrument.close()
         stopped = self.stop_requested()
-        self.journal.append(
-            "queue_stopped" if stopped else "queue_finished",
-            reason="stop requested" if stopped else "",
-            cartridges=len(self.outcomes),
+        end = QueueStopped if stopped else QueueFinished
+        self.log.emit(
+            end(
+                reason="stop requested" if stopped else "",
+                cartridges=len(self.outcomes),
+            )
         )
         self.audit.write(
             "QUEUE-STOP" if stopped else "QUEUE-FINISH",
@@ -195,7 +277,9 @@ class CartridgeQueue:
         self._write_summary()
         return self.outcomes
 
-    def _run_holder(self, holder: HolderConfig, done: dict[str, dict]) -> None:
+    def _run_holder(
+        self, instrument: Instrument, holder: HolderConfig, done: dict[str, dict]
+    ) -> None:
         """Every cartridge of a holder in turn: no loader, one layout each."""
         for i, cart in enumerate(holder.cartridges, start=1):
             if cart.id in done:
@@ -209,18 +293,20 @@ class CartridgeQueue:
                     "center_y_um": cart.center_y_um,
                 }
             )
-            self._one(None, i, cart.id, on_stage=True, layout=layout)
+            self._one(instrument, None, i, cart.id, on_stage=True, layout=layout)
             if self.stop_requested():
                 break
 
-    def _run_with(self, loader: CartridgeLoader, done: dict[str, dict]) -> None:
+    def _run_with(
+        self, instrument: Instrument, loader: CartridgeLoader, done: dict[str, dict]
+    ) -> None:
         req = self.request
         info = loader.identify()
         status = loader.status()
         if status.state == "FAULT":
             loader.reset()
         inventory = loader.inventory()
-        self.journal.append("loader", identity=info, inventory=inventory)
+        self.log.emit(LoaderSeen(identity=info, inventory=inventory))
         if status.slot is not None:  # left on the stage by an interrupted queue
             barcode = loader.barcode()
             inventory[status.slot] = barcode
@@ -232,12 +318,13 @@ class CartridgeQueue:
                 continue
             if self.stop_requested():
                 break
-            self._one(loader, slot, barcode, on_stage=status.slot == slot)
+            self._one(instrument, loader, slot, barcode, on_stage=status.slot == slot)
             if self.stop_requested():
                 break
 
     def _one(
         self,
+        instrument: Instrument,
         loader: CartridgeLoader | None,
         slot: int,
         barcode: str,
@@ -256,19 +343,19 @@ class CartridgeQueue:
                         f"slot {slot} was listed as {barcode} but the loaded "
                         f"cartridge reads {got}"
                     )
-            self.journal.append("loaded", slot=slot, barcode=barcode)
+            self.log.emit(Loaded(slot=slot, barcode=barcode))
             self.audit.write("LOAD", f"slot {slot}: cartridge {barcode}")
-            if self.on_cartridge is not None:
-                self.on_cartridge(slot, barcode)
-            result = self._scan(slot, barcode, layout or self.request.layout)
+            result = self._scan(
+                instrument, slot, barcode, layout or self.request.layout
+            )
             outcome = self._outcome(slot, barcode, result)
-            if result.canceled:  # Ctrl-C inside the scan: leave it on the stage
-                raise KeyboardInterrupt
+            if result.canceled:  # stopped inside the scan: leave it on the stage
+                raise QueueCanceled(self._cancel_reason)
             if loader is not None:
                 loader.unload()
-                self.journal.append("unloaded", slot=slot, barcode=barcode)
+                self.log.emit(Unloaded(slot=slot, barcode=barcode))
             _release_memory()
-        except KeyboardInterrupt:  # the cartridge stays; the queue resumes it
+        except (KeyboardInterrupt, QueueCanceled):  # the queue resumes it
             outcome.status = "stopped"
             raise
         except LoaderFault as e:
@@ -282,7 +369,7 @@ class CartridgeQueue:
             outcome.duration_s = round(time.perf_counter() - t0, 2)
             if outcome.status != "stopped":
                 self.outcomes.append(outcome)
-                self.journal.append("cartridge", **asdict(outcome))
+                self.log.emit(CartridgeDone(**asdict(outcome)))
                 self.audit.write(
                     "CARTRIDGE",
                     f"{barcode} (slot {slot}): {outcome.status}"
@@ -294,7 +381,9 @@ class CartridgeQueue:
                     ),
                 )
 
-    def _scan(self, slot: int, barcode: str, layout: CartridgeLayout) -> ScanResult:
+    def _scan(
+        self, instrument: Instrument, slot: int, barcode: str, layout: CartridgeLayout
+    ) -> ScanResult:
         req = self.request
         sim = req.instrument.simulation
         scan = Scan(
@@ -310,9 +399,13 @@ class CartridgeQueue:
                 n_fields=req.n_fields,
                 operator=req.operator,
             ),
+            instrument=instrument,
+            events=self.events,
             **self.scan_kwargs,
         )
         self.current = scan
+        if self._cancel.is_set():  # a stop that came between cartridges
+            scan.cancel(self._cancel_reason)
         try:
             return scan.run()
         finally:
@@ -359,13 +452,13 @@ class CartridgeQueue:
         """Cartridges a previous run of this queue finished (by barcode)."""
         out: dict[str, dict] = {}
         for rec in self.journal.read():
-            if rec.get("event") == "cartridge" and rec.get("status") in (
+            if isinstance(rec, CartridgeDone) and rec.status in (
                 "complete",
                 "incomplete",
             ):
-                out[rec["barcode"]] = {
-                    k: rec[k] for k in CartridgeOutcome.__dataclass_fields__ if k in rec
-                }
+                out[rec.barcode] = rec.model_dump(
+                    include=set(CartridgeOutcome.__dataclass_fields__)
+                )
         return out
 
     def _write_summary(self) -> None:
@@ -373,6 +466,10 @@ class CartridgeQueue:
             self.root / "summary.json",
             json.dumps([asdict(o) for o in self.outcomes], indent=1).encode(),
         )
+
+
+def _loader_event(r: Record) -> bool:
+    return isinstance(r, DeviceEvent) and r.device == "loader"
 
 
 def _release_memory() -> None:

@@ -11,7 +11,6 @@ reported at once, by name.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,15 @@ from analysis.fieldio import FieldReadError, field_name_of, inspect_field_file
 from analysis.pipeline import FieldJob
 from analysis.report import write_outputs
 from controller.config import AssayConfig
-from controller.detector import OnlineDetector, load_records
 from controller.errors import ConfigError, StorageError
-from controller.store import LedgerState, RunFolder
+from controller.events import EventStream
+from controller.records import AnalysisFinished, AnalysisStarted, DetectFailed
+from controller.runs.detector import OnlineDetector
+from controller.runs.outputs import load_records
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import LedgerState, RunLog
+from controller.runstore.lock import FolderLock
+from controller.supervise import Supervisor
 
 __all__ = ["AnalyzeRequest", "parse_channel_map", "run_analyze"]
 
@@ -81,7 +86,7 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
         if lay.get("rows") and lay.get("cols"):
             ctx["cartridge_fields"] = int(lay["rows"]) * int(lay["cols"])
         ctx["fields_failed"] = {
-            n: str(r.get("reason", ""))
+            n: r.reason
             for n, r in state.failed.items()
             if n in planned and n not in state.stored
         }
@@ -106,12 +111,18 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
 
 
 def run_analyze(
-    req: AnalyzeRequest,
-    *,
-    on_start: Callable[[int], None] | None = None,
-    on_field: Callable[[str, str], None] | None = None,
+    req: AnalyzeRequest, *, events: EventStream | None = None
 ) -> dict[str, Any]:
-    """Analyse every field of `req.input`; return the report (report.json)."""
+    """Analyse every field of `req.input`; return the report (report.json).
+
+    The analysis's records (`AnalysisStarted`, `Detected`, `DetectFailed`,
+    `AnalysisFinished`) go to the output folder's ledger and to `events`.
+    """
+    with FolderLock(req.out, "output folder"):
+        return _analyze(req, events or EventStream())
+
+
+def _analyze(req: AnalyzeRequest, events: EventStream) -> dict[str, Any]:
     fields, ctx = _inputs(req)
     required = [n for n, r in req.assay.channels.items() if r != "marker"]
     for _, path in fields:  # fail fast, by file name, before any work
@@ -136,22 +147,19 @@ def run_analyze(
             saturation=ctx.get("saturation"),
         )
 
-    def on_result(name: str, record: Mapping[str, Any]) -> None:
-        if on_field is not None:
-            on_field(name, "detected")
-
     workers = req.workers if req.workers is not None else (os.cpu_count() or 1)
-    out.ledger.append("analysis_started", input=str(req.input), fields=len(fields))
-    if on_start is not None:
-        on_start(len(fields))
-    detector = OnlineDetector(out, make_job, workers=workers, on_result=on_result)
+    log = RunLog(out.ledger, events)
+    log.emit(AnalysisStarted(input=str(req.input), fields=len(fields)))
+    supervisor = Supervisor()
+    detector = OnlineDetector(out, make_job, log, supervisor, workers=workers)
     detector.add_backlog(paths)
     detector.close()
+    supervisor.raise_error()
     state = LedgerState.from_records(out.ledger.read())
     failed_now = {
-        r["field"]: r["reason"]
+        r.field: r.reason
         for r in out.ledger.read()
-        if r.get("event") == "detect_failed" and r["field"] not in state.detected
+        if isinstance(r, DetectFailed) and r.field not in state.detected
     }
     ctx["fields_failed"] = {**ctx.get("fields_failed", {}), **failed_now}
     ctx.setdefault("fields_planned", list(paths))
@@ -161,8 +169,8 @@ def run_analyze(
         blood_volume_ml=req.assay.blood_volume_ml,
     )
     report = write_outputs(out.root, load_records(out, list(paths)), ctx)
-    out.ledger.append(
-        "analysis_finished", ctc_count=report["ctc_count"], failed=sorted(failed_now)
+    log.emit(
+        AnalysisFinished(ctc_count=report["ctc_count"], failed=sorted(failed_now))
     )
     if failed_now:
         first = next(iter(failed_now.items()))

@@ -11,38 +11,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import useq
 
-from controller.plan import FieldSpec
+from controller.acquisition.plan import FieldSpec
+from controller.records import Failed, Record
+from controller.runstore.fieldstore import AssembledField
 
-__all__ = ["AssembledField", "FieldAssembler"]
-
-
-@dataclass
-class AssembledField:
-    """All channels of one field, as acquired.
-
-    Attributes
-    ----------
-    data : ndarray, shape (C, Y, X)
-        Pixels, channel order as in `channel_names`.
-    stage : dict
-        Stage position read back at acquisition: ``x_um``, ``y_um``, ``z_um``.
-    focus : dict or None
-        The field's focus QC record (`controller.focus.FieldFocus`), if judged.
-    """
-
-    spec: FieldSpec
-    data: np.ndarray
-    channel_names: tuple[str, ...]
-    stage: dict[str, float]
-    focus: dict[str, Any] | None = None
-    acquired_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+__all__ = ["FieldAssembler"]
 
 
 class FieldAssembler:
@@ -56,8 +34,9 @@ class FieldAssembler:
         Channel names, in sequence order (index ``c``).
     deliver : callable
         Receives each complete `AssembledField`; must return quickly.
-    on_failed : callable
-        Receives ``(spec, reason, attempts)`` for each field that failed.
+
+    Subscribe `on_record` to the run's events: a `Failed` field's partial
+    frames are dropped and its later frames ignored.
     """
 
     def __init__(
@@ -65,12 +44,11 @@ class FieldAssembler:
         fields: Sequence[FieldSpec],
         channel_names: Sequence[str],
         deliver: Callable[[AssembledField], None],
-        on_failed: Callable[[FieldSpec, str, int], None],
     ) -> None:
         self.fields = list(fields)
+        self._index = {f.name: p for p, f in enumerate(self.fields)}
         self.channel_names = tuple(channel_names)
         self.deliver = deliver
-        self.on_failed = on_failed
         self._partial: dict[int, tuple[np.ndarray, list[bool]]] = {}
         self._failed: set[int] = set()
         self._lock = threading.Lock()
@@ -93,23 +71,22 @@ class FieldAssembler:
             if done:
                 del self._partial[p]
         if done:
-            stage = dict(meta.get("ctcscan_stage") or {})
+            spec = self.fields[p]
+            stage = {"x_um": spec.x_um, "y_um": spec.y_um, "z_um": spec.z_um}
+            stage.update(meta.get("ctcscan_stage") or {})
             focus = meta.get("ctcscan_focus")
             self.deliver(
-                AssembledField(
-                    self.fields[p], buf, self.channel_names, stage, focus=focus
-                )
+                AssembledField(spec.name, buf, self.channel_names, stage, focus=focus)
             )
 
-    def failure(self, event: useq.MDAEvent, reason: str, attempts: int) -> None:
-        """Engine failure hook: drop the field's partial frames, report it once."""
-        p = event.index.get("p", 0)
+    def on_record(self, record: Record) -> None:
+        """A failed field: drop its partial frames, ignore its later frames."""
+        if not isinstance(record, Failed) or record.field not in self._index:
+            return
+        p = self._index[record.field]
         with self._lock:
-            if p in self._failed:
-                return
             self._failed.add(p)
             self._partial.pop(p, None)
-        self.on_failed(self.fields[p], reason, attempts)
 
     @property
     def incomplete(self) -> list[FieldSpec]:

@@ -20,7 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog", "config_hash", "current_operator"]
+from controller.records import (
+    DetectFailed,
+    DeviceEvent,
+    Failed,
+    FocusMapRecorded,
+    Record,
+)
+
+__all__ = ["AuditLog", "AuditTrail", "config_hash", "current_operator"]
 
 
 def current_operator() -> str:
@@ -48,7 +56,9 @@ class AuditLog:
 
     def __init__(self, path: str | Path, operator: str | None = None) -> None:
         self.path = Path(path)
-        self.operator = (operator or current_operator()).replace(" ", "_") or "unknown"
+        # one word of printable characters: a name cannot start a forged line
+        name = "_".join((operator or current_operator()).split())
+        self.operator = "".join(c for c in name if c.isprintable()) or "unknown"
         self._lock = threading.Lock()
 
     def write(self, verb: str, text: str) -> None:
@@ -70,3 +80,35 @@ class AuditLog:
             return self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return []
+
+
+class AuditTrail:
+    """Subscriber of a run's events that writes the audit lines they call for:
+    device errors and recoveries, failed fields and detections, the focus map
+    and its warnings."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+
+    def __call__(self, r: Record) -> None:
+        if isinstance(r, DeviceEvent):
+            if r.device == "loader":
+                self.log.write(f"LOADER-{r.what}", r.message)
+            elif r.recovered:
+                self.log.write("RECOVERED", f"{r.what}, {r.message}")
+            else:
+                self.log.write("DEVICE-ERROR", f"{r.what}: {r.message}")
+        elif isinstance(r, Failed):
+            self.log.write(
+                "FIELD-FAILED", f"{r.field} after {r.attempts} attempts: {r.reason}"
+            )
+        elif isinstance(r, DetectFailed):
+            self.log.write("DETECT-FAILED", f"{r.field}: {r.reason}")
+        elif isinstance(r, FocusMapRecorded) and not r.reused:
+            self.log.write(
+                "FOCUS",
+                f"focus map measured: {r.model} from {r.used}/{r.anchors} anchors, "
+                f"rms {r.rms_um or 0:.2f} um, {r.seconds or 0:.1f} s",
+            )
+            for w in r.warnings:
+                self.log.write("WARNING", w)

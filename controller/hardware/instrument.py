@@ -1,23 +1,26 @@
-"""Opening an instrument: a Micro-Manager core loaded from the instrument config.
+"""Opening and closing an instrument: a Micro-Manager core and its checks.
 
-This is the one module of the controller that knows about the simulator: an
-instrument config with a ``simulation`` section gets the simulated world bound
-to its Python devices; any other config is loaded as real (or C++ demo) hardware.
-Device load failures are collected and reported together, by label.
+`open_instrument` loads the instrument config's Micro-Manager .cfg (collecting
+every device that fails to load, by label) and checks that it fits the YAML
+(channel presets, pixel size, autofocus device). `Instrument.on_core` wraps a
+core that the caller already opened (a GUI, a notebook) with the same checks;
+such an instrument is never unloaded by ctcscan.
+
+An instrument config with a ``simulation`` section is opened by the simulator,
+reached by module name (`SIMULATOR`) so that no controller module imports it:
+the simulated devices are plugged in at the device level, like a .cfg's
+``#py pyDevice`` lines name Python device modules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import logging
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import UniMMCore
@@ -25,17 +28,14 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from controller.config import InstrumentConfig
 from controller.errors import ConfigError, DeviceLoadError
 from controller.layouts import CartridgeLayout
-from controller.loader import CartridgeLoader
 from hardware_configs import CONFIG_DIR
 
 __all__ = [
     "DEFAULT_INSTRUMENT",
-    "HardwareCalls",
+    "SIMULATOR",
     "Instrument",
-    "needs_manual_shutter",
+    "SimulatedSample",
     "open_instrument",
-    "open_loader",
-    "snap",
 ]
 
 logger = logging.getLogger("ctcscan.instrument")
@@ -43,26 +43,49 @@ logger = logging.getLogger("ctcscan.instrument")
 
 #: The simulated scanner, used when no instrument is given.
 DEFAULT_INSTRUMENT = CONFIG_DIR / "simulated.yaml"
+#: The module that opens simulated instruments (``open_simulated``).
+SIMULATOR = "simulators"
+
+
+class SimulatedSample(Protocol):
+    """What a simulated instrument offers beyond its devices."""
+
+    def load_cartridge(self, seed: int, layout: CartridgeLayout) -> None: ...
+
+    def ground_truth(
+        self, fields: Sequence[tuple[str, float, float]]
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
 class Instrument:
-    """An opened instrument."""
+    """An opened instrument: its config, its core, and (simulated only) the
+    sample on its stage.
+
+    ``owns_core`` is False for a core the caller opened (`on_core`): closing
+    the instrument then leaves the core and its devices to the caller.
+    """
 
     config: InstrumentConfig
     core: CMMCorePlus
-    world: Any = None  # simulators.World for a simulated instrument
+    sample: SimulatedSample | None = None
+    owns_core: bool = True
 
     @property
     def simulated(self) -> bool:
-        return self.world is not None
+        return self.sample is not None
 
-    def ground_truth(self, fields: list[tuple[str, float, float]]) -> dict | None:
-        """Ground truth of the given fields, for a simulated instrument."""
-        return None if self.world is None else self.world.ground_truth(fields)
+    @classmethod
+    def on_core(
+        cls, core: CMMCorePlus, config: InstrumentConfig, *, source: str = ""
+    ) -> Instrument:
+        """An instrument on a core that is already open (checked like a loaded
+        one: channel presets, pixel size, autofocus device)."""
+        _check(core, config, source or config.name, unload_on_error=False)
+        return cls(config, core, None, owns_core=False)
 
     def close(self) -> None:
-        """Unload every device and destroy the core now.
+        """Unload every device and destroy the core now (own cores only).
 
         The C++ core must be destroyed while Python is fully alive: left to
         interpreter shutdown, its destructor calls back into Python and the
@@ -70,7 +93,7 @@ class Instrument:
         CLI runs before this).
         """
         core, self.core = self.core, None  # type: ignore[assignment]
-        if core is None:
+        if core is None or not self.owns_core:
             return
         try:
             core.unloadAllDevices()
@@ -78,6 +101,12 @@ class Instrument:
             logger.warning("unloading devices failed: %s", e)
         del core
         gc.collect()
+
+    def __enter__(self) -> Instrument:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _adapter_paths(cfg: InstrumentConfig) -> list[str]:
@@ -153,27 +182,14 @@ def open_instrument(
             f"{source or cfg.name}: micromanager_config {mm_path} not found"
         )
     text = mm_path.read_text(encoding="utf-8", errors="replace")
-    world = None
+    sample = None
     core: CMMCorePlus | None = None
     try:
         if cfg.simulation is not None:
-            from simulators import World, WorldConfig, open_simulated_core
-
-            sim = cfg.simulation
-            overrides = {
-                **sim.world,
-                "seed": sim.seed if seed is None else seed,
-                "time_scale": sim.time_scale,
-            }
-            wcfg = WorldConfig.from_dict(overrides, source=f"{source}: simulation")
-            world = World(
-                wcfg,
-                layout,
-                width=cfg.camera.width,
-                height=cfg.camera.height,
-                pixel_size_um=cfg.pixel_size_um,
+            simulator = importlib.import_module(SIMULATOR)
+            core, sample = simulator.open_simulated(
+                cfg, layout, seed=seed, source=source
             )
-            core = open_simulated_core(mm_path, world)
         else:
             core = UniMMCore()
             if paths := _adapter_paths(cfg):
@@ -193,22 +209,42 @@ def open_instrument(
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         why = " / ".join(lines[-2:]) if lines else type(e).__name__
         raise ConfigError(f"{mm_path}: {why}") from None
+    assert core is not None
+    _check(core, cfg, source or cfg.name, unload_on_error=True)
+    return Instrument(cfg, core, sample)
 
-    missing = [
-        c.preset
-        for c in cfg.channels
-        if not core.isConfigDefined(cfg.channel_group, c.preset)
-    ]
-    if missing:
-        have = ", ".join(core.getAvailableConfigs(cfg.channel_group)) or "none"
-        core.unloadAllDevices()
-        raise ConfigError(
-            f"{source or cfg.name}: channel presets {missing} not in config group "
-            f"{cfg.channel_group!r} of {mm_path.name} (it has: {have})"
-        )
-    _apply_pixel_size(core, cfg, source or cfg.name)
-    _select_autofocus(core, cfg, source or cfg.name)
-    return Instrument(cfg, core, world)
+
+def _check(
+    core: CMMCorePlus, cfg: InstrumentConfig, source: str, *, unload_on_error: bool
+) -> None:
+    """The core fits the YAML: channel presets, camera frame, pixel size,
+    autofocus device (made the core's)."""
+    try:
+        missing = [
+            c.preset
+            for c in cfg.channels
+            if not core.isConfigDefined(cfg.channel_group, c.preset)
+        ]
+        if missing:
+            have = ", ".join(core.getAvailableConfigs(cfg.channel_group)) or "none"
+            raise ConfigError(
+                f"{source}: channel presets {missing} not in config group "
+                f"{cfg.channel_group!r} of {Path(cfg.micromanager_config).name} "
+                f"(it has: {have})"
+            )
+        cam = cfg.camera
+        got = (core.getImageWidth(), core.getImageHeight())
+        if got != (cam.width, cam.height):
+            raise ConfigError(
+                f"{source}: camera delivers {got[0]} x {got[1]} px, config says "
+                f"{cam.width} x {cam.height}"
+            )
+        _apply_pixel_size(core, cfg, source)
+        _select_autofocus(core, cfg, source)
+    except ConfigError:
+        if unload_on_error:
+            core.unloadAllDevices()
+        raise
 
 
 def _select_autofocus(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> None:
@@ -217,7 +253,6 @@ def _select_autofocus(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
     if not cfg.focus.enabled or not label:
         return
     if label not in core.getLoadedDevices():
-        core.unloadAllDevices()
         raise ConfigError(
             f"{source}: focus.autofocus_device {label!r} is not a device of "
             f"{Path(cfg.micromanager_config).name}"
@@ -225,101 +260,10 @@ def _select_autofocus(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
     try:
         core.setAutoFocusDevice(label)
     except Exception as e:
-        core.unloadAllDevices()
         raise ConfigError(
             f"{source}: focus.autofocus_device {label!r} is not an autofocus "
             f"device ({str(e).strip().splitlines()[-1] if str(e).strip() else e})"
         ) from None
-
-
-@contextlib.contextmanager
-def open_loader(
-    cfg: InstrumentConfig,
-    workdir: Path,
-    *,
-    source: str = "",
-    on_event: Callable[[str, str], None] | None = None,
-) -> Iterator[CartridgeLoader]:
-    """The instrument's cartridge loader, open for the duration of the block.
-
-    ``port: emulated`` (simulated instruments) runs the simulator's loader on a
-    pseudo-terminal whose state lives in `workdir`; any other port is opened
-    as a serial device or pyserial URL.
-    """
-    lc = cfg.loader
-    if lc is None:
-        raise ConfigError(f"{source or cfg.name}: the instrument has no loader section")
-    kw: dict[str, Any] = {
-        "baudrate": lc.baudrate,
-        "timeout_s": lc.timeout_s,
-        "retries": lc.retries,
-        "reconnect_s": lc.reconnect_s,
-        "motion_timeout_s": lc.motion_timeout_s,
-        "on_event": on_event,
-    }
-    if lc.port != "emulated":
-        with CartridgeLoader(lc.port, **kw) as loader:
-            yield loader
-        return
-    from simulators.loader import LoaderEmulator
-
-    slots = lc.slots or {1: "SIM-0001"}
-    with tempfile.TemporaryDirectory(prefix="ctcscan-loader-") as tmp:
-        emu = LoaderEmulator(
-            slots,
-            Path(tmp) / "port",
-            state_file=workdir / ".loader-emulator.json",
-            script=lc.faults,
-        )
-        with emu, CartridgeLoader(str(emu.port), **kw) as loader:
-            loader.emulator = emu  # type: ignore[attr-defined]
-            yield loader
-
-
-class HardwareCalls:
-    """Marks the hardware call in progress, for a watchdog on another thread.
-
-    ``with calls.mark("snap at field_003"): core.snapImage()``; `busy` is the
-    (monotonic start, description) of the call in progress, or None.
-    """
-
-    def __init__(self) -> None:
-        self.busy: tuple[float, str] | None = None
-
-    @contextlib.contextmanager
-    def mark(self, what: str) -> Iterator[None]:
-        self.busy = (time.monotonic(), what)
-        try:
-            yield
-        finally:
-            self.busy = None
-
-
-def needs_manual_shutter(core: CMMCorePlus) -> bool:
-    """Whether snaps must open the shutter themselves.
-
-    A Python camera under `UniMMCore` skips Micro-Manager's auto-shutter.
-    """
-    cam = core.getCameraDevice()
-    return bool(
-        isinstance(core, UniMMCore)
-        and cam
-        and core.isPyDevice(cam)
-        and core.getShutterDevice()
-        and core.getAutoShutter()
-    )
-
-
-def snap(core: CMMCorePlus, manual_shutter: bool) -> Any:
-    """Snap one image (shutter opened around it when `manual_shutter`)."""
-    if manual_shutter:
-        core.setShutterOpen(True)
-    try:
-        core.snapImage()
-    finally:
-        if manual_shutter:
-            core.setShutterOpen(False)
-    return core.getImage()
 
 
 def _apply_pixel_size(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> None:
@@ -333,7 +277,6 @@ def _apply_pixel_size(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
     have = core.getPixelSizeUm()
     if have:
         if abs(have - cfg.pixel_size_um) > 0.01 * cfg.pixel_size_um:
-            core.unloadAllDevices()
             raise ConfigError(
                 f"{source}: pixel_size_um is {cfg.pixel_size_um} but the active "
                 f"pixel size preset of {Path(cfg.micromanager_config).name} says "

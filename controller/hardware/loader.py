@@ -11,16 +11,21 @@ an unclear reply the loader's state says whether the motion started.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import serial
 
-from controller.errors import ScannerError
+from controller.config import InstrumentConfig
+from controller.errors import ConfigError, ScannerError
+from controller.events import RecordSink
+from controller.records import DeviceEvent
 
 __all__ = [
     "CartridgeLoader",
@@ -93,9 +98,9 @@ class CartridgeLoader:
     open_port : callable
         ``open_port(port, baudrate=..., timeout=...)`` -> a pyserial-like port;
         default `serial.serial_for_url`.
-    on_event : callable, optional
-        ``on_event(kind, message)`` for recoveries and faults (``retry``,
-        ``reconnect``, ``fault``), e.g. for an audit log.
+    sink : RecordSink, optional
+        Receives a `DeviceEvent` (device ``loader``, what ``retry``,
+        ``reconnect`` or ``fault``) for every recovery and fault.
     """
 
     def __init__(
@@ -109,7 +114,7 @@ class CartridgeLoader:
         motion_timeout_s: float = 60.0,
         poll_s: float = 0.1,
         open_port: Callable[..., Any] = serial.serial_for_url,
-        on_event: Callable[[str, str], None] | None = None,
+        sink: RecordSink | None = None,
     ) -> None:
         self.port_name = port
         self.baudrate = baudrate
@@ -119,7 +124,7 @@ class CartridgeLoader:
         self.motion_timeout_s = motion_timeout_s
         self.poll_s = poll_s
         self._open_port = open_port
-        self.on_event = on_event
+        self.sink = sink
         self._port: Any = None
 
     # ------------------------------------------------------------------ port
@@ -158,8 +163,8 @@ class CartridgeLoader:
 
     def _event(self, kind: str, message: str) -> None:
         logger.warning("loader %s: %s", kind, message)
-        if self.on_event is not None:
-            self.on_event(kind, message)
+        if self.sink is not None:
+            self.sink.emit(DeviceEvent(device="loader", what=kind, message=message))
 
     # ------------------------------------------------------------------ lines
 
@@ -326,3 +331,60 @@ class CartridgeLoader:
 
 
 _FAULT_TEXT = {5: "JAM", 8: "FAULT"}
+
+
+#: The module with the loader's emulator (``port: emulated``).
+EMULATOR = "simulators.loader"
+
+
+@contextlib.contextmanager
+def open_loader(
+    cfg: InstrumentConfig,
+    workdir: Path,
+    *,
+    source: str = "",
+    sink: RecordSink | None = None,
+) -> Iterator[CartridgeLoader]:
+    """The instrument's cartridge loader, open for the duration of the block.
+
+    ``port: emulated`` (simulated instruments) runs the simulator's loader on a
+    pseudo-terminal whose state lives in `workdir`; any other port is opened
+    as a serial device or pyserial URL.
+    """
+    lc = cfg.loader
+    if lc is None:
+        raise ConfigError(f"{source or cfg.name}: the instrument has no loader section")
+    kw: dict[str, Any] = {
+        "baudrate": lc.baudrate,
+        "timeout_s": lc.timeout_s,
+        "retries": lc.retries,
+        "reconnect_s": lc.reconnect_s,
+        "motion_timeout_s": lc.motion_timeout_s,
+        "sink": sink,
+    }
+    if lc.port != "emulated":
+        with CartridgeLoader(lc.port, **kw) as loader:
+            yield loader
+        return
+    emulator = importlib.import_module(EMULATOR).LoaderEmulator
+    slots = lc.slots or {1: "SIM-0001"}
+    # the pty's stable name lives in the (locked) queue folder, not in /tmp:
+    # nothing is left behind elsewhere if the process is killed
+    port_dir = workdir / ".loader-port"
+    port_dir.mkdir(exist_ok=True)
+    emu = emulator(
+        slots,
+        port_dir / "port",
+        state_file=workdir / ".loader-emulator.json",
+        script=lc.faults,
+    )
+    try:
+        with emu, CartridgeLoader(str(emu.port), **kw) as loader:
+            loader.emulator = emu  # type: ignore[attr-defined]
+            yield loader
+    finally:
+        with contextlib.suppress(OSError):
+            (port_dir / "port").unlink(missing_ok=True)
+            port_dir.rmdir()
+
+

@@ -2,14 +2,19 @@
 
 Every error a user can cause is a `ScannerError` and is printed as one line on
 stderr (exit code 2); a scan that stored every field exits 0, one with failed
-fields 1, an interrupted one 130 (run the same command again to resume).
+fields 1; a hardware call that hung 3; a run stopped by Ctrl-C 130, by SIGTERM
+143, by SIGHUP 129 (run the same command again to resume). Progress bars
+subscribe to the run's event stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,18 +33,31 @@ from rich.table import Table
 
 from analysis.fieldio import FieldReadError
 from controller import __version__
-from controller.analyze import AnalyzeRequest, parse_channel_map, run_analyze
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import HardwareHangError, ScannerError
-from controller.instrument import DEFAULT_INSTRUMENT
+from controller.events import EventStream
+from controller.hardware.instrument import DEFAULT_INSTRUMENT
 from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, CartridgeLayout, get_layout
-from controller.queue import (
+from controller.records import (
+    AnalysisStarted,
+    Detected,
+    DetectFailed,
+    Failed,
+    FocusAnchorDone,
+    Loaded,
+    Record,
+    Started,
+    Stored,
+)
+from controller.runs.analyze import AnalyzeRequest, parse_channel_map, run_analyze
+from controller.runs.queue import (
     CartridgeQueue,
     HolderConfig,
+    QueueCanceled,
     QueueRequest,
     request_stop,
 )
-from controller.scan import Scan, ScanRequest, ScanResult
+from controller.runs.scan import Scan, ScanRequest, ScanResult
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +69,42 @@ out = Console()
 
 #: exit code when a hardware call hung (the process leaves without touching it)
 EXIT_HUNG = 3
+#: exit codes of a run stopped by a signal (128 + the signal's number)
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+class StopSignals:
+    """Ctrl-C, SIGTERM and SIGHUP stop the job like its `cancel`: after the
+    current frame, with a `stopped` record and an audit line. A second signal
+    only says the stop is under way (the record must still be written)."""
+
+    def __init__(self, cancel: Callable[[str], None]) -> None:
+        self.cancel = cancel
+        self.received: signal.Signals | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.received is None else STOP_SIGNALS[self.received]
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if self.received is not None:
+            err.print("still stopping after the current frame; please wait")
+            return
+        self.received = sig
+        name = _SIGNAL_NAMES[sig]
+        err.print(f"{name}: stopping after the current frame ...")
+        self.cancel(f"interrupted by the operator ({name})")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def _hung(e: HardwareHangError) -> None:
@@ -129,7 +183,12 @@ def scan(
             n_fields=fields,
             operator=operator,
         )
-        result = _run_with_progress(request)
+        job = Scan(request)
+        stops = StopSignals(job.cancel)
+        progress = _progress()
+        job.events.subscribe(ScanProgress(progress))
+        with stops.installed(), progress:
+            result = job.run()
     except HardwareHangError as e:
         _hung(e)
     except ScannerError as e:
@@ -138,7 +197,9 @@ def scan(
         _fail(f"interrupted; run the same command again to resume {out_dir}", 130)
     _summary(result)
     if result.canceled:
-        raise typer.Exit(130)
+        code = stops.exit_code or 130
+        err.print(f"stopped; run the same command again to resume {out_dir}")
+        raise typer.Exit(code)
     if result.failed:
         raise typer.Exit(1)
 
@@ -157,40 +218,40 @@ def _progress() -> Progress:
     )
 
 
-def _scan_callbacks(progress: Progress) -> dict[str, Any]:
-    """Progress bars for one scan (focusing, scanning, detecting); a new scan
-    on the same `progress` replaces the previous scan's bars."""
-    tasks: dict[str, TaskID] = {}
+class ScanProgress:
+    """Progress bars of scans (focusing, scanning, detecting), fed by their
+    events; a new scan on the same `progress` replaces the previous bars."""
 
-    def on_focus(done: int, total: int) -> None:
-        if "focus" not in tasks or done <= 1:  # a new scan's focus map
-            for old in tasks.values():
-                progress.remove_task(old)
-            tasks.clear()
-            tasks["focus"] = progress.add_task("focusing", total=total, unit="anchors")
-        progress.update(tasks["focus"], completed=done)
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
 
-    def on_start(total: int, done: int) -> None:
-        for key in ("scan", "detect"):
-            if key in tasks:
-                progress.remove_task(tasks.pop(key))
-        tasks["scan"] = progress.add_task(
-            "scanning", total=total, completed=done, unit="fields"
-        )
-        tasks["detect"] = progress.add_task("detecting", total=total, unit="fields")
+    def _drop(self, *keys: str) -> None:
+        for key in keys or tuple(self.tasks):
+            if key in self.tasks:
+                self.progress.remove_task(self.tasks.pop(key))
 
-    def on_field(name: str, status: str) -> None:
-        bar = "scan" if status in ("stored", "failed") else "detect"
-        if bar in tasks:
-            progress.advance(tasks[bar])
-
-    return {"on_start": on_start, "on_field": on_field, "on_focus": on_focus}
-
-
-def _run_with_progress(request: ScanRequest) -> ScanResult:
-    progress = _progress()
-    with progress:
-        return Scan(request, **_scan_callbacks(progress)).run()
+    def __call__(self, r: Record) -> None:
+        p, tasks = self.progress, self.tasks
+        if isinstance(r, Started):
+            self._drop()
+            tasks["scan"] = p.add_task(
+                "scanning", total=r.planned, completed=r.resumed, unit="fields"
+            )
+            tasks["detect"] = p.add_task(
+                "detecting", total=r.planned, unit="fields"
+            )
+        elif isinstance(r, FocusAnchorDone):
+            if "focus" not in tasks:
+                tasks["focus"] = p.add_task("focusing", total=r.total, unit="anchors")
+            p.update(tasks["focus"], completed=r.done)
+        elif isinstance(r, (Stored, Failed)) and "scan" in tasks:
+            p.advance(tasks["scan"])
+        elif isinstance(r, (Detected, DetectFailed)) and "detect" in tasks:
+            p.advance(tasks["detect"])
+        elif isinstance(r, AnalysisStarted):
+            self._drop()
+            tasks["detect"] = p.add_task("analysing", total=r.fields, unit="fields")
 
 
 def _summary(r: ScanResult) -> None:
@@ -300,15 +361,15 @@ def queue(
         )
         progress = _progress()
 
-        def on_cartridge(slot: int, barcode: str) -> None:
-            progress.console.print(f"[bold]cartridge {barcode}[/] (slot {slot})")
+        def announce(r: Record) -> None:
+            if isinstance(r, Loaded):
+                progress.console.print(f"[bold]cartridge {r.barcode}[/] (slot {r.slot})")
 
-        job = CartridgeQueue(
-            request,
-            on_cartridge=on_cartridge,
-            scan_kwargs=_scan_callbacks(progress),
-        )
-        with progress:
+        job = CartridgeQueue(request)
+        job.events.subscribe(announce)
+        job.events.subscribe(ScanProgress(progress))
+        stops = StopSignals(job.cancel)
+        with stops.installed(), progress:
             outcomes = job.run()
     except HardwareHangError as e:
         _hung(e)
@@ -316,6 +377,11 @@ def queue(
         _fail(str(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; run the same command again to resume {out_dir}", 130)
+    except QueueCanceled:
+        _fail(
+            f"stopped; run the same command again to resume {out_dir}",
+            stops.exit_code or 130,
+        )
     t = Table(title=f"queue {out_dir}")
     for col in ("slot", "cartridge", "CTC", "cut-off", "status", "duration", "note"):
         t.add_column(col)
@@ -388,17 +454,10 @@ def analyze(
             workers=workers,
         )
         progress = _progress()
-        task: list[TaskID] = []
-
-        def on_start(total: int) -> None:
-            task.append(progress.add_task("analysing", total=total, unit="fields"))
-
-        def on_field(name: str, status: str) -> None:
-            if task:
-                progress.advance(task[0])
-
+        events = EventStream()
+        events.subscribe(ScanProgress(progress))
         with progress:
-            report = run_analyze(request, on_start=on_start, on_field=on_field)
+            report = run_analyze(request, events=events)
     except (ScannerError, FieldReadError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -1,0 +1,624 @@
+"""One cartridge scan, from request to run folder, resumable.
+
+`Scan.run` takes the run folder's lock, plans the fields, skips those already
+stored and verified, checks the disk, opens the instrument (or uses the one it
+was given), measures or reuses the focus map, and runs the MDA sequence of the
+remaining fields on a supervised thread:
+
+    frameReady -> FieldAssembler -> StoreWorker (bounded) -> FieldStore -> Stored
+    Stored record -> RunLog (ledger line, then the run's events)
+                       '-> OnlineDetector.on_record (never blocks) -> Detected
+
+Everything the run does is a typed record (`controller.records`) written to the
+ledger and published on `Scan.events`; the CLI's progress bars, the audit log
+and the result's tally subscribe to it. One `Supervisor` watches the threads
+(acquisition, storage, detection, the watchdog): the first to die stops the
+run with its error. `Scan.cancel` (Ctrl-C, SIGTERM, SIGHUP in the CLI) stops
+after the current frame; every stored field stays stored, and running the same
+request again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from analysis.pipeline import FieldJob
+from controller import __version__
+from controller.acquisition.assembler import FieldAssembler
+from controller.acquisition.engine import ScanEngine
+from controller.acquisition.plan import FieldSpec, ScanPlan
+from controller.config import AssayConfig, InstrumentConfig
+from controller.errors import HardwareHangError, ScannerError, StorageError
+from controller.events import EventStream
+from controller.focus.mapper import Focuser
+from controller.focus.qc import FocusQC
+from controller.focus.surface import FocusMap
+from controller.hardware.facade import Hardware, RetryPolicy
+from controller.hardware.instrument import Instrument, open_instrument
+from controller.layouts import CartridgeLayout
+from controller.records import (
+    Corrupt,
+    Failed,
+    Finished,
+    Planned,
+    Record,
+    Refocused,
+    Resumed,
+    Started,
+    Stopped,
+    Stored,
+)
+from controller.runs.detector import OnlineDetector
+from controller.runs.focusmap import FocusMapStep
+from controller.runs.outputs import write_scan_outputs
+from controller.runs.watchdog import Watchdog
+from controller.runstore.audit import AuditLog, AuditTrail, config_hash
+from controller.runstore.fieldstore import AssembledField, FieldStore, StoreWorker
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import LedgerState, RunLog
+from controller.runstore.lock import FolderLock
+from controller.supervise import Supervisor
+
+__all__ = ["Scan", "ScanRequest", "ScanResult"]
+
+logger = logging.getLogger("ctcscan.scan")
+
+#: Extra room asked of the disk beyond the raw pixels (metadata, ledger, results).
+_DISK_MARGIN_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """What to scan and where to put it."""
+
+    instrument: InstrumentConfig
+    layout: CartridgeLayout
+    out: Path
+    assay: AssayConfig = field(default_factory=AssayConfig)
+    instrument_file: str = ""
+    cartridge_id: str | None = None
+    seed: int | None = None
+    n_fields: int | None = None
+    operator: str | None = None
+
+    @property
+    def cartridge(self) -> str:
+        return self.cartridge_id or Path(self.out).resolve().name
+
+    @property
+    def simulated_seed(self) -> int | None:
+        """The seed of the simulated cartridge (None on real hardware)."""
+        sim = self.instrument.simulation
+        if sim is None:
+            return None
+        return sim.seed if self.seed is None else self.seed
+
+
+@dataclass
+class ScanResult:
+    """Outcome of one `Scan.run`."""
+
+    run_dir: Path
+    cartridge_id: str
+    planned: int
+    resumed: int = 0
+    stored: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    detected: int = 0
+    detect_failed: int = 0
+    max_detect_backlog: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    frames: int = 0
+    duration_s: float = 0.0
+    canceled: bool = False
+    focus_map: FocusMap | None = None
+    focus_map_reused: bool = False
+    focus_qc_s: float = 0.0
+    refocused: list[str] = field(default_factory=list)
+
+    @property
+    def focus_s(self) -> float:
+        """Time spent on focus: the map (if measured now) and the per-field QC."""
+        fmap = (
+            0.0
+            if self.focus_map is None or self.focus_map_reused
+            else (self.focus_map.seconds)
+        )
+        return fmap + self.focus_qc_s
+
+    @property
+    def complete(self) -> bool:
+        return not self.canceled and self.resumed + self.stored == self.planned
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.duration_s if self.duration_s else 0.0
+
+    def tally(self, r: Record) -> None:
+        """Event subscriber: count what the run stores, fails and re-focuses."""
+        if isinstance(r, Stored):
+            self.stored += 1
+            self.failed.pop(r.field, None)
+        elif isinstance(r, Failed):
+            self.failed[r.field] = r.reason
+        elif isinstance(r, Refocused):
+            self.refocused.append(r.field)
+
+
+def _versions() -> dict[str, str]:
+    out = {"ctcscan": __version__}
+    for pkg in ("pymmcore-plus", "pymmcore", "useq-schema", "numpy", "tifffile"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Scan:
+    """A resumable scan of one cartridge.
+
+    Parameters
+    ----------
+    request : ScanRequest
+        What to scan.
+    instrument : Instrument, optional
+        An instrument the caller opened (and closes): a queue's, or one on a
+        core a GUI or notebook already has open. Default: the request's
+        instrument is opened for this scan and closed after it.
+    detector_workers : int, optional
+        Worker processes of the on-line detector; 0 detects on a thread of this
+        process. Default: 1 when the machine has a second core, else 0.
+    run_job : callable, optional
+        The per-field analysis (default `analysis.pipeline.analyze_field_file`).
+    events : EventStream, optional
+        Where the run publishes its records (default: a new stream,
+        `Scan.events`); subscribe before `run`.
+    """
+
+    def __init__(
+        self,
+        request: ScanRequest,
+        *,
+        instrument: Instrument | None = None,
+        detector_workers: int | None = None,
+        run_job: Callable[[FieldJob], Mapping[str, Any]] | None = None,
+        events: EventStream | None = None,
+    ) -> None:
+        self.request = request
+        self.instrument = instrument
+        if detector_workers is None:
+            detector_workers = 1 if (os.cpu_count() or 1) >= 2 else 0
+        self.detector_workers = detector_workers
+        self.run_job = run_job
+        self.events = events or EventStream()
+        self.folder = RunFolder(request.out)
+        self.lock = FolderLock(self.folder.root, "run folder")
+        self.log = RunLog(self.folder.ledger, self.events)
+        self.audit = AuditLog(self.folder.root / "audit.log", request.operator)
+        self._cancel = threading.Event()
+        self._cancel_reason = ""
+        self._core: Any = None
+        #: a hardware call hung: the instrument must not be touched again
+        self.hung = False
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, reason: str = "stop requested") -> None:
+        """Stop after the current frame (or between focus anchors); what is
+        stored stays stored. Safe from a signal handler or another thread."""
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
+        self._cancel.set()
+        if self._core is not None:
+            self._core.mda.cancel()
+
+    @property
+    def canceled(self) -> bool:
+        return self._cancel.is_set()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> ScanResult:
+        """Scan (or resume) the cartridge; see the module docstring.
+
+        Raises
+        ------
+        FolderLockedError
+            Another process owns the run folder.
+        ScannerError
+            Bad input, or the run stopped with an error (a `Stopped` record
+            holds it; the run is resumable).
+        """
+        with self.lock:
+            self.folder.prepare()
+            audit = self.events.subscribe(AuditTrail(self.audit))
+            try:
+                return self._audited_run()
+            finally:
+                audit()
+
+    def _audited_run(self) -> ScanResult:
+        self._audit_start()
+        try:
+            result = self._run()
+        except KeyboardInterrupt:
+            self.audit.write("STOP", "interrupted by the operator (Ctrl-C); resumable")
+            raise
+        except BaseException as e:
+            self.audit.write("ERROR", f"{type(e).__name__}: {e}")
+            raise
+        if result.complete:
+            self.audit.write(
+                "FINISH",
+                f"{result.stored} fields stored now, {result.resumed} before; "
+                f"{len(result.failed)} failed; CTC count "
+                f"{result.report.get('ctc_count', '?')}",
+            )
+        else:
+            why = self._cancel_reason or "incomplete"
+            self.audit.write(
+                "STOP",
+                f"{why}; {result.stored} fields stored now, {result.resumed} before, "
+                f"{len(result.failed)} failed; resumable",
+            )
+        return result
+
+    def _audit_start(self) -> None:
+        req = self.request
+        inst_file = Path(req.instrument_file) if req.instrument_file else None
+        digest = config_hash(
+            req.instrument.model_dump(mode="json"),
+            inst_file,
+            Path(req.instrument.micromanager_config),
+            req.assay.model_dump(mode="json"),
+            req.layout.model_dump(mode="json"),
+        )
+        resuming = self.folder.scan_json.exists()
+        self.audit.write(
+            "RESUME" if resuming else "START",
+            f"scan of cartridge {req.cartridge} into {self.folder.root}: "
+            f"ctcscan {__version__}, instrument {req.instrument.name} "
+            f"({req.instrument_file or 'in memory'}), layout {req.layout.name}, "
+            f"fields {req.n_fields or 'all'}, seed {req.simulated_seed}, "
+            f"config sha256 {digest}",
+        )
+
+    def _run(self) -> ScanResult:
+        req, folder = self.request, self.folder
+        plan = ScanPlan.build(req.layout, req.instrument, n_fields=req.n_fields)
+        self._check_same_scan(plan)
+        state = LedgerState.from_records(folder.ledger.read())
+        done = self._verified(state)
+        remaining = [f for f in plan.fields if f.name not in done]
+        cam = req.instrument.camera
+        needed = len(remaining) * len(plan.channels) * cam.width * cam.height * 2
+        folder.check_free_space(int(needed * 1.02) + _DISK_MARGIN_BYTES)
+
+        instrument = self.instrument
+        if instrument is None:
+            instrument = open_instrument(
+                req.instrument, req.layout, seed=req.seed, source=req.instrument_file
+            )
+        try:
+            if instrument.sample is not None and req.simulated_seed is not None:
+                instrument.sample.load_cartridge(req.simulated_seed, req.layout)
+            return self._run_on(instrument, plan, done, remaining)
+        finally:
+            # an instrument the caller gave stays open; a hung device is left
+            # alone (unloading it would hang too)
+            if self.instrument is None and not self.hung:
+                instrument.close()
+
+    def _run_on(
+        self,
+        instrument: Instrument,
+        plan: ScanPlan,
+        done: set[str],
+        remaining: list[FieldSpec],
+    ) -> ScanResult:
+        req, folder = self.request, self.folder
+        self.log.emit(
+            Started(
+                cartridge_id=req.cartridge,
+                planned=len(plan.fields),
+                resumed=len(done),
+                operator=self.audit.operator,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            )
+        )
+        supervisor = Supervisor()
+        supervisor.add_stop_hook(lambda e: self._stop_acquisition())
+        hw = Hardware(
+            instrument.core,
+            RetryPolicy(req.instrument.move_retries, req.instrument.snap_retries),
+            sink=self.log,
+            channel_group=req.instrument.channel_group,
+        )
+        longest = max(c.exposure_ms for c in req.instrument.channels) / 1000
+        watchdog = Watchdog(
+            hw, supervisor, limit_s=req.instrument.watchdog_s, allowance_s=longest
+        )
+        try:
+            return self._scan(instrument, hw, supervisor, watchdog, plan, done, remaining)
+        except HardwareHangError:
+            self.hung = True
+            raise
+        finally:
+            watchdog.close()
+
+    def _scan(
+        self,
+        instrument: Instrument,
+        hw: Hardware,
+        supervisor: Supervisor,
+        watchdog: Watchdog,
+        plan: ScanPlan,
+        done: set[str],
+        remaining: list[FieldSpec],
+    ) -> ScanResult:
+        req, folder = self.request, self.folder
+        result = ScanResult(folder.root, req.cartridge, len(plan.fields))
+        result.resumed = len(done)
+        step = FocusMapStep(
+            folder, req.instrument, self.log, hw, cancel=self._cancel
+        )
+        fmap, plan, reused = step.run(
+            plan, resuming=bool(done), supervisor=supervisor, hung=watchdog.hung
+        )
+        if fmap is None:  # canceled between anchors
+            result.canceled = True
+            return result
+        result.focus_map, result.focus_map_reused = fmap, reused
+        by_name = plan.by_name()
+        remaining = [by_name[f.name] for f in remaining]
+        self._write_scan_json(plan, instrument)
+        if instrument.sample is not None:
+            truth = instrument.sample.ground_truth(
+                [(f.name, f.x_um, f.y_um) for f in plan.fields]
+            )
+            folder.write_json(folder.ground_truth_json, truth)
+        if done:
+            self.log.emit(Resumed(skipped=len(done), remaining=[f.name for f in remaining]))
+        else:
+            self.log.emit(
+                Planned(
+                    fields=[f.name for f in plan.fields],
+                    channels=list(plan.channel_names),
+                )
+            )
+
+        unsubscribe = [self.events.subscribe(result.tally)]
+        detector = self._detector(supervisor)
+        unsubscribe.append(self.events.subscribe(detector.on_record))
+        state = LedgerState.from_records(folder.ledger.read())
+        detector.add_backlog(
+            f.name
+            for f in plan.fields
+            if f.name in done
+            and not (
+                f.name in state.detected and folder.detection_path(f.name).exists()
+            )
+        )
+        writer = StoreWorker(
+            FieldStore(folder, req.instrument.pixel_size_um, self.log), supervisor
+        )
+
+        def deliver(fld: AssembledField) -> None:
+            try:
+                writer.put(fld)
+            except StorageError:  # storage died: the supervisor stops the run
+                pass
+
+        assembler = FieldAssembler(remaining, plan.channel_names, deliver)
+        unsubscribe.append(self.events.subscribe(assembler.on_record))
+        qc = None
+        if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
+            qc = FocusQC(Focuser(hw, req.instrument), fmap.reference_sharpness)
+        engine = ScanEngine(
+            instrument.core,
+            hw,
+            self.log,
+            focus_qc=qc,
+            saturation=float(2**req.instrument.camera.bit_depth - 1),
+        )
+        instrument.core.mda.set_engine(engine)
+        t0 = time.perf_counter()
+        try:
+            if remaining and not self._cancel.is_set() and supervisor.error is None:
+                self._acquire(instrument.core, plan, remaining, assembler, supervisor)
+        finally:
+            writer.close()
+            stats = detector.close()
+            for fn in unsubscribe:
+                fn()
+        result.duration_s = time.perf_counter() - t0
+        result.focus_qc_s = qc.seconds if qc is not None else 0.0
+        result.frames = result.stored * len(plan.channels)
+        result.detected, result.detect_failed = stats["detected"], stats["failed"]
+        result.max_detect_backlog = stats["max_backlog"]
+        error = supervisor.error
+        result.canceled = self._cancel.is_set() or error is not None
+        if error is None:
+            result.report = write_scan_outputs(
+                folder,
+                cartridge_id=req.cartridge,
+                assay=req.assay,
+                instrument=req.instrument,
+                plan=plan,
+                fmap=fmap,
+                fmap_reused=reused,
+                acquisition_s=result.duration_s,
+                focus_qc_s=result.focus_qc_s,
+            )
+        end = Finished if result.complete else Stopped
+        self._end(
+            end(
+                stored=result.stored,
+                resumed=result.resumed,
+                failed=sorted(result.failed),
+                canceled=result.canceled,
+                error=str(error) if error else None,
+                duration_s=round(result.duration_s, 3),
+                focus_s=round(result.focus_s, 3),
+                refocused=result.refocused,
+            )
+        )
+        if error is not None:
+            if isinstance(error, ScannerError):
+                raise error
+            raise ScannerError(f"scan stopped: {error}") from error
+        return result
+
+    def _end(self, record: Finished | Stopped) -> None:
+        """The run's last record; if even the ledger cannot take it (a
+        read-only disk), the error that stopped the run still stands."""
+        try:
+            self.log.emit(record)
+        except StorageError as e:
+            logger.error("%s", e)
+
+    def _detector(self, supervisor: Supervisor) -> OnlineDetector:
+        req, folder = self.request, self.folder
+        saturation = float(2**req.instrument.camera.bit_depth - 1)
+
+        def make_job(name: str) -> FieldJob:
+            return FieldJob(
+                path=str(folder.field_path(name)),
+                name=name,
+                out_dir=str(folder.root),
+                settings=req.assay.detection,
+                roles=dict(req.assay.channels),
+                pixel_size_um=req.instrument.pixel_size_um,
+                saturation=saturation,
+            )
+
+        kwargs: dict[str, Any] = {}
+        if self.run_job is not None:
+            kwargs["run_job"] = self.run_job
+        return OnlineDetector(
+            folder,
+            make_job,
+            self.log,
+            supervisor,
+            workers=self.detector_workers,
+            **kwargs,
+        )
+
+    def _acquire(
+        self,
+        core: Any,
+        plan: ScanPlan,
+        remaining: list[FieldSpec],
+        assembler: FieldAssembler,
+        supervisor: Supervisor,
+    ) -> None:
+        """Run the MDA on a supervised thread until it ends, is canceled, a
+        thread of the run dies, or a hardware call hangs (then stop waiting:
+        the call cannot be interrupted)."""
+        sequence = plan.to_sequence(remaining)
+        core.mda.events.frameReady.connect(assembler.frame_ready)
+        self._core = core
+        try:
+            thread = supervisor.spawn("ctcscan-mda", lambda: core.mda.run(sequence))
+            if self._cancel.is_set():  # a stop that came while starting
+                core.mda.cancel()
+            self._wait(thread, supervisor)
+        finally:
+            core.mda.events.frameReady.disconnect(assembler.frame_ready)
+            self._core = None
+
+    def _wait(self, thread: threading.Thread, supervisor: Supervisor) -> None:
+        """Join `thread`; Ctrl-C (without the CLI's handlers) cancels."""
+        while True:
+            try:
+                supervisor.join(thread, abandon=self._hung(supervisor))
+                return
+            except KeyboardInterrupt:
+                self.cancel("interrupted by the operator (Ctrl-C)")
+
+    @staticmethod
+    def _hung(supervisor: Supervisor) -> Callable[[], bool]:
+        return lambda: isinstance(supervisor.error, HardwareHangError)
+
+    def _stop_acquisition(self) -> None:
+        if self._core is not None:
+            self._core.mda.cancel()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _verified(self, state: LedgerState) -> set[str]:
+        """Fields the ledger calls stored whose files still hash correctly."""
+        ok = set()
+        for name, rec in state.stored.items():
+            if self.folder.verify(name, rec.sha256):
+                ok.add(name)
+            else:
+                self.log.emit(
+                    Corrupt(field=name, reason="file missing or checksum mismatch")
+                )
+        return ok
+
+    def _check_same_scan(self, plan: ScanPlan) -> None:
+        prev = self.folder.read_scan_json()
+        if prev is None:
+            return
+        req = self.request
+        mine = {
+            "cartridge_id": req.cartridge,
+            "layout": plan.layout.name,
+            "seed": req.simulated_seed,
+            "channels": list(plan.channel_names),
+        }
+        request = prev.get("request") if isinstance(prev, dict) else None
+        request = request if isinstance(request, dict) else {}
+        theirs = {k: request.get(k) for k in mine}
+        if theirs != mine:
+            diff = ", ".join(
+                f"{k}: {theirs[k]!r} there, {mine[k]!r} now"
+                for k in mine
+                if theirs[k] != mine[k]
+            )
+            raise StorageError(
+                f"{self.folder.root} holds a different scan ({diff}); "
+                "choose another --out to start a new one"
+            )
+
+    def _write_scan_json(self, plan: ScanPlan, instrument: Instrument) -> None:
+        req = self.request
+        core = instrument.core
+        data = {
+            "request": {
+                "cartridge_id": req.cartridge,
+                "layout": plan.layout.name,
+                "seed": req.simulated_seed,
+                "fields": req.n_fields,
+                "instrument_file": req.instrument_file,
+                "channels": list(plan.channel_names),
+            },
+            "software": _versions(),
+            "layout": plan.layout.model_dump(mode="json"),
+            "instrument": req.instrument.model_dump(mode="json"),
+            "assay": req.assay.model_dump(mode="json"),
+            "devices": {
+                "camera": core.getCameraDevice(),
+                "xy_stage": core.getXYStageDevice(),
+                "focus": core.getFocusDevice(),
+                "shutter": core.getShutterDevice(),
+                "simulated": instrument.simulated,
+            },
+            "pixel_size_um": req.instrument.pixel_size_um,
+            "fov_um": [plan.fov_width_um, plan.fov_height_um],
+            "fields": [f.as_dict() for f in plan.fields],
+        }
+        self.folder.write_json(self.folder.scan_json, data)

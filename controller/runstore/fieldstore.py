@@ -1,0 +1,181 @@
+"""Field storage: whole fields as OME-TIFF, durably, on a thread of their own.
+
+Storage is the source of truth. A field counts as stored only when its OME-TIFF
+is complete on disk (written to a temporary name, fsync'd, renamed into place,
+the folder fsync'd) and its `Stored` record, with the file's sha256, is in the
+ledger. `StoreWorker` does this on its own thread behind a bounded queue (the
+acquisition thread waits only while the queue is full); a storage error stops
+the run through its `Supervisor`, never silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from controller.errors import StorageError
+from controller.events import RecordSink
+from controller.records import Stored
+from controller.runstore.folder import RunFolder, write_durably
+from controller.supervise import Supervisor
+
+__all__ = ["AssembledField", "FieldStore", "StoreWorker", "StoredField"]
+
+
+@dataclass
+class AssembledField:
+    """All channels of one field, as acquired.
+
+    Attributes
+    ----------
+    name : str
+        The field's name (``field_NNN``).
+    data : ndarray, shape (C, Y, X)
+        Pixels, channel order as in `channel_names`.
+    stage : dict
+        Stage position of the field: ``x_um``, ``y_um``, ``z_um`` (read back
+        at acquisition where the engine could).
+    focus : dict or None
+        The field's focus QC record (`controller.focus.qc.FieldFocus`), if judged.
+    """
+
+    name: str
+    data: np.ndarray
+    channel_names: tuple[str, ...]
+    stage: dict[str, float]
+    focus: dict[str, Any] | None = None
+    acquired_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+@dataclass(frozen=True)
+class StoredField:
+    name: str
+    path: Path
+    sha256: str
+    nbytes: int
+
+
+class FieldStore:
+    """Writes fields as OME-TIFF (axes CYX) into a run folder, durably.
+
+    Parameters
+    ----------
+    folder : RunFolder
+        Where to write.
+    pixel_size_um : float
+        Physical pixel size recorded in the OME metadata.
+    """
+
+    def __init__(
+        self, folder: RunFolder, pixel_size_um: float, sink: RecordSink
+    ) -> None:
+        self.folder = folder
+        self.pixel_size_um = pixel_size_um
+        self.sink = sink
+
+    def encode(self, field: AssembledField) -> bytes:
+        """The OME-TIFF bytes of one field."""
+        n_ch = field.data.shape[0]
+        st = field.stage
+        plane = {
+            "PositionX": [st["x_um"]] * n_ch,
+            "PositionXUnit": ["µm"] * n_ch,
+            "PositionY": [st["y_um"]] * n_ch,
+            "PositionYUnit": ["µm"] * n_ch,
+            "PositionZ": [st["z_um"]] * n_ch,
+            "PositionZUnit": ["µm"] * n_ch,
+        }
+        buf = io.BytesIO()
+        tifffile.imwrite(
+            buf,
+            field.data,
+            ome=True,
+            photometric="minisblack",
+            metadata={
+                "axes": "CYX",
+                "Name": field.name,
+                "Channel": {"Name": list(field.channel_names)},
+                "PhysicalSizeX": self.pixel_size_um,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": self.pixel_size_um,
+                "PhysicalSizeYUnit": "µm",
+                "Plane": plane,
+            },
+        )
+        return buf.getvalue()
+
+    def store(self, field: AssembledField) -> StoredField:
+        """Write the field durably, then record it in the ledger."""
+        name = field.name
+        data = self.encode(field)
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.folder.field_path(name)
+        try:
+            write_durably(path, data)
+        except OSError as e:
+            raise StorageError(
+                f"cannot store {name} in {path.parent}: {e.strerror or e}"
+            ) from None
+        self.sink.emit(
+            Stored(
+                field=name,
+                file=str(path.relative_to(self.folder.root)),
+                sha256=digest,
+                bytes=len(data),
+                stage=field.stage,
+                focus=field.focus,
+                acquired_at=field.acquired_at,
+            )
+        )
+        return StoredField(name, path, digest, len(data))
+
+
+class StoreWorker:
+    """Stores fields on a supervised thread, fed through a bounded queue.
+
+    `put` blocks only while the queue is full (back-pressure bounds memory).
+    After any error the thread drains the queue without storing, the
+    supervisor stops the run, and `put` raises `StorageError` at once.
+    """
+
+    def __init__(
+        self, store: FieldStore, supervisor: Supervisor, *, maxsize: int = 4
+    ) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.error: BaseException | None = None
+        self._q: queue.Queue[AssembledField | None] = queue.Queue(maxsize=maxsize)
+        self._thread = supervisor.spawn("ctcscan-store", self._run)
+
+    def put(self, field: AssembledField) -> None:
+        while True:
+            if self.error is not None:
+                raise StorageError(f"storage stopped: {self.error}")
+            try:
+                self._q.put(field, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Store everything queued, then stop the thread."""
+        self._q.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (field := self._q.get()) is not None:
+            if self.error is not None:
+                continue  # drain without storing after a failure
+            try:
+                self.store.store(field)
+            except BaseException as e:  # any storage error stops the run
+                self.error = e
+                self.supervisor.fail(e, "storage")

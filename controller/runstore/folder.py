@@ -1,0 +1,163 @@
+"""The run folder: its paths, durable writes, and checks before a run.
+
+Run folder layout::
+
+    RUN_DIR/.lock, .owner.json  the owning process (`controller.runstore.lock`)
+    RUN_DIR/scan.json           request, layout, instruments, fields, version
+    RUN_DIR/ledger.jsonl        typed records (`controller.records`), append-only
+    RUN_DIR/focus_map.json      the focus map the fields were imaged with
+    RUN_DIR/fields/field_NNN.ome.tif
+    RUN_DIR/detections/field_NNN.json   on-line detection result per field
+    RUN_DIR/events.csv, report.json, report.html, candidates/   cartridge outputs
+    RUN_DIR/audit.log           who did what, when
+    RUN_DIR/ground_truth.json   simulated instruments only
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from controller.errors import DiskSpaceError, StorageError
+from controller.runstore.ledger import Ledger
+
+__all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably"]
+
+FIELD_SUFFIX = ".ome.tif"
+TMP_SUFFIX = ".tmp"
+
+#: files of the folder's top level that the program writes through a temporary
+_OWN_TOP = frozenset(
+    {
+        "scan.json",
+        "focus_map.json",
+        "ground_truth.json",
+        "report.json",
+        "report.html",
+        "events.csv",
+        "summary.json",
+    }
+)
+_OWN_FIELD = re.compile(r"field_\d+\.ome\.tif\.tmp")
+_OWN_DETECTION = re.compile(r"[^/]+\.json\.tmp")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either nothing or all of it."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class RunFolder:
+    """Paths and housekeeping of one run folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.fields_dir = self.root / "fields"
+        self.scan_json = self.root / "scan.json"
+        self.ground_truth_json = self.root / "ground_truth.json"
+        self.focus_map_json = self.root / "focus_map.json"
+        self.detections_dir = self.root / "detections"
+        self.ledger = Ledger(self.root / "ledger.jsonl")
+
+    def field_path(self, name: str) -> Path:
+        return self.fields_dir / f"{name}{FIELD_SUFFIX}"
+
+    def detection_path(self, name: str) -> Path:
+        return self.detections_dir / f"{name}.json"
+
+    def prepare(self, *, fields: bool = True) -> None:
+        """Create the folder and prove it is writable; remove torn temp files.
+
+        ``fields=False`` prepares an analysis-only folder (no ``fields/``).
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if fields:
+                self.fields_dir.mkdir(exist_ok=True)
+            self.detections_dir.mkdir(exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise StorageError(
+                f"output folder {self.root} is not writable: {e.strerror or e}"
+            ) from None
+        self.remove_torn_temporaries()
+
+    def remove_torn_temporaries(self) -> None:
+        """Remove the temporary files a crash left mid-write: only those the
+        program itself writes (a user's ``*.tmp`` in the folder is left alone)."""
+        torn = [p for p in self.root.glob("*.tmp") if p.name[:-4] in _OWN_TOP]
+        torn += [p for p in self.fields_dir.glob("*.tmp") if _OWN_FIELD.fullmatch(p.name)]
+        torn += [
+            p
+            for p in self.detections_dir.glob("*.tmp")
+            if _OWN_DETECTION.fullmatch(p.name)
+        ]
+        for tmp in torn:
+            tmp.unlink(missing_ok=True)
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        """Refuse to start when the folder's disk cannot hold `needed_bytes`."""
+        free = shutil.disk_usage(self.root).free
+        if free < needed_bytes:
+            raise DiskSpaceError(
+                f"not enough free disk in {self.root}: the scan needs "
+                f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+            )
+
+    def write_json(self, path: Path, data: Any) -> None:
+        write_durably(path, json.dumps(data, indent=1).encode())
+
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON file of the run folder; None when absent."""
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StorageError(f"{path}: unreadable ({e})") from None
+
+    def read_scan_json(self) -> dict[str, Any] | None:
+        return self.read_json(self.scan_json)
+
+    def verify(self, name: str, sha256: str) -> bool:
+        """Whether the field file exists and hashes to `sha256`.
+
+        Raises
+        ------
+        StorageError
+            The file is there but cannot be read now (permissions, I/O): that
+            is no evidence that it is damaged, so nothing is decided.
+        """
+        path = self.field_path(name)
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StorageError(
+                f"cannot read {path} to verify it: {e.strerror or e}; "
+                "fix access to the run folder, then resume"
+            ) from None
+        return digest == sha256

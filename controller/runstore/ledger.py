@@ -1,0 +1,151 @@
+"""The ledger: a run's (or a queue's) append-only file of typed records.
+
+Every line is one `controller.records` record, written whole and fsync'd before
+`append` returns. Reading is forgiving where a crash or a stray edit can reach
+and strict nowhere else: a torn last line (a crash mid-write) is ignored and
+the next append starts on a fresh line; a line that is not a record this code
+knows is skipped and counted (`Ledger.skipped`), never fatal to a resume.
+
+`RunLog` is a run's record sink: the ledger line first, then the run's event
+stream, so whatever a subscriber sees is already durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from controller.errors import StorageError
+from controller.events import EventStream
+from controller.records import (
+    Corrupt,
+    Detected,
+    Failed,
+    Record,
+    RecordError,
+    Stored,
+    dump_line,
+    parse_line,
+)
+
+__all__ = ["Ledger", "LedgerState", "RunLog"]
+
+logger = logging.getLogger("ctcscan.ledger")
+
+R = TypeVar("R", bound=Record)
+
+
+class Ledger:
+    """Append-only JSON-lines file of typed records."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.skipped: list[str] = []
+        self._lock = threading.Lock()
+        self._tail_checked = False
+
+    def append(self, record: R) -> R:
+        """Write `record` as one line and fsync it; returns it.
+
+        Raises
+        ------
+        StorageError
+            The line could not be written durably.
+        """
+        data = dump_line(record).encode("utf-8")
+        try:
+            with self._lock:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    if not self._tail_checked:  # a torn last line: start afresh
+                        size = os.fstat(fd).st_size
+                        if size and os.pread(fd, 1, size - 1) != b"\n":
+                            data = b"\n" + data
+                        self._tail_checked = True
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise StorageError(
+                f"cannot write to {self.path}: {e.strerror or e}"
+            ) from None
+        return record
+
+    def read(self) -> list[Record]:
+        """Every readable record in order (see the module docstring).
+
+        Raises
+        ------
+        StorageError
+            The file exists but cannot be read.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StorageError(f"cannot read {self.path}: {e.strerror or e}") from None
+        lines = raw.split(b"\n")
+        lines.pop()  # b"" after the last newline, or a torn last line
+        records: list[Record] = []
+        self.skipped = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_line(line))
+            except RecordError as e:
+                self.skipped.append(f"line {n}: {e}")
+        if self.skipped:
+            logger.warning(
+                "%s: %d unreadable line(s) skipped (%s)",
+                self.path,
+                len(self.skipped),
+                self.skipped[0],
+            )
+        return records
+
+
+class RunLog:
+    """A run's record sink: the ledger line first, then the event stream."""
+
+    def __init__(self, ledger: Ledger, events: EventStream | None = None) -> None:
+        self.ledger = ledger
+        self.events = events or EventStream()
+
+    def emit(self, record: R) -> R:
+        self.ledger.append(record)
+        self.events.publish(record)
+        return record
+
+
+@dataclass
+class LedgerState:
+    """What the ledger says about each field (the last word wins)."""
+
+    stored: dict[str, Stored] = field(default_factory=dict)
+    failed: dict[str, Failed] = field(default_factory=dict)
+    detected: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record]) -> LedgerState:
+        state = cls()
+        for r in records:
+            if isinstance(r, Stored):
+                state.stored[r.field] = r
+                state.failed.pop(r.field, None)
+                state.detected.discard(r.field)
+            elif isinstance(r, Failed):
+                state.failed[r.field] = r
+            elif isinstance(r, Corrupt):
+                state.stored.pop(r.field, None)
+                state.detected.discard(r.field)
+            elif isinstance(r, Detected):
+                state.detected.add(r.field)
+        return state

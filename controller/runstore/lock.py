@@ -1,0 +1,111 @@
+"""One owner per run folder (and per queue folder): an exclusive lock.
+
+The lock is an OS file lock (`filelock`, ``flock`` on Linux) on ``.lock`` in the
+folder, taken before anything else is written there. The kernel drops it when
+the holding process ends, however it ends, so a lock left by a killed process
+is simply taken by the next one; nothing has to guess whether a pid is stale.
+The holder writes who it is (pid, host, time, command) to ``.owner.json`` so a
+second process can say whom it met.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from filelock import FileLock, Timeout
+
+from controller.errors import StorageError
+from controller.records import now
+
+__all__ = ["FolderLock", "FolderLockedError"]
+
+LOCK_FILE = ".lock"
+OWNER_FILE = ".owner.json"
+
+
+class FolderLockedError(StorageError):
+    """Another process owns the folder."""
+
+
+class FolderLock:
+    """Exclusive ownership of `folder` by this process (a context manager).
+
+    Parameters
+    ----------
+    folder : Path
+        The run or queue folder; created if missing.
+    what : str
+        How the folder is named in the error ("run folder", "queue folder").
+    """
+
+    def __init__(self, folder: str | Path, what: str = "run folder") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self._lock = FileLock(str(self.folder / LOCK_FILE), timeout=0)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._lock.is_locked)
+
+    def acquire(self) -> None:
+        """Take the lock now or raise `FolderLockedError` naming the holder."""
+        if self.held:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"{self.what} {self.folder} is not writable: {e.strerror or e}"
+            ) from None
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise FolderLockedError(
+                f"{self.what} {self.folder} is in use by {self.holder()}; "
+                "wait for it to finish or stop it first"
+            ) from None
+        except OSError as e:
+            raise StorageError(
+                f"{self.what} {self.folder} is not writable (cannot lock it): "
+                f"{e.strerror or e}"
+            ) from None
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": now(),
+            "command": " ".join(sys.argv[:1] + sys.argv[1:])[:500],
+        }
+        try:
+            (self.folder / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+        except OSError:  # the lock holds regardless; the note is a courtesy
+            pass
+
+    def holder(self) -> str:
+        """Who holds the lock, as far as its owner note says."""
+        try:
+            o = json.loads((self.folder / OWNER_FILE).read_text())
+            return f"pid {o['pid']} on {o['host']} (since {o['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self.held:
+            self._lock.release()
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
