@@ -2,7 +2,7 @@
 
 For every seed and every focus setting in the grid, opens the simulated
 instrument on a full ``cellsearch-5x35`` cartridge with a tilted and bowed
-surface, measures the focus map (`controller.focus.FocusMapper`) and reports:
+surface, measures the focus map (`controller.focus.mapper.FocusMapper`) and reports:
 
 - ``anchors``, ``snaps`` (all anchors), ``snaps/anchor``;
 - ``map s``: wall time of the map; with ``--time-scale 1`` the simulator waits
@@ -38,12 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.focus import field_sharpness  # noqa: E402
-from controller.config import InstrumentConfig, load_yaml  # noqa: E402
-from controller.focus import FocusMapper  # noqa: E402
-from controller.hardware.instrument import open_instrument  # noqa: E402
-from controller.layouts import get_layout  # noqa: E402
 from controller.acquisition.plan import ScanPlan  # noqa: E402
+from controller.config import InstrumentConfig, load_yaml  # noqa: E402
+from controller.focus.mapper import FocusMapper  # noqa: E402
+from controller.hardware.facade import Hardware, RetryPolicy  # noqa: E402
+from controller.hardware.instrument import Instrument, open_instrument  # noqa: E402
+from controller.layouts import get_layout  # noqa: E402
 from hardware_configs import CONFIG_DIR  # noqa: E402
+from simulators import SimulatedSample, World  # noqa: E402
 
 SURFACE = {
     "z0_um": 6.0,
@@ -75,6 +77,13 @@ def instrument(focus: dict[str, object], time_scale: float) -> InstrumentConfig:
     return InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
 
 
+def world_of(inst: Instrument) -> World:
+    """The simulator's `World` behind a simulated instrument (the true surface)."""
+    sample = inst.sample
+    assert isinstance(sample, SimulatedSample), "not a simulated instrument"
+    return sample.world
+
+
 def run_one(
     focus: dict[str, object], seed: int, time_scale: float
 ) -> dict[str, object]:
@@ -83,10 +92,14 @@ def run_one(
     plan = ScanPlan.build(layout, cfg)
     inst = open_instrument(cfg, layout, seed=seed)
     try:
-        world = inst.world
-        mapper = FocusMapper(
-            inst.core, cfg, layout, (plan.fov_width_um, plan.fov_height_um)
+        world = world_of(inst)
+        # the device calls go through the Hardware facade, as in a scan
+        hw = Hardware(
+            inst.core,
+            RetryPolicy(cfg.move_retries, cfg.snap_retries),
+            channel_group=cfg.channel_group,
         )
+        mapper = FocusMapper(hw, cfg, layout, (plan.fov_width_um, plan.fov_height_um))
         t0 = time.perf_counter()
         fmap = mapper.build()
         map_s = time.perf_counter() - t0
@@ -126,7 +139,7 @@ def qc_cost(seed: int) -> float:
     layout = get_layout("cellsearch-5x35")
     inst = open_instrument(cfg, layout, seed=seed)
     try:
-        w = inst.world
+        w = world_of(inst)
         frame = w.renderer.frame(0.0, 0.0, w.surface_z(0.0, 0.0), 0, 20.0)
         times = []
         for _ in range(20):

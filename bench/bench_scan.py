@@ -9,7 +9,10 @@ prints them side by side:
     the default on-line detection (``analysis.pipeline.analyze_field_file`` in
     ``detector_workers`` worker processes, default: one when there is a second
     core). ``Scan.run()`` returns once every stored field is detected and the
-    report (events.csv, report.json/html) is written.
+    report (events.csv, report.json/html) is written. The bench opens the
+    instrument itself (``open_instrument``, to watch its frames) and passes it
+    to ``Scan(..., instrument=...)``; opening and closing it are timed with the
+    run, as when ``Scan.run()`` opened it.
 ``ctcscan-nodetect``
     The same with a no-op ``run_job`` (`_no_detection`, module level so that it
     pickles into the worker process): storage, the ledger, the worker round trip
@@ -33,8 +36,8 @@ writing, fsync, detection).
 
 For ``ctcscan`` the child also reads the run folder's ``ledger.jsonl`` and reports
 the detection lag: how long after the last ``stored`` event the last ``detected``
-event came (and the same from ``on_field`` callbacks), plus the detector worker's
-peak RSS (``RUSAGE_CHILDREN``).
+event came (and the same from the run's event stream, ``Scan.events``), plus the
+detector worker's peak RSS (``RUSAGE_CHILDREN``).
 
 Usage::
 
@@ -230,7 +233,8 @@ def run_ctcscan(
     res: ModeResult, args: argparse.Namespace, work: Path, *, detect: bool
 ) -> None:
     """ctcscan's own Scan into a fresh run folder."""
-    import controller.scan as scan_mod
+    from controller.hardware.instrument import open_instrument
+    from controller.records import Detected, DetectFailed, Failed, Record, Stored
     from controller.runs.scan import Scan, ScanRequest
 
     cfg, layout = _load(args.instrument, args.layout)
@@ -243,33 +247,43 @@ def run_ctcscan(
         n_fields=args.fields,
     )
     run_job = None if detect else _no_detection
-    t0 = time.perf_counter()
-    probe = FrameProbe(t0)
-    # Scan opens its own instrument; watch its frames by wrapping open_instrument.
-    opener = scan_mod.open_instrument
-
-    def open_and_watch(*a: Any, **kw: Any) -> Any:
-        inst = opener(*a, **kw)
-        inst.core.mda.events.frameReady.connect(probe.frame_ready)
-        return inst
 
     seen: dict[str, list[float]] = {}
     seen_lock = threading.Lock()
+    statuses: dict[type[Record], str] = {
+        Stored: "stored",
+        Failed: "failed",
+        Detected: "detected",
+        DetectFailed: "detect_failed",
+    }
 
-    def on_field(name: str, status: str) -> None:
-        with seen_lock:
-            seen.setdefault(status, []).append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    probe = FrameProbe(t0)
 
-    scan_mod.open_instrument = open_and_watch  # type: ignore[assignment]
+    def on_record(record: Record) -> None:
+        status = statuses.get(type(record))
+        if status is not None:
+            with seen_lock:
+                seen.setdefault(status, []).append(time.perf_counter() - t0)
+
+    # Open the instrument here (as Scan.run would: same seed and source) to watch
+    # its frames, and hand it to Scan. Opening and closing stay inside the timed
+    # part, so wall s covers what Scan.run() covered when it opened the instrument
+    # itself and stays comparable with earlier runs.
+    instrument = open_instrument(cfg, layout, source=str(args.instrument))
+    scan: Scan | None = None
     try:
-        scan = Scan(request, run_job=run_job, on_field=on_field)
+        instrument.core.mda.events.frameReady.connect(probe.frame_ready)
+        scan = Scan(request, instrument=instrument, run_job=run_job)
+        scan.events.subscribe(on_record)
         res.notes.append(
             f"detection: {'analyze_field_file' if detect else 'no-op run_job'}, "
             f"detector_workers={scan.detector_workers} (default)"
         )
         result = scan.run()
     finally:
-        scan_mod.open_instrument = opener  # type: ignore[assignment]
+        if scan is None or not scan.hung:  # a hung device is left alone, as Scan does
+            instrument.close()
     res.wall_s = time.perf_counter() - t0
 
     res.fields = result.stored
@@ -301,6 +315,7 @@ def run_ctcscan(
         report_fields=result.report.get("fields", {}).get("analyzed"),
         outputs=outputs,
         ledger=ledger,
+        # callback_*: keys kept from the on_field days; now from Scan.events
         callback_lag_s=(max(detected_t) - max(stored_t))
         if stored_t and detected_t
         else None,
@@ -309,7 +324,7 @@ def run_ctcscan(
     if res.detection_lag_s is not None:
         res.notes.append(
             f"detection finished {res.detection_lag_s:.2f} s after the last field "
-            f"was stored (ledger; callbacks say "
+            f"was stored (ledger; the event stream says "
             f"{res.extra['callback_lag_s']:.2f} s); {result.detected} detected, "
             f"{result.detect_failed} failed, max backlog {result.max_detect_backlog}"
             + (
@@ -359,8 +374,8 @@ def run_mda(
     output: bool,
 ) -> None:
     """pymmcore-plus's default MDAEngine on the plan's sequence."""
-    from controller.hardware.instrument import open_instrument
     from controller.acquisition.plan import ScanPlan
+    from controller.hardware.instrument import open_instrument
 
     cfg, layout = _load(args.instrument, args.layout)
     t0 = time.perf_counter()
@@ -435,7 +450,7 @@ def child(args: argparse.Namespace) -> int:
     # import everything a mode needs before the baseline, so it is comparable
     import pymmcore_plus  # noqa: F401
 
-    import controller.scan  # noqa: F401
+    import controller.runs.scan  # noqa: F401
     import simulators  # noqa: F401
 
     res.baseline_rss_mb = _peak_rss_mb()
@@ -696,9 +711,10 @@ def driver(args: argparse.Namespace) -> int:
     print(format_table(results))
     print()
     print(
-        "wall s: the mode in-process (ctcscan: Scan.run(); mda: open_instrument + "
-        "plan + mda.run + close); acq s: ctcscan ScanResult.duration_s (MDA + "
-        "store and detection drain) / mda.run(); frames/s = frames / wall s; TTFF: "
+        "wall s: the mode in-process (ctcscan: open_instrument + Scan.run() + "
+        "close; mda: open_instrument + plan + mda.run + close); acq s: ctcscan "
+        "ScanResult.duration_s (MDA + store and detection drain) / mda.run(); "
+        "frames/s = frames / wall s; TTFF: "
         "mode start -> first frameReady; proc s: whole subprocess incl. interpreter "
         "start and imports; base RSS: peak RSS after imports, before the mode; "
         "peak RSS: the mode's own process (detector workers: see below)."

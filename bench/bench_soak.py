@@ -1,16 +1,18 @@
 """Soak benchmark: a queue of full simulated cartridges, resources over time.
 
-Runs `controller.queue.CartridgeQueue` in this process on the simulated
+Runs `controller.runs.queue.CartridgeQueue` in this process on the simulated
 instrument (emulated loader on a pty, ``cellsearch-5x35`` cartridges, focus map
-and on-line detection as shipped) and samples every second:
+and on-line detection as shipped; the queue opens the instrument once for all
+its cartridges) and samples every second:
 
 - RSS of this process and of its children (the detector worker),
 - threads of this process,
 - open file descriptors of this process,
 
-then prints per cartridge its duration and the resources at its end, and for the
-whole run the first, last and largest sample. Flat means: no growth from one
-cartridge to the next beyond noise.
+then prints per cartridge its duration and the resources when it started (its
+``Loaded`` record on the queue's event stream), and for the whole run the first,
+last and largest sample. Flat means: no growth from one cartridge to the next
+beyond noise.
 
 Usage::
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.config import InstrumentConfig  # noqa: E402
 from controller.layouts import get_layout  # noqa: E402
+from controller.records import Loaded, Record  # noqa: E402
 from controller.runs.queue import CartridgeQueue, QueueRequest  # noqa: E402
 from hardware_configs import CONFIG_DIR  # noqa: E402
 
@@ -97,8 +100,10 @@ def main() -> None:
         while not stop.wait(1.0):
             samples.append(sample(t0))
 
-    def on_cartridge(slot: int, barcode: str) -> None:
-        marks.append({"start": barcode, **sample(t0)})
+    def on_record(record: Record) -> None:
+        # a cartridge is on the stage and about to be scanned
+        if isinstance(record, Loaded):
+            marks.append({"start": record.barcode, **sample(t0)})
 
     watcher = threading.Thread(target=watch, daemon=True)
     samples.append(sample(t0))
@@ -111,8 +116,8 @@ def main() -> None:
             instrument_file=str(CONFIG_DIR / "simulated.yaml"),
             n_fields=args.fields,
         ),
-        on_cartridge=on_cartridge,
     )
+    q.events.subscribe(on_record)
     outcomes = q.run()
     marks.append({"start": "end", **sample(t0)})
     stop.set()

@@ -16,9 +16,9 @@ if str(REPO) not in sys.path:
 
 from analysis.detect import detect_field  # noqa: E402
 from analysis.settings import DetectionSettings  # noqa: E402
+from controller.acquisition.plan import plan_fields  # noqa: E402
 from controller.config import InstrumentConfig  # noqa: E402
 from controller.layouts import get_layout  # noqa: E402
-from controller.acquisition.plan import plan_fields  # noqa: E402
 from hardware_configs import CONFIG_DIR  # noqa: E402
 from simulators import KINDS, World, WorldConfig  # noqa: E402
 

@@ -181,6 +181,10 @@ class CartridgeQueue:
     def canceled(self) -> bool:
         return self._cancel.is_set()
 
+    def _raise_if_canceled(self) -> None:
+        if self._cancel.is_set():  # between cartridges: load nothing more
+            raise QueueCanceled(self._cancel_reason)
+
     # ------------------------------------------------------------------ control
 
     @property
@@ -287,6 +291,7 @@ class CartridgeQueue:
                 continue
             if self.stop_requested():
                 break
+            self._raise_if_canceled()
             layout = self.request.layout.model_copy(
                 update={
                     "center_x_um": cart.center_x_um,
@@ -318,6 +323,7 @@ class CartridgeQueue:
                 continue
             if self.stop_requested():
                 break
+            self._raise_if_canceled()
             self._one(instrument, loader, slot, barcode, on_stage=status.slot == slot)
             if self.stop_requested():
                 break

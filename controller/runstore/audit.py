@@ -12,6 +12,7 @@ line, and the ledger (machine-readable) stays the source of truth for resume.
 from __future__ import annotations
 
 import getpass
+import logging
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from controller.records import (
 )
 
 __all__ = ["AuditLog", "AuditTrail", "config_hash", "current_operator"]
+
+logger = logging.getLogger("ctcscan.audit")
 
 
 def current_operator() -> str:
@@ -68,12 +71,15 @@ class AuditLog:
         line = f"{now}  {self.operator}  {verb.upper()}  {' '.join(text.split())}\n"
         data = line.encode("utf-8", "replace")
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:  # the audit log must never hide the run's error
+                logger.error("audit log %s unwritable (%s): %s", self.path, e, line)
 
     def read(self) -> list[str]:
         try:
