@@ -240,8 +240,11 @@ def test_a_write_refused_mid_run_stops_it_and_a_resume_completes(
 def test_a_read_only_remount_mid_run_is_one_error_then_resumes(
     tmp_path: Path, quick_yaml: Path, reference: Path
 ) -> None:
-    """The run folder's file system turns read-only under a running scan (a
-    bind mount remounted read-only in a private mount namespace)."""
+    """The run folder's file system turns read-only under a running scan: in
+    a private mount namespace, a read-only bind mount of the same folder is
+    laid over the one the scan writes to (remounting that one read-only is
+    refused while the scan holds its lock file open for writing), so every
+    file the scan opens from then on is on a read-only file system."""
     real, mnt = tmp_path / "disk", tmp_path / "mnt"
     real.mkdir()
     mnt.mkdir()
@@ -255,7 +258,7 @@ for i in $(seq 1 3000); do
   ls {mnt}/run/fields/*.ome.tif >/dev/null 2>&1 && break
   sleep 0.02
 done
-mount -o remount,ro,bind {mnt}
+mount --bind {real} {mnt} && mount -o remount,ro,bind {mnt}
 wait $pid
 echo $? > {tmp_path}/code.txt
 """

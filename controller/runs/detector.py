@@ -20,6 +20,7 @@ and its fields retried (twice at most).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -41,7 +42,7 @@ from controller.records import Detected, DetectFailed, Record, Stored
 from controller.runstore.folder import RunFolder, write_durably
 from controller.supervise import Supervisor
 
-__all__ = ["OnlineDetector", "load_records"]
+__all__ = ["OnlineDetector"]
 
 logger = logging.getLogger("ctcscan.detector")
 
@@ -50,6 +51,8 @@ _MAX_CRASHES = 2
 
 
 _LIMITS: Any = None
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 #: how often a worker checks that the process that started it is still there
 PARENT_CHECK_S = 0.5
@@ -73,7 +76,7 @@ def _worker_start(parent: int) -> None:
     from threadpoolctl import threadpool_limits
 
     _LIMITS = threadpool_limits(limits=1)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
     def watch() -> None:
@@ -84,14 +87,18 @@ def _worker_start(parent: int) -> None:
     threading.Thread(target=watch, name="ctcscan-parent-watch", daemon=True).start()
 
 
-def load_records(folder: RunFolder, names: Iterable[str]) -> list[dict[str, Any]]:
-    """The detection records of the given fields that exist on disk."""
-    out = []
-    for name in names:
-        path = folder.detection_path(name)
-        if path.exists():
-            out.append(json.loads(path.read_text()))
-    return out
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore the terminal's stop signals for the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class OnlineDetector:
@@ -147,6 +154,8 @@ class OnlineDetector:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._pool = self._start_pool()
         self._thread = supervisor.spawn("ctcscan-detect", self._run)
 
     def on_record(self, record: Record) -> None:
@@ -189,6 +198,24 @@ class OnlineDetector:
             initializer=_worker_start,
             initargs=(os.getpid(),),
         )
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        """The worker pool, its processes started now with the terminal's
+        signals ignored.
+
+        Ctrl-C (and SIGTERM, SIGHUP) to the process group reach every process.
+        An ignored signal stays ignored across exec, and a Python started so
+        never installs its KeyboardInterrupt handler; a worker that is still
+        importing therefore cannot die of a Ctrl-C with a traceback (measured:
+        a 39-line traceback before). Signal dispositions can be changed on the
+        main thread only; elsewhere the workers ignore them from their
+        initializer on.
+        """
+        with _signals_ignored():
+            pool = self._new_pool()
+            for _ in range(self.workers):  # one start-up per worker, now
+                pool.submit(os.getpid)
+        return pool
 
     def _pooled(self, job: FieldJob) -> FieldJob:
         """The job, with bleed-through measured so far on this cartridge as the
