@@ -36,7 +36,9 @@ class Supervisor:
         """Record `error` (the first one wins) and run the stop hooks."""
         with self._lock:
             if self.error is not None:
-                logger.warning("also failed after the run stopped (%s): %s", where, error)
+                logger.warning(
+                    "also failed after the run stopped (%s): %s", where, error
+                )
                 return
             self.error, self.where = error, where
         logger.error("%s failed: %s", where or "a run thread", error)

@@ -54,7 +54,9 @@ class SimulatedSample:
             return
         w.load_cartridge(w.config.model_copy(update={"seed": seed}), layout)
 
-    def ground_truth(self, fields: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
+    def ground_truth(
+        self, fields: Sequence[tuple[str, float, float]]
+    ) -> dict[str, Any]:
         return self.world.ground_truth(fields)
 
 

@@ -39,6 +39,7 @@ class Scene(Protocol):
     def to_pixel(self, fx: float, fy: float, x: Any, y: Any) -> Any: ...
     def noise_offset(self, *key: float | int, span: int) -> int: ...
 
+
 _TEX = 256  # side of the texture bank
 _EDGE_PX = 1.2  # soft edge of every drawn shape, ~ in-focus PSF of 10x/0.45
 

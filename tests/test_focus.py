@@ -12,11 +12,10 @@ import tifffile
 
 from analysis.focus import field_sharpness, refine_peak
 from controller.config import FocusSettings, InstrumentConfig, load_yaml
-from controller.errors import ConfigError
-from controller.errors import FocusError
-from controller.records import FocusAnchorDone, Record
+from controller.errors import ConfigError, FocusError
 from controller.focus.surface import Anchor, anchor_positions, fit_anchors
 from controller.layouts import CartridgeLayout, get_layout
+from controller.records import FocusAnchorDone, Record
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 from simulators import World, WorldConfig

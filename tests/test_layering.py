@@ -41,8 +41,12 @@ def test_a_layer_importing_upwards_breaks_the_contract(tmp_path: Path) -> None:
     ledger = tmp_path / "controller" / "runstore" / "ledger.py"
     ledger.write_text(ledger.read_text() + "\nfrom controller.runs import scan\n")
     proc = subprocess.run(
-        [sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-         "lint_imports_command()", "--no-cache"],
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--no-cache",
+        ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True,

@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 
+from controller.acquisition.plan import ScanPlan, plan_fields
 from controller.config import StageLimits
 from controller.errors import ConfigError, UnknownLayoutError
 from controller.layouts import LAYOUTS, get_layout
-from controller.acquisition.plan import ScanPlan, plan_fields
 from tests.conftest import sim_instrument
 
 FOV = (1384 * 0.64, 1036 * 0.64)

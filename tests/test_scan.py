@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tifffile
 
+from controller.acquisition.plan import ScanPlan
 from controller.config import InstrumentConfig
 from controller.errors import StorageError
 from controller.layouts import get_layout
-from controller.acquisition.plan import ScanPlan
-from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.records import Record, Stored
+from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
 from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument

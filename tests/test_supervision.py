@@ -102,7 +102,9 @@ def test_two_scans_started_together_on_one_folder_one_refused(
     out = tmp_path / "run"
     procs = [
         subprocess.Popen(
-            command(out, quick_yaml), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            command(out, quick_yaml),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
@@ -136,7 +138,9 @@ def test_two_queues_started_together_on_one_folder_one_refused(
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
     assert sorted(code for code, _ in results) == [0, 2], results
     assert "queue folder" in next(e for c, e in results if c == 2)
-    events = [json.loads(x)["event"] for x in (out / "queue.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(x)["event"] for x in (out / "queue.jsonl").read_text().splitlines()
+    ]
     assert events.count("loaded") == 1 and events.count("queue_finished") == 1
 
 
@@ -264,7 +268,9 @@ echo $? > {tmp_path}/code.txt
 """
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if "Operation not permitted" in proc.stderr or "cannot" in proc.stderr:
         pytest.skip(f"no private mount namespace here: {proc.stderr.strip()}")
@@ -279,8 +285,10 @@ echo $? > {tmp_path}/code.txt
     assert not any(r["event"] == "finished" for r in records)
     # writable again (outside the namespace): the same command completes
     done = subprocess.run(
-        command(real / "run", quick_yaml, fields=12), capture_output=True,
-        text=True, timeout=300,
+        command(real / "run", quick_yaml, fields=12),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     stored = [r["field"] for r in ledger(real / "run") if r["event"] == "stored"]
@@ -323,7 +331,9 @@ def test_sigterm_and_sighup_stop_like_ctrl_c_and_the_run_resumes(
 ) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        command(out, quick_yaml), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        command(out, quick_yaml),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     wait_for_a_field(out, proc)
@@ -343,8 +353,11 @@ def test_ctrl_c_twice_to_the_process_group_is_one_line_and_a_stopped_record(
 ) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        command(out, quick_yaml, fields=12), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        command(out, quick_yaml, fields=12),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     wait_for_a_field(out, proc)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process
@@ -369,8 +382,10 @@ def test_no_child_or_temporary_folder_outlives_a_killed_scan(
     tmp.mkdir()
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        command(out, quick_yaml, fields=12), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp)},
+        command(out, quick_yaml, fields=12),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     wait_for_a_field(out, proc)
     deadline = time.monotonic() + 30
@@ -464,10 +479,15 @@ def test_a_run_folder_written_before_typed_records_still_resumes(
 @pytest.fixture(scope="module")
 def bowed_yaml(tmp_path_factory: pytest.TempPathFactory, quick_yaml: Path) -> Path:
     """A bowed cartridge under a plane focus map: some fields need re-focus."""
-    text = quick_yaml.read_text().replace(
-        "  world: {}",
-        "  world: {surface: {bow_um: 8.0, tilt_x_um_per_mm: 0.5, tilt_y_um_per_mm: 0.0}}",
-    ).replace("  search_range_um: 20", "  search_range_um: 20\n  model: plane")
+    text = (
+        quick_yaml.read_text()
+        .replace(
+            "  world: {}",
+            "  world: {surface: {bow_um: 8.0, tilt_x_um_per_mm: 0.5, "
+            "tilt_y_um_per_mm: 0.0}}",
+        )
+        .replace("  search_range_um: 20", "  search_range_um: 20\n  model: plane")
+    )
     path = tmp_path_factory.mktemp("bowed") / "bowed.yaml"
     path.write_text(text)
     return path

@@ -71,7 +71,11 @@ out = Console()
 EXIT_HUNG = 3
 #: exit codes of a run stopped by a signal (128 + the signal's number)
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
-_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+_SIGNAL_NAMES = {
+    signal.SIGINT: "Ctrl-C",
+    signal.SIGTERM: "SIGTERM",
+    signal.SIGHUP: "SIGHUP",
+}
 
 
 class StopSignals:
@@ -238,9 +242,7 @@ class ScanProgress:
             tasks["scan"] = p.add_task(
                 "scanning", total=r.planned, completed=r.resumed, unit="fields"
             )
-            tasks["detect"] = p.add_task(
-                "detecting", total=r.planned, unit="fields"
-            )
+            tasks["detect"] = p.add_task("detecting", total=r.planned, unit="fields")
         elif isinstance(r, FocusAnchorDone):
             if "focus" not in tasks:
                 tasks["focus"] = p.add_task("focusing", total=r.total, unit="anchors")
@@ -363,7 +365,9 @@ def queue(
 
         def announce(r: Record) -> None:
             if isinstance(r, Loaded):
-                progress.console.print(f"[bold]cartridge {r.barcode}[/] (slot {r.slot})")
+                progress.console.print(
+                    f"[bold]cartridge {r.barcode}[/] (slot {r.slot})"
+                )
 
         job = CartridgeQueue(request)
         job.events.subscribe(announce)

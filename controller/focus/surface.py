@@ -10,7 +10,6 @@ The device-driving side is `controller.focus.mapper`; per-field QC is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any

@@ -386,5 +386,3 @@ def open_loader(
         with contextlib.suppress(OSError):
             (port_dir / "port").unlink(missing_ok=True)
             port_dir.rmdir()
-
-

@@ -12,9 +12,9 @@ line, and the ledger (machine-readable) stays the source of truth for resume.
 from __future__ import annotations
 
 import getpass
-import logging
 import hashlib
 import json
+import logging
 import os
 import threading
 from datetime import UTC, datetime

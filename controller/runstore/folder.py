@@ -107,7 +107,9 @@ class RunFolder:
         """Remove the temporary files a crash left mid-write: only those the
         program itself writes (a user's ``*.tmp`` in the folder is left alone)."""
         torn = [p for p in self.root.glob("*.tmp") if p.name[:-4] in _OWN_TOP]
-        torn += [p for p in self.fields_dir.glob("*.tmp") if _OWN_FIELD.fullmatch(p.name)]
+        torn += [
+            p for p in self.fields_dir.glob("*.tmp") if _OWN_FIELD.fullmatch(p.name)
+        ]
         torn += [
             p
             for p in self.detections_dir.glob("*.tmp")

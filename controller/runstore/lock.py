@@ -10,6 +10,7 @@ second process can say whom it met.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -81,10 +82,9 @@ class FolderLock:
             "since": now(),
             "command": " ".join(sys.argv[:1] + sys.argv[1:])[:500],
         }
-        try:
+        # the lock holds regardless; the note is a courtesy
+        with contextlib.suppress(OSError):
             (self.folder / OWNER_FILE).write_text(json.dumps(owner) + "\n")
-        except OSError:  # the lock holds regardless; the note is a courtesy
-            pass
 
     def holder(self) -> str:
         """Who holds the lock, as far as its owner note says."""
