@@ -545,3 +545,44 @@ def test_a_hang_in_the_dark_frame_or_a_refocus_is_caught_and_resumes(
     done = subprocess.run(command(out, bowed_yaml, fields=12), capture_output=True)
     assert done.returncode == 0, done.stderr
     same_run(bowed_reference, out)
+
+
+def test_a_hang_inside_a_queue_ends_the_queue_with_exit_3_and_it_resumes(
+    tmp_path: Path, quick_yaml: Path
+) -> None:
+    """A hung call in a queue's cartridge is not "one failed cartridge": the
+    queue stops at once (exit 3), leaves the loader and the instrument alone,
+    and the same command later finishes every cartridge."""
+    hang_yaml = tmp_path / "hang.yaml"
+    text = quick_yaml.read_text()
+    hang_yaml.write_text(
+        text.replace("snap_retries: 2", "snap_retries: 2\nwatchdog_s: 1.0").replace(
+            "  world: {}", "  world: {hang_snaps: [5]}"
+        )
+    )
+    out = tmp_path / "q"
+
+    def queue(yaml: Path) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable, "-m", "controller", "queue", "--out", str(out),
+            "--instrument", str(yaml), "--layout", "test-3x4",
+            "--fields", "1", "--slots", "1,2",
+        ]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    t0 = time.monotonic()
+    hung = queue(hang_yaml)
+    assert hung.returncode == 3, hung.stderr
+    assert time.monotonic() - t0 < 90
+    assert "has not returned" in hung.stderr
+    events = [
+        json.loads(x)["event"] for x in (out / "queue.jsonl").read_text().splitlines()
+    ]
+    assert events.count("loaded") == 1 and "unloaded" not in events
+    done = queue(quick_yaml)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["barcode"], s["status"]) for s in summary] == [
+        ("SIM-0001", "complete"),
+        ("SIM-0002", "complete"),
+    ]

@@ -78,6 +78,12 @@ _SIGNAL_NAMES = {
 }
 
 
+def _say(text: str) -> None:
+    """A note on stderr that may fail (a hung-up terminal) without harm."""
+    with contextlib.suppress(Exception):
+        err.print(text)
+
+
 class StopSignals:
     """Ctrl-C, SIGTERM and SIGHUP stop the job like its `cancel`: after the
     current frame, with a `stopped` record and an audit line. A second signal
@@ -94,12 +100,12 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
         if self.received is not None:
-            err.print("still stopping after the current frame; please wait")
+            _say("still stopping after the current frame; please wait")
             return
         self.received = sig
         name = _SIGNAL_NAMES[sig]
-        err.print(f"{name}: stopping after the current frame ...")
         self.cancel(f"interrupted by the operator ({name})")
+        _say(f"{name}: stopping after the current frame ...")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
@@ -204,7 +210,7 @@ def scan(
         code = stops.exit_code or 130
         err.print(f"stopped; run the same command again to resume {out_dir}")
         raise typer.Exit(code)
-    if result.failed:
+    if result.failed or not result.complete:
         raise typer.Exit(1)
 
 

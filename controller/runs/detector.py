@@ -98,7 +98,9 @@ def _signals_ignored() -> Iterator[None]:
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python; the default is the
+            # closest Python can restore
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 class OnlineDetector:

@@ -364,6 +364,9 @@ class CartridgeQueue:
         except (KeyboardInterrupt, QueueCanceled):  # the queue resumes it
             outcome.status = "stopped"
             raise
+        except HardwareHangError as e:  # leave the instrument and loader alone
+            outcome.reason = str(e)
+            raise
         except LoaderFault as e:
             outcome.reason = str(e)
             self._recover(loader)

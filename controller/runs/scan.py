@@ -20,6 +20,7 @@ request again resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,7 +38,13 @@ from controller.acquisition.assembler import FieldAssembler
 from controller.acquisition.engine import ScanEngine
 from controller.acquisition.plan import FieldSpec, ScanPlan
 from controller.config import AssayConfig, InstrumentConfig
-from controller.errors import HardwareHangError, ScannerError, StorageError
+from controller.errors import (
+    ConfigError,
+    FocusError,
+    HardwareHangError,
+    ScannerError,
+    StorageError,
+)
 from controller.events import EventStream
 from controller.focus.mapper import Focuser
 from controller.focus.qc import FocusQC
@@ -298,7 +305,8 @@ class Scan:
         plan = ScanPlan.build(req.layout, req.instrument, n_fields=req.n_fields)
         self._check_same_scan(plan)
         state = LedgerState.from_records(folder.ledger.read())
-        done = self._verified(state)
+        planned = {f.name for f in plan.fields}
+        done = self._verified(state) & planned  # a smaller --fields keeps the rest
         remaining = [f for f in plan.fields if f.name not in done]
         cam = req.instrument.camera
         needed = len(remaining) * len(plan.channels) * cam.width * cam.height * 2
@@ -326,7 +334,7 @@ class Scan:
         done: set[str],
         remaining: list[FieldSpec],
     ) -> ScanResult:
-        req, folder = self.request, self.folder
+        req = self.request
         self.log.emit(
             Started(
                 cartridge_id=req.cartridge,
@@ -350,9 +358,14 @@ class Scan:
             hw, supervisor, limit_s=req.instrument.watchdog_s, allowance_s=longest
         )
         try:
-            return self._scan(instrument, hw, supervisor, watchdog, plan, done, remaining)
-        except HardwareHangError:
-            self.hung = True
+            return self._scan(
+                instrument, hw, supervisor, watchdog, plan, done, remaining
+            )
+        except BaseException as e:
+            if watchdog.error is not None:  # a hang outranks whatever came first
+                self.hung = True
+                if e is not watchdog.error:
+                    raise watchdog.error from e
             raise
         finally:
             watchdog.close()
@@ -367,16 +380,52 @@ class Scan:
         done: set[str],
         remaining: list[FieldSpec],
     ) -> ScanResult:
-        req, folder = self.request, self.folder
-        result = ScanResult(folder.root, req.cartridge, len(plan.fields))
+        """The focus map, then the fields; whatever ends the run early leaves
+        a `Stopped` record (where the ledger can still take one)."""
+        req = self.request
+        result = ScanResult(self.folder.root, req.cartridge, len(plan.fields))
         result.resumed = len(done)
-        step = FocusMapStep(
-            folder, req.instrument, self.log, hw, cancel=self._cancel
-        )
-        fmap, plan, reused = step.run(
-            plan, resuming=bool(done), supervisor=supervisor, hung=watchdog.hung
-        )
-        if fmap is None:  # canceled between anchors
+        self._ended = False
+        try:
+            return self._scan_fields(
+                instrument, hw, supervisor, watchdog, plan, done, remaining, result
+            )
+        except BaseException as e:
+            if not self._ended:
+                interrupted = isinstance(e, KeyboardInterrupt)
+                self._end(
+                    Stopped(
+                        stored=result.stored,
+                        resumed=result.resumed,
+                        failed=sorted(result.failed),
+                        canceled=interrupted,
+                        error=None if interrupted else str(watchdog.error or e),
+                    )
+                )
+            raise
+
+    def _scan_fields(
+        self,
+        instrument: Instrument,
+        hw: Hardware,
+        supervisor: Supervisor,
+        watchdog: Watchdog,
+        plan: ScanPlan,
+        done: set[str],
+        remaining: list[FieldSpec],
+        result: ScanResult,
+    ) -> ScanResult:
+        req, folder = self.request, self.folder
+        step = FocusMapStep(folder, req.instrument, self.log, hw, cancel=self._cancel)
+        try:
+            fmap, plan, reused = step.run(
+                plan, resuming=bool(done), supervisor=supervisor, watchdog=watchdog
+            )
+        except (FocusError, ConfigError, HardwareHangError):
+            self._ended = True  # the step's FocusFailed / Stopped says why
+            raise
+        if fmap is None:  # canceled between anchors (the step recorded it)
+            self._ended = True
             result.canceled = True
             return result
         result.focus_map, result.focus_map_reused = fmap, reused
@@ -389,7 +438,9 @@ class Scan:
             )
             folder.write_json(folder.ground_truth_json, truth)
         if done:
-            self.log.emit(Resumed(skipped=len(done), remaining=[f.name for f in remaining]))
+            self.log.emit(
+                Resumed(skipped=len(done), remaining=[f.name for f in remaining])
+            )
         else:
             self.log.emit(
                 Planned(
@@ -397,49 +448,56 @@ class Scan:
                     channels=list(plan.channel_names),
                 )
             )
-
-        unsubscribe = [self.events.subscribe(result.tally)]
-        detector = self._detector(supervisor)
-        unsubscribe.append(self.events.subscribe(detector.on_record))
         state = LedgerState.from_records(folder.ledger.read())
-        detector.add_backlog(
+        backlog = [
             f.name
             for f in plan.fields
             if f.name in done
             and not (
                 f.name in state.detected and folder.detection_path(f.name).exists()
             )
-        )
-        writer = StoreWorker(
-            FieldStore(folder, req.instrument.pixel_size_um, self.log), supervisor
-        )
-
-        def deliver(fld: AssembledField) -> None:
-            try:
-                writer.put(fld)
-            except StorageError:  # storage died: the supervisor stops the run
-                pass
-
-        assembler = FieldAssembler(remaining, plan.channel_names, deliver)
-        unsubscribe.append(self.events.subscribe(assembler.on_record))
+        ]
         qc = None
         if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
             qc = FocusQC(Focuser(hw, req.instrument), fmap.reference_sharpness)
-        engine = ScanEngine(
-            instrument.core,
-            hw,
-            self.log,
-            focus_qc=qc,
-            saturation=float(2**req.instrument.camera.bit_depth - 1),
-        )
-        instrument.core.mda.set_engine(engine)
+        unsubscribe = [self.events.subscribe(result.tally)]
+        detector: OnlineDetector | None = None
+        writer: StoreWorker | None = None
+        stats: dict[str, int] = {}
         t0 = time.perf_counter()
         try:
+            detector = self._detector(supervisor)
+            unsubscribe.append(self.events.subscribe(detector.on_record))
+            detector.add_backlog(backlog)
+            writer = StoreWorker(
+                FieldStore(folder, req.instrument.pixel_size_um, self.log), supervisor
+            )
+            store = writer
+
+            def deliver(fld: AssembledField) -> None:
+                # storage died: the supervisor stops the run
+                with contextlib.suppress(StorageError):
+                    store.put(fld)
+
+            assembler = FieldAssembler(remaining, plan.channel_names, deliver)
+            unsubscribe.append(self.events.subscribe(assembler.on_record))
+            engine = ScanEngine(
+                instrument.core,
+                hw,
+                self.log,
+                focus_qc=qc,
+                saturation=float(2**req.instrument.camera.bit_depth - 1),
+            )
+            instrument.core.mda.set_engine(engine)
             if remaining and not self._cancel.is_set() and supervisor.error is None:
-                self._acquire(instrument.core, plan, remaining, assembler, supervisor)
+                self._acquire(
+                    instrument.core, plan, remaining, assembler, supervisor, watchdog
+                )
         finally:
-            writer.close()
-            stats = detector.close()
+            if writer is not None:
+                writer.close()
+            if detector is not None:
+                stats = detector.close()
             for fn in unsubscribe:
                 fn()
         result.duration_s = time.perf_counter() - t0
@@ -447,20 +505,25 @@ class Scan:
         result.frames = result.stored * len(plan.channels)
         result.detected, result.detect_failed = stats["detected"], stats["failed"]
         result.max_detect_backlog = stats["max_backlog"]
-        error = supervisor.error
+        error = watchdog.error or supervisor.error
         result.canceled = self._cancel.is_set() or error is not None
         if error is None:
-            result.report = write_scan_outputs(
-                folder,
-                cartridge_id=req.cartridge,
-                assay=req.assay,
-                instrument=req.instrument,
-                plan=plan,
-                fmap=fmap,
-                fmap_reused=reused,
-                acquisition_s=result.duration_s,
-                focus_qc_s=result.focus_qc_s,
-            )
+            try:
+                result.report = write_scan_outputs(
+                    folder,
+                    cartridge_id=req.cartridge,
+                    assay=req.assay,
+                    instrument=req.instrument,
+                    plan=plan,
+                    fmap=fmap,
+                    fmap_reused=reused,
+                    acquisition_s=result.duration_s,
+                    focus_qc_s=result.focus_qc_s,
+                )
+            except OSError as e:
+                raise StorageError(
+                    f"cannot write the report in {folder.root}: {e.strerror or e}"
+                ) from None
         end = Finished if result.complete else Stopped
         self._end(
             end(
@@ -483,6 +546,7 @@ class Scan:
     def _end(self, record: Finished | Stopped) -> None:
         """The run's last record; if even the ledger cannot take it (a
         read-only disk), the error that stopped the run still stands."""
+        self._ended = True
         try:
             self.log.emit(record)
         except StorageError as e:
@@ -522,6 +586,7 @@ class Scan:
         remaining: list[FieldSpec],
         assembler: FieldAssembler,
         supervisor: Supervisor,
+        watchdog: Watchdog,
     ) -> None:
         """Run the MDA on a supervised thread until it ends, is canceled, a
         thread of the run dies, or a hardware call hangs (then stop waiting:
@@ -529,27 +594,38 @@ class Scan:
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
         self._core = core
+        thread = supervisor.spawn("ctcscan-mda", lambda: core.mda.run(sequence))
         try:
-            thread = supervisor.spawn("ctcscan-mda", lambda: core.mda.run(sequence))
-            if self._cancel.is_set():  # a stop that came while starting
-                core.mda.cancel()
-            self._wait(thread, supervisor)
+            self._wait(core, thread, supervisor, watchdog)
         finally:
+            if thread.is_alive() and not watchdog.hung.is_set():
+                # leaving early (an error in this thread): never leave the
+                # acquisition running under whatever closes the instrument
+                core.mda.cancel()
+                thread.join()
             core.mda.events.frameReady.disconnect(assembler.frame_ready)
             self._core = None
 
-    def _wait(self, thread: threading.Thread, supervisor: Supervisor) -> None:
-        """Join `thread`; Ctrl-C (without the CLI's handlers) cancels."""
-        while True:
+    def _wait(
+        self,
+        core: Any,
+        thread: threading.Thread,
+        supervisor: Supervisor,
+        watchdog: Watchdog,
+    ) -> None:
+        """Join the MDA thread. A stop (cancel, a dead thread) is passed to
+        the runner again on every turn: pymmcore-plus drops a cancel that
+        comes before its run has started. Ctrl-C without the CLI's handlers
+        cancels too."""
+        while thread.is_alive():
             try:
-                supervisor.join(thread, abandon=self._hung(supervisor))
-                return
+                thread.join(timeout=0.1)
             except KeyboardInterrupt:
                 self.cancel("interrupted by the operator (Ctrl-C)")
-
-    @staticmethod
-    def _hung(supervisor: Supervisor) -> Callable[[], bool]:
-        return lambda: isinstance(supervisor.error, HardwareHangError)
+            if watchdog.hung.is_set():
+                return  # the call cannot be interrupted; do not wait on it
+            if self._cancel.is_set() or supervisor.failed.is_set():
+                core.mda.cancel()
 
     def _stop_acquisition(self) -> None:
         if self._core is not None:

@@ -128,7 +128,10 @@ class RunFolder:
             )
 
     def write_json(self, path: Path, data: Any) -> None:
-        write_durably(path, json.dumps(data, indent=1).encode())
+        try:
+            write_durably(path, json.dumps(data, indent=1).encode())
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         """A JSON file of the run folder; None when absent."""

@@ -67,11 +67,14 @@ class Ledger:
                         if size and os.pread(fd, 1, size - 1) != b"\n":
                             data = b"\n" + data
                         self._tail_checked = True
-                    os.write(fd, data)
+                    view = memoryview(data)
+                    while view:  # a short write (a full disk) is not a line
+                        view = view[os.write(fd, view) :]
                     os.fsync(fd)
                 finally:
                     os.close(fd)
         except OSError as e:
+            self._tail_checked = False  # a part of the line may be there
             raise StorageError(
                 f"cannot write to {self.path}: {e.strerror or e}"
             ) from None

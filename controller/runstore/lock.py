@@ -48,7 +48,14 @@ class FolderLock:
     def __init__(self, folder: str | Path, what: str = "run folder") -> None:
         self.folder = Path(folder)
         self.what = what
-        self._lock = FileLock(str(self.folder / LOCK_FILE), timeout=0)
+        # an OS lock or none: a marker file that a killed process could leave
+        # behind would defeat the point
+        self._lock = FileLock(
+            str(self.folder / LOCK_FILE),
+            timeout=0,
+            thread_local=False,
+            fallback_to_soft=False,
+        )
 
     @property
     def held(self) -> bool:
