@@ -30,7 +30,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    CancelledError,
+    Future,
+    ProcessPoolExecutor,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -156,6 +162,9 @@ class OnlineDetector:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        #: the pool each job went to: a broken pool is shut down once, never
+        #: the one that replaced it
+        self._pool_of: dict[Future, ProcessPoolExecutor] = {}
         if workers > 0:
             self._pool = self._start_pool()
         self._thread = supervisor.spawn("ctcscan-detect", self._run)
@@ -182,8 +191,13 @@ class OnlineDetector:
         for name in names:
             self.offer(name)
 
-    def close(self) -> dict[str, int]:
-        """Detect everything offered, then stop the workers; return the stats."""
+    def close(self, *, drain: bool = True) -> dict[str, int]:
+        """Detect everything offered (or, with ``drain=False``, only what is
+        in flight: a stopping run leaves the rest to its resume), then stop
+        the workers; return the stats."""
+        if not drain:
+            with self._lock:
+                self._backlog.clear()
         self._closing.set()
         self._wake.set()
         self._thread.join()
@@ -243,11 +257,13 @@ class OnlineDetector:
         if self._pool is None:
             self._pool = self._new_pool()
         try:
-            return self._pool.submit(self.run_job, job)
+            fut = self._pool.submit(self.run_job, job)
         except BrokenProcessPool:  # a worker died since the last result: renew
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(self.run_job, job)
+            fut = self._pool.submit(self.run_job, job)
+        self._pool_of[fut] = self._pool
+        return fut
 
     def _run(self) -> None:
         in_flight: dict[Future, str] = {}
@@ -281,14 +297,18 @@ class OnlineDetector:
                 self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, name: str, fut: Future) -> None:
+        pool = self._pool_of.pop(fut, None)
         try:
             record = fut.result()
-        except BrokenProcessPool:
-            self._crashes[name] += 1
-            self.stats["restarts"] += 1
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        except (BrokenProcessPool, CancelledError) as e:
+            # a job of a pool that broke under another field was canceled
+            # with it: try again, it is not this field's crash
+            if isinstance(e, BrokenProcessPool):
+                self._crashes[name] += 1
+                self.stats["restarts"] += 1
+                if pool is not None and pool is self._pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
             if self._crashes[name] <= _MAX_CRASHES:
                 logger.warning("detection worker died on %s; retrying", name)
                 with self._lock:

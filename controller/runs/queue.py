@@ -181,6 +181,14 @@ class CartridgeQueue:
     def canceled(self) -> bool:
         return self._cancel.is_set()
 
+    def _stopped_by(self, e: BaseException) -> None:
+        """Journal, audit and summary of a queue that an error stops."""
+        with contextlib.suppress(ScannerError):
+            self.log.emit(QueueStopped(reason=str(e)))
+        self.audit.write("QUEUE-STOP", f"{type(e).__name__}: {e}")
+        with contextlib.suppress(OSError):
+            self._write_summary()
+
     def _raise_if_canceled(self) -> None:
         if self._cancel.is_set():  # between cartridges: load nothing more
             raise QueueCanceled(self._cancel_reason)
@@ -259,8 +267,12 @@ class CartridgeQueue:
             self.audit.write("QUEUE-STOP", f"loader unusable: {e}")
             self._write_summary()
             raise
-        except HardwareHangError:
+        except HardwareHangError as e:
             hung = True
+            self._stopped_by(e)
+            raise
+        except ScannerError as e:  # the instrument cannot be opened, a disk, ...
+            self._stopped_by(e)
             raise
         finally:
             if instrument is not None and self.instrument is None and not hung:

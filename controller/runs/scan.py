@@ -496,8 +496,8 @@ class Scan:
         finally:
             if writer is not None:
                 writer.close()
-            if detector is not None:
-                stats = detector.close()
+            if detector is not None:  # a failed run leaves detection to resume
+                stats = detector.close(drain=not supervisor.failed.is_set())
             for fn in unsubscribe:
                 fn()
         result.duration_s = time.perf_counter() - t0
