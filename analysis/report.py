@@ -12,19 +12,29 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from analysis.detect import LABELS
 
-__all__ = ["EVENT_COLUMNS", "summarize", "write_outputs"]
+__all__ = [
+    "EVENT_COLUMNS",
+    "Report",
+    "ReportContext",
+    "read_report",
+    "summarize",
+    "write_outputs",
+]
+
+#: schema version of report.json written here
+REPORT_VERSION = 1
 
 #: The first columns of events.csv; the features follow.
 EVENT_COLUMNS = (
@@ -38,6 +48,74 @@ EVENT_COLUMNS = (
     "marker_positive",
     "reason",
 )
+
+
+class ReportContext(BaseModel):
+    """What the report needs beyond the detections.
+
+    Every value comes from the run (the assay's indication, cut-off and blood
+    volume among them): nothing here restates a default of the assay.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cartridge_id: str
+    indication: str
+    cutoff: int
+    blood_volume_ml: float
+    #: field names planned (default: the fields with a detection record)
+    fields_planned: list[str] | None = None
+    #: field name -> why it has no result
+    fields_failed: dict[str, str] = Field(default_factory=dict)
+    #: fields of the whole cartridge, when only some were scanned
+    cartridge_fields: int | None = None
+    source: str = ""
+    extra_qc: dict[str, float] = Field(default_factory=dict)
+    #: the focus map and per-field focus, drawn as a picture
+    focus: dict[str, Any] | None = None
+
+
+class FailedField(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    field: str
+    reason: str
+
+
+class FieldsSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    planned: int
+    cartridge: int
+    analyzed: int
+    failed: list[FailedField]
+    not_analyzed: list[str]
+
+
+class Report(BaseModel):
+    """report.json: the cartridge's count against the cut-off, with what it
+    rests on. Written by `write_outputs`, read by `read_report`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: Literal["report"] = "report"
+    v: int = REPORT_VERSION
+    cartridge_id: str
+    indication: str
+    cutoff: int
+    ctc_count: int
+    at_or_above_cutoff: bool
+    statement: str
+    counts: dict[str, int]
+    ctc_marker_positive: int
+    fields: FieldsSummary
+    qc: dict[str, Any]
+    focus: dict[str, Any] | None = None
+    source: str = ""
+    generated_at: str = ""
+
+
+def read_report(path: str | Path) -> Report:
+    """The report of a run or analysis folder's ``report.json``."""
+    return Report.model_validate_json(Path(path).read_bytes())
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -77,9 +155,7 @@ def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def summarize(
-    records: Sequence[Mapping[str, Any]], ctx: Mapping[str, Any]
-) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], ctx: ReportContext) -> Report:
     """The content of report.json."""
     counts = dict.fromkeys(LABELS, 0)
     marker = 0
@@ -88,18 +164,18 @@ def summarize(
             counts[o["label"]] += 1
             marker += bool(o["label"] == "CTC" and o.get("marker_positive"))
     n_ctc = counts["CTC"]
-    cutoff = int(ctx.get("cutoff", 5))
-    planned = list(ctx.get("fields_planned") or [r["field"] for r in records])
+    cutoff = ctx.cutoff
+    planned = list(ctx.fields_planned or [r["field"] for r in records])
     analyzed = {r["field"] for r in records}
-    failed = dict(ctx.get("fields_failed") or {})
+    failed = dict(ctx.fields_failed)
     missing = [f for f in planned if f not in analyzed and f not in failed]
     reached = n_ctc >= cutoff
     statement = (
-        f"{n_ctc} CTC per {ctx.get('blood_volume_ml', 7.5):g} mL: "
+        f"{n_ctc} CTC per {ctx.blood_volume_ml:g} mL: "
         f"{'at or above' if reached else 'below'} the cut-off of {cutoff} "
-        f"({ctx.get('indication', 'metastatic-breast')})."
+        f"({ctx.indication})."
     )
-    whole = int(ctx.get("cartridge_fields") or len(planned))
+    whole = int(ctx.cartridge_fields or len(planned))
     if whole > len(planned):
         statement += (
             f" Partial scan: {len(planned)} of {whole} fields of the "
@@ -122,23 +198,23 @@ def summarize(
     for rec in records:
         for ch, q in rec.get("qc", {}).items():
             sat.setdefault(ch, []).append(float(q.get("saturated_fraction", 0.0)))
-    return {
-        "cartridge_id": ctx.get("cartridge_id", ""),
-        "indication": ctx.get("indication", "metastatic-breast"),
-        "cutoff": cutoff,
-        "ctc_count": n_ctc,
-        "at_or_above_cutoff": reached,
-        "statement": statement,
-        "counts": counts,
-        "ctc_marker_positive": marker,
-        "fields": {
-            "planned": len(planned),
-            "cartridge": whole,
-            "analyzed": len(analyzed),
-            "failed": [{"field": k, "reason": v} for k, v in failed.items()],
-            "not_analyzed": missing,
-        },
-        "qc": {
+    return Report(
+        cartridge_id=ctx.cartridge_id,
+        indication=ctx.indication,
+        cutoff=cutoff,
+        ctc_count=n_ctc,
+        at_or_above_cutoff=reached,
+        statement=statement,
+        counts=counts,
+        ctc_marker_positive=marker,
+        fields=FieldsSummary(
+            planned=len(planned),
+            cartridge=whole,
+            analyzed=len(analyzed),
+            failed=[FailedField(field=k, reason=v) for k, v in failed.items()],
+            not_analyzed=missing,
+        ),
+        qc={
             "background_median": per_channel("background", np.median),
             "noise_median": per_channel("noise", np.median),
             "saturated_fraction_max": {ch: round(max(v), 5) for ch, v in sat.items()},
@@ -148,12 +224,12 @@ def summarize(
                 else 0.0,
                 4,
             ),
-            **dict(ctx.get("extra_qc") or {}),
+            **ctx.extra_qc,
         },
-        "focus": dict(ctx["focus"]) if ctx.get("focus") else None,
-        "source": str(ctx.get("source", "")),
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+        focus=dict(ctx.focus) if ctx.focus else None,
+        source=ctx.source,
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 _CSS = """
@@ -333,21 +409,15 @@ CD45 red, marker yellow), then each channel; bar 10 um.</p>
 
 
 def write_outputs(
-    out_dir: str | Path, records: Sequence[Mapping[str, Any]], ctx: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Write events.csv, report.json and report.html into `out_dir`.
-
-    `ctx` says what the report needs beyond the detections: ``cartridge_id``,
-    ``indication``, ``cutoff``, ``blood_volume_ml``, ``fields_planned`` (names),
-    ``fields_failed`` ({name: reason}), ``cartridge_fields`` (fields of the
-    whole cartridge, when only some were scanned), ``source``, ``extra_qc`` and
-    ``focus`` (the focus map and per-field focus, drawn as a picture).
-    """
+    out_dir: str | Path, records: Sequence[Mapping[str, Any]], ctx: ReportContext
+) -> Report:
+    """Write events.csv, report.json and report.html into `out_dir`; return
+    the report (`ctx`: what it needs beyond the detections)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["field"])
     report = summarize(records, ctx)
     _atomic_write(out / "events.csv", _events_csv(records))
-    _atomic_write(out / "report.json", json.dumps(report, indent=1))
-    _atomic_write(out / "report.html", _html(report, records))
+    _atomic_write(out / "report.json", report.model_dump_json(indent=1))
+    _atomic_write(out / "report.html", _html(report.model_dump(mode="json"), records))
     return report

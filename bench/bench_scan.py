@@ -310,9 +310,9 @@ def run_ctcscan(
         detector_workers=scan.detector_workers,
         frames_seen=probe.frames,
         complete=result.complete,
-        ctc_count=result.report.get("ctc_count"),
-        report_counts=result.report.get("counts"),
-        report_fields=result.report.get("fields", {}).get("analyzed"),
+        ctc_count=result.report.ctc_count if result.report else None,
+        report_counts=result.report.counts if result.report else None,
+        report_fields=result.report.fields.analyzed if result.report else None,
         outputs=outputs,
         ledger=ledger,
         # callback_*: keys kept from the on_field days; now from Scan.events
@@ -345,8 +345,8 @@ def run_ctcscan(
     missing = [n for n, ok in outputs.items() if not ok]
     if result.report:
         res.notes.append(
-            f"report: {result.report.get('ctc_count')} CTC, "
-            f"{result.report.get('fields', {}).get('analyzed')} fields analysed"
+            f"report: {result.report.ctc_count} CTC, "
+            f"{result.report.fields.analyzed} fields analysed"
             + (f"; MISSING {missing}" if missing else "; events.csv/report.* written")
         )
     else:

@@ -7,9 +7,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from analysis.report import Report, read_report
 from controller.errors import StorageError
 from controller.events import EventStream
 from controller.records import (
@@ -160,3 +163,14 @@ def test_a_field_that_cannot_be_read_is_no_evidence_of_damage() -> None:
         os.seteuid(0)
         os.setegid(0)
         shutil.rmtree(root)
+
+
+def test_report_json_is_a_typed_record_with_a_version(small_scan: Any) -> None:
+    report = read_report(small_scan.run_dir / "report.json")
+    assert report.kind == "report" and report.v == 1
+    assert report == small_scan.report.model_copy(
+        update={"generated_at": report.generated_at}
+    )
+    assert report.ctc_count == report.counts["CTC"]
+    with pytest.raises(ValidationError):  # a report missing its count is refused
+        Report.model_validate({**report.model_dump(), "ctc_count": None})

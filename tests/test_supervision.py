@@ -467,7 +467,8 @@ def test_a_run_folder_written_before_typed_records_still_resumes(
     ]  # fmt: skip
     # the same cartridge, the same result as the old run reported
     before = json.loads((DATA / "run-before-records" / "report.json").read_text())
-    assert (result.report["ctc_count"], result.report["counts"]) == (
+    assert result.report is not None
+    assert (result.report.ctc_count, result.report.counts) == (
         before["ctc_count"],
         before["counts"],
     )

@@ -275,9 +275,9 @@ def _summary(r: ScanResult) -> None:
         f"{r.detected} fields"
         + (f", {r.detect_failed} failed" if r.detect_failed else ""),
     )
-    if r.report:
-        t.add_row("CTC count", str(r.report["ctc_count"]))
-        t.add_row("result", r.report["statement"])
+    if r.report is not None:
+        t.add_row("CTC count", str(r.report.ctc_count))
+        t.add_row("result", r.report.statement)
     t.add_row(
         "acquisition time", f"{r.duration_s:.1f} s ({r.frames_per_s:.1f} frames/s)"
     )
@@ -472,13 +472,13 @@ def analyze(
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    t = Table(title=f"cartridge {report['cartridge_id']}", show_header=False)
+    t = Table(title=f"cartridge {report.cartridge_id}", show_header=False)
     t.add_row(
         "fields analysed",
-        f"{report['fields']['analyzed']} of {report['fields']['planned']}",
+        f"{report.fields.analyzed} of {report.fields.planned}",
     )
-    t.add_row("CTC count", str(report["ctc_count"]))
-    t.add_row("result", report["statement"])
+    t.add_row("CTC count", str(report.ctc_count))
+    t.add_row("result", report.statement)
     t.add_row("report", str(out_dir / "report.html"))
     out.print(t)
 

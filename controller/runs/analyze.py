@@ -17,7 +17,7 @@ from typing import Any
 
 from analysis.fieldio import FieldReadError, field_name_of, inspect_field_file
 from analysis.pipeline import FieldJob
-from analysis.report import write_outputs
+from analysis.report import Report, ReportContext, write_outputs
 from controller.config import AssayConfig
 from controller.errors import ConfigError, StorageError
 from controller.events import EventStream
@@ -110,9 +110,7 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
     return list(zip(names, files, strict=True)), ctx
 
 
-def run_analyze(
-    req: AnalyzeRequest, *, events: EventStream | None = None
-) -> dict[str, Any]:
+def run_analyze(req: AnalyzeRequest, *, events: EventStream | None = None) -> Report:
     """Analyse every field of `req.input`; return the report (report.json).
 
     The analysis's records (`AnalysisStarted`, `Detected`, `DetectFailed`,
@@ -122,7 +120,7 @@ def run_analyze(
         return _analyze(req, events or EventStream())
 
 
-def _analyze(req: AnalyzeRequest, events: EventStream) -> dict[str, Any]:
+def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
     fields, ctx = _inputs(req)
     required = [n for n, r in req.assay.channels.items() if r != "marker"]
     for _, path in fields:  # fail fast, by file name, before any work
@@ -161,17 +159,18 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> dict[str, Any]:
         for r in out.ledger.read()
         if isinstance(r, DetectFailed) and r.field not in state.detected
     }
-    ctx["fields_failed"] = {**ctx.get("fields_failed", {}), **failed_now}
-    ctx.setdefault("fields_planned", list(paths))
-    ctx.update(
+    context = ReportContext(
+        cartridge_id=ctx["cartridge_id"],
         indication=req.assay.indication,
         cutoff=req.assay.cutoff,
         blood_volume_ml=req.assay.blood_volume_ml,
+        fields_planned=ctx.get("fields_planned") or list(paths),
+        fields_failed={**ctx.get("fields_failed", {}), **failed_now},
+        cartridge_fields=ctx.get("cartridge_fields"),
+        source=ctx["source"],
     )
-    report = write_outputs(out.root, load_records(out, list(paths)), ctx)
-    log.emit(
-        AnalysisFinished(ctc_count=report["ctc_count"], failed=sorted(failed_now))
-    )
+    report = write_outputs(out.root, load_records(out, list(paths)), context)
+    log.emit(AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now)))
     if failed_now:
         first = next(iter(failed_now.items()))
         raise FieldReadError(

@@ -448,9 +448,9 @@ class CartridgeQueue:
             slot=slot,
             barcode=barcode,
             status=status,
-            ctc_count=r.report.get("ctc_count"),
-            cutoff=r.report.get("cutoff"),
-            at_or_above_cutoff=r.report.get("at_or_above_cutoff"),
+            ctc_count=r.report.ctc_count if r.report else None,
+            cutoff=r.report.cutoff if r.report else None,
+            at_or_above_cutoff=r.report.at_or_above_cutoff if r.report else None,
             reason=reason,
             run_dir=str(r.run_dir),
         )

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.pipeline import FieldJob
+from analysis.report import Report
 from controller import __version__
 from controller.acquisition.assembler import FieldAssembler
 from controller.acquisition.engine import ScanEngine
@@ -123,7 +124,7 @@ class ScanResult:
     detected: int = 0
     detect_failed: int = 0
     max_detect_backlog: int = 0
-    report: dict[str, Any] = field(default_factory=dict)
+    report: Report | None = None
     frames: int = 0
     duration_s: float = 0.0
     canceled: bool = False
@@ -269,7 +270,7 @@ class Scan:
                 "FINISH",
                 f"{result.stored} fields stored now, {result.resumed} before; "
                 f"{len(result.failed)} failed; CTC count "
-                f"{result.report.get('ctc_count', '?')}",
+                f"{result.report.ctc_count if result.report else '?'}",
             )
         else:
             why = self._cancel_reason or "incomplete"
