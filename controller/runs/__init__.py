@@ -1,0 +1,2 @@
+"""Runs: a scan (composed from the layers below), on-line detection
+scheduling, outputs, the queue and re-analysis."""
