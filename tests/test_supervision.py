@@ -587,3 +587,32 @@ def test_a_hang_inside_a_queue_ends_the_queue_with_exit_3_and_it_resumes(
         ("SIM-0001", "complete"),
         ("SIM-0002", "complete"),
     ]
+
+
+def test_a_killed_queue_leaves_nothing_in_the_temporary_folder(
+    tmp_path: Path, quick_yaml: Path
+) -> None:
+    """The loader emulator's port link lives in the (locked) queue folder:
+    kill -9 of a queue leaves no folder behind in the temporary directory."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "q"
+    cmd = [
+        sys.executable, "-m", "controller", "queue", "--out", str(out),
+        "--instrument", str(quick_yaml), "--layout", "test-3x4",
+        "--fields", "3", "--slots", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True,
+    )  # fmt: skip
+    wait_for_a_field(out / "SIM-0001", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(tmp.iterdir())
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp.iterdir())
