@@ -41,6 +41,8 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -204,3 +204,14 @@ def test_seed_on_real_hardware_is_refused(tmp_path: Path) -> None:
         ),
         "--seed",
     )
+
+
+@pytest.mark.parametrize("option", ["--instrument", "--assay", "--layout"])
+def test_a_yaml_file_that_is_not_utf8_is_one_line(tmp_path: Path, option: str) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "run"), option, str(bad)),
+        "latin1.yaml",
+        "not UTF-8",
+    )

@@ -26,8 +26,8 @@ from controller.focus.mapper import FocusMapper
 from controller.focus.surface import FocusMap
 from controller.hardware.facade import Hardware
 from controller.records import FocusFailed, FocusMapRecorded, Stopped
-from controller.runstore.folder import RunFolder
 from controller.runs.watchdog import Watchdog
+from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
 from controller.supervise import Supervisor
 

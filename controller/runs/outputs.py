@@ -110,9 +110,7 @@ def focus_report(
         "max_residual_um": fmap.max_residual_um,
         "warnings": fmap.warnings,
         "reference_sharpness": ref,
-        "threshold": (
-            None if ref is None else ref * instrument.focus.qc_min_relative
-        ),
+        "threshold": (None if ref is None else ref * instrument.focus.qc_min_relative),
         "map_seconds": round(map_s, 3),
         "qc_seconds": round(qc_s, 3),
         "seconds": round(map_s + qc_s, 3),
