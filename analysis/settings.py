@@ -8,7 +8,9 @@ depend on the camera offset or gain.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["DetectionSettings"]
 
@@ -16,11 +18,12 @@ __all__ = ["DetectionSettings"]
 class DetectionSettings(BaseModel):
     """Thresholds of segmentation and of the CellSearch CTC definition."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    # segmentation
-    nucleus_snr: float = Field(default=6.0, gt=0, description="DAPI mask threshold")
-    ck_snr: float = Field(default=6.0, gt=0, description="cytokeratin mask threshold")
+    # segmentation: a mask threshold below one noise unit segments the noise
+    # itself (every pixel a region: minutes per field, nothing meaningful)
+    nucleus_snr: float = Field(default=6.0, ge=1, description="DAPI mask threshold")
+    ck_snr: float = Field(default=6.0, ge=1, description="cytokeratin mask threshold")
     min_object_area_um2: float = Field(
         default=1.5, ge=0, description="smaller specks are ignored"
     )
@@ -95,3 +98,13 @@ class DetectionSettings(BaseModel):
     marker_snr: float = Field(
         default=15.0, gt=0, description="FITC marker-positive at or above"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_ctc_diameter_um >= self.max_ctc_diameter_um:
+            raise ValueError(
+                f"min_ctc_diameter_um ({self.min_ctc_diameter_um:g}) must be below "
+                f"max_ctc_diameter_um ({self.max_ctc_diameter_um:g}): no cell could "
+                "be a CTC"
+            )
+        return self

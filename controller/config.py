@@ -63,7 +63,9 @@ def _format_validation_error(err: ValidationError) -> str:
 class ConfigModel(BaseModel):
     """Base of all config models: frozen, no unknown keys, loadable from YAML."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and NaN are no configuration values (an infinite pixel size, a NaN
+    # exposure): refused like any other invalid value
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
@@ -337,7 +339,9 @@ class Indication(ConfigModel):
     """A clinical indication and its CTC cut-off per 7.5 mL of blood."""
 
     name: str
-    cutoff: int = Field(ge=1)
+    #: CTC per sample: clinical cut-offs are single digits; a sample of
+    #: 7.5 mL holds nowhere near 10,000 CTC
+    cutoff: int = Field(ge=1, le=10_000)
 
 
 class AssayConfig(ConfigModel):
@@ -351,7 +355,7 @@ class AssayConfig(ConfigModel):
         Indication(name="metastatic-prostate", cutoff=5),
         Indication(name="metastatic-colorectal", cutoff=3),
     )
-    blood_volume_ml: float = Field(default=7.5, gt=0)
+    blood_volume_ml: float = Field(default=7.5, gt=0, le=100)
     #: every threshold of segmentation and of the CTC definition
     detection: DetectionSettings = DetectionSettings()
 

@@ -215,3 +215,42 @@ def test_a_yaml_file_that_is_not_utf8_is_one_line(tmp_path: Path, option: str) -
         "latin1.yaml",
         "not UTF-8",
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        (
+            "detection: {min_ctc_diameter_um: 100, max_ctc_diameter_um: 1}",
+            ["min_ctc_diameter_um (100) must be below max_ctc_diameter_um (1)"],
+        ),
+        ("detection: {ck_snr: 1.0e-300}", ["detection.ck_snr", "1"]),
+        ("detection: {nucleus_snr: .inf}", ["detection.nucleus_snr", "finite"]),
+        (
+            "indications: [{name: metastatic-breast, cutoff: 1000000000000000000000}]",
+            ["indications.0.cutoff", "10000"],
+        ),
+        ("blood_volume_ml: .nan", ["blood_volume_ml", "finite"]),
+    ],
+)
+def test_a_contradictory_or_absurd_assay_is_refused_by_field(
+    tmp_path: Path, text: str, needles: list[str]
+) -> None:
+    bad = tmp_path / "assay.yaml"
+    bad.write_text(text + "\n")
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(bad)),
+        "assay.yaml",
+        *needles,
+    )
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_an_absurd_pixel_size_is_refused(tmp_path: Path, value: str) -> None:
+    (tmp_path / "in").mkdir()
+    one_line_error(
+        invoke("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+               "--pixel-size", value),
+        "--pixel-size",
+    )  # fmt: skip

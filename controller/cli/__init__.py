@@ -453,8 +453,8 @@ def analyze(
     """Detect CTCs in stored fields and write events, gallery and report."""
     try:
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
-        if pixel_size is not None and not pixel_size > 0:
-            _fail(f"--pixel-size must be positive, got {pixel_size}")
+        if pixel_size is not None and not (0 < pixel_size < 1000):
+            _fail(f"--pixel-size must be a size in um (0 to 1000), got {pixel_size}")
         request = AnalyzeRequest(
             input=input_dir,
             out=out_dir,
