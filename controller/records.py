@@ -10,7 +10,7 @@ Compatibility: lines written before records carried a version (``v`` absent)
 are read as version 1; unknown keys are ignored, so a newer writer's extra
 fields do not make an older reader fail; an unknown kind, a line that is not a
 JSON object, or one whose fields do not validate is skipped with a warning
-(`read_lines` reports how many), never fatal to a resume.
+(`Ledger.skipped` lists them), never fatal to a resume.
 """
 
 from __future__ import annotations

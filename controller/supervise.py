@@ -23,7 +23,6 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self.where = ""
         self.failed = threading.Event()
         self._hooks: list[Callable[[BaseException], None]] = []
         self._lock = threading.Lock()
@@ -40,7 +39,7 @@ class Supervisor:
                     "also failed after the run stopped (%s): %s", where, error
                 )
                 return
-            self.error, self.where = error, where
+            self.error = error
         logger.error("%s failed: %s", where or "a run thread", error)
         self.failed.set()
         for fn in self._hooks:

@@ -230,10 +230,6 @@ class Scan:
         if self._core is not None:
             self._core.mda.cancel()
 
-    @property
-    def canceled(self) -> bool:
-        return self._cancel.is_set()
-
     # ------------------------------------------------------------------ run
 
     def run(self) -> ScanResult:
@@ -321,7 +317,7 @@ class Scan:
         try:
             if instrument.sample is not None and req.simulated_seed is not None:
                 instrument.sample.load_cartridge(req.simulated_seed, req.layout)
-            return self._run_on(instrument, plan, done, remaining)
+            return self._run_on(instrument, plan, state, done, remaining)
         finally:
             # an instrument the caller gave stays open; a hung device is left
             # alone (unloading it would hang too)
@@ -332,6 +328,7 @@ class Scan:
         self,
         instrument: Instrument,
         plan: ScanPlan,
+        state: LedgerState,
         done: set[str],
         remaining: list[FieldSpec],
     ) -> ScanResult:
@@ -358,41 +355,23 @@ class Scan:
         watchdog = Watchdog(
             hw, supervisor, limit_s=req.instrument.watchdog_s, allowance_s=longest
         )
-        try:
-            return self._scan(
-                instrument, hw, supervisor, watchdog, plan, done, remaining
-            )
-        except BaseException as e:
-            if watchdog.error is not None:  # a hang outranks whatever came first
-                self.hung = True
-                if e is not watchdog.error:
-                    raise watchdog.error from e
-            raise
-        finally:
-            watchdog.close()
-
-    def _scan(
-        self,
-        instrument: Instrument,
-        hw: Hardware,
-        supervisor: Supervisor,
-        watchdog: Watchdog,
-        plan: ScanPlan,
-        done: set[str],
-        remaining: list[FieldSpec],
-    ) -> ScanResult:
-        """The focus map, then the fields; whatever ends the run early leaves
-        a `Stopped` record (where the ledger can still take one)."""
-        req = self.request
         result = ScanResult(self.folder.root, req.cartridge, len(plan.fields))
         result.resumed = len(done)
         self._ended = False
         try:
             return self._scan_fields(
-                instrument, hw, supervisor, watchdog, plan, done, remaining, result
+                instrument,
+                hw,
+                supervisor,
+                watchdog,
+                plan,
+                state,
+                done,
+                remaining,
+                result,
             )
         except BaseException as e:
-            if not self._ended:
+            if not self._ended:  # whatever ended the run early, the ledger says so
                 interrupted = isinstance(e, KeyboardInterrupt)
                 self._end(
                     Stopped(
@@ -403,7 +382,13 @@ class Scan:
                         error=None if interrupted else str(watchdog.error or e),
                     )
                 )
+            if watchdog.error is not None:  # a hang outranks whatever came first
+                self.hung = True
+                if e is not watchdog.error:
+                    raise watchdog.error from e
             raise
+        finally:
+            watchdog.close()
 
     def _scan_fields(
         self,
@@ -412,6 +397,7 @@ class Scan:
         supervisor: Supervisor,
         watchdog: Watchdog,
         plan: ScanPlan,
+        state: LedgerState,
         done: set[str],
         remaining: list[FieldSpec],
         result: ScanResult,
@@ -449,7 +435,6 @@ class Scan:
                     channels=list(plan.channel_names),
                 )
             )
-        state = LedgerState.from_records(folder.ledger.read())
         backlog = [
             f.name
             for f in plan.fields

@@ -48,6 +48,7 @@ class Ledger:
         self.skipped: list[str] = []
         self._lock = threading.Lock()
         self._tail_checked = False
+        self._warned = 0  # skipped lines already reported
 
     def append(self, record: R) -> R:
         """Write `record` as one line and fsync it; returns it.
@@ -105,7 +106,8 @@ class Ledger:
                 records.append(parse_line(line))
             except RecordError as e:
                 self.skipped.append(f"line {n}: {e}")
-        if self.skipped:
+        if len(self.skipped) > self._warned:  # say it once, not at every read
+            self._warned = len(self.skipped)
             logger.warning(
                 "%s: %d unreadable line(s) skipped (%s)",
                 self.path,
