@@ -13,8 +13,8 @@ as the scanner would take it (``bench/detect_eval.py``):
                   300 small CK+DAPI, 200 nucleus-beside-CK, 300 debris
 ``all-hard``      all of the above at once
 
-Fields are detected in scan order with the bleed-through measured on earlier
-fields pooled as the fallback, as the on-line detector does. Called CTCs are
+Each field is detected on its own, as the on-line detector does (bleed-through a
+field cannot measure comes from the assay, never from other fields). Called CTCs are
 matched to true CTCs per cartridge in stage coordinates (optimal assignment
 within 8 um). The table gives TP / FP / FN, sensitivity, precision,
 F1, the mean absolute count error per cartridge (called - true), false positives

@@ -114,20 +114,13 @@ def evaluate(
     calls: list[tuple[float, float]] = []
     truth_idx: list[int] = []
     base = settings or DetectionSettings()
-    measured: dict[str, list[float]] = {}
     for f in fields:
         data = render_field(w, f.x_um, f.y_um, z_offset)
-        # as the on-line detector does: bleed-through measured on earlier fields
-        # of the cartridge is the fallback for a field too sparse to measure it
-        pooled = {k: float(np.median(v)) for k, v in measured.items()}
-        st = base.model_copy(update={"spillover": {**pooled, **base.spillover}})
         t0 = time.perf_counter()
         det = detect_field(
-            data, CHANNELS, pixel_size_um=px, settings=st, saturation=4095
+            data, CHANNELS, pixel_size_um=px, settings=base, saturation=4095
         )
         total.seconds.append(time.perf_counter() - t0)
-        for k, v in det.spillover_measured.items():
-            measured.setdefault(k, []).append(v)
         x0, y0 = w.frame_origin(f.x_um, f.y_um)
         calls += [
             (x0 + d["col"] * px, y0 - d["row"] * px)

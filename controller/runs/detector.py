@@ -7,9 +7,11 @@ reading the field back from its stored file (from the page cache, cheaper than
 copying 11 MB between processes). So detection may lag but never blocks
 acquisition, never drops a field, and holds no pixels in the scanning process.
 
-Dye bleed-through is a property of the instrument: the coefficients fields
-measure are pooled (median) and given to later fields that have too few
-single-stain objects to measure their own.
+Each field's result depends on that field's file and the assay alone, never on
+which fields came before it, how many workers ran or whether the run was
+interrupted: bleed-through a field is too sparse to measure comes from the
+assay's configured calibration (`DetectionSettings.spillover`), not from other
+fields.
 
 Each result is written durably as ``detections/<field>.json`` and then recorded
 with a ``detected`` ledger line; a field whose analysis fails gets a
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -40,8 +41,7 @@ from concurrent.futures import (
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
-
+from analysis.fieldio import FieldReadError
 from analysis.pipeline import FieldJob, analyze_field_file
 from controller.events import RecordSink
 from controller.records import Detected, DetectFailed, Record, Stored
@@ -157,7 +157,6 @@ class OnlineDetector:
         }
         self._backlog: collections.deque[str] = collections.deque()
         self._crashes: collections.Counter[str] = collections.Counter()
-        self._spill: dict[str, list[float]] = {}  # measured bleed-through, by key
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -233,20 +232,8 @@ class OnlineDetector:
                 pool.submit(os.getpid)
         return pool
 
-    def _pooled(self, job: FieldJob) -> FieldJob:
-        """The job, with bleed-through measured so far on this cartridge as the
-        fallback for fields with too few single-stain objects of their own."""
-        with self._lock:
-            pooled = {k: float(np.median(v)) for k, v in self._spill.items() if v}
-        if not pooled:
-            return job
-        settings = job.settings.model_copy(
-            update={"spillover": {**pooled, **job.settings.spillover}}
-        )
-        return dataclasses.replace(job, settings=settings)
-
     def _submit(self, name: str) -> Future:
-        job = self._pooled(self.make_job(name))
+        job = self.make_job(name)
         if self.workers == 0:
             fut: Future = Future()
             try:
@@ -316,16 +303,17 @@ class OnlineDetector:
                 return
             self._failed(name, "the detection worker died on this field")
             return
-        except Exception as e:  # a bad file or an analysis bug: record, go on
+        except FieldReadError as e:  # a bad file: its message names it
+            self._failed(name, str(e))
+            return
+        except Exception as e:  # an analysis bug: record, go on
             self._failed(name, f"{type(e).__name__}: {e}")
             return
-        with self._lock:
-            for key, coef in (record.get("spillover_measured") or {}).items():
-                self._spill.setdefault(key, []).append(float(coef))
         path = self.folder.detection_path(name)
         # an error here is the run's, not the field's: the dispatcher dies
         # with it and the supervisor stops the run
-        write_durably(path, json.dumps(record, separators=(",", ":")).encode())
+        data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+        write_durably(path, data)
         self.stats["detected"] += 1
         self.sink.emit(
             Detected(
