@@ -18,12 +18,21 @@ import numpy as np
 import tifffile
 
 __all__ = [
+    "MAX_FIELD_BYTES",
+    "MIN_FIELD_PX",
     "FieldFile",
     "FieldReadError",
     "field_name_of",
     "inspect_field_file",
     "read_field_file",
 ]
+
+
+#: the largest field decoded, in bytes (a ctcscan field is 32 MiB): analysing
+#: one takes about 8 times its decoded size in float32 working arrays
+MAX_FIELD_BYTES = 256 * 2**20
+#: the smallest field analysed, in pixels along each side
+MIN_FIELD_PX = 64
 
 
 class FieldReadError(ValueError):
@@ -133,10 +142,13 @@ def _open(
         with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, axes = tuple(series.shape), series.axes
+            _check_size(path, shape, series.dtype)  # before a byte is decoded
             data = series.asarray() if pixels else np.empty((0,), series.dtype)
             ome = tif.ome_metadata
     except FileNotFoundError:
         raise FieldReadError(f"{path}: no such file") from None
+    except FieldReadError:
+        raise
     except Exception as e:  # tifffile raises assorted errors on corrupt data
         raise FieldReadError(
             f"{path}: not a readable TIFF ({type(e).__name__}: {e})"
@@ -161,6 +173,23 @@ def _open(
             f"{', '.join(names)}); map names with --channels, e.g. DAPI=Hoechst"
         )
     return FieldFile(path, data, names, px, stage)
+
+
+def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse, from the metadata alone, a field too large to decode within
+    `MAX_FIELD_BYTES` or too small to hold a cell (`MIN_FIELD_PX`)."""
+    size = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    if size > MAX_FIELD_BYTES:
+        raise FieldReadError(
+            f"{path}: {' x '.join(map(str, shape))} {np.dtype(dtype).name} is "
+            f"{size / 2**30:.1f} GiB decoded, over the {MAX_FIELD_BYTES // 2**20} MiB "
+            "a field may hold; split it into fields"
+        )
+    if len(shape) >= 2 and min(shape[-2:]) < MIN_FIELD_PX:
+        raise FieldReadError(
+            f"{path}: a field of {shape[-2]} x {shape[-1]} px is too small to "
+            f"analyse (at least {MIN_FIELD_PX} x {MIN_FIELD_PX})"
+        )
 
 
 def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:

@@ -7,10 +7,13 @@ CTC candidates itself and returns a JSON-ready record.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from analysis.detect import DEFAULT_ROLES, detect_field
 from analysis.fieldio import FieldReadError, read_field_file
@@ -76,6 +79,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     required = [n for n, r in job.roles.items() if r != "marker"]
     ff = read_field_file(job.path, rename=job.rename, required=required)
+    _check_finite(ff.path, ff.data, ff.channel_names)
     px = ff.pixel_size_um or job.pixel_size_um
     if not px:
         raise FieldReadError(
@@ -124,19 +128,46 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             title=f"{job.name} score {o['score']:.2f}",
         )
         o["candidate"] = f"candidates/{png.name}"
-    return {
-        "field": job.name,
-        "file": str(job.path),
-        "pixel_size_um": px,
-        "channels": ff.channel_names,
-        "shape": [h, w],
-        "stage": stage,
-        "background": det.background,
-        "noise": det.noise,
-        "spillover": det.spillover,
-        "spillover_measured": det.spillover_measured,
-        "qc": qc,
-        "counts": det.counts(),
-        "objects": det.objects,
-        "seconds": round(time.perf_counter() - t0, 4),
-    }
+    return _json_ready(
+        {
+            "field": job.name,
+            "file": str(job.path),
+            "pixel_size_um": px,
+            "channels": ff.channel_names,
+            "shape": [h, w],
+            "stage": stage,
+            "background": det.background,
+            "noise": det.noise,
+            "spillover": det.spillover,
+            "spillover_measured": det.spillover_measured,
+            "qc": qc,
+            "counts": det.counts(),
+            "objects": det.objects,
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+    )
+
+
+def _check_finite(path: Path, data: np.ndarray, names: list[str]) -> None:
+    """A float field with NaN or infinite pixels has no background, noise or
+    signal there: it is refused, not analysed into a silent zero."""
+    if data.dtype.kind != "f":
+        return
+    for name, plane in zip(names, data, strict=True):
+        if bad := int(np.count_nonzero(~np.isfinite(plane))):
+            raise FieldReadError(
+                f"{path}: {bad} pixels of {name} are not numbers (NaN or "
+                "infinite); the field cannot be analysed"
+            )
+
+
+def _json_ready(value: Any) -> Any:
+    """`value` with every float that is not finite (a feature that does not
+    apply, a stage position that is unknown) as None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value

@@ -137,6 +137,11 @@ def _feature_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(seen)
 
 
+def _or_unknown(v: Any) -> str:
+    """A value for the page: unknown (None, NaN) as ``?``."""
+    return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
 def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
     cols = [*EVENT_COLUMNS, *_feature_columns(records), "candidate"]
     buf = io.StringIO()
@@ -378,8 +383,9 @@ def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> st
         f'<figure data-score="{o["score"]}"><img src="{e(o.get("candidate", ""))}" '
         f'alt="CTC candidate {e(o["field"])} ({o["row"]:.0f}, {o["col"]:.0f})">'
         f"<figcaption>#{i + 1} score {o['score']:.2f} · {e(o['field'])} row "
-        f"{o['row']:.0f} col {o['col']:.0f} · stage ({o['stage_x_um']}, "
-        f"{o['stage_y_um']}) um · {o['diameter_um']:.1f} um · marker "
+        f"{o['row']:.0f} col {o['col']:.0f} · stage "
+        f"({_or_unknown(o.get('stage_x_um'))}, {_or_unknown(o.get('stage_y_um'))}) "
+        f"um · {o['diameter_um']:.1f} um · marker "
         f"{'positive' if o.get('marker_positive') else 'negative'}</figcaption>"
         "</figure>"
         for i, o in enumerate(ctcs)

@@ -350,12 +350,7 @@ def queue(
         holder = HolderConfig.from_file(cartridges) if cartridges else None
         if holder is not None and slots:
             _fail("--slots chooses loader slots; with --cartridges list the holder's")
-        chosen = None
-        if slots:
-            try:
-                chosen = tuple(int(v) for v in slots.split(","))
-            except ValueError:
-                _fail(f"--slots takes slot numbers like 1,3,4, got {slots!r}")
+        chosen = _parse_slots(slots) if slots else None
         request = QueueRequest(
             instrument=cfg,
             layout=lay,
@@ -417,6 +412,20 @@ def queue(
         raise typer.Exit(1)
 
 
+def _parse_slots(text: str) -> tuple[int, ...]:
+    """``"1,3,4"`` -> ``(1, 3, 4)``: slot numbers from 1, each once."""
+    try:
+        chosen = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"--slots takes slot numbers like 1,3,4, got {text!r}")
+    if bad := [v for v in chosen if v < 1]:
+        _fail(f"--slots: slots are numbered from 1, got {bad[0]}")
+    if len(set(chosen)) != len(chosen):
+        twice = next(v for v in chosen if chosen.count(v) > 1)
+        _fail(f"--slots: slot {twice} is given twice")
+    return chosen
+
+
 @app.command()
 def stop(
     queue_dir: Annotated[Path, typer.Argument(metavar="QUEUE", help="queue folder")],
@@ -453,6 +462,8 @@ def analyze(
     """Detect CTCs in stored fields and write events, gallery and report."""
     try:
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
+        if workers is not None and workers < 1:
+            _fail(f"--workers must be 1 or more, got {workers}")
         if pixel_size is not None and not (0 < pixel_size < 1000):
             _fail(f"--pixel-size must be a size in um (0 to 1000), got {pixel_size}")
         request = AnalyzeRequest(

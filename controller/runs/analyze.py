@@ -110,6 +110,47 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
     return list(zip(names, files, strict=True)), ctx
 
 
+def _check_out(req: AnalyzeRequest, out: RunFolder) -> None:
+    """The output folder is new, empty, or holds an analysis of this input
+    (which is then redone): never the input itself, a scan's run folder, the
+    analysis of another input, or a folder of someone else's files."""
+    root = out.root
+    if root.resolve() == req.input.resolve():
+        raise StorageError(
+            f"--out {root} is the input folder: its scan's report would be "
+            "overwritten; choose another --out"
+        )
+    if out.scan_json.exists():
+        raise StorageError(f"--out {root} is a scan's run folder; choose another --out")
+    started = [r for r in out.ledger.read() if isinstance(r, AnalysisStarted)]
+    if started:
+        before = Path(started[-1].input).resolve()
+        if before != req.input.resolve():
+            raise StorageError(
+                f"--out {root} holds the analysis of {before}; choose another "
+                "--out (or the same input, to redo that analysis)"
+            )
+        return
+    # no analysis recorded: only the lock and what a start cut short may be here
+    theirs = sorted(
+        p.name
+        for p in root.iterdir()
+        if not (
+            p.name in (".lock", ".owner.json", out.ledger.path.name)
+            or (
+                p.is_dir()
+                and p.name in ("detections", "candidates")
+                and not any(p.iterdir())
+            )
+        )
+    )
+    if theirs:
+        raise StorageError(
+            f"--out {root} holds other files ({', '.join(theirs[:3])}"
+            f"{', ...' if len(theirs) > 3 else ''}); choose a new or empty folder"
+        )
+
+
 def run_analyze(req: AnalyzeRequest, *, events: EventStream | None = None) -> Report:
     """Analyse every field of `req.input`; return the report (report.json).
 
@@ -130,6 +171,7 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
                 f"{path}: no pixel size in the metadata; give one with --pixel-size"
             )
     out = RunFolder(req.out)
+    _check_out(req, out)
     out.prepare(fields=False)
     paths = dict(fields)
 
@@ -147,16 +189,18 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
 
     workers = req.workers if req.workers is not None else (os.cpu_count() or 1)
     log = RunLog(out.ledger, events)
-    log.emit(AnalysisStarted(input=str(req.input), fields=len(fields)))
+    log.emit(AnalysisStarted(input=str(req.input.resolve()), fields=len(fields)))
     supervisor = Supervisor()
     detector = OnlineDetector(out, make_job, log, supervisor, workers=workers)
     detector.add_backlog(paths)
     detector.close()
     supervisor.raise_error()
-    state = LedgerState.from_records(out.ledger.read())
+    records = out.ledger.read()
+    state = LedgerState.from_records(records)
+    since = max(i for i, r in enumerate(records) if isinstance(r, AnalysisStarted))
     failed_now = {
         r.field: r.reason
-        for r in out.ledger.read()
+        for r in records[since:]
         if isinstance(r, DetectFailed) and r.field not in state.detected
     }
     context = ReportContext(
@@ -169,12 +213,13 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
         cartridge_fields=ctx.get("cartridge_fields"),
         source=ctx["source"],
     )
-    report = write_outputs(out.root, load_records(out, list(paths)), context)
+    report = write_outputs(out.root, load_records(out, list(paths), state), context)
     log.emit(AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now)))
     if failed_now:
-        first = next(iter(failed_now.items()))
+        name, reason = next(iter(failed_now.items()))
+        where = str(paths[name])
         raise FieldReadError(
-            f"{paths[first[0]]}: {first[1]}"
+            (reason if reason.startswith(where) else f"{where}: {reason}")
             + (
                 f" (and {len(failed_now) - 1} more failed fields, "
                 f"listed in {out.root / 'report.json'})"

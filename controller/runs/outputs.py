@@ -14,6 +14,7 @@ from typing import Any
 from analysis.report import Report, ReportContext, write_outputs
 from controller.acquisition.plan import ScanPlan
 from controller.config import AssayConfig, InstrumentConfig
+from controller.errors import StorageError
 from controller.focus.surface import FocusMap
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
@@ -21,13 +22,36 @@ from controller.runstore.ledger import LedgerState
 __all__ = ["focus_report", "load_records", "write_scan_outputs"]
 
 
-def load_records(folder: RunFolder, names: Iterable[str]) -> list[dict[str, Any]]:
-    """The detection records of the given fields that exist on disk."""
+def load_records(
+    folder: RunFolder, names: Iterable[str], state: LedgerState
+) -> list[dict[str, Any]]:
+    """The detection records of the given fields that the ledger says are
+    current (`LedgerState.detected`): a file left by an earlier acquisition of
+    the field, or by an earlier analysis, is not one of them.
+
+    A missing file leaves its field unanalysed (a resume detects it again).
+
+    Raises
+    ------
+    StorageError
+        A current detection file cannot be read or is no JSON.
+    """
     out = []
     for name in names:
+        if name not in state.detected:
+            continue
         path = folder.detection_path(name)
-        if path.exists():
-            out.append(json.loads(path.read_text()))
+        try:
+            out.append(json.loads(path.read_bytes()))
+        except (
+            FileNotFoundError
+        ):  # not analysed: the report says so, a resume redoes it
+            continue
+        except (OSError, ValueError) as e:
+            raise StorageError(
+                f"{path}: the ledger records this detection but it cannot be "
+                f"read ({getattr(e, 'strerror', None) or e})"
+            ) from None
     return out
 
 
@@ -54,7 +78,7 @@ def write_scan_outputs(
     map_s = 0.0 if fmap is None or fmap_reused else fmap.seconds
     return write_outputs(
         folder.root,
-        load_records(folder, names),
+        load_records(folder, names, state),
         ReportContext(
             cartridge_id=cartridge_id,
             indication=assay.indication,

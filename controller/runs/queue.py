@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any, Self
 from pydantic import Field, model_validator
 
 from controller.config import AssayConfig, ConfigModel, InstrumentConfig
-from controller.errors import HardwareHangError, ScannerError
+from controller.errors import ConfigError, HardwareHangError, ScannerError
 from controller.events import EventStream
 from controller.hardware.instrument import Instrument, open_instrument
 from controller.hardware.loader import (
@@ -327,6 +328,8 @@ class CartridgeQueue:
         if status.slot is not None:  # left on the stage by an interrupted queue
             barcode = loader.barcode()
             inventory[status.slot] = barcode
+        if req.slots:
+            _check_slots(req.slots, inventory)
         slots = [s for s in (req.slots or sorted(inventory)) if inventory.get(s)]
         for slot in slots:
             barcode = str(inventory[slot])
@@ -489,6 +492,18 @@ class CartridgeQueue:
         )
 
 
+def _check_slots(chosen: tuple[int, ...], inventory: dict[int, str | None]) -> None:
+    """Every slot asked for exists and holds a cartridge (checked before any
+    cartridge moves)."""
+    if missing := [s for s in chosen if s not in inventory]:
+        raise ConfigError(
+            f"--slots: the loader has slots 1-{max(inventory, default=0)}, "
+            f"not {', '.join(map(str, missing))}"
+        )
+    if empty := [s for s in chosen if not inventory[s]]:
+        raise ConfigError(f"--slots: slot(s) {', '.join(map(str, empty))} are empty")
+
+
 def _loader_event(r: Record) -> bool:
     return isinstance(r, DeviceEvent) and r.device == "loader"
 
@@ -506,6 +521,31 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+#: names in a queue folder that are the queue's own (compared in lower case)
+_QUEUE_ENTRIES = frozenset(
+    {
+        "queue.jsonl",
+        "audit.log",
+        "summary.json",
+        STOP_FILE.lower(),
+        ".loader-port",
+        ".lock",
+        ".owner.json",
+    }
+)
+
+
 def _folder_name(barcode: str) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in barcode)
-    return name.strip(".") or "cartridge"
+    """The run folder of a cartridge in the queue folder: the barcode itself
+    when it is a plain name (letters, digits, ``-_.``, no leading or trailing
+    dot, none of the queue's own files); otherwise a plain form of it and
+    the first 8 hex digits of its sha256, so two barcodes never share a
+    folder (``a/b`` and ``a_b``, ``..`` and ``...``) and none leaves the
+    queue folder."""
+    plain = "".join(
+        c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in barcode
+    ).strip(".")[:64]
+    if plain == barcode and plain.lower() not in _QUEUE_ENTRIES:
+        return plain
+    digest = hashlib.sha256(barcode.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{plain or 'cartridge'}-{digest[:8]}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import socket
 import threading
 import time
@@ -651,9 +652,16 @@ class Scan:
                 for k in mine
                 if theirs[k] != mine[k]
             )
+            hint = ""
+            if req.cartridge_id is None and all(
+                theirs[k] == mine[k] for k in mine if k != "cartridge_id"
+            ):  # a renamed folder: only its cartridge differs, named inside
+                hint = "; to resume it, add --cartridge-id " + shlex.quote(
+                    str(theirs["cartridge_id"])
+                )
             raise StorageError(
                 f"{self.folder.root} holds a different scan ({diff}); "
-                "choose another --out to start a new one"
+                f"choose another --out to start a new one{hint}"
             )
 
     def _write_scan_json(self, plan: ScanPlan, instrument: Instrument) -> None:

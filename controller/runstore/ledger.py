@@ -23,6 +23,7 @@ from typing import TypeVar
 from controller.errors import StorageError
 from controller.events import EventStream
 from controller.records import (
+    AnalysisStarted,
     Corrupt,
     Detected,
     Failed,
@@ -132,7 +133,12 @@ class RunLog:
 
 @dataclass
 class LedgerState:
-    """What the ledger says about each field (the last word wins)."""
+    """What the ledger says about each field (the last word wins).
+
+    `detected` holds the fields whose detection file belongs to their current
+    stored file and, in an analysis folder, to the latest analysis: a detection
+    file left by an earlier one is never counted again.
+    """
 
     stored: dict[str, Stored] = field(default_factory=dict)
     failed: dict[str, Failed] = field(default_factory=dict)
@@ -153,4 +159,6 @@ class LedgerState:
                 state.detected.discard(r.field)
             elif isinstance(r, Detected):
                 state.detected.add(r.field)
+            elif isinstance(r, AnalysisStarted):  # a new analysis: its own results
+                state.detected.clear()
         return state

@@ -1,0 +1,238 @@
+"""Data integrity under careless or hostile input: nothing lost, nothing wrong.
+
+Each test reproduces something a careless or hostile user did to a run, an
+analysis or a queue, and checks that the program neither produces a wrong
+number nor damages what it did not create.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from analysis.fieldio import MAX_FIELD_BYTES
+from controller.runs.queue import _folder_name
+from controller.runs.scan import ScanResult
+from tests.conftest import invoke, one_line_error
+from tests.test_analyze import FILE_NAMES, MAP, _write
+from tests.test_detect import Canvas
+
+FAST = ["--channels", MAP, "--workers", "1"]
+
+
+def _strict_json(path: Path) -> dict:
+    """The file as strict JSON: a bare NaN or Infinity is refused."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{path}: {token} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _fields(folder: Path, ctcs: list[int]) -> Path:
+    """An OME-TIFF folder: field k holds ctcs[k] CTCs and a leukocyte."""
+    folder.mkdir(parents=True)
+    for k, n in enumerate(ctcs):
+        cv = Canvas(size=256, seed=k)
+        for j in range(n):
+            cv.cell(60 + 70 * j, 80 + 60 * j)
+        cv.leukocyte(200, 200)
+        _write(folder / f"f_{k:03d}.ome.tif", cv.field(), FILE_NAMES, 0.64)
+    return folder
+
+
+def _with_nan(path: Path, block: slice | None) -> None:
+    """Rewrite a field as float32 with a NaN block (or all NaN) in DAPI."""
+    data = tifffile.imread(path).astype(np.float32)
+    if block is None:
+        data[:] = np.nan
+    else:
+        data[0, block, block] = np.nan
+    _write(path, data, FILE_NAMES, 0.64)
+
+
+# ---------------------------------------------------------------- analyze --out
+
+
+def test_an_output_folder_holding_another_analysis_is_refused(tmp_path: Path) -> None:
+    a = _fields(tmp_path / "A", [2, 2])
+    b = _fields(tmp_path / "B", [0])
+    _with_nan(b / "f_000.ome.tif", None)  # B's only field fails detection
+    out = tmp_path / "O"
+    assert invoke("analyze", str(a), "--out", str(out), *FAST).exit_code == 0
+    before = (out / "report.json").read_bytes()
+    one_line_error(
+        invoke("analyze", str(b), "--out", str(out), *FAST), "holds the analysis of"
+    )
+    assert (out / "report.json").read_bytes() == before
+
+
+def test_a_field_that_fails_on_reanalysis_is_not_counted_from_the_last_one(
+    tmp_path: Path,
+) -> None:
+    a = _fields(tmp_path / "A", [2, 1])
+    out = tmp_path / "O"
+    assert invoke("analyze", str(a), "--out", str(out), *FAST).exit_code == 0
+    assert _strict_json(out / "report.json")["ctc_count"] == 3
+    _with_nan(a / "f_001.ome.tif", np.s_[:40])  # the same input, since damaged
+    r = invoke("analyze", str(a), "--out", str(out), *FAST)
+    assert r.exit_code == 2 and "not numbers" in r.stderr
+    report = _strict_json(out / "report.json")
+    assert report["ctc_count"] == 2  # field 1's earlier CTC is not counted again
+    assert [f["field"] for f in report["fields"]["failed"]] == ["f_001"]
+    assert report["fields"]["analyzed"] == 1
+
+
+def test_the_input_a_run_folder_or_foreign_files_are_never_the_output(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(small_scan.run_dir, run, ignore=shutil.ignore_patterns(".lock"))
+    report = (run / "report.json").read_bytes()
+    one_line_error(invoke("analyze", str(run), "--out", str(run)), "input folder")
+    assert (run / "report.json").read_bytes() == report  # the focus section kept
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    one_line_error(
+        invoke("analyze", str(run), "--out", str(other)), "a scan's run folder"
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tmp").write_text("work")
+    (mine / "report.html").write_text("my own report")
+    one_line_error(invoke("analyze", str(run), "--out", str(mine)), "other files")
+    assert (mine / "thesis.tmp").read_text() == "work"
+    assert (mine / "report.html").read_text() == "my own report"
+
+
+# ---------------------------------------------------------------- field data
+
+
+@pytest.mark.parametrize("block", [np.s_[:40], None], ids=["NaN block", "all NaN"])
+def test_nan_pixels_fail_the_field_and_every_output_is_strict_json(
+    tmp_path: Path, block: slice | None
+) -> None:
+    src = _fields(tmp_path / "A", [1, 1])
+    _with_nan(src / "f_000.ome.tif", block)
+    out = tmp_path / "O"
+    r = invoke("analyze", str(src), "--out", str(out), *FAST)
+    assert r.exit_code == 2
+    assert "f_000.ome.tif" in r.stderr and "pixels of DAPI are not numbers" in r.stderr
+    report = _strict_json(out / "report.json")
+    assert report["ctc_count"] == 1 and report["fields"]["analyzed"] == 1
+    assert [f["field"] for f in report["fields"]["failed"]] == ["f_000"]
+    for path in (out / "detections").iterdir():
+        _strict_json(path)
+
+
+def test_an_outsized_or_tiny_field_is_refused_from_its_metadata(
+    tmp_path: Path,
+) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    # 3.2 GB decoded, a sparse file on disk: refused before a pixel is read
+    tifffile.imwrite(
+        big / "f_000.ome.tif",
+        shape=(4, 20000, 20000),
+        dtype="uint16",
+        ome=True,
+        metadata={"axes": "CYX", "Channel": {"Name": FILE_NAMES}},
+    )
+    assert MAX_FIELD_BYTES < 4 * 20000 * 20000 * 2
+    one_line_error(
+        invoke("analyze", str(big), "--out", str(tmp_path / "o1"), *FAST),
+        "f_000.ome.tif",
+        "3.0 GiB decoded",
+    )
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    _write(tiny / "f_000.ome.tif", np.ones((4, 1, 1), np.uint16), FILE_NAMES, 0.64)
+    one_line_error(
+        invoke("analyze", str(tiny), "--out", str(tmp_path / "o2"), *FAST),
+        "1 x 1 px is too small",
+    )
+
+
+def test_worker_counts_that_make_no_sense_are_refused(tmp_path: Path) -> None:
+    src = _fields(tmp_path / "A", [1])
+    for n in ("0", "-1"):
+        one_line_error(
+            invoke("analyze", str(src), "--out", str(tmp_path / n), "--workers", n),
+            "--workers must be 1 or more",
+        )
+
+
+# ---------------------------------------------------------------- scans, queues
+
+
+def test_a_renamed_run_folder_names_the_cartridge_id_to_resume_it(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    renamed = tmp_path / "renamed"
+    shutil.copytree(small_scan.run_dir, renamed, ignore=shutil.ignore_patterns(".lock"))
+    r = invoke(
+        "scan", "--out", str(renamed), "--layout", "test-3x4", "--seed", "3"
+    )  # fmt: skip
+    one_line_error(r, "holds a different scan", "--cartridge-id cart-A")
+
+
+def test_barcodes_never_share_a_folder_or_leave_the_queue_folder() -> None:
+    barcodes = [
+        "A1", ".A1", "..", "...", "a/b", "a_b", "../../evil", "STOP", "stop",
+        "audit.log", "queue.jsonl", "é", "_", "-", "x" * 200,
+    ]  # fmt: skip
+    names = [_folder_name(b) for b in barcodes]
+    assert len(set(names)) == len(names), names
+    assert _folder_name("A1") == "A1" and _folder_name("SIM-0001") == "SIM-0001"
+    for name in names:
+        assert "/" not in name and name not in (".", "..") and not name.startswith(".")
+        assert len(name) <= 80
+
+
+def test_a_queue_of_colliding_and_hostile_cartridge_ids_scans_each_apart(
+    tmp_path: Path,
+) -> None:
+    holder = tmp_path / "holder.yaml"
+    ids = ["../../evil", "a/b", "a_b"]
+    holder.write_text(
+        "cartridges:\n"
+        + "".join(
+            f"  - {{id: {json.dumps(i)}, center_x_um: 0, center_y_um: 0}}\n"
+            for i in ids
+        )
+    )
+    q = tmp_path / "deep" / "q"
+    r = invoke(
+        "queue", "--out", str(q), "--cartridges", str(holder),
+        "--layout", "test-3x4", "--fields", "1",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((q / "summary.json").read_text())
+    assert [s["status"] for s in summary] == ["complete"] * 3
+    dirs = [Path(s["run_dir"]) for s in summary]
+    assert len(set(dirs)) == 3 and all(d.parent == q for d in dirs)
+    for d, i in zip(dirs, ids, strict=True):
+        assert json.loads((d / "scan.json").read_text())["request"]["cartridge_id"] == i
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["q"]
+
+
+@pytest.mark.parametrize(
+    ("slots", "needle"),
+    [
+        ("0,99", "numbered from 1"),
+        ("1,1", "slot 1 is given twice"),
+        ("2,99", "not 99"),
+    ],
+)
+def test_loader_slots_that_do_not_exist_or_repeat_are_refused(
+    tmp_path: Path, slots: str, needle: str
+) -> None:
+    q = tmp_path / "q"
+    r = invoke("queue", "--out", str(q), "--slots", slots, "--fields", "1")
+    one_line_error(r, needle)
+    assert not list(q.glob("*/fields"))  # nothing was scanned
