@@ -28,8 +28,8 @@ __all__ = [
 ]
 
 
-#: the largest field decoded, in bytes (a ctcscan field is 32 MiB): analysing
-#: one takes about 8 times its decoded size in float32 working arrays
+#: the largest field decoded, in bytes (a ctcscan field is 11 MiB): analysing
+#: one takes about 7 times its decoded size (bench/bench_analyze_memory.py)
 MAX_FIELD_BYTES = 256 * 2**20
 #: the smallest field analysed, in pixels along each side
 MIN_FIELD_PX = 64

@@ -414,6 +414,10 @@ CD45 red, marker yellow), then each channel; bar 10 um.</p>
 """
 
 
+#: the files `write_outputs` writes
+OUTPUT_FILES = ("events.csv", "report.json", "report.html")
+
+
 def write_outputs(
     out_dir: str | Path, records: Sequence[Mapping[str, Any]], ctx: ReportContext
 ) -> Report:

@@ -49,6 +49,7 @@ __all__ = [
     "Stopped",
     "Stored",
     "Unloaded",
+    "Written",
     "dump_line",
     "now",
     "parse_line",
@@ -189,11 +190,14 @@ class Refocused(Record):
 
 
 class Detected(Record):
+    """A field's detection file is durable and hashes to `sha256`."""
+
     event: Literal["detected"] = "detected"
     kind: ClassVar[str] = "detected"
     field: str
     counts: dict[str, int] | None = None
     seconds: float | None = None
+    sha256: str | None = None  # absent in runs written before it was recorded
 
 
 class DetectFailed(Record):
@@ -212,6 +216,15 @@ class DeviceEvent(Record):
     what: str
     message: str
     recovered: bool = False
+
+
+class Written(Record):
+    """Files of the folder were (re)written: their names relative to the
+    folder and sha256. The latest record of a file is the one it must match."""
+
+    event: Literal["written"] = "written"
+    kind: ClassVar[str] = "written"
+    files: dict[str, str]
 
 
 class _RunEnd(Record):
@@ -330,6 +343,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Detected,
         DetectFailed,
         DeviceEvent,
+        Written,
         Stopped,
         Finished,
         AnalysisStarted,
@@ -358,6 +372,7 @@ AnyRecord = Annotated[
     | Detected
     | DetectFailed
     | DeviceEvent
+    | Written
     | Stopped
     | Finished
     | AnalysisStarted

@@ -219,6 +219,12 @@ def test_a_queue_of_colliding_and_hostile_cartridge_ids_scans_each_apart(
     for d, i in zip(dirs, ids, strict=True):
         assert json.loads((d / "scan.json").read_text())["request"]["cartridge_id"] == i
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["q"]
+    code, text = _verify(q)
+    assert code == 0 and "3 runs" in text, text
+    for name in ("queue.jsonl", "summary.json"):
+        _flip(q / name)
+        code, text = _verify(q)
+        assert code == 1 and f"problem: {name}" in text, text
 
 
 @pytest.mark.parametrize(
@@ -236,3 +242,68 @@ def test_loader_slots_that_do_not_exist_or_repeat_are_refused(
     r = invoke("queue", "--out", str(q), "--slots", slots, "--fields", "1")
     one_line_error(r, needle)
     assert not list(q.glob("*/fields"))  # nothing was scanned
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _flip(path: Path, at: float = 0.5) -> None:
+    """Change one byte of a file, a fraction `at` into it."""
+    data = bytearray(path.read_bytes())
+    i = min(len(data) - 2, int(len(data) * at))
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _verify(folder: Path) -> tuple[int, str]:
+    r = invoke("verify", str(folder))
+    return r.exit_code, r.stdout
+
+
+KINDS = [
+    "audit.log",
+    "ledger.jsonl",
+    "fields/field_004.ome.tif",
+    "detections/field_004.json",
+    "scan.json",
+    "focus_map.json",
+    "ground_truth.json",
+    "events.csv",
+    "report.json",
+    "report.html",
+]
+
+
+def test_verify_finds_one_changed_byte_in_each_kind_of_file(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    code, text = _verify(small_scan.run_dir)
+    assert code == 0 and text.startswith("ok:"), text
+    assert "12 fields, 12 detections, 6 files" in text and "note" not in text
+    for kind in KINDS:
+        for at in (0.5, 0.999):  # a middle line, and the last line of a log
+            run = tmp_path / f"{kind.replace('/', '_')}-{at}"
+            shutil.copytree(
+                small_scan.run_dir, run, ignore=shutil.ignore_patterns(".lock")
+            )
+            _flip(run / kind, at)
+            code, text = _verify(run)
+            assert code == 1, (kind, at, text)
+            assert f"problem: {kind}" in text, (kind, at, text)
+
+
+def test_verify_finds_a_removed_or_inserted_log_line(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    for name, change in [
+        ("ledger.jsonl", lambda lines: lines[:5] + lines[6:]),
+        ("ledger.jsonl", lambda lines: lines[1:]),
+        ("audit.log", lambda lines: [*lines[:1], lines[1], *lines[1:]]),
+        ("audit.log", lambda lines: [lines[0], b'{"t":"x","text":"forged"}\n']),
+    ]:
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(small_scan.run_dir, run, ignore=shutil.ignore_patterns(".lock"))
+        lines = (run / name).read_bytes().splitlines(keepends=True)
+        (run / name).write_bytes(b"".join(change(lines)))
+        code, text = _verify(run)
+        assert code == 1 and f"problem: {name}: line" in text, (name, text)

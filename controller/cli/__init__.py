@@ -58,6 +58,7 @@ from controller.runs.queue import (
     request_stop,
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.runs.verify import verify_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -492,6 +493,30 @@ def analyze(
     t.add_row("result", report.statement)
     t.add_row("report", str(out_dir / "report.html"))
     out.print(t)
+
+
+@app.command()
+def verify(
+    folder: Annotated[
+        Path,
+        typer.Argument(metavar="FOLDER", help="a run, analysis or queue folder"),
+    ],
+) -> None:
+    """Check that a folder holds what the program wrote: the sealed audit log
+    and ledger, every stored field, detection and output against its
+    recorded sha256. Prints each problem (exit 1), or ok (exit 0)."""
+    try:
+        found = verify_folder(folder)
+    except ScannerError as e:
+        _fail(str(e))
+    for note in found.notes:
+        out.print(f"note: {note}", highlight=False, soft_wrap=True)
+    for problem in found.problems:
+        out.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    if found.problems:
+        out.print(f"{len(found.problems)} problem(s) in {folder}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"ok: {folder} ({found.summary()})", highlight=False, soft_wrap=True)
 
 
 @app.command("layouts")

@@ -17,11 +17,16 @@ from typing import Any
 
 from analysis.fieldio import FieldReadError, field_name_of, inspect_field_file
 from analysis.pipeline import FieldJob
-from analysis.report import Report, ReportContext, write_outputs
+from analysis.report import OUTPUT_FILES, Report, ReportContext, write_outputs
 from controller.config import AssayConfig
 from controller.errors import ConfigError, StorageError
 from controller.events import EventStream
-from controller.records import AnalysisFinished, AnalysisStarted, DetectFailed
+from controller.records import (
+    AnalysisFinished,
+    AnalysisStarted,
+    DetectFailed,
+    Written,
+)
 from controller.runs.detector import OnlineDetector
 from controller.runs.outputs import load_records
 from controller.runstore.folder import RunFolder
@@ -214,6 +219,7 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
         source=ctx["source"],
     )
     report = write_outputs(out.root, load_records(out, list(paths), state), context)
+    log.emit(Written(files=out.digests(*OUTPUT_FILES)))
     log.emit(AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now)))
     if failed_now:
         name, reason = next(iter(failed_now.items()))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -317,7 +318,10 @@ class OnlineDetector:
         self.stats["detected"] += 1
         self.sink.emit(
             Detected(
-                field=name, counts=record.get("counts"), seconds=record.get("seconds")
+                field=name,
+                counts=record.get("counts"),
+                seconds=record.get("seconds"),
+                sha256=hashlib.sha256(data).hexdigest(),
             )
         )
 

@@ -25,7 +25,7 @@ from controller.errors import (
 from controller.focus.mapper import FocusMapper
 from controller.focus.surface import FocusMap
 from controller.hardware.facade import Hardware
-from controller.records import FocusFailed, FocusMapRecorded, Stopped
+from controller.records import FocusFailed, FocusMapRecorded, Stopped, Written
 from controller.runs.watchdog import Watchdog
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
@@ -102,6 +102,7 @@ class FocusMapStep:
             raise
         fmap.settings = settings.model_dump(mode="json")
         folder.write_json(folder.focus_map_json, fmap.as_dict())
+        self.log.emit(Written(files=folder.digests(folder.focus_map_json.name)))
         used = sum(a.usable for a in fmap.anchors)
         self.log.emit(
             FocusMapRecorded(

@@ -55,6 +55,7 @@ from controller.records import (
     QueueStopped,
     Record,
     Unloaded,
+    Written,
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runstore.audit import AuditLog, AuditTrail
@@ -486,10 +487,9 @@ class CartridgeQueue:
         return out
 
     def _write_summary(self) -> None:
-        write_durably(
-            self.root / "summary.json",
-            json.dumps([asdict(o) for o in self.outcomes], indent=1).encode(),
-        )
+        data = json.dumps([asdict(o) for o in self.outcomes], indent=1).encode()
+        write_durably(self.root / "summary.json", data)
+        self.log.emit(Written(files={"summary.json": hashlib.sha256(data).hexdigest()}))
 
 
 def _check_slots(chosen: tuple[int, ...], inventory: dict[int, str | None]) -> None:

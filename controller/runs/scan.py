@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.pipeline import FieldJob
-from analysis.report import Report
+from analysis.report import OUTPUT_FILES, Report
 from controller import __version__
 from controller.acquisition.assembler import FieldAssembler
 from controller.acquisition.engine import ScanEngine
@@ -65,6 +65,7 @@ from controller.records import (
     Started,
     Stopped,
     Stored,
+    Written,
 )
 from controller.runs.detector import OnlineDetector
 from controller.runs.focusmap import FocusMapStep
@@ -425,6 +426,9 @@ class Scan:
                 [(f.name, f.x_um, f.y_um) for f in plan.fields]
             )
             folder.write_json(folder.ground_truth_json, truth)
+        self.log.emit(
+            Written(files=folder.digests("scan.json", folder.ground_truth_json.name))
+        )
         if done:
             self.log.emit(
                 Resumed(skipped=len(done), remaining=[f.name for f in remaining])
@@ -507,6 +511,7 @@ class Scan:
                     acquisition_s=result.duration_s,
                     focus_qc_s=result.focus_qc_s,
                 )
+                self.log.emit(Written(files=folder.digests(*OUTPUT_FILES)))
             except OSError as e:
                 raise StorageError(
                     f"cannot write the report in {folder.root}: {e.strerror or e}"

@@ -1,12 +1,16 @@
-"""The audit log: an append-only, human-readable record of who did what, when.
+"""The audit log: an append-only, tamper-evident record of who did what, when.
 
-One ``audit.log`` per run folder (and one per queue folder). Each line is
+One ``audit.log`` per run folder (and one per queue folder). Each line is a
+JSON object, every field escaped by JSON, sealed into the file's hash chain
+(`controller.runstore.chain`):
 
-    2026-11-24T23:50:01.123Z  alice  START  scan of CS-0001: ctcscan 0.1.0, ...
+    {"t":"2026-11-24T23:50:01.123Z","operator":"alice","verb":"START",
+     "text":"scan of CS-0001: ctcscan 0.1.0, ...","chain":"<sha256>"}
 
-UTC time, operator, an upper-case verb, free text. Lines are appended with
-O_APPEND and fsync'd, never rewritten: the log survives a crash up to its last
-line, and the ledger (machine-readable) stays the source of truth for resume.
+UTC time, operator (one word), an upper-case verb, free text. Lines are appended
+with O_APPEND and fsync'd, never rewritten: the log survives a crash up to its
+last line, and the ledger (machine-readable) stays the source of truth for
+resume. `ctcscan verify` checks the chain. `read_entries` gives the entries.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,8 +31,15 @@ from controller.records import (
     FocusMapRecorded,
     Record,
 )
+from controller.runstore.chain import append_sealed
 
-__all__ = ["AuditLog", "AuditTrail", "config_hash", "current_operator"]
+__all__ = [
+    "AuditLog",
+    "AuditTrail",
+    "config_hash",
+    "current_operator",
+    "read_entries",
+]
 
 logger = logging.getLogger("ctcscan.audit")
 
@@ -65,27 +75,57 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, verb: str, text: str) -> None:
+        """Append one entry; an unwritable log is reported, never raised (the
+        audit log must not hide the run's own error)."""
         now = (
             datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         )
-        line = f"{now}  {self.operator}  {verb.upper()}  {' '.join(text.split())}\n"
-        data = line.encode("utf-8", "replace")
+        body = json.dumps(
+            {
+                "t": now,
+                "operator": self.operator,
+                "verb": "".join(verb.upper().split()),
+                "text": " ".join(text.split()),
+            },
+            ensure_ascii=False,
+        )
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:  # the audit log must never hide the run's error
-                logger.error("audit log %s unwritable (%s): %s", self.path, e, line)
+                append_sealed(self.path, body)
+            except OSError as e:
+                logger.error("audit log %s unwritable (%s): %s", self.path, e, body)
 
     def read(self) -> list[str]:
+        """The log's lines as text (``time  operator  VERB  text``); lines
+        written before entries were JSON come back as they are."""
+        return [_as_text(e) for e in read_entries(self.path)]
+
+
+def read_entries(path: str | Path) -> list[dict[str, str]]:
+    """Every entry of an audit log: ``t``, ``operator``, ``verb``, ``text``
+    (an older plain-text line is one ``text``)."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in raw.decode("utf-8", "replace").splitlines():
         try:
-            return self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            out.append({k: str(entry.get(k, "")) for k in _FIELDS})
+        elif line.strip():
+            out.append({"t": "", "operator": "", "verb": "", "text": line})
+    return out
+
+
+_FIELDS = ("t", "operator", "verb", "text")
+
+
+def _as_text(e: dict[str, str]) -> str:
+    return "  ".join(v for v in (e["t"], e["operator"], e["verb"], e["text"]) if v)
 
 
 class AuditTrail:

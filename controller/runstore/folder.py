@@ -133,6 +133,28 @@ class RunFolder:
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
+    def digests(self, *names: str) -> dict[str, str]:
+        """sha256 of files of the folder (names relative to it) that exist,
+        for a `Written` record.
+
+        Raises
+        ------
+        StorageError
+            A file is there but cannot be read.
+        """
+        out = {}
+        for name in names:
+            try:
+                with open(self.root / name, "rb") as f:
+                    out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StorageError(
+                    f"cannot read {self.root / name}: {e.strerror or e}"
+                ) from None
+        return out
+
     def read_json(self, path: Path) -> dict[str, Any] | None:
         """A JSON file of the run folder; None when absent."""
         if not path.exists():

@@ -1,10 +1,12 @@
 """The ledger: a run's (or a queue's) append-only file of typed records.
 
-Every line is one `controller.records` record, written whole and fsync'd before
-`append` returns. Reading is forgiving where a crash or a stray edit can reach
-and strict nowhere else: a torn last line (a crash mid-write) is ignored and
-the next append starts on a fresh line; a line that is not a record this code
-knows is skipped and counted (`Ledger.skipped`), never fatal to a resume.
+Every line is one `controller.records` record, sealed into the file's hash
+chain (`controller.runstore.chain`), written whole and fsync'd before `append`
+returns. Reading is forgiving where a crash or a stray edit can reach and strict
+nowhere else: a torn last line (a crash mid-write) is ignored and the next
+append starts on a fresh line; a line that is not a record this code knows is
+skipped and counted (`Ledger.skipped`), never fatal to a resume. Seals are
+checked by `ctcscan verify`, not by reading.
 
 `RunLog` is a run's record sink: the ledger line first, then the run's event
 stream, so whatever a subscriber sees is already durable.
@@ -13,7 +15,6 @@ stream, so whatever a subscriber sees is already durable.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from controller.records import (
     dump_line,
     parse_line,
 )
+from controller.runstore.chain import append_sealed
 
 __all__ = ["Ledger", "LedgerState", "RunLog"]
 
@@ -48,35 +50,22 @@ class Ledger:
         self.path = path
         self.skipped: list[str] = []
         self._lock = threading.Lock()
-        self._tail_checked = False
         self._warned = 0  # skipped lines already reported
 
     def append(self, record: R) -> R:
-        """Write `record` as one line and fsync it; returns it.
+        """Write `record` as one sealed line (`controller.runstore.chain`) and
+        fsync it; returns it.
 
         Raises
         ------
         StorageError
             The line could not be written durably.
         """
-        data = dump_line(record).encode("utf-8")
+        body = dump_line(record).rstrip("\n")
         try:
             with self._lock:
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    if not self._tail_checked:  # a torn last line: start afresh
-                        size = os.fstat(fd).st_size
-                        if size and os.pread(fd, 1, size - 1) != b"\n":
-                            data = b"\n" + data
-                        self._tail_checked = True
-                    view = memoryview(data)
-                    while view:  # a short write (a full disk) is not a line
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                append_sealed(self.path, body)
         except OSError as e:
-            self._tail_checked = False  # a part of the line may be there
             raise StorageError(
                 f"cannot write to {self.path}: {e.strerror or e}"
             ) from None
