@@ -27,6 +27,7 @@ from controller.errors import StorageError
 from controller.layouts import get_layout
 from controller.records import Record, Stored
 from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.runstore.audit import AuditLog
 from tests.conftest import SIM_YAML, read_field, run_scan, sim_instrument
 
 NO_FOCUS = {"enabled": False}
@@ -39,7 +40,7 @@ def ledger(run: Path) -> list[dict[str, Any]]:
 
 
 def audit(run: Path) -> str:
-    return (run / "audit.log").read_text()
+    return "\n".join(AuditLog(run / "audit.log").read())
 
 
 def assert_nothing_lost(result: ScanResult) -> None:

@@ -457,14 +457,17 @@ def analyze(
     ] = None,
     assay: Annotated[Path | None, typer.Option(help="assay YAML")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="worker processes (default: one per core)")
+        int | None,
+        typer.Option(
+            help="worker processes (default: one per core; 0: in this process)"
+        ),
     ] = None,
 ) -> None:
     """Detect CTCs in stored fields and write events, gallery and report."""
     try:
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
-        if workers is not None and workers < 1:
-            _fail(f"--workers must be 1 or more, got {workers}")
+        if workers is not None and workers < 0:
+            _fail(f"--workers must be 0 (in this process) or more, got {workers}")
         if pixel_size is not None and not (0 < pixel_size < 1000):
             _fail(f"--pixel-size must be a size in um (0 to 1000), got {pixel_size}")
         request = AnalyzeRequest(

@@ -184,12 +184,12 @@ class CartridgeQueue:
         return self._cancel.is_set()
 
     def _stopped_by(self, e: BaseException) -> None:
-        """Journal, audit and summary of a queue that an error stops."""
+        """Summary, journal and audit of a queue that an error stops."""
+        with contextlib.suppress(OSError, ScannerError):
+            self._write_summary()
         with contextlib.suppress(ScannerError):
             self.log.emit(QueueStopped(reason=str(e)))
         self.audit.write("QUEUE-STOP", f"{type(e).__name__}: {e}")
-        with contextlib.suppress(OSError):
-            self._write_summary()
 
     def _raise_if_canceled(self) -> None:
         if self._cancel.is_set():  # between cartridges: load nothing more
@@ -260,14 +260,14 @@ class CartridgeQueue:
                     self._run_with(instrument, loader, done)
         except (KeyboardInterrupt, QueueCanceled):
             why = self._cancel_reason or "interrupted (Ctrl-C)"
+            self._write_summary()
             self.log.emit(QueueStopped(reason=why))
             self.audit.write("QUEUE-STOP", f"{why}; resumable")
-            self._write_summary()
             raise
         except LoaderError as e:
+            self._write_summary()
             self.log.emit(QueueStopped(reason=str(e)))
             self.audit.write("QUEUE-STOP", f"loader unusable: {e}")
-            self._write_summary()
             raise
         except HardwareHangError as e:
             hung = True
@@ -281,6 +281,7 @@ class CartridgeQueue:
                 instrument.close()
         stopped = self.stop_requested()
         end = QueueStopped if stopped else QueueFinished
+        self._write_summary()
         self.log.emit(
             end(
                 reason="stop requested" if stopped else "",
@@ -292,7 +293,6 @@ class CartridgeQueue:
             ("stopped after the current cartridge, as requested; " if stopped else "")
             + ", ".join(f"{o.barcode}: {o.status}" for o in self.outcomes),
         )
-        self._write_summary()
         return self.outcomes
 
     def _run_holder(
