@@ -7,9 +7,14 @@ CTC candidates itself and returns a JSON-ready record.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,13 @@ from analysis.gallery import candidate_png
 from analysis.qc import channel_qc
 from analysis.settings import DetectionSettings
 
-__all__ = ["FieldJob", "analyze_field_file"]
+__all__ = [
+    "FieldJob",
+    "analysis_identity",
+    "analyze_field_file",
+    "detector_version",
+    "file_stamp",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         and none was given.
     """
     t0 = time.perf_counter()
+    source = file_stamp(job.path)
     required = [n for n, r in job.roles.items() if r != "marker"]
     ff = read_field_file(job.path, rename=job.rename, required=required)
     _check_finite(ff.path, ff.data, ff.channel_names)
@@ -144,8 +156,19 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             "counts": det.counts(),
             "objects": det.objects,
             "seconds": round(time.perf_counter() - t0, 4),
+            "source": source,
         }
     )
+
+
+def file_stamp(path: str | Path) -> str | None:
+    """``"size:mtime_ns"`` of a file (None when it is not there): a stored
+    result of a file whose stamp has changed since is redone on resume."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _check_finite(path: Path, data: np.ndarray, names: list[str]) -> None:
@@ -171,3 +194,54 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     return value
+
+
+#: the modules whose code decides a field's detection record
+_DETECTOR_MODULES = (
+    "background.py",
+    "detect.py",
+    "fieldio.py",
+    "gallery.py",
+    "pipeline.py",
+    "qc.py",
+    "settings.py",
+)
+
+
+@functools.cache
+def detector_version() -> str:
+    """The installed ctcscan version and a digest of the analysis code
+    (``0.1.0+a1b2c3d4``): any change to how fields are analysed changes it."""
+    try:
+        release = version("ctcscan")
+    except PackageNotFoundError:
+        release = "0+unknown"
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _DETECTOR_MODULES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return f"{release}+{h.hexdigest()[:8]}"
+
+
+def analysis_identity(
+    settings: DetectionSettings,
+    roles: dict[str, str],
+    rename: dict[str, str] | None = None,
+    pixel_size_um: float | None = None,
+) -> tuple[str, str]:
+    """``(analysis id, settings sha256)``: the id (12 hex digits) names the
+    detector version and everything a user sets; the same fields analysed
+    under the same id give the same results."""
+    settings_sha = hashlib.sha256(
+        json.dumps(
+            {
+                "settings": settings.model_dump(mode="json"),
+                "roles": roles,
+                "rename": rename,
+                "pixel_size_um": pixel_size_um,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    aid = hashlib.sha256(f"{detector_version()}\n{settings_sha}".encode()).hexdigest()
+    return aid[:12], settings_sha

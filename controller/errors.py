@@ -64,6 +64,10 @@ class HardwareHangError(AcquisitionError):
     """
 
 
+class ClusterError(ScannerError):
+    """The Dask scheduler cannot be reached, or was lost during the work."""
+
+
 class FocusError(ScannerError):
     """The focus map could not be measured."""
 

@@ -198,6 +198,8 @@ class Detected(Record):
     counts: dict[str, int] | None = None
     seconds: float | None = None
     sha256: str | None = None  # absent in runs written before it was recorded
+    #: size and modification time (ns) of the field file analysed, "size:mtime"
+    source: str | None = None
 
 
 class DetectFailed(Record):
@@ -252,10 +254,18 @@ class Finished(_RunEnd):
 
 
 class AnalysisStarted(Record):
+    """An analysis of stored fields starts (or resumes: `done` fields already
+    have a current result). `analysis_id` names the detector version and the
+    settings; an output folder holds one analysis id."""
+
     event: Literal["analysis_started"] = "analysis_started"
     kind: ClassVar[str] = "analysis_started"
     input: str
     fields: int
+    done: int = 0
+    analysis_id: str | None = None  # absent in analyses written before it
+    detector_version: str | None = None
+    settings_sha256: str | None = None
 
 
 class AnalysisFinished(Record):

@@ -10,6 +10,7 @@ subscribe to the run's event stream.
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from rich.table import Table
 from analysis.fieldio import FieldReadError
 from controller import __version__
 from controller.config import AssayConfig, InstrumentConfig
-from controller.errors import HardwareHangError, ScannerError
+from controller.errors import HardwareHangError, ScannerError, StorageError
 from controller.events import EventStream
 from controller.hardware.instrument import DEFAULT_INSTRUMENT
 from controller.layouts import DEFAULT_LAYOUT, LAYOUTS, CartridgeLayout, get_layout
@@ -49,7 +50,15 @@ from controller.records import (
     Started,
     Stored,
 )
-from controller.runs.analyze import AnalyzeRequest, parse_channel_map, run_analyze
+from controller.runs.analyze import (
+    AnalyzeRequest,
+    CartridgeResult,
+    failures,
+    parse_channel_map,
+    run_analyze,
+)
+from controller.runs.compare import CartridgeChange
+from controller.runs.compare import compare as compare_analyses
 from controller.runs.queue import (
     CartridgeQueue,
     HolderConfig,
@@ -236,6 +245,7 @@ class ScanProgress:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, TaskID] = {}
+        self.analysis = [0, 0]  # fields of every cartridge analysed; done before
 
     def _drop(self, *keys: str) -> None:
         for key in keys or tuple(self.tasks):
@@ -258,9 +268,18 @@ class ScanProgress:
             p.advance(tasks["scan"])
         elif isinstance(r, (Detected, DetectFailed)) and "detect" in tasks:
             p.advance(tasks["detect"])
-        elif isinstance(r, AnalysisStarted):
-            self._drop()
-            tasks["detect"] = p.add_task("analysing", total=r.fields, unit="fields")
+        elif isinstance(r, AnalysisStarted):  # one bar over every cartridge
+            if "analyse" not in tasks:
+                self._drop()
+                self.analysis = [0, 0]
+                tasks["analyse"] = tasks["detect"] = p.add_task(
+                    "analysing", total=0, unit="fields"
+                )
+            self.analysis[0] += r.fields
+            self.analysis[1] += r.done
+            p.update(
+                tasks["analyse"], total=self.analysis[0], completed=self.analysis[1]
+            )
 
 
 def _summary(r: ScanResult) -> None:
@@ -440,13 +459,22 @@ def stop(
 
 @app.command()
 def analyze(
-    input_dir: Annotated[
-        Path,
+    inputs: Annotated[
+        list[Path],
         typer.Argument(
-            metavar="INPUT", help="a ctcscan run folder, or a folder of OME-TIFF fields"
+            metavar="INPUT...",
+            help="ctcscan run folders or folders of OME-TIFF fields (with "
+            "--recursive: roots to search)",
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="output folder")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="output folder (several inputs: one subfolder each); default: "
+            "RUN/analyses/<id>/ beside a run folder's own results",
+        ),
+    ] = None,
     channels: Annotated[
         str | None,
         typer.Option(help="assay=file channel names, e.g. DAPI=Hoechst,PE=CK"),
@@ -462,40 +490,185 @@ def analyze(
             help="worker processes (default: one per core; 0: in this process)"
         ),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="a Dask scheduler (tcp://HOST:PORT), or 'local' for a local "
+            "Dask cluster of --workers processes; default: a local process pool"
+        ),
+    ] = None,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive",
+            help="analyse every run folder and OME-TIFF folder under the inputs",
+        ),
+    ] = False,
 ) -> None:
-    """Detect CTCs in stored fields and write events, gallery and report."""
+    """Detect CTCs in stored fields and write events, gallery and report; the
+    same command resumes."""
     try:
         assay_cfg = AssayConfig.from_file(assay) if assay else AssayConfig()
         if workers is not None and workers < 0:
             _fail(f"--workers must be 0 (in this process) or more, got {workers}")
+        if scheduler is not None and workers == 0:
+            _fail("--workers 0 analyses in this process; a --scheduler needs 1 or more")
         if pixel_size is not None and not (0 < pixel_size < 1000):
             _fail(f"--pixel-size must be a size in um (0 to 1000), got {pixel_size}")
+        if scheduler not in (None, "local") and "://" not in scheduler:
+            _fail(f"--scheduler takes tcp://HOST:PORT or 'local', got {scheduler!r}")
         request = AnalyzeRequest(
-            input=input_dir,
+            inputs=tuple(inputs),
             out=out_dir,
             assay=assay_cfg,
             rename=parse_channel_map(channels, assay_cfg),
             pixel_size_um=pixel_size,
             workers=workers,
+            recursive=recursive,
+            scheduler=scheduler,
         )
+        if scheduler is not None:
+            _quiet_dask()
         progress = _progress()
         events = EventStream()
         events.subscribe(ScanProgress(progress))
         with progress:
-            report = run_analyze(request, events=events)
+            results = run_analyze(request, events=events)
     except (ScannerError, FieldReadError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    t = Table(title=f"cartridge {report.cartridge_id}", show_header=False)
-    t.add_row(
-        "fields analysed",
-        f"{report.fields.analyzed} of {report.fields.planned}",
-    )
-    t.add_row("CTC count", str(report.ctc_count))
-    t.add_row("result", report.statement)
-    t.add_row("report", str(out_dir / "report.html"))
+        _fail("interrupted; run the same command again to resume", 130)
+    if len(results) == 1 and not recursive:
+        _analysis_table(results[0])
+    else:
+        _archive_table(results)
+    if problems := failures(results):
+        more = len(problems) - 1
+        _fail(
+            problems[0]
+            + (f" (and {more} more, listed in the reports and above)" if more else "")
+        )
+
+
+def _quiet_dask() -> None:
+    """A lost or unreachable Dask scheduler is reported in one line, not by
+    its client's log (importing distributed sets up its loggers: after it)."""
+    import distributed  # noqa: F401
+
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _analysis_table(r: CartridgeResult) -> None:
+    t = Table(title=f"cartridge {r.name}", show_header=False)
+    t.add_row("fields analysed", f"{r.analyzed} of {r.fields}")
+    t.add_row("CTC count", str(r.ctc_count))
+    if r.previous is not None:
+        t.add_row("previous count", f"{r.previous} ({_change(r)})")
+    t.add_row("result", r.statement)
+    t.add_row("report", str(Path(r.out) / "report.html"))
     out.print(t)
+
+
+def _change(r: CartridgeResult) -> str:
+    if r.previous is None or r.ctc_count is None:
+        return ""
+    d = r.ctc_count - r.previous
+    return "no change" if d == 0 else f"{d:+d}"
+
+
+def _archive_table(results: list[CartridgeResult]) -> None:
+    t = Table(title=f"{len(results)} cartridge(s)")
+    for col in ("cartridge", "fields", "CTC", "cut-off", "previous", "change", "note"):
+        t.add_column(col)
+    for r in results:
+        note = r.error or (f"{len(r.failed)} field(s) failed" if r.failed else r.out)
+        t.add_row(
+            r.name,
+            f"{r.analyzed}/{r.fields}",
+            "" if r.ctc_count is None else str(r.ctc_count),
+            ""
+            if r.ctc_count is None
+            else f"{r.cutoff} ({'reached' if r.at_or_above_cutoff else 'not reached'})",
+            "" if r.previous is None else str(r.previous),
+            _change(r),
+            note,
+        )
+    out.print(t)
+
+
+@app.command()
+def compare(
+    a: Annotated[
+        Path,
+        typer.Argument(
+            metavar="A", help="an analysis or run folder, or a folder of them"
+        ),
+    ],
+    b: Annotated[
+        Path, typer.Argument(metavar="B", help="the same, analysed otherwise")
+    ],
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="write every changed object to this CSV file"),
+    ] = None,
+    show: Annotated[
+        int, typer.Option(help="changed objects to print per cartridge")
+    ] = 20,
+) -> None:
+    """Compare two analyses of the same cartridges: CTC counts and the objects
+    whose label changed."""
+    try:
+        changes = compare_analyses(a, b)
+        if csv_out is not None:
+            _write_changes(csv_out, changes)
+    except ScannerError as e:
+        _fail(str(e))
+    t = Table(title=f"{a} -> {b}")
+    for col in ("cartridge", "CTC A", "CTC B", "change", "objects changed"):
+        t.add_column(col)
+    for c in changes:
+        t.add_row(
+            c.cartridge,
+            "-" if c.ctc_a is None else str(c.ctc_a),
+            "-" if c.ctc_b is None else str(c.ctc_b),
+            "" if c.change is None else f"{c.change:+d}" if c.change else "0",
+            str(len(c.objects))
+            if c.ctc_a is not None and c.ctc_b is not None
+            else "only in " + ("A" if c.ctc_b is None else "B"),
+        )
+    out.print(t)
+    for c in changes:
+        if not c.objects:
+            continue
+        o = Table(title=f"{c.cartridge}: objects whose label changed")
+        for col in ("field", "row", "col", "A", "B"):
+            o.add_column(col)
+        for ch in c.objects[:show]:
+            o.add_row(
+                ch.field,
+                f"{ch.row:.0f}",
+                f"{ch.col:.0f}",
+                ch.label_a or "-",
+                ch.label_b or "-",
+            )
+        if len(c.objects) > show:
+            o.caption = f"... and {len(c.objects) - show} more" + (
+                f" (all in {csv_out})" if csv_out else " (--csv FILE lists all)"
+            )
+        out.print(o)
+
+
+def _write_changes(path: Path, changes: list[CartridgeChange]) -> None:
+    rows = [o for c in changes for o in c.objects]
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["cartridge", "field", "row", "col", "label_a", "label_b"])
+            for o in rows:
+                w.writerow([o.cartridge, o.field, o.row, o.col, o.label_a, o.label_b])
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @app.command()

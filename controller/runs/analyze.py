@@ -1,42 +1,87 @@
-"""Off-line analysis: ``ctcscan analyze`` on a run folder or a folder of OME-TIFFs.
+"""Analysis of stored fields: ``ctcscan analyze`` on run folders, folders of
+OME-TIFFs, or every one of them under a root, locally or on a Dask cluster.
 
-The same per-field analysis as the on-line detector (`OnlineDetector` runs it, in
-parallel worker processes), then the same outputs: ``events.csv``,
-``candidates/``, ``report.json``, ``report.html`` in the output folder, with the
-per-field records in ``detections/`` and a ``ledger.jsonl`` of the analysis.
+The same per-field analysis as the on-line detector, then the same outputs:
+``events.csv``, ``candidates/``, ``report.json``, ``report.html`` in each
+cartridge's output folder, with the per-field records in ``detections/`` and a
+``ledger.jsonl`` of the analysis. Where the results go:
+
+- ``--out DIR`` with one input: DIR is the analysis folder;
+- ``--out DIR`` with several inputs (or ``--recursive``): ``DIR/<cartridge>/``;
+- no ``--out``: beside a run folder's on-line analysis, ``RUN/analyses/<id>/``.
+
+Each analysis has an id (`analysis.pipeline.analysis_identity`: the detector's
+version and the settings' sha256); an output folder holds one id and is never
+overwritten by another, and the input's own results are never touched. Each
+field's result is durable as it arrives (`DetectionWriter`), so the same
+command resumes: a field whose result is recorded for the same file (size and
+modification time) is not analysed again.
+
+Execution (`runners`): without a scheduler, a local process pool per cartridge
+(`OnlineDetector`); with ``--scheduler tcp://HOST:PORT`` an existing Dask
+cluster, with ``--scheduler local`` a `distributed.LocalCluster`: one task per
+field over all cartridges, workers reading the files themselves.
+
 Every input file's metadata is checked before any work starts, so a bad file is
-reported at once, by name.
+reported at once, by name (with several inputs, its cartridge is listed as
+failed and the others go on).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import resource
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from analysis.fieldio import FieldReadError, field_name_of, inspect_field_file
-from analysis.pipeline import FieldJob
-from analysis.report import OUTPUT_FILES, Report, ReportContext, write_outputs
+from analysis.pipeline import (
+    FieldJob,
+    analysis_identity,
+    detector_version,
+    file_stamp,
+)
+from analysis.report import (
+    OUTPUT_FILES,
+    ReportContext,
+    read_report,
+    write_outputs,
+)
 from controller.config import AssayConfig
-from controller.errors import ConfigError, StorageError
+from controller.errors import ConfigError, ScannerError, StorageError
 from controller.events import EventStream
 from controller.records import (
     AnalysisFinished,
     AnalysisStarted,
+    Detected,
     DetectFailed,
     Written,
 )
-from controller.runs.detector import OnlineDetector
 from controller.runs.outputs import load_records
-from controller.runstore.folder import RunFolder
+from controller.runs.runners import dask_client, run_dask, run_local
+from controller.runstore.folder import RunFolder, folder_name
 from controller.runstore.ledger import LedgerState, RunLog
 from controller.runstore.lock import FolderLock
-from controller.supervise import Supervisor
 
-__all__ = ["AnalyzeRequest", "parse_channel_map", "run_analyze"]
+__all__ = [
+    "ANALYSES_DIR",
+    "AnalyzeRequest",
+    "Cartridge",
+    "CartridgeResult",
+    "failures",
+    "find_inputs",
+    "parse_channel_map",
+    "run_analyze",
+]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+
+#: where, in a run folder, re-analyses go when no --out is given
+ANALYSES_DIR = "analyses"
 
 
 def parse_channel_map(text: str | None, assay: AssayConfig) -> dict[str, str] | None:
@@ -62,19 +107,116 @@ def parse_channel_map(text: str | None, assay: AssayConfig) -> dict[str, str] | 
 
 @dataclass(frozen=True)
 class AnalyzeRequest:
-    """What to analyse."""
+    """What to analyse, where, and on what."""
 
-    input: Path
-    out: Path
+    inputs: tuple[Path, ...]
+    out: Path | None = None
     assay: AssayConfig = field(default_factory=AssayConfig)
     rename: dict[str, str] | None = None
     pixel_size_um: float | None = None
     workers: int | None = None
+    recursive: bool = False
+    #: None: local process pool; "local": a LocalCluster; else a scheduler address
+    scheduler: str | None = None
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers if self.workers is not None else (os.cpu_count() or 1)
 
 
-def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    """Field files of the input, and what is known of the run."""
-    src = req.input
+@dataclass
+class Cartridge:
+    """One input folder's analysis while it runs."""
+
+    input: Path
+    out: RunFolder
+    fields: dict[str, Path] = field(default_factory=dict)
+    ctx: dict[str, Any] = field(default_factory=dict)
+    #: fields whose result is already recorded for their current file
+    done: set[str] = field(default_factory=set)
+    log: RunLog | None = None
+    #: why the cartridge cannot be analysed (its metadata, its folder)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.ctx.get("cartridge_id") or self.input.resolve().name)
+
+    @property
+    def pending(self) -> list[str]:
+        return [n for n in self.fields if n not in self.done] if not self.error else []
+
+
+@dataclass(frozen=True)
+class CartridgeResult:
+    """One row of the summary."""
+
+    name: str
+    input: str
+    out: str
+    fields: int = 0
+    analyzed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    ctc_count: int | None = None
+    cutoff: int | None = None
+    at_or_above_cutoff: bool | None = None
+    statement: str = ""
+    #: the count the input's own report holds (a scan's on-line count)
+    previous: int | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "scan.json").is_file() and (path / "fields").is_dir()
+
+
+def _has_fields(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(
+            p.name.lower().endswith(_TIFF_SUFFIXES) and p.is_file()
+            for p in path.iterdir()
+        )
+    return False
+
+
+def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
+    """The input folders: `paths` themselves, or with `recursive` every run
+    folder and every folder of OME-TIFFs under them (a run folder's own
+    ``fields/`` and ``analyses/`` are part of it, not inputs).
+
+    Raises
+    ------
+    StorageError
+        A path is no folder; nothing to analyse under a root.
+    """
+    found: dict[Path, None] = {}
+    for root in paths:
+        if not root.is_dir():
+            raise StorageError(f"{root}: no such folder")
+        if not recursive:
+            found[root] = None
+            continue
+        before = len(found)
+        for dirpath, dirnames, _ in os.walk(root):
+            here = Path(dirpath)
+            if _is_run(here):
+                found[here] = None
+                dirnames.clear()  # its fields/ and analyses/ are its own
+            elif _has_fields(here) and not (here / "ledger.jsonl").exists():
+                found[here] = None
+            dirnames.sort()
+        if len(found) == before:
+            raise StorageError(
+                f"{root}: no run folder or folder of OME-TIFF fields under it"
+            )
+    return list(found)
+
+
+def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Field files of the input folder, and what is known of its run."""
     if not src.is_dir():
         raise StorageError(f"{src}: no such folder")
     ctx: dict[str, Any] = {"cartridge_id": src.resolve().name, "source": str(src)}
@@ -115,12 +257,45 @@ def _inputs(req: AnalyzeRequest) -> tuple[list[tuple[str, Path]], dict[str, Any]
     return list(zip(names, files, strict=True)), ctx
 
 
-def _check_out(req: AnalyzeRequest, out: RunFolder) -> None:
-    """The output folder is new, empty, or holds an analysis of this input
-    (which is then redone): never the input itself, a scan's run folder, the
-    analysis of another input, or a folder of someone else's files."""
+def _out_folders(req: AnalyzeRequest, inputs: list[Path], aid: str) -> list[Path]:
+    """Each input's output folder (see the module docstring)."""
+    if req.out is None:
+        outs = []
+        for src in inputs:
+            if not _is_run(src):
+                raise ConfigError(
+                    f"{src} is no ctcscan run folder: give --out for its analysis"
+                )
+            outs.append(src / ANALYSES_DIR / aid)
+        return outs
+    if len(inputs) == 1 and not req.recursive:
+        return [req.out]
+    names: dict[str, Path] = {}
+    outs = []
+    for src in inputs:
+        name = folder_name(_cartridge_id(src))
+        if name in names and names[name] != src.resolve():  # a namesake
+            name = folder_name(f"{name}/{src.resolve()}")
+        names[name] = src.resolve()
+        outs.append(req.out / name)
+    return outs
+
+
+def _cartridge_id(src: Path) -> str:
+    with contextlib.suppress(StorageError, OSError, ValueError, AttributeError):
+        scan = RunFolder(src).read_scan_json() or {}
+        cid = scan.get("request", {}).get("cartridge_id")
+        if isinstance(cid, str) and cid:
+            return cid
+    return src.resolve().name
+
+
+def _check_out(src: Path, out: RunFolder, aid: str) -> None:
+    """The output folder is new, empty, or holds this analysis (same input,
+    same id: it resumes): never the input itself, a scan's run folder, the
+    analysis of another input or with other settings, or someone's files."""
     root = out.root
-    if root.resolve() == req.input.resolve():
+    if root.resolve() == src.resolve():
         raise StorageError(
             f"--out {root} is the input folder: its scan's report would be "
             "overwritten; choose another --out"
@@ -130,10 +305,16 @@ def _check_out(req: AnalyzeRequest, out: RunFolder) -> None:
     started = [r for r in out.ledger.read() if isinstance(r, AnalysisStarted)]
     if started:
         before = Path(started[-1].input).resolve()
-        if before != req.input.resolve():
+        if before != src.resolve():
             raise StorageError(
                 f"--out {root} holds the analysis of {before}; choose another "
-                "--out (or the same input, to redo that analysis)"
+                "--out (or the same input, to resume that analysis)"
+            )
+        if started[-1].analysis_id != aid:
+            raise StorageError(
+                f"--out {root} holds analysis {started[-1].analysis_id or '(old)'} "
+                f"of this input, with another detector or settings (now {aid}); "
+                "choose another --out, or compare the two with ctcscan compare"
             )
         return
     # no analysis recorded: only the lock and what a start cut short may be here
@@ -156,18 +337,83 @@ def _check_out(req: AnalyzeRequest, out: RunFolder) -> None:
         )
 
 
-def run_analyze(req: AnalyzeRequest, *, events: EventStream | None = None) -> Report:
-    """Analyse every field of `req.input`; return the report (report.json).
+# ---------------------------------------------------------------- the analysis
 
-    The analysis's records (`AnalysisStarted`, `Detected`, `DetectFailed`,
-    `AnalysisFinished`) go to the output folder's ledger and to `events`.
+
+def run_analyze(
+    req: AnalyzeRequest, *, events: EventStream | None = None
+) -> list[CartridgeResult]:
+    """Analyse every field of every input; one result per input folder.
+
+    The records of each cartridge's analysis (`AnalysisStarted`, `Detected`,
+    `DetectFailed`, `Written`, `AnalysisFinished`) go to its output folder's
+    ledger and to `events`.
+
+    Raises
+    ------
+    ScannerError
+        Bad inputs or output folders (with one input: also a bad field file,
+        by name); `ClusterError` when the scheduler cannot be reached or is
+        lost (the same command then resumes).
     """
-    with FolderLock(req.out, "output folder"):
-        return _analyze(req, events or EventStream())
+    events = events or EventStream()
+    inputs = find_inputs(req.inputs, req.recursive)
+    aid, settings_sha = analysis_identity(
+        req.assay.detection, dict(req.assay.channels), req.rename, req.pixel_size_um
+    )
+    outs = _out_folders(req, inputs, aid)
+    _raise_open_files_limit(len(outs))
+    with contextlib.ExitStack() as locks:
+        client = None  # the cluster first: nothing is written if it is away
+        if req.scheduler is not None:
+            client = locks.enter_context(dask_client(req.scheduler, req.n_workers))
+        carts = []
+        for src, out in zip(inputs, outs, strict=True):
+            cart = Cartridge(input=src, out=RunFolder(out))
+            try:
+                locks.enter_context(FolderLock(out, "output folder"))
+                _prepare(req, cart, aid)
+            except (ScannerError, FieldReadError) as e:
+                if len(inputs) == 1:
+                    raise
+                cart.error = str(e)
+            carts.append(cart)
+        for cart in carts:
+            if cart.error is None:
+                cart.log = RunLog(cart.out.ledger, events)
+                cart.log.emit(
+                    AnalysisStarted(
+                        input=str(cart.input.resolve()),
+                        fields=len(cart.fields),
+                        done=len(cart.done),
+                        analysis_id=aid,
+                        detector_version=detector_version(),
+                        settings_sha256=settings_sha,
+                    )
+                )
+        work = [c for c in carts if c.pending]
+        if client is None:
+            run_local(work, lambda c: _job_maker(req, c), req.n_workers)
+        else:
+            assert req.scheduler is not None
+            run_dask(client, work, lambda c: _job_maker(req, c), req.scheduler)
+        return [_finish(req, c) for c in carts]
 
 
-def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
-    fields, ctx = _inputs(req)
+def _raise_open_files_limit(n_folders: int) -> None:
+    """Each output folder's lock holds a file open: allow them all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n_folders + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _prepare(req: AnalyzeRequest, cart: Cartridge, aid: str) -> None:
+    """Fields, context, checks and the fields already done of one input."""
+    fields, cart.ctx = _inputs(cart.input)
+    _check_out(cart.input, cart.out, aid)
     required = [n for n, r in req.assay.channels.items() if r != "marker"]
     for _, path in fields:  # fail fast, by file name, before any work
         ff = inspect_field_file(path, rename=req.rename, required=required)
@@ -175,32 +421,50 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
             raise FieldReadError(
                 f"{path}: no pixel size in the metadata; give one with --pixel-size"
             )
-    out = RunFolder(req.out)
-    _check_out(req, out)
-    out.prepare(fields=False)
-    paths = dict(fields)
+    cart.fields = dict(fields)
+    cart.out.prepare(fields=False)
+    records = cart.out.ledger.read()
+    state = LedgerState.from_records(records)
+    stamps = {r.field: r.source for r in records if isinstance(r, Detected)}
+    cart.done = {
+        name
+        for name, path in cart.fields.items()
+        if name in state.detected
+        and stamps.get(name) is not None
+        and stamps[name] == file_stamp(path)
+        and cart.out.detection_path(name).is_file()
+    }
 
+
+def _job_maker(req: AnalyzeRequest, cart: Cartridge) -> Any:
     def make_job(name: str) -> FieldJob:
         return FieldJob(
-            path=str(paths[name]),
+            path=str(cart.fields[name]),
             name=name,
-            out_dir=str(out.root),
+            out_dir=str(cart.out.root),
             settings=req.assay.detection,
             roles=dict(req.assay.channels),
             rename=req.rename,
             pixel_size_um=req.pixel_size_um,
-            saturation=ctx.get("saturation"),
+            saturation=cart.ctx.get("saturation"),
         )
 
-    workers = req.workers if req.workers is not None else (os.cpu_count() or 1)
-    log = RunLog(out.ledger, events)
-    log.emit(AnalysisStarted(input=str(req.input.resolve()), fields=len(fields)))
-    supervisor = Supervisor()
-    detector = OnlineDetector(out, make_job, log, supervisor, workers=workers)
-    detector.add_backlog(paths)
-    detector.close()
-    supervisor.raise_error()
-    records = out.ledger.read()
+    return make_job
+
+
+def _finish(req: AnalyzeRequest, cart: Cartridge) -> CartridgeResult:
+    """The cartridge's outputs from its detection files; its summary row."""
+    base = CartridgeResult(
+        name=cart.name,
+        input=str(cart.input),
+        out=str(cart.out.root),
+        fields=len(cart.fields),
+        cutoff=req.assay.cutoff,
+        previous=_previous_count(cart.input),
+    )
+    if cart.error is not None or cart.log is None:
+        return dataclasses.replace(base, error=cart.error)
+    records = cart.out.ledger.read()
     state = LedgerState.from_records(records)
     since = max(i for i, r in enumerate(records) if isinstance(r, AnalysisStarted))
     failed_now = {
@@ -208,29 +472,52 @@ def _analyze(req: AnalyzeRequest, events: EventStream) -> Report:
         for r in records[since:]
         if isinstance(r, DetectFailed) and r.field not in state.detected
     }
+    ctx = cart.ctx
     context = ReportContext(
-        cartridge_id=ctx["cartridge_id"],
+        cartridge_id=cart.name,
         indication=req.assay.indication,
         cutoff=req.assay.cutoff,
         blood_volume_ml=req.assay.blood_volume_ml,
-        fields_planned=ctx.get("fields_planned") or list(paths),
+        fields_planned=ctx.get("fields_planned") or list(cart.fields),
         fields_failed={**ctx.get("fields_failed", {}), **failed_now},
         cartridge_fields=ctx.get("cartridge_fields"),
         source=ctx["source"],
     )
-    report = write_outputs(out.root, load_records(out, list(paths), state), context)
-    log.emit(Written(files=out.digests(*OUTPUT_FILES)))
-    log.emit(AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now)))
-    if failed_now:
-        name, reason = next(iter(failed_now.items()))
-        where = str(paths[name])
-        raise FieldReadError(
-            (reason if reason.startswith(where) else f"{where}: {reason}")
-            + (
-                f" (and {len(failed_now) - 1} more failed fields, "
-                f"listed in {out.root / 'report.json'})"
-                if len(failed_now) > 1
-                else ""
-            )
-        )
-    return report
+    names = list(cart.fields)
+    report = write_outputs(cart.out.root, load_records(cart.out, names, state), context)
+    cart.log.emit(Written(files=cart.out.digests(*OUTPUT_FILES)))
+    cart.log.emit(
+        AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now))
+    )
+    return dataclasses.replace(
+        base,
+        analyzed=report.fields.analyzed,
+        failed={
+            n: (r if r.startswith(str(cart.fields[n])) else f"{cart.fields[n]}: {r}")
+            for n, r in failed_now.items()
+        },
+        ctc_count=report.ctc_count,
+        at_or_above_cutoff=report.at_or_above_cutoff,
+        statement=report.statement,
+    )
+
+
+def _previous_count(src: Path) -> int | None:
+    """The CTC count of the input's own report (a run folder's), if any."""
+    path = src / "report.json"
+    if not (_is_run(src) and path.is_file()):
+        return None
+    try:
+        return read_report(path).ctc_count
+    except (OSError, ValueError):
+        return None
+
+
+def failures(results: Iterable[CartridgeResult]) -> list[str]:
+    """Every failed field and cartridge, one line each, file names first."""
+    out = []
+    for r in results:
+        if r.error:
+            out.append(f"{r.input}: {r.error}" if r.input not in r.error else r.error)
+        out += list(r.failed.values())
+    return out

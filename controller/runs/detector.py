@@ -49,7 +49,7 @@ from controller.records import Detected, DetectFailed, Record, Stored
 from controller.runstore.folder import RunFolder, write_durably
 from controller.supervise import Supervisor
 
-__all__ = ["OnlineDetector"]
+__all__ = ["DetectionWriter", "OnlineDetector", "failure_reason"]
 
 logger = logging.getLogger("ctcscan.detector")
 
@@ -148,6 +148,7 @@ class OnlineDetector:
         self.sink = sink
         self.workers = workers
         self.run_job = run_job
+        self.writer = DetectionWriter(folder, sink)
         self.max_in_flight = max(1, 2 * workers)
         self.stats = {
             "offered": 0,
@@ -304,28 +305,53 @@ class OnlineDetector:
                 return
             self._failed(name, "the detection worker died on this field")
             return
-        except FieldReadError as e:  # a bad file: its message names it
-            self._failed(name, str(e))
+        except Exception as e:  # a bad file or an analysis bug: record, go on
+            self._failed(name, failure_reason(e))
             return
-        except Exception as e:  # an analysis bug: record, go on
-            self._failed(name, f"{type(e).__name__}: {e}")
-            return
-        path = self.folder.detection_path(name)
         # an error here is the run's, not the field's: the dispatcher dies
         # with it and the supervisor stops the run
-        data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
-        write_durably(path, data)
+        self.writer.done(name, record)
         self.stats["detected"] += 1
+
+    def _failed(self, name: str, reason: str) -> None:
+        self.stats["failed"] += 1
+        self.writer.failed(name, reason)
+
+
+def failure_reason(e: BaseException) -> str:
+    """Why a field's analysis failed, in one line: a bad file's message names
+    the file; anything else is named by its type."""
+    if isinstance(e, FieldReadError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class DetectionWriter:
+    """Where a field's detection result goes: ``detections/<field>.json``
+    written durably (strict JSON), then a `Detected` record with its sha256
+    and the stamp of the field file it came from; or a `DetectFailed` record.
+    Shared by the on-line detector and the analysis of stored fields, local
+    or on a cluster."""
+
+    def __init__(self, folder: RunFolder, sink: RecordSink) -> None:
+        self.folder = folder
+        self.sink = sink
+
+    def done(self, name: str, record: Mapping[str, Any]) -> None:
+        """Raises `OSError` when the file cannot be written (the caller's
+        run stops: that is no one field's failure)."""
+        data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+        write_durably(self.folder.detection_path(name), data)
         self.sink.emit(
             Detected(
                 field=name,
                 counts=record.get("counts"),
                 seconds=record.get("seconds"),
                 sha256=hashlib.sha256(data).hexdigest(),
+                source=record.get("source"),
             )
         )
 
-    def _failed(self, name: str, reason: str) -> None:
+    def failed(self, name: str, reason: str) -> None:
         logger.error("detection failed on %s: %s", name, reason)
-        self.stats["failed"] += 1
         self.sink.emit(DetectFailed(field=name, reason=reason))

@@ -59,7 +59,7 @@ from controller.records import (
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runstore.audit import AuditLog, AuditTrail
-from controller.runstore.folder import write_durably
+from controller.runstore.folder import folder_name, write_durably
 from controller.runstore.ledger import Ledger, RunLog
 from controller.runstore.lock import FolderLock
 
@@ -523,29 +523,11 @@ def _release_memory() -> None:
 
 #: names in a queue folder that are the queue's own (compared in lower case)
 _QUEUE_ENTRIES = frozenset(
-    {
-        "queue.jsonl",
-        "audit.log",
-        "summary.json",
-        STOP_FILE.lower(),
-        ".loader-port",
-        ".lock",
-        ".owner.json",
-    }
-)
+    {"queue.jsonl", "audit.log", "summary.json", STOP_FILE.lower(), ".loader-port",
+     ".lock", ".owner.json"}
+)  # fmt: skip
 
 
 def _folder_name(barcode: str) -> str:
-    """The run folder of a cartridge in the queue folder: the barcode itself
-    when it is a plain name (letters, digits, ``-_.``, no leading or trailing
-    dot, none of the queue's own files); otherwise a plain form of it and
-    the first 8 hex digits of its sha256, so two barcodes never share a
-    folder (``a/b`` and ``a_b``, ``..`` and ``...``) and none leaves the
-    queue folder."""
-    plain = "".join(
-        c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in barcode
-    ).strip(".")[:64]
-    if plain == barcode and plain.lower() not in _QUEUE_ENTRIES:
-        return plain
-    digest = hashlib.sha256(barcode.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{plain or 'cartridge'}-{digest[:8]}"
+    """The run folder of a cartridge in the queue folder (`folder_name`)."""
+    return folder_name(barcode, reserved=_QUEUE_ENTRIES)

@@ -188,3 +188,19 @@ class RunFolder:
                 "fix access to the run folder, then resume"
             ) from None
         return digest == sha256
+
+
+def folder_name(text: str, reserved: frozenset[str] = frozenset()) -> str:
+    """A folder name for an identifier (a barcode, a cartridge id): `text`
+    itself when it is a plain name (ASCII letters, digits, ``-_.``, no leading
+    or trailing dot, not one of `reserved`, compared in lower case); otherwise
+    a plain form of it and the first 8 hex digits of its sha256, so two
+    identifiers never share a folder (``a/b`` and ``a_b``, ``..`` and ``...``)
+    and none leaves the folder it is made in."""
+    plain = "".join(
+        c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in text
+    ).strip(".")[:64]
+    if plain == text and plain.lower() not in reserved:
+        return plain
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{plain or 'cartridge'}-{digest[:8]}"

@@ -24,9 +24,9 @@ from typing import TypeVar
 from controller.errors import StorageError
 from controller.events import EventStream
 from controller.records import (
-    AnalysisStarted,
     Corrupt,
     Detected,
+    DetectFailed,
     Failed,
     Record,
     RecordError,
@@ -125,8 +125,8 @@ class LedgerState:
     """What the ledger says about each field (the last word wins).
 
     `detected` holds the fields whose detection file belongs to their current
-    stored file and, in an analysis folder, to the latest analysis: a detection
-    file left by an earlier one is never counted again.
+    stored file and whose latest analysis succeeded: a detection file left by
+    an earlier try that has since failed is never counted again.
     """
 
     stored: dict[str, Stored] = field(default_factory=dict)
@@ -148,6 +148,6 @@ class LedgerState:
                 state.detected.discard(r.field)
             elif isinstance(r, Detected):
                 state.detected.add(r.field)
-            elif isinstance(r, AnalysisStarted):  # a new analysis: its own results
-                state.detected.clear()
+            elif isinstance(r, DetectFailed):  # a later try failed: no result
+                state.detected.discard(r.field)
         return state

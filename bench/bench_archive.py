@@ -1,0 +1,114 @@
+"""Benchmark: re-analysis of stored cartridges, local process pool against Dask.
+
+Scans `--cartridges` simulated cartridges of `--fields` fields each (once; or
+reuses the run folders under `--inputs`), then analyses all of them with
+``python -m controller analyze INPUTS... --out OUT`` in a fresh process per mode,
+side by side in one run:
+
+``local-2``   the local process pool, 2 workers (the default on 2 cores)
+``dask-1``    ``--scheduler local --workers 1``: a LocalCluster of 1 process
+``dask-2``    ``--scheduler local --workers 2``: a LocalCluster of 2 processes
+
+Wall time includes starting the pool or the cluster (a real cost of the
+command). It prints wall time, fields per second, the speed-up of 2 Dask workers
+over 1, and Dask's overhead against the local pool (``dask-2 / local-2 - 1``;
+target <= 10 %), and checks that every mode gives the same events.csv.
+
+Usage::
+
+    python bench/bench_archive.py                        # 4 cartridges x 24 fields
+    python bench/bench_archive.py --cartridges 8 --fields 40
+    python bench/bench_archive.py --inputs /tmp/runs     # run folders already there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = {
+    "local-2": ["--workers", "2"],
+    "dask-1": ["--scheduler", "local", "--workers", "1"],
+    "dask-2": ["--scheduler", "local", "--workers", "2"],
+}
+
+
+def _scan(out: Path, seed: int, fields: int) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "controller", "scan", "--out", str(out),
+         "--seed", str(seed), "--fields", str(fields)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cartridges", type=int, default=4)
+    p.add_argument("--fields", type=int, default=24)
+    p.add_argument("--inputs", type=Path, help="a folder of run folders to reuse")
+    p.add_argument("--repeat", type=int, default=1, help="runs per mode (best kept)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ctcscan-archive-") as tmp:
+        root = args.inputs or Path(tmp) / "runs"
+        if args.inputs is None:
+            t0 = time.perf_counter()
+            for k in range(args.cartridges):
+                _scan(root / f"cart-{k:02d}", 1000 + k, args.fields)
+            print(
+                f"scanned {args.cartridges} cartridges x {args.fields} fields in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        inputs = sorted(p for p in root.iterdir() if (p / "scan.json").is_file())
+        n_fields = sum(len(list((p / "fields").glob("*.ome.tif"))) for p in inputs)
+        rows = {}
+        events: dict[str, dict[str, bytes]] = {}
+        for mode, opts in MODES.items():
+            best = float("inf")
+            for rep in range(args.repeat):
+                out = Path(tmp) / f"out-{mode}-{rep}"
+                t0 = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-m", "controller", "analyze",
+                     *map(str, inputs), "--out", str(out), *opts],
+                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                best = min(best, time.perf_counter() - t0)
+                events[mode] = {
+                    p.name: (p / "events.csv").read_bytes() for p in out.iterdir()
+                }
+            rows[mode] = best
+            print(
+                f"{mode:<8} {best:7.1f} s  {n_fields / best:6.2f} fields/s",
+                flush=True,
+            )
+        same = all(events[m] == events["local-2"] for m in MODES)
+        speedup = rows["dask-1"] / rows["dask-2"]
+        overhead = rows["dask-2"] / rows["local-2"] - 1
+        print(
+            f"{len(inputs)} cartridges, {n_fields} fields: 2 Dask workers "
+            f"{speedup:.2f}x faster than 1; Dask overhead against the local pool "
+            f"{overhead:+.1%} (target <= +10%); identical events.csv: {same}"
+        )
+        print(
+            json.dumps(
+                {
+                    "cartridges": len(inputs),
+                    "fields": n_fields,
+                    "seconds": rows,
+                    "speedup_2_over_1": round(speedup, 3),
+                    "dask_overhead": round(overhead, 4),
+                    "identical": same,
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Where the fields of an analysis are analysed: a local process pool, or Dask.
+
+Both runners take the cartridges to analyse (a `Cartridge`: its output folder,
+its record sink, the fields still pending) and a job maker,
+and deliver every field's result through the cartridge's `DetectionWriter` as
+it arrives, so whatever finished is durable if the rest never does.
+
+- `run_local`: the on-line detector's pool (`OnlineDetector`), one cartridge
+  after another: bounded in-flight fields, a dead worker replaced and its
+  field retried.
+- `run_dask`: one task per field over all cartridges on a Dask cluster (an
+  existing scheduler, or a `LocalCluster`), the workers reading the field files
+  themselves: no pixels pass through the scheduler. A worker that dies has its
+  fields rescheduled by Dask; a field whose task keeps killing workers fails
+  with that reason. A scheduler that cannot be reached, or is lost for
+  `LOST_AFTER_S`, is a `ClusterError`; the same command then resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from analysis.pipeline import FieldJob, analyze_field_file
+from controller.errors import ClusterError
+from controller.runs.detector import DetectionWriter, OnlineDetector, failure_reason
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import RunLog
+from controller.supervise import Supervisor
+
+__all__ = [
+    "LOST_AFTER_S",
+    "analyze_one_thread",
+    "dask_client",
+    "run_dask",
+    "run_local",
+]
+
+logger = logging.getLogger("ctcscan.runners")
+
+
+class Cartridge(Protocol):
+    """What a runner needs of one cartridge's analysis."""
+
+    @property
+    def out(self) -> RunFolder: ...
+
+    @property
+    def log(self) -> RunLog | None: ...
+
+    @property
+    def pending(self) -> list[str]: ...
+
+
+JobMaker = Callable[[Any], Callable[[str], FieldJob]]
+
+#: how long the scheduler may be unreachable before the analysis gives up
+LOST_AFTER_S = 20.0
+#: how long connecting to a scheduler may take
+CONNECT_TIMEOUT_S = 10.0
+
+
+def run_local(carts: Sequence[Cartridge], job_maker: JobMaker, workers: int) -> None:
+    """Analyse the cartridges' pending fields in local worker processes."""
+    for cart in carts:
+        assert cart.log is not None
+        supervisor = Supervisor()
+        detector = OnlineDetector(
+            cart.out, job_maker(cart), cart.log, supervisor, workers=workers
+        )
+        detector.add_backlog(cart.pending)
+        detector.close()
+        supervisor.raise_error()
+
+
+def analyze_one_thread(job: FieldJob) -> Mapping[str, Any]:
+    """A Dask task: one field, with numpy's thread pools held to one thread
+    (a worker runs one task per thread already)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return analyze_field_file(job)
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str, workers: int) -> Iterator[Any]:
+    """A client of the Dask cluster (with at least one worker), closed after.
+
+    Parameters
+    ----------
+    scheduler : str
+        ``tcp://HOST:PORT`` of a running scheduler, or ``local`` for a
+        `distributed.LocalCluster` of `workers` single-threaded processes.
+
+    Raises
+    ------
+    ClusterError
+        The scheduler cannot be reached, or has no workers.
+    """
+    client, cluster = _connect(scheduler, workers)
+    try:
+        yield client
+    finally:
+        for thing in (client, cluster):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # a lost scheduler: nothing left to close
+                    logger.debug("closing %s failed", thing, exc_info=True)
+
+
+def run_dask(
+    client: Any, carts: Sequence[Cartridge], job_maker: JobMaker, where: str
+) -> None:
+    """Analyse the cartridges' pending fields on the cluster of `client`
+    (`dask_client`); `where` names it in errors."""
+    _run(client, carts, job_maker, where)
+
+
+def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        cluster = LocalCluster(
+            n_workers=max(1, workers),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        return Client(cluster), cluster
+    try:
+        client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}"
+        ) from None
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        client.close()
+        raise ClusterError(
+            f"the Dask scheduler at {scheduler} has no workers (waited "
+            f"{CONNECT_TIMEOUT_S:.0f} s); start some with: dask worker {scheduler}"
+        ) from None
+    return client, None
+
+
+def _run(
+    client: Any, carts: Sequence[Cartridge], job_maker: JobMaker, where: str
+) -> None:
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    owner: dict[str, tuple[DetectionWriter, str]] = {}
+    futures = []
+    for i, cart in enumerate(carts):
+        assert cart.log is not None
+        writer = DetectionWriter(cart.out, cart.log)
+        make_job = job_maker(cart)
+        for name in cart.pending:
+            key = f"ctcscan-{token}-{i}-{name}"
+            futures.append(
+                client.submit(analyze_one_thread, make_job(name), key=key, pure=False)
+            )
+            owner[key] = (writer, name)
+    pending = as_completed(futures)
+    del futures
+    lost_since: float | None = None
+    while not pending.is_empty():
+        batch = pending.next_batch(block=False)
+        for fut in batch:
+            writer, name = owner.pop(fut.key)
+            if fut.status == "finished":
+                writer.done(name, fut.result())
+            elif fut.status == "error":
+                writer.failed(name, failure_reason(fut.exception()))
+            else:  # cancelled or lost with the scheduler: resume does it
+                raise ClusterError(
+                    (
+                        f"lost the Dask scheduler at {where}"
+                        if client.status != "running"
+                        else f"the Dask scheduler at {where} dropped the task of "
+                        f"{name} ({fut.status})"
+                    )
+                    + "; every field finished so far is kept: run the same "
+                    "command again to resume"
+                )
+            fut.release()
+        if batch:
+            continue
+        if client.status == "running":
+            lost_since = None
+        else:
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > LOST_AFTER_S:
+                raise ClusterError(
+                    f"lost the Dask scheduler at {where} ({client.status}); "
+                    "every field finished so far is kept: run the same "
+                    "command again to resume"
+                )
+        time.sleep(0.05)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
