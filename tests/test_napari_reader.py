@@ -7,8 +7,10 @@ index ``(r, c)`` is at world ``translate + scale * (r, c)``.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from controller.records import AnalysisStarted
 from controller.runs.scan import ScanResult
 from controller.runstore.ledger import Ledger
 
+ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
 
 
@@ -280,3 +283,25 @@ def test_an_analysis_folder_shows_its_run_and_its_events(
         AnalysisStarted(input=str(run / "fields"), fields=12)
     )
     assert napari_get_reader(str(other)) is None
+
+
+def test_the_npe2_manifest_names_the_reader_and_ships() -> None:
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(ROOT / "analysis" / "napari.yaml")
+    assert manifest.name == "ctcscan"
+    (reader,) = manifest.contributions.readers or []
+    assert reader.accepts_directories
+    (command,) = [
+        c for c in manifest.contributions.commands or [] if c.id == reader.command
+    ]
+    module, _, attr = (command.python_name or "").partition(":")
+    assert getattr(importlib.import_module(module), attr) is napari_get_reader
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    entry = project["project"]["entry-points"]["napari.manifest"]
+    assert entry == {"ctcscan": "analysis:napari.yaml"}
+    assert "napari.yaml" in project["tool"]["setuptools"]["package-data"]["analysis"]
+    assert any(
+        r.startswith("napari")
+        for r in project["project"]["optional-dependencies"]["napari"]
+    )
