@@ -192,27 +192,27 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
     StorageError
         A path is no folder; nothing to analyse under a root.
     """
-    found: dict[Path, None] = {}
+    found: dict[Path, Path] = {}  # resolved -> as given: each folder once
     for root in paths:
         if not root.is_dir():
             raise StorageError(f"{root}: no such folder")
         if not recursive:
-            found[root] = None
+            found.setdefault(root.resolve(), root)
             continue
         before = len(found)
         for dirpath, dirnames, _ in os.walk(root):
             here = Path(dirpath)
             if _is_run(here):
-                found[here] = None
+                found.setdefault(here.resolve(), here)
                 dirnames.clear()  # its fields/ and analyses/ are its own
             elif _has_fields(here) and not (here / "ledger.jsonl").exists():
-                found[here] = None
+                found.setdefault(here.resolve(), here)
             dirnames.sort()
         if len(found) == before:
             raise StorageError(
                 f"{root}: no run folder or folder of OME-TIFF fields under it"
             )
-    return list(found)
+    return list(found.values())
 
 
 def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
