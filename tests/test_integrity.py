@@ -220,7 +220,7 @@ def test_a_queue_of_colliding_and_hostile_cartridge_ids_scans_each_apart(
         assert json.loads((d / "scan.json").read_text())["request"]["cartridge_id"] == i
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["q"]
     code, text = _verify(q)
-    assert code == 0 and "3 runs" in text, text
+    assert code == 0 and "3 folders" in text, text
     for name in ("queue.jsonl", "summary.json"):
         _flip(q / name)
         code, text = _verify(q)

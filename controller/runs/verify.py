@@ -9,7 +9,8 @@ Checked, read-only:
 - every file a ``written`` record names (scan.json, focus_map.json,
   ground_truth.json, events.csv, report.json, report.html, summary.json)
   against the latest such record;
-- in a queue folder, each cartridge's run folder as well.
+- in a queue folder, each cartridge's run folder as well; in a run folder, each
+  re-analysis under ``analyses/``.
 
 A problem is something changed, missing or cut short; a note is something the
 check could not vouch for (lines written before lines were sealed, a run that
@@ -53,7 +54,7 @@ class VerifyReport:
     root: Path
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    #: what was checked, by kind (lines, fields, detections, files, runs)
+    #: what was checked, by kind (folders, log lines, fields, detections, files)
     checked: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -61,7 +62,7 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        order = ("runs", "log lines", "fields", "detections", "files")
+        order = ("folders", "log lines", "fields", "detections", "files")
         return ", ".join(
             f"{n} {k if n != 1 else k[:-1]}" for k in order if (n := self.checked[k])
         )
@@ -83,6 +84,8 @@ def verify_folder(root: str | Path) -> VerifyReport:
         _queue(root, rep)
     elif (root / "ledger.jsonl").is_file():
         _run(root, rep, prefix="")
+        for sub in sorted((root / "analyses").glob("*/ledger.jsonl")):
+            _run(sub.parent, rep, prefix=f"analyses/{sub.parent.name}/")
     else:
         raise StorageError(
             f"{root}: not a run, analysis or queue folder (no ledger.jsonl or "
@@ -132,7 +135,7 @@ _RUN_MARKS = (Started, Finished, Stopped, AnalysisStarted, AnalysisFinished)
 
 
 def _run(root: Path, rep: VerifyReport, prefix: str) -> None:
-    rep.checked["runs"] += 1
+    rep.checked["folders"] += 1
     folder = RunFolder(root)
     _log(root / "audit.log", rep, f"{prefix}audit.log")
     records = _log(folder.ledger.path, rep, f"{prefix}ledger.jsonl")
