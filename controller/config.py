@@ -43,6 +43,8 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -50,6 +52,10 @@ def load_yaml(path: str | Path) -> Any:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except ValueError as e:  # PyYAML's constructors: 2001-13-45, !!int 0x_, 5000 digits
+        raise ConfigError(f"{path}: invalid YAML value ({e})") from None
 
 
 def _format_validation_error(err: ValidationError) -> str:
