@@ -55,8 +55,12 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(one_line(f"{name}{where}: {problem}")) from None
     except RecursionError:
         raise ConfigError(f"{name}: YAML nested too deeply") from None
-    except ValueError as e:  # PyYAML's constructors: 2001-13-45, !!int 0x_, 5000 digits
-        raise ConfigError(one_line(f"{name}: invalid YAML value ({e})")) from None
+    except (ValueError, LookupError, AttributeError) as e:
+        # PyYAML's constructors on a value they cannot build: a date that is
+        # none (2001-13-45), an integer of 5000 digits, a tag that does not fit
+        # its value (!!int 0x_, !!bool x, !!timestamp x)
+        why = e if isinstance(e, ValueError) else "a tag that does not fit its value"
+        raise ConfigError(one_line(f"{name}: invalid YAML value ({why})")) from None
 
 
 def _format_validation_error(err: ValidationError) -> str:
