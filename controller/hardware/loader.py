@@ -262,7 +262,7 @@ class CartridgeLoader:
             raise LoaderError(
                 f"cartridge loader: nonsense inventory {fields}"
             ) from None
-        if sorted(out) != list(range(1, n + 1)):
+        if len(fields) != n + 1 or sorted(out) != list(range(1, n + 1)):
             raise LoaderError(f"cartridge loader: inventory of {n} slots is {fields}")
         return out
 
