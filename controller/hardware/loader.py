@@ -245,7 +245,11 @@ class CartridgeLoader:
 
     def status(self) -> LoaderStatus:
         state, slot, code = self._query("STAT?", 3)
-        if state not in ("IDLE", "BUSY", "FAULT") or not code.isdigit():
+        if (
+            state not in ("IDLE", "BUSY", "FAULT")
+            or not (slot == "-" or slot.isdigit())
+            or not code.isdigit()
+        ):
             raise LoaderError(
                 f"cartridge loader: nonsense status {state} {slot} {code}"
             )
