@@ -30,6 +30,15 @@ __all__ = [
 class FieldReadError(ValueError):
     """A field file cannot be used; the message names the file and the reason."""
 
+    #: line breaks from the file (a channel name, a tifffile message) are
+    #: escaped: the message is one line
+    _LINE_BREAKS = str.maketrans(
+        {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+    )
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).translate(self._LINE_BREAKS))
+
 
 @dataclass
 class FieldFile:
