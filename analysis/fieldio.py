@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ MIN_FIELD_PX = 64
 
 class FieldReadError(ValueError):
     """A field file cannot be used; the message names the file and the reason."""
+
+    #: line breaks from the file (a channel name, a tifffile message) are
+    #: escaped: the message is one line
+    _LINE_BREAKS = str.maketrans(
+        {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+    )
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).translate(self._LINE_BREAKS))
 
 
 @dataclass
@@ -160,7 +170,10 @@ def _open(
         data = data[None] if pixels else data
     if len(shape) != 3 or not axes.endswith("YX"):
         raise FieldReadError(f"{path}: expected axes CYX, found {axes} {shape}")
-    names, px, stage = _ome_info(ome) if ome else ([], None, {})
+    try:
+        names, px, stage = _ome_info(ome) if ome else ([], None, {})
+    except ValueError as e:  # a pixel size or stage position that is no number
+        raise FieldReadError(f"{path}: bad OME metadata ({e})") from None
     if len(names) != shape[0]:
         names = [f"C{i}" for i in range(shape[0])]
     if rename:
@@ -207,10 +220,14 @@ def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:
                 px = float(el.get("PhysicalSizeX", "nan"))
                 unit = el.get("PhysicalSizeXUnit", "µm")
                 px *= {"nm": 1e-3, "mm": 1e3}.get(unit, 1.0)
+                if not 0 < px < 1000:  # NaN too; the bounds of --pixel-size
+                    raise ValueError(f"PhysicalSizeX {px:g} um is no pixel size")
         elif tag == "Channel":
             names.append(el.get("Name", ""))
         elif tag == "Plane" and not stage:
             for axis in "XYZ":
                 if (v := el.get(f"Position{axis}")) is not None:
-                    stage[f"{axis.lower()}_um"] = float(v)
+                    if not math.isfinite(pos := float(v)):
+                        raise ValueError(f"Position{axis} {v!r} is no position")
+                    stage[f"{axis.lower()}_um"] = pos
     return names, px, stage

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from analysis.settings import DetectionSettings
-from controller.errors import ConfigError
+from controller.errors import ConfigError, one_line
 
 __all__ = [
     "AssayConfig",
@@ -35,21 +35,32 @@ __all__ = [
 def load_yaml(path: str | Path) -> Any:
     """Read a YAML file, raising `ConfigError` with the file name on any problem."""
     path = Path(path)
+    name = one_line(str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(f"{name}: file not found") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise ConfigError(f"{name}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError(f"{name}: cannot read ({e})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}{where}: {problem}") from None
+        raise ConfigError(one_line(f"{name}{where}: {problem}")) from None
+    except RecursionError:
+        raise ConfigError(f"{name}: YAML nested too deeply") from None
+    except (ValueError, LookupError, AttributeError) as e:
+        # PyYAML's constructors on a value they cannot build: a date that is
+        # none (2001-13-45), an integer of 5000 digits, a tag that does not fit
+        # its value (!!int 0x_, !!bool x, !!timestamp x)
+        why = e if isinstance(e, ValueError) else "a tag that does not fit its value"
+        raise ConfigError(one_line(f"{name}: invalid YAML value ({why})")) from None
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -79,7 +90,9 @@ class ConfigModel(BaseModel):
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(
+                f"{one_line(str(path))}: expected a mapping at the top level"
+            )
         return cls.from_dict(data, source=str(path), base_dir=path.parent)
 
     @classmethod
@@ -94,7 +107,8 @@ class ConfigModel(BaseModel):
         try:
             return cls.model_validate(data, context={"base_dir": base_dir})
         except ValidationError as e:
-            raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+            msg = f"{source}: {_format_validation_error(e)}"
+            raise ConfigError(one_line(msg)) from None
 
 
 # ---------------------------------------------------------------- instrument

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: the characters `str.splitlines` breaks a line at
+_LINE_BREAKS = str.maketrans(
+    {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+)
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (``\\n``): a one-line message even
+    when it quotes a file's keys, names or paths."""
+    return text.translate(_LINE_BREAKS)
+
 
 class ScannerError(Exception):
     """Root of every ctcscan error that is reported to the user."""

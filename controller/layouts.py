@@ -89,10 +89,18 @@ def get_layout(name_or_path: str) -> CartridgeLayout:
     """
     if name_or_path in LAYOUTS:
         return LAYOUTS[name_or_path]
-    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+    if name_or_path.endswith((".yaml", ".yml")) or _is_file(name_or_path):
         return CartridgeLayout.from_file(name_or_path)
     known = ", ".join(sorted(LAYOUTS))
     raise UnknownLayoutError(
         f"unknown layout {name_or_path!r}; known layouts: {known}. "
         "To add one, pass a layout YAML file (name, rows, cols, ...) to --layout."
     )
+
+
+def _is_file(name: str) -> bool:
+    """Whether `name` is a file; False for a name the file system refuses."""
+    try:
+        return Path(name).is_file()
+    except OSError:  # ENAMETOOLONG
+        return False

@@ -22,6 +22,8 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from controller.errors import one_line
+
 __all__ = [
     "RECORD_TYPES",
     "AnalysisFinished",
@@ -419,12 +421,12 @@ def parse_line(line: str | bytes) -> Record:
     try:
         text = line.decode("utf-8") if isinstance(line, bytes) else line
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also 5000-digit ints, deep nesting
         raise RecordError(f"not a JSON line ({e})") from None
     if not isinstance(data, dict):
         raise RecordError(f"not a record but a JSON {type(data).__name__}")
     kind = data.get("event")
-    if kind not in RECORD_TYPES:
+    if not isinstance(kind, str) or kind not in RECORD_TYPES:
         raise RecordError(f"unknown record kind {kind!r}")
     version = data.get("v", 1)
     if not isinstance(version, int) or version > SCHEMA_VERSION:
@@ -434,4 +436,4 @@ def parse_line(line: str | bytes) -> Record:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise RecordError(f"{kind} record: {where}: {first['msg']}") from None
+        raise RecordError(one_line(f"{kind} record: {where}: {first['msg']}")) from None

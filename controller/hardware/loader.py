@@ -245,7 +245,11 @@ class CartridgeLoader:
 
     def status(self) -> LoaderStatus:
         state, slot, code = self._query("STAT?", 3)
-        if state not in ("IDLE", "BUSY", "FAULT") or not code.isdigit():
+        if (
+            state not in ("IDLE", "BUSY", "FAULT")
+            or not (slot == "-" or slot.isdigit())
+            or not code.isdigit()
+        ):
             raise LoaderError(
                 f"cartridge loader: nonsense status {state} {slot} {code}"
             )
@@ -262,7 +266,7 @@ class CartridgeLoader:
             raise LoaderError(
                 f"cartridge loader: nonsense inventory {fields}"
             ) from None
-        if sorted(out) != list(range(1, n + 1)):
+        if len(fields) != n + 1 or sorted(out) != list(range(1, n + 1)):
             raise LoaderError(f"cartridge loader: inventory of {n} slots is {fields}")
         return out
 
