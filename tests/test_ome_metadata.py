@@ -3,15 +3,24 @@ schema, and the instrument YAML keys it comes from."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import ome_types
 import pytest
 
+from analysis.fieldio import read_field_file
 from controller.config import InstrumentConfig, load_yaml
 from controller.errors import ConfigError
+from controller.records import Stored
+from controller.runs.scan import ScanResult
+from controller.runstore.fieldstore import AssembledField, FieldStore
+from controller.runstore.folder import RunFolder
+from controller.runstore.omexml import NAMESPACE, OmeXml
 from hardware_configs import CONFIG_DIR
-from tests.conftest import SIM_YAML
+from tests.conftest import SIM_YAML, run_scan, sim_instrument
 
 # ---------------------------------------------------------------- config keys
 
@@ -100,3 +109,186 @@ def test_an_unquoted_hex_colour_in_yaml_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"mine\.yaml: .*color: .*quote a hex"):
         InstrumentConfig.from_file(path)
+
+
+# ---------------------------------------------------------------- stored fields
+
+CARTRIDGE = "PT-0042 <&>"  # characters XML must escape
+CHANNELS = ("DAPI", "FITC", "PE", "APC")
+
+
+def _no_detection(job: Any) -> dict[str, Any]:
+    return {"field": job.name, "counts": {}, "objects": []}
+
+
+@pytest.fixture(scope="module")
+def ome_scan(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """Three fields of the 12-field test layout, stored uncompressed."""
+    return run_scan(
+        tmp_path_factory.mktemp("ome") / "run",
+        n_fields=3,
+        seed=5,
+        cartridge_id=CARTRIDGE,
+        run_job=_no_detection,
+    )
+
+
+def _stored(run: Path) -> dict[str, Stored]:
+    return {
+        r.field: r
+        for r in RunFolder(run).ledger.read()
+        if isinstance(r, Stored)  # the latest record of each field
+    }
+
+
+def test_stored_fields_are_valid_ome_with_the_acquisition(ome_scan: ScanResult) -> None:
+    cfg = sim_instrument()
+    channels = {c.name: c for c in cfg.channels}
+    stored = _stored(ome_scan.run_dir)
+    assert ome_scan.complete and sorted(stored) == [
+        "field_000",
+        "field_001",
+        "field_002",
+    ]
+    for name, rec in stored.items():
+        # the OME 2016-06 schema (lxml), then the model
+        ome = ome_types.from_tiff(ome_scan.run_dir / rec.file, validate=True)
+        assert ome.creator is not None and ome.creator.startswith("ctcscan ")
+        (image,) = ome.images
+        assert image.name == f"{CARTRIDGE} {name}"
+        (ann,) = ome.structured_annotations.map_annotations
+        assert ann.namespace == NAMESPACE
+        assert ann.value.model_dump() == {
+            "cartridge_id": CARTRIDGE,
+            "field": name,
+            "instrument": "simulated-scanner",
+            "software": ome.creator,
+        }
+        assert [r.id for r in image.annotation_refs] == [ann.id]
+        # acquisition date: the ledger's, in UTC
+        assert image.acquisition_date is not None
+        assert image.acquisition_date.utcoffset() == timedelta(0)
+        assert image.acquisition_date == datetime.fromisoformat(rec.acquired_at)
+        # instrument and objective
+        (instrument,) = ome.instruments
+        assert image.instrument_ref is not None
+        assert image.instrument_ref.id == instrument.id
+        assert instrument.microscope is not None
+        assert instrument.microscope.model == "simulated-scanner"
+        (objective,) = instrument.objectives
+        assert image.objective_settings is not None
+        assert image.objective_settings.id == objective.id
+        assert objective.nominal_magnification == 10
+        assert objective.lens_na == 0.45
+        assert objective.model == "simulated 10x/0.45"
+        # pixels
+        px = image.pixels
+        assert (px.size_c, px.size_y, px.size_x, px.size_z, px.size_t) == (
+            4,
+            1036,
+            1384,
+            1,
+            1,
+        )
+        assert px.type.value == "uint16" and px.significant_bits == 12
+        assert px.physical_size_x == px.physical_size_y == 0.64
+        assert px.physical_size_x_unit.value == "µm"
+        # channels: names, wavelengths, colours
+        assert tuple(c.name for c in px.channels) == CHANNELS
+        for ch in px.channels:
+            want = channels[ch.name or ""]
+            assert ch.excitation_wavelength == want.excitation_nm
+            assert ch.emission_wavelength == want.emission_nm
+            assert ch.excitation_wavelength_unit.value == "nm"
+            assert ch.emission_wavelength_unit.value == "nm"
+            assert ch.color.as_hex(format="long").upper() == want.color
+        # one plane per channel: exposure and the ledger's stage
+        assert [p.the_c for p in px.planes] == [0, 1, 2, 3]
+        assert [p.exposure_time for p in px.planes] == [20, 150, 100, 150]
+        for p in px.planes:
+            assert p.exposure_time_unit.value == "ms"
+            assert p.position_x == pytest.approx(rec.stage["x_um"])
+            assert p.position_y == pytest.approx(rec.stage["y_um"])
+            assert p.position_z == pytest.approx(rec.stage["z_um"])
+            assert p.position_x_unit.value == p.position_z_unit.value == "µm"
+        assert [(t.ifd, t.plane_count) for t in px.tiff_data_blocks] == [(0, 4)]
+
+
+def test_analysis_still_reads_the_stored_fields(ome_scan: ScanResult) -> None:
+    for name, rec in _stored(ome_scan.run_dir).items():
+        ff = read_field_file(ome_scan.run_dir / rec.file, required=CHANNELS)
+        assert ff.channel_names == list(CHANNELS)
+        assert ff.pixel_size_um == pytest.approx(0.64)
+        assert ff.stage == pytest.approx(rec.stage), name
+        assert ff.data.shape == (4, 1036, 1384)
+
+
+# ---------------------------------------------------------------- FieldStore
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def emit(self, record: Any) -> None:
+        self.records.append(record)
+
+
+def _field(**kw: Any) -> AssembledField:
+    rng = np.random.default_rng(1)
+    base: dict[str, Any] = {
+        "name": "field_007",
+        "data": rng.integers(90, 4000, (4, 70, 90), dtype=np.uint16),
+        "channel_names": CHANNELS,
+        "stage": {"x_um": 1.5, "y_um": -2.25, "z_um": 0.125},
+        "acquired_at": "2026-03-04T05:06:07.089000+01:00",
+    }
+    return AssembledField(**{**base, **kw})
+
+
+def _store(tmp_path: Path, cfg: InstrumentConfig, **kw: Any) -> FieldStore:
+    ome = OmeXml(
+        cartridge_id=kw.pop("cartridge_id", "C-1"),
+        instrument=cfg.name,
+        pixel_size_um=cfg.pixel_size_um,
+        channels=cfg.channels,
+        objective=cfg.objective,
+        bit_depth=cfg.camera.bit_depth,
+    )
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    return FieldStore(folder, ome, _Sink(), **kw)
+
+
+def test_planes_hold_each_frames_exposure_and_stage(tmp_path: Path) -> None:
+    store = _store(tmp_path, sim_instrument())
+    planes = [{"x_um": 1.5, "y_um": -2.25, "z_um": 0.125 + 0.5 * c} for c in range(4)]
+    fld = _field(exposure_ms=(33.0, None, 7.5, 150.0), plane_stage=tuple(planes))
+    stored = store.store(fld)
+    ome = ome_types.from_tiff(stored.path, validate=True)
+    px = ome.images[0].pixels
+    # a frame's own exposure wins; a frame that reported none: the configured one
+    assert [p.exposure_time for p in px.planes] == [33, 150, 7.5, 150]
+    assert [p.position_z for p in px.planes] == [0.125, 0.625, 1.125, 1.625]
+    assert ome.images[0].acquisition_date == datetime(
+        2026, 3, 4, 4, 6, 7, 89000, tzinfo=UTC
+    )
+    ff = read_field_file(stored.path)
+    assert np.array_equal(ff.data, fld.data)
+
+
+def test_what_the_instrument_does_not_say_is_left_out(tmp_path: Path) -> None:
+    cfg = InstrumentConfig.from_file(CONFIG_DIR / "demo-adapters.yaml")
+    assert cfg.objective is None and cfg.channels[0].color is None
+    hostile = "a\x01b\udcff <c>&"  # controls and lone surrogates: not XML
+    store = _store(tmp_path, cfg, cartridge_id=hostile)
+    stored = store.store(_field(channel_names=("DAPI", "FITC", "PE", "Cy7")))
+    ome = ome_types.from_tiff(stored.path, validate=True)
+    image = ome.images[0]
+    assert ome.instruments[0].objectives == [] and image.objective_settings is None
+    for ch in image.pixels.channels:
+        assert ch.excitation_wavelength is None and ch.emission_wavelength is None
+        assert ch.color.as_hex() == "#fff"  # the OME default, not written
+    assert image.name == "a\ufffdb\ufffd <c>& field_007"
+    # Cy7 is no channel of the instrument: the plane has no exposure
+    assert [p.exposure_time for p in image.pixels.planes] == [1, 1, 1, None]
