@@ -8,6 +8,7 @@ message names the file and the field.
 from __future__ import annotations
 
 import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -37,6 +38,7 @@ __all__ = [
     "ObjectiveSettings",
     "SimulationSettings",
     "StageLimits",
+    "StorageSettings",
     "load_yaml",
 ]
 
@@ -209,6 +211,49 @@ class CameraSettings(ConfigModel):
     bit_depth: int = Field(default=12, ge=8, le=16)
 
 
+#: lossless compressions of field files, and the levels each takes
+COMPRESSION_LEVELS: dict[str, tuple[int, int]] = {"zlib": (1, 9), "zstd": (1, 22)}
+
+
+class StorageSettings(ConfigModel):
+    """How field files are written: uncompressed, or losslessly compressed.
+
+    Higher levels gain little on camera data (its noise does not compress) and
+    cost many times the write time, so the default level is 1
+    (``bench/bench_storage.py``).
+    """
+
+    compression: Literal["none", "zlib", "zstd"] = "none"
+    level: int | None = Field(
+        default=None, description="compression level; default 1 (the fastest)"
+    )
+
+    @model_validator(mode="after")
+    def _level(self) -> Self:
+        if self.compression == "none":
+            if self.level is not None:
+                raise ValueError("level needs a compression (zlib or zstd)")
+            return self
+        lo, hi = COMPRESSION_LEVELS[self.compression]
+        if self.level is not None and not lo <= self.level <= hi:
+            raise ValueError(
+                f"{self.compression} level must be {lo} to {hi}, not {self.level}"
+            )
+        if self.compression == "zstd" and find_spec("imagecodecs") is None:
+            raise ValueError("zstd compression needs the imagecodecs package")
+        return self
+
+    @property
+    def tifffile_args(self) -> dict[str, Any]:
+        """Keyword arguments of `tifffile.imwrite` for this setting."""
+        if self.compression == "none":
+            return {}
+        return {
+            "compression": self.compression,
+            "compressionargs": {"level": 1 if self.level is None else self.level},
+        }
+
+
 class SimulationSettings(ConfigModel):
     """Settings of the simulated world; present only for a simulated instrument.
 
@@ -348,6 +393,7 @@ class InstrumentConfig(ConfigModel):
         description="recorded in the fields' metadata; a simulated instrument "
         "without one has the simulator's 10x/0.45",
     )
+    storage: StorageSettings = StorageSettings()
     loader: LoaderSettings | None = None
     simulation: SimulationSettings | None = None
 

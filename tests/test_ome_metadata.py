@@ -1,8 +1,10 @@
 """What a stored field file holds: its OME metadata, checked against the OME
-schema, and the instrument YAML keys it comes from."""
+schema, its pixels (optionally losslessly compressed), and the instrument YAML
+keys both come from."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,10 @@ from typing import Any
 import numpy as np
 import ome_types
 import pytest
+import tifffile
 
 from analysis.fieldio import read_field_file
-from controller.config import InstrumentConfig, load_yaml
+from controller.config import InstrumentConfig, StorageSettings, load_yaml
 from controller.errors import ConfigError
 from controller.records import Stored
 from controller.runs.scan import ScanResult
@@ -20,7 +23,7 @@ from controller.runstore.fieldstore import AssembledField, FieldStore
 from controller.runstore.folder import RunFolder
 from controller.runstore.omexml import NAMESPACE, OmeXml
 from hardware_configs import CONFIG_DIR
-from tests.conftest import SIM_YAML, run_scan, sim_instrument
+from tests.conftest import SIM_YAML, invoke, run_scan, sim_instrument
 
 # ---------------------------------------------------------------- config keys
 
@@ -238,7 +241,8 @@ def _field(**kw: Any) -> AssembledField:
     rng = np.random.default_rng(1)
     base: dict[str, Any] = {
         "name": "field_007",
-        "data": rng.integers(90, 4000, (4, 70, 90), dtype=np.uint16),
+        # camera-like: offset and shot noise, 12-bit counts in 16-bit words
+        "data": (100 + rng.poisson(50, (4, 70, 90))).astype(np.uint16),
         "channel_names": CHANNELS,
         "stage": {"x_um": 1.5, "y_um": -2.25, "z_um": 0.125},
         "acquired_at": "2026-03-04T05:06:07.089000+01:00",
@@ -247,6 +251,8 @@ def _field(**kw: Any) -> AssembledField:
 
 
 def _store(tmp_path: Path, cfg: InstrumentConfig, **kw: Any) -> FieldStore:
+    """A FieldStore writing into a new run folder (keywords: FieldStore's and
+    ``cartridge_id``)."""
     ome = OmeXml(
         cartridge_id=kw.pop("cartridge_id", "C-1"),
         instrument=cfg.name,
@@ -292,3 +298,121 @@ def test_what_the_instrument_does_not_say_is_left_out(tmp_path: Path) -> None:
     assert image.name == "a\ufffdb\ufffd <c>& field_007"
     # Cy7 is no channel of the instrument: the plane has no exposure
     assert [p.exposure_time for p in image.pixels.planes] == [1, 1, 1, None]
+
+
+# ---------------------------------------------------------------- compression
+
+
+def test_storage_defaults_and_levels() -> None:
+    assert _instrument().storage.compression == "none"
+    assert StorageSettings().tifffile_args == {}
+    assert StorageSettings(compression="zstd").tifffile_args == {
+        "compression": "zstd",
+        "compressionargs": {"level": 1},
+    }
+    zlib = _instrument(storage={"compression": "zlib", "level": 9}).storage
+    assert zlib.tifffile_args["compressionargs"] == {"level": 9}
+
+
+@pytest.mark.parametrize(
+    ("storage", "needle"),
+    [
+        ({"compression": "lzw"}, "storage.compression: Input should be 'none'"),
+        ({"compression": "none", "level": 3}, "level needs a compression"),
+        ({"level": 3}, "level needs a compression"),
+        ({"compression": "zlib", "level": 12}, "zlib level must be 1 to 9, not 12"),
+        ({"compression": "zstd", "level": 0}, "zstd level must be 1 to 22, not 0"),
+        ({"compression": "zstd", "level": 2.5}, "storage.level: Input should be"),
+        ({"compression": "zstd", "fast": True}, "storage.fast: Extra inputs"),
+    ],
+)
+def test_bad_storage_keys_are_one_line_errors(
+    storage: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        _instrument(storage=storage)
+    msg = str(err.value)
+    assert msg.startswith("sim.yaml: ") and "\n" not in msg
+    assert needle in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("compression", "tag"),
+    [("none", 1), ("zlib", 8), ("zstd", 50000)],  # TIFF Compression tag values
+)
+def test_fields_are_stored_losslessly_compressed(
+    tmp_path: Path, compression: str, tag: int
+) -> None:
+    fld = _field()
+    storage = StorageSettings(compression=compression)  # type: ignore[arg-type]
+    stored = _store(tmp_path, sim_instrument(), storage=storage).store(fld)
+    with tifffile.TiffFile(stored.path) as tif:
+        assert [p.compression for p in tif.pages] == [tag] * 4
+    ome_types.from_tiff(stored.path, validate=True)
+    ff = read_field_file(stored.path)
+    assert np.array_equal(ff.data, fld.data) and ff.data.dtype == np.uint16
+    assert ff.channel_names == list(CHANNELS) and ff.stage == fld.stage
+    assert stored.nbytes == stored.path.stat().st_size
+    if compression != "none":
+        assert stored.nbytes < fld.data.nbytes * 0.8
+
+
+def test_a_compressed_run_verifies_resumes_and_is_analysed(
+    ome_scan: ScanResult, tmp_path: Path
+) -> None:
+    cfg = sim_instrument().model_copy(
+        update={"storage": StorageSettings(compression="zstd", level=3)}
+    )
+    run = tmp_path / "zstd"
+    first = run_scan(
+        run,
+        instrument=cfg,
+        n_fields=3,
+        seed=5,
+        cartridge_id=CARTRIDGE,
+        run_job=_no_detection,
+    )
+    assert first.complete and first.stored == 3
+    plain = _stored(ome_scan.run_dir)
+    stored = _stored(run)
+    pixels = {}
+    for name, rec in stored.items():
+        ff = read_field_file(run / rec.file)
+        # the same pixels as the uncompressed scan of the same cartridge
+        assert np.array_equal(
+            ff.data, read_field_file(ome_scan.run_dir / rec.file).data
+        )
+        assert rec.bytes < 0.8 * plain[name].bytes
+        pixels[name] = ff.data
+    r = invoke("verify", str(run))
+    assert r.exit_code == 0 and r.stdout.startswith("ok:"), r.stdout
+    # one field file lost: the resume verifies the others and takes only it again
+    before = {p.name: p.read_bytes() for p in (run / "fields").iterdir()}
+    (run / "fields" / "field_001.ome.tif").unlink()
+    n_records = len(RunFolder(run).ledger.read())
+    again = run_scan(
+        run,
+        instrument=cfg,
+        n_fields=3,
+        seed=5,
+        cartridge_id=CARTRIDGE,
+        run_job=_no_detection,
+    )
+    assert (again.resumed, again.stored, again.complete) == (2, 1, True)
+    new = RunFolder(run).ledger.read()[n_records:]
+    assert [r.field for r in new if isinstance(r, Stored)] == ["field_001"]
+    for name, data in before.items():
+        if name != "field_001.ome.tif":
+            assert (run / "fields" / name).read_bytes() == data
+    ff = read_field_file(run / "fields" / "field_001.ome.tif")
+    assert np.array_equal(ff.data, pixels["field_001"])
+    with tifffile.TiffFile(run / "fields" / "field_001.ome.tif") as tif:
+        assert tif.pages[0].compression == 50000  # still zstd
+    r = invoke("verify", str(run))
+    assert r.exit_code == 0 and r.stdout.startswith("ok:"), r.stdout
+    # ctcscan analyze reads the compressed files
+    out = tmp_path / "analysis"
+    r = invoke("analyze", str(run), "--out", str(out), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["fields"]["analyzed"] == 3

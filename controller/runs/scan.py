@@ -461,9 +461,10 @@ class Scan:
             detector = self._detector(supervisor)
             unsubscribe.append(self.events.subscribe(detector.on_record))
             detector.add_backlog(backlog)
-            writer = StoreWorker(
-                FieldStore(folder, self._ome_xml(), self.log), supervisor
+            fields_store = FieldStore(
+                folder, self._ome_xml(), self.log, storage=req.instrument.storage
             )
+            writer = StoreWorker(fields_store, supervisor)
             store = writer
 
             def deliver(fld: AssembledField) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from controller.config import StorageSettings
 from controller.errors import StorageError
 from controller.events import RecordSink
 from controller.records import Stored
@@ -85,12 +86,22 @@ class FieldStore:
         Renders each field's OME metadata (`controller.runstore.omexml`).
     sink : RecordSink
         Receives a `Stored` record per field.
+    storage : StorageSettings
+        Lossless compression of the pixels (default none).
     """
 
-    def __init__(self, folder: RunFolder, ome: OmeXml, sink: RecordSink) -> None:
+    def __init__(
+        self,
+        folder: RunFolder,
+        ome: OmeXml,
+        sink: RecordSink,
+        storage: StorageSettings | None = None,
+    ) -> None:
         self.folder = folder
         self.ome = ome
         self.sink = sink
+        self.storage = storage or StorageSettings()
+        self._tiff_args = self.storage.tifffile_args
 
     def planes(self, field: AssembledField) -> list[PlaneInfo]:
         """Per channel: its frame's exposure (else the configured one) and the
@@ -118,8 +129,8 @@ class FieldStore:
         )
 
     def encode(self, field: AssembledField) -> bytes:
-        """The OME-TIFF bytes of one field: one page per channel, the OME-XML
-        in the first page's ImageDescription."""
+        """The OME-TIFF bytes of one field: one page per channel (compressed
+        as `storage` says), the OME-XML in the first page's ImageDescription."""
         buf = io.BytesIO()
         tifffile.imwrite(
             buf,
@@ -127,6 +138,7 @@ class FieldStore:
             photometric="minisblack",
             description=self.metadata(field).encode("utf-8"),
             metadata=None,  # no tifffile JSON description: the OME-XML says it all
+            **self._tiff_args,
         )
         return buf.getvalue()
 
