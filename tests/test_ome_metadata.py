@@ -148,11 +148,8 @@ def test_stored_fields_are_valid_ome_with_the_acquisition(ome_scan: ScanResult) 
     cfg = sim_instrument()
     channels = {c.name: c for c in cfg.channels}
     stored = _stored(ome_scan.run_dir)
-    assert ome_scan.complete and sorted(stored) == [
-        "field_000",
-        "field_001",
-        "field_002",
-    ]
+    assert ome_scan.complete
+    assert sorted(stored) == [f"field_{i:03d}" for i in range(3)]
     for name, rec in stored.items():
         # the OME 2016-06 schema (lxml), then the model
         ome = ome_types.from_tiff(ome_scan.run_dir / rec.file, validate=True)
@@ -186,13 +183,8 @@ def test_stored_fields_are_valid_ome_with_the_acquisition(ome_scan: ScanResult) 
         assert objective.model == "simulated 10x/0.45"
         # pixels
         px = image.pixels
-        assert (px.size_c, px.size_y, px.size_x, px.size_z, px.size_t) == (
-            4,
-            1036,
-            1384,
-            1,
-            1,
-        )
+        sizes = (px.size_c, px.size_y, px.size_x, px.size_z, px.size_t)
+        assert sizes == (4, 1036, 1384, 1, 1)
         assert px.type.value == "uint16" and px.significant_bits == 12
         assert px.physical_size_x == px.physical_size_y == 0.64
         assert px.physical_size_x_unit.value == "µm"

@@ -17,8 +17,8 @@ One field file holds one OME Image (axes CYX, one TIFF page per channel):
 Everything but the Image name, acquisition date, planes and the annotation's
 field name is the same for every field of a run; `OmeXml` renders that part
 once per image shape and fills in the rest per field with string formatting
-(a few microseconds; building the same document with ``ome_types`` and its
-``to_xml`` costs ~13 ms per field, see ``bench/bench_storage.py``). The output
+(60-140 us a field; building the same document with ``ome_types`` and its
+``to_xml`` costs 14-26 ms, see ``bench/bench_storage.py --metadata``). The output
 is checked against the OME 2016-06 schema by ``tests/test_ome_metadata.py``.
 """
 
