@@ -7,11 +7,20 @@ message names the file and the field.
 
 from __future__ import annotations
 
+import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from analysis.settings import DetectionSettings
 from controller.errors import ConfigError, one_line
@@ -26,8 +35,10 @@ __all__ = [
     "Indication",
     "InstrumentConfig",
     "LoaderSettings",
+    "ObjectiveSettings",
     "SimulationSettings",
     "StageLimits",
+    "StorageSettings",
     "load_yaml",
 ]
 
@@ -114,12 +125,72 @@ class ConfigModel(BaseModel):
 # ---------------------------------------------------------------- instrument
 
 
+#: colour names a channel's `color` may use, with their RGB value
+COLOR_NAMES: dict[str, str] = {
+    "blue": "#0000FF",
+    "green": "#00FF00",
+    "red": "#FF0000",
+    "yellow": "#FFFF00",
+    "orange": "#FF8000",
+    "cyan": "#00FFFF",
+    "magenta": "#FF00FF",
+    "white": "#FFFFFF",
+}
+_HEX_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
+
+
 class ChannelSettings(ConfigModel):
-    """One assay channel as the instrument acquires it."""
+    """One assay channel as the instrument acquires it.
+
+    `excitation_nm`, `emission_nm` and `color` only describe the channel (they
+    go into every field file's OME metadata, for viewers such as QuPath and
+    OMERO); absent ones are left out of the file.
+    """
 
     name: str = Field(min_length=1, description="assay channel name, e.g. DAPI")
     preset: str = Field(min_length=1, description="preset in the channel config group")
     exposure_ms: float = Field(ge=0, le=60_000)
+    excitation_nm: float | None = Field(
+        default=None, gt=0, le=10_000, description="excitation wavelength"
+    )
+    emission_nm: float | None = Field(
+        default=None, gt=0, le=10_000, description="emission wavelength"
+    )
+    color: str | None = Field(
+        default=None, description="display colour: '#RRGGBB' or a colour name"
+    )
+
+    @field_validator("color", mode="before")
+    @classmethod
+    def _color(cls, value: Any) -> Any:
+        if value is None:  # `color: #0000FF` unquoted is a YAML comment
+            raise ValueError(
+                "no colour given (in YAML quote a hex colour: an unquoted # "
+                "starts a comment)"
+            )
+        if not isinstance(value, str):
+            raise ValueError("a colour is a string: '#RRGGBB' or a colour name")
+        if _HEX_COLOR.fullmatch(value):
+            return value.upper()
+        if value.lower() in COLOR_NAMES:
+            return COLOR_NAMES[value.lower()]
+        raise ValueError(
+            f"{value!r} is no colour: use '#RRGGBB' or one of " + ", ".join(COLOR_NAMES)
+        )
+
+
+class ObjectiveSettings(ConfigModel):
+    """The objective the fields are imaged through (recorded in the metadata)."""
+
+    model: str = Field(default="", description="e.g. Plan Apo 10x/0.45")
+    magnification: float = Field(gt=0, le=1000, description="nominal magnification")
+    na: float = Field(gt=0, le=2, description="lens numerical aperture")
+
+
+#: the simulated scanner's optics (`simulators`) when its YAML names no objective
+SIMULATED_OBJECTIVE = ObjectiveSettings(
+    model="simulated 10x/0.45", magnification=10, na=0.45
+)
 
 
 class StageLimits(ConfigModel):
@@ -152,6 +223,49 @@ class CameraSettings(ConfigModel):
     width: int = Field(gt=0, description="frame width in pixels")
     height: int = Field(gt=0, description="frame height in pixels")
     bit_depth: int = Field(default=12, ge=8, le=16)
+
+
+#: lossless compressions of field files, and the levels each takes
+COMPRESSION_LEVELS: dict[str, tuple[int, int]] = {"zlib": (1, 9), "zstd": (1, 22)}
+
+
+class StorageSettings(ConfigModel):
+    """How field files are written: uncompressed, or losslessly compressed.
+
+    Higher levels gain little on camera data (its noise does not compress) and
+    cost many times the write time, so the default level is 1
+    (``bench/bench_storage.py``).
+    """
+
+    compression: Literal["none", "zlib", "zstd"] = "none"
+    level: int | None = Field(
+        default=None, description="compression level; default 1 (the fastest)"
+    )
+
+    @model_validator(mode="after")
+    def _level(self) -> Self:
+        if self.compression == "none":
+            if self.level is not None:
+                raise ValueError("level needs a compression (zlib or zstd)")
+            return self
+        lo, hi = COMPRESSION_LEVELS[self.compression]
+        if self.level is not None and not lo <= self.level <= hi:
+            raise ValueError(
+                f"{self.compression} level must be {lo} to {hi}, not {self.level}"
+            )
+        if self.compression == "zstd" and find_spec("imagecodecs") is None:
+            raise ValueError("zstd compression needs the imagecodecs package")
+        return self
+
+    @property
+    def tifffile_args(self) -> dict[str, Any]:
+        """Keyword arguments of `tifffile.imwrite` for this setting."""
+        if self.compression == "none":
+            return {}
+        return {
+            "compression": self.compression,
+            "compressionargs": {"level": 1 if self.level is None else self.level},
+        }
 
 
 class SimulationSettings(ConfigModel):
@@ -288,8 +402,25 @@ class InstrumentConfig(ConfigModel):
         "than this has hung",
     )
     focus: FocusSettings = FocusSettings()
+    objective: ObjectiveSettings | None = Field(
+        default=None,
+        description="recorded in the fields' metadata; a simulated instrument "
+        "without one has the simulator's 10x/0.45",
+    )
+    storage: StorageSettings = StorageSettings()
     loader: LoaderSettings | None = None
     simulation: SimulationSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _simulated_objective(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("simulation") is not None
+            and "objective" not in data
+        ):
+            data = {**data, "objective": SIMULATED_OBJECTIVE}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,17 @@ from controller.records import Failed, Record
 from controller.runstore.fieldstore import AssembledField
 
 __all__ = ["FieldAssembler"]
+
+
+@dataclass
+class _Partial:
+    """A field being assembled: its buffer and, per channel, what its frame said."""
+
+    buf: np.ndarray
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    have: list[bool] = field(default_factory=list)
+    exposure_ms: list[float | None] = field(default_factory=list)
+    stage: list[dict[str, float]] = field(default_factory=list)
 
 
 class FieldAssembler:
@@ -49,34 +62,56 @@ class FieldAssembler:
         self._index = {f.name: p for p, f in enumerate(self.fields)}
         self.channel_names = tuple(channel_names)
         self.deliver = deliver
-        self._partial: dict[int, tuple[np.ndarray, list[bool]]] = {}
+        self._partial: dict[int, _Partial] = {}
         self._failed: set[int] = set()
         self._lock = threading.Lock()
 
     def frame_ready(
         self, img: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]
     ) -> None:
-        """Slot for ``frameReady``: place one frame, deliver a complete field."""
+        """Slot for ``frameReady``: place one frame, deliver a complete field.
+
+        The field's acquisition time is its first frame's arrival; each
+        frame's exposure (``exposure_ms``) and stage position
+        (``ctcscan_stage``) are kept per channel.
+        """
         p, c = event.index.get("p", 0), event.index.get("c", 0)
+        spec = self.fields[p]
+        stage = {"x_um": spec.x_um, "y_um": spec.y_um, "z_um": spec.z_um}
+        stage.update(meta.get("ctcscan_stage") or {})
+        exposure = meta.get("exposure_ms")
         with self._lock:
             if p in self._failed:
                 return
-            if p not in self._partial:
-                buf = np.empty((len(self.channel_names), *img.shape), img.dtype)
-                self._partial[p] = (buf, [False] * len(self.channel_names))
-            buf, have = self._partial[p]
-            buf[c] = img
-            have[c] = True
-            done = all(have)
+            if (part := self._partial.get(p)) is None:
+                n = len(self.channel_names)
+                part = self._partial[p] = _Partial(
+                    np.empty((n, *img.shape), img.dtype),
+                    have=[False] * n,
+                    exposure_ms=[None] * n,
+                    stage=[stage] * n,
+                )
+            part.buf[c] = img
+            part.have[c] = True
+            part.exposure_ms[c] = (
+                float(exposure) if isinstance(exposure, int | float) else None
+            )
+            part.stage[c] = stage
+            done = all(part.have)
             if done:
                 del self._partial[p]
         if done:
-            spec = self.fields[p]
-            stage = {"x_um": spec.x_um, "y_um": spec.y_um, "z_um": spec.z_um}
-            stage.update(meta.get("ctcscan_stage") or {})
-            focus = meta.get("ctcscan_focus")
             self.deliver(
-                AssembledField(spec.name, buf, self.channel_names, stage, focus=focus)
+                AssembledField(
+                    spec.name,
+                    part.buf,
+                    self.channel_names,
+                    stage,
+                    focus=meta.get("ctcscan_focus"),
+                    acquired_at=part.started,
+                    exposure_ms=tuple(part.exposure_ms),
+                    plane_stage=tuple(part.stage),
+                )
             )
 
     def on_record(self, record: Record) -> None:

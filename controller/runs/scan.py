@@ -76,6 +76,7 @@ from controller.runstore.fieldstore import AssembledField, FieldStore, StoreWork
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState, RunLog
 from controller.runstore.lock import FolderLock
+from controller.runstore.omexml import OmeXml
 from controller.supervise import Supervisor
 
 __all__ = ["Scan", "ScanRequest", "ScanResult"]
@@ -460,9 +461,10 @@ class Scan:
             detector = self._detector(supervisor)
             unsubscribe.append(self.events.subscribe(detector.on_record))
             detector.add_backlog(backlog)
-            writer = StoreWorker(
-                FieldStore(folder, req.instrument.pixel_size_um, self.log), supervisor
+            fields_store = FieldStore(
+                folder, self._ome_xml(), self.log, storage=req.instrument.storage
             )
+            writer = StoreWorker(fields_store, supervisor)
             store = writer
 
             def deliver(fld: AssembledField) -> None:
@@ -636,6 +638,19 @@ class Scan:
                     Corrupt(field=name, reason="file missing or checksum mismatch")
                 )
         return ok
+
+    def _ome_xml(self) -> OmeXml:
+        """What every field file's OME metadata records of this run."""
+        req, cfg = self.request, self.request.instrument
+        return OmeXml(
+            cartridge_id=req.cartridge,
+            instrument=cfg.name,
+            pixel_size_um=cfg.pixel_size_um,
+            channels=cfg.channels,
+            objective=cfg.objective,
+            bit_depth=cfg.camera.bit_depth,
+            software=f"ctcscan {__version__}",
+        )
 
     def _check_same_scan(self, plan: ScanPlan) -> None:
         prev = self.folder.read_scan_json()

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from controller.config import StorageSettings
 from controller.errors import StorageError
 from controller.events import RecordSink
 from controller.records import Stored
 from controller.runstore.folder import RunFolder, write_durably
+from controller.runstore.omexml import OmeXml, PlaneInfo
 from controller.supervise import Supervisor
 
 __all__ = ["AssembledField", "FieldStore", "StoreWorker", "StoredField"]
@@ -45,6 +47,14 @@ class AssembledField:
         at acquisition where the engine could).
     focus : dict or None
         The field's focus QC record (`controller.focus.qc.FieldFocus`), if judged.
+    acquired_at : str
+        When the field's acquisition began (ISO 8601, UTC).
+    exposure_ms : tuple
+        Per channel, the exposure its frame reported (None: unknown); empty
+        when no frame reported one.
+    plane_stage : tuple
+        Per channel, the stage position its frame was taken at; empty: every
+        channel at `stage`.
     """
 
     name: str
@@ -53,6 +63,8 @@ class AssembledField:
     stage: dict[str, float]
     focus: dict[str, Any] | None = None
     acquired_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    exposure_ms: tuple[float | None, ...] = ()
+    plane_stage: tuple[dict[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,45 +82,63 @@ class FieldStore:
     ----------
     folder : RunFolder
         Where to write.
-    pixel_size_um : float
-        Physical pixel size recorded in the OME metadata.
+    ome : OmeXml
+        Renders each field's OME metadata (`controller.runstore.omexml`).
+    sink : RecordSink
+        Receives a `Stored` record per field.
+    storage : StorageSettings
+        Lossless compression of the pixels (default none).
     """
 
     def __init__(
-        self, folder: RunFolder, pixel_size_um: float, sink: RecordSink
+        self,
+        folder: RunFolder,
+        ome: OmeXml,
+        sink: RecordSink,
+        storage: StorageSettings | None = None,
     ) -> None:
         self.folder = folder
-        self.pixel_size_um = pixel_size_um
+        self.ome = ome
         self.sink = sink
+        self.storage = storage or StorageSettings()
+        self._tiff_args = self.storage.tifffile_args
+
+    def planes(self, field: AssembledField) -> list[PlaneInfo]:
+        """Per channel: its frame's exposure (else the configured one) and the
+        stage position it was taken at (else the field's)."""
+        out = []
+        for c, ch in enumerate(field.channel_names):
+            exposure = field.exposure_ms[c] if c < len(field.exposure_ms) else None
+            if exposure is None:
+                exposure = self.ome.default_exposure(ch)
+            st = field.plane_stage[c] if c < len(field.plane_stage) else field.stage
+            out.append(
+                PlaneInfo(exposure, st.get("x_um"), st.get("y_um"), st.get("z_um"))
+            )
+        return out
+
+    def metadata(self, field: AssembledField) -> str:
+        """The OME-XML of one field."""
+        return self.ome.xml(
+            name=field.name,
+            shape=field.data.shape,
+            dtype=field.data.dtype,
+            channel_names=field.channel_names,
+            acquired_at=field.acquired_at,
+            planes=self.planes(field),
+        )
 
     def encode(self, field: AssembledField) -> bytes:
-        """The OME-TIFF bytes of one field."""
-        n_ch = field.data.shape[0]
-        st = field.stage
-        plane = {
-            "PositionX": [st["x_um"]] * n_ch,
-            "PositionXUnit": ["µm"] * n_ch,
-            "PositionY": [st["y_um"]] * n_ch,
-            "PositionYUnit": ["µm"] * n_ch,
-            "PositionZ": [st["z_um"]] * n_ch,
-            "PositionZUnit": ["µm"] * n_ch,
-        }
+        """The OME-TIFF bytes of one field: one page per channel (compressed
+        as `storage` says), the OME-XML in the first page's ImageDescription."""
         buf = io.BytesIO()
         tifffile.imwrite(
             buf,
             field.data,
-            ome=True,
             photometric="minisblack",
-            metadata={
-                "axes": "CYX",
-                "Name": field.name,
-                "Channel": {"Name": list(field.channel_names)},
-                "PhysicalSizeX": self.pixel_size_um,
-                "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": self.pixel_size_um,
-                "PhysicalSizeYUnit": "µm",
-                "Plane": plane,
-            },
+            description=self.metadata(field).encode("utf-8"),
+            metadata=None,  # no tifffile JSON description: the OME-XML says it all
+            **self._tiff_args,
         )
         return buf.getvalue()
 
