@@ -54,6 +54,7 @@ from hypothesis import (
 )
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from analysis.fieldio import (
     FieldFile,
@@ -707,6 +708,13 @@ def test_parse_line_bytes(line: bytes) -> None:
     )
 )
 @example(case=("started", b'{"event": "started", "v": ' + b"9" * 4400 + b"}"))
+@example(  # valid, but nested deeper than pydantic writes
+    case=(
+        "loader",
+        b'{"event": "loader", "identity": ' + b"[" * 300 + b"]" * 300 + b"}",
+    )
+)
+@example(case=("failed", b'{"event": "failed", "field": "\\udcff", "reason": ""}'))
 def test_parse_line_records(case: tuple[str, bytes]) -> None:
     kind, line = case
     got = result_or_error(parse_line, line)
@@ -714,8 +722,18 @@ def test_parse_line_records(case: tuple[str, bytes]) -> None:
         return
     assert type(got) is RECORD_TYPES[kind]
     assert got.v <= SCHEMA_VERSION
-    if b"NaN" not in line and b"Infinity" not in line:  # JSON has neither
-        assert parse_line(dump_line(got)) == got  # a record read can be written
+    if b"NaN" in line or b"Infinity" in line:  # JSON has neither: written as null
+        return
+    try:
+        again = dump_line(got)  # a record read can be written again...
+    except PydanticSerializationError as e:
+        # ...unless a free-form field (identity, focus) nests deeper than the
+        # 255 levels pydantic writes, or a string holds a lone surrogate (the
+        # JSON escape "\udcff"), which UTF-8 cannot hold; nothing rewrites a
+        # record it has read
+        assert "depth exceeded" in str(e) or "surrogates not allowed" in str(e)
+        return
+    assert parse_line(again) == got
 
 
 GOOD_LINES = [
