@@ -555,6 +555,13 @@ def _quiet_dask() -> None:
     its client's log (importing distributed sets up its loggers: after it)."""
     import distributed  # noqa: F401
 
+    def quiet(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or not record.name.startswith(
+            ("distributed", "tornado")
+        )
+
+    for handler in logging.getLogger().handlers:  # its modules set own levels
+        handler.addFilter(quiet)
     for name in ("distributed", "tornado"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
