@@ -77,13 +77,20 @@ def run_local(carts: Sequence[Cartridge], job_maker: JobMaker, workers: int) -> 
         supervisor.raise_error()
 
 
+_LIMITS: Any = None
+
+
 def analyze_one_thread(job: FieldJob) -> Mapping[str, Any]:
     """A Dask task: one field, with numpy's thread pools held to one thread
-    (a worker runs one task per thread already)."""
-    from threadpoolctl import threadpool_limits
+    in this worker process from its first field on (a worker runs one task per
+    thread already; setting the limit per task costs a scan of the loaded
+    libraries every time)."""
+    global _LIMITS
+    if _LIMITS is None:
+        from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1):
-        return analyze_field_file(job)
+        _LIMITS = threadpool_limits(limits=1)
+    return analyze_field_file(job)
 
 
 @contextlib.contextmanager
