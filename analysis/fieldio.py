@@ -150,6 +150,7 @@ def _open(
 ) -> FieldFile:
     try:
         with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
+            _check_planes(path, tif.ome_metadata, tif.pages.first.size)
             series = tif.series[0]
             shape, axes = tuple(series.shape), series.axes
             _check_size(path, shape, series.dtype)  # before a byte is decoded
@@ -231,3 +232,49 @@ def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:
                         raise ValueError(f"Position{axis} {v!r} is no position")
                     stage[f"{axis.lower()}_um"] = pos
     return names, px, stage
+
+
+#: most image planes the OME metadata of a field may declare (SizeC x SizeZ x
+#: SizeT, its whole size in pages of the file, a TiffData's PlaneCount, a
+#: modulo axis's labels): tifffile lists every declared plane and label
+#: before anything else is checked
+_MAX_PLANES = 10_000
+
+
+def _check_planes(path: Path, xml: str | None, page_size: int) -> None:
+    """Refuse OME metadata declaring more than `_MAX_PLANES` planes before
+    tifffile spends seconds and gigabytes listing them (``SizeC="100000000"``,
+    ``SizeY="10000000000"`` over pages of 64 x 64 pixels,
+    ``<ModuloAlongC Start="0" End="1e8" Step="1"/>``)."""
+    if not xml:
+        return
+    try:
+        root = ET.fromstring(xml)
+    except (ET.ParseError, ValueError):
+        return  # left to tifffile
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "Pixels":
+            sizes = [_number(el.get(f"Size{a}")) for a in "XYCZT"]
+            pages = math.prod(sizes) / max(page_size, 1)
+            planes = max(math.prod(sizes[2:]), pages, key=abs)
+        elif tag == "TiffData":
+            planes = max(_number(el.get("PlaneCount")), _number(el.get("NumPlanes")))
+        elif tag.startswith("ModuloAlong") and "Start" in el.attrib:
+            start, end = _number(el.get("Start")), _number(el.get("End"))
+            planes = (end - start) / (_number(el.get("Step")) or 1.0)
+        else:
+            continue
+        if (planes := abs(planes)) > _MAX_PLANES:
+            raise FieldReadError(
+                f"{path}: the OME metadata declares {planes:g} image planes "
+                f"(a field has at most {_MAX_PLANES})"
+            )
+
+
+def _number(value: str | None) -> float:
+    """A number from the OME metadata; 1 when absent or no number."""
+    try:
+        return float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0

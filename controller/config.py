@@ -120,6 +120,11 @@ class ConfigModel(BaseModel):
         except ValidationError as e:
             msg = f"{source}: {_format_validation_error(e)}"
             raise ConfigError(one_line(msg)) from None
+        except UnicodeEncodeError:  # a validator's message quoting "\ud800"
+            raise ConfigError(
+                f"{one_line(source)}: a string holds a lone surrogate (an escape "
+                "such as \\ud800; write the character itself)"
+            ) from None
 
 
 # ---------------------------------------------------------------- instrument

@@ -557,6 +557,9 @@ def test_yaml_bytes(workdir: Path, kind: str, data: bytes) -> None:
 )
 @example(doc={"channels": {"a\nb": "x"}})  # a line break in a key of a dict field
 @example(doc={"indication": "x", "indications": [{"name": "a\nb", "cutoff": 1}]})
+@example(  # YAML escapes "\ud800\udc00" give lone surrogates, quoted by a check
+    doc={"indication": "x", "indications": [{"name": "\U00010000", "cutoff": 1}]}
+)
 def test_yaml_structured(workdir: Path, kind: str, doc: Any) -> None:
     check_yaml(
         kind,
@@ -1146,8 +1149,16 @@ Element = tuple[str, dict[str, str], list[Any]]
 ELEMENTS: st.SearchStrategy[Element] = st.recursive(
     st.builds(
         lambda tag, attrs: (tag, attrs, []),
-        st.sampled_from(["Image", "Pixels", "Channel", "Plane", "TiffData", "Foo"]),
-        st.dictionaries(st.sampled_from(OME_ATTRS), ATTR_VALUES, max_size=4),
+        st.sampled_from(
+            ["Image", "Pixels", "Channel", "Plane", "TiffData", "ModuloAlongZ", "Foo"]
+        ),
+        st.dictionaries(
+            st.sampled_from(
+                [*OME_ATTRS, "NumPlanes", "FirstC", "FirstZ", "Start", "End", "Step"]
+            ),
+            ATTR_VALUES,
+            max_size=4,
+        ),
     ),
     lambda kids: st.builds(
         lambda parent, children: (parent[0], parent[1], children),
@@ -1195,6 +1206,16 @@ PIXELS = st.builds(
         [(2, 64, 64), (1, 64, 65), (64, 64), (3, 2, 2), (2, 2, 3, 3), (6, 5), (4, 1)]
     ),
     st.sampled_from(["uint8", "uint16", "int16", "int32", "float32", "float64"]),
+)
+
+
+#: a modulo axis of 10^8 labels, which tifffile builds with numpy.arange
+MODULO_BOMB = (
+    '<StructuredAnnotations><XMLAnnotation ID="Annotation:0" '
+    'Namespace="openmicroscopy.org/omero/dimension/modulo"><Value>'
+    '<Modulo namespace="http://www.openmicroscopy.org/Schemas/Additions/2011-09">'
+    '<ModuloAlongC Type="lifetime" Start="0" End="100000000" Step="1"/>'
+    "</Modulo></Value></XMLAnnotation></StructuredAnnotations>"
 )
 
 
@@ -1268,6 +1289,26 @@ def test_field_file_bytes(
     xml=BASE_XML.replace('Name="DAPI"', 'Name="DA&#10;PI"'),
     pixels=BASE_PIXELS,
     required=("DAPI",),
+)
+@example(  # planes that tifffile would list one by one: seconds and gigabytes
+    xml=BASE_XML.replace('SizeC="2"', 'SizeC="100000000"'),
+    pixels=BASE_PIXELS,
+    required=(),
+)
+@example(  # a plane of 10^10 x 64 pixels: 3 x 10^8 missing pages of 64 x 64
+    xml=BASE_XML.replace('SizeY="64"', 'SizeY="10000000000"'),
+    pixels=BASE_PIXELS,
+    required=(),
+)
+@example(
+    xml=BASE_XML.replace('PlaneCount="2"', 'PlaneCount="1000000000"'),
+    pixels=BASE_PIXELS,
+    required=(),
+)
+@example(
+    xml=BASE_XML.replace("</OME>", MODULO_BOMB + "</OME>"),
+    pixels=BASE_PIXELS,
+    required=(),
 )
 def test_field_file_ome_xml(
     workdir: Path, xml: str, pixels: np.ndarray, required: tuple[str, ...]
