@@ -188,14 +188,9 @@ def _run(
                 writer.failed(name, failure_reason(fut.exception()))
             else:  # cancelled or lost with the scheduler: resume does it
                 raise ClusterError(
-                    (
-                        f"lost the Dask scheduler at {where}"
-                        if client.status != "running"
-                        else f"the Dask scheduler at {where} dropped the task of "
-                        f"{name} ({fut.status})"
-                    )
-                    + "; every field finished so far is kept: run the same "
-                    "command again to resume"
+                    f"lost the Dask scheduler at {where} (the task of {name} was "
+                    f"{fut.status}); every field finished so far is kept: run the "
+                    "same command again to resume"
                 )
             fut.release()
         if batch:
