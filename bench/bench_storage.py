@@ -51,7 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.fieldio import read_field_file  # noqa: E402
-from controller import __version__  # noqa: E402
 from controller.acquisition.plan import ScanPlan  # noqa: E402
 from controller.config import InstrumentConfig, StorageSettings  # noqa: E402
 from controller.hardware.instrument import open_instrument  # noqa: E402
@@ -99,15 +98,7 @@ def render_fields(n: int, seed: int) -> tuple[InstrumentConfig, list[AssembledFi
 
 
 def ome_of(cfg: InstrumentConfig) -> OmeXml:
-    return OmeXml(
-        cartridge_id="BENCH-0001",
-        instrument=cfg.name,
-        pixel_size_um=cfg.pixel_size_um,
-        channels=cfg.channels,
-        objective=cfg.objective,
-        bit_depth=cfg.camera.bit_depth,
-        software=f"ctcscan {__version__}",
-    )
+    return OmeXml.for_instrument(cfg, "BENCH-0001")
 
 
 def parse_setting(text: str) -> StorageSettings:

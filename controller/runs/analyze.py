@@ -221,7 +221,7 @@ def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
         raise StorageError(f"{src}: no such folder")
     ctx: dict[str, Any] = {"cartridge_id": src.resolve().name, "source": str(src)}
     run = RunFolder(src)
-    if run.scan_json.exists() and run.fields_dir.is_dir():
+    if _is_run(src):
         scan = run.read_scan_json() or {}
         ctx["cartridge_id"] = scan.get("request", {}).get(
             "cartridge_id", ctx["cartridge_id"]

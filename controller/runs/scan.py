@@ -641,16 +641,7 @@ class Scan:
 
     def _ome_xml(self) -> OmeXml:
         """What every field file's OME metadata records of this run."""
-        req, cfg = self.request, self.request.instrument
-        return OmeXml(
-            cartridge_id=req.cartridge,
-            instrument=cfg.name,
-            pixel_size_um=cfg.pixel_size_um,
-            channels=cfg.channels,
-            objective=cfg.objective,
-            bit_depth=cfg.camera.bit_depth,
-            software=f"ctcscan {__version__}",
-        )
+        return OmeXml.for_instrument(self.request.instrument, self.request.cartridge)
 
     def _check_same_scan(self, plan: ScanPlan) -> None:
         prev = self.folder.read_scan_json()

@@ -34,7 +34,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from controller.config import ChannelSettings, ObjectiveSettings
+from controller.config import ChannelSettings, InstrumentConfig, ObjectiveSettings
 
 __all__ = ["NAMESPACE", "OmeXml", "PlaneInfo", "ome_color", "ome_date"]
 
@@ -150,6 +150,21 @@ class OmeXml:
         self.software = _clean(software)
         # the per-shape parts, rendered once
         self._parts = lru_cache(maxsize=8)(self._render_parts)
+
+    @classmethod
+    def for_instrument(cls, cfg: InstrumentConfig, cartridge_id: str) -> OmeXml:
+        """What every field file of a cartridge scanned on `cfg` records."""
+        from controller import __version__
+
+        return cls(
+            cartridge_id=cartridge_id,
+            instrument=cfg.name,
+            pixel_size_um=cfg.pixel_size_um,
+            channels=cfg.channels,
+            objective=cfg.objective,
+            bit_depth=cfg.camera.bit_depth,
+            software=f"ctcscan {__version__}",
+        )
 
     def default_exposure(self, channel: str) -> float | None:
         """The configured exposure of `channel`, if the instrument has it."""
