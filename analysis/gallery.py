@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["candidate_png"]
+__all__ = ["candidate_panels", "candidate_png"]
 
 #: Composite colours (R, G, B) by channel role.
 _ROLE_COLOUR = {
@@ -58,28 +58,17 @@ def candidate_png(
         Half the tile width, in um; a 10 um scale bar is drawn on every tile.
     """
     path = Path(path)
-    half = max(4, round(half_size_um / pixel_size_um))
-    r, c = round(center[0]), round(center[1])
-    _, h, w = field.shape
-    r0, c0 = max(r - half, 0), max(c - half, 0)
-    r1, c1 = min(r + half, h), min(c + half, w)
-    tiles = []
-    composite = np.zeros((2 * half, 2 * half, 3), np.float32)
-    for i, name in enumerate(channel_names):
-        t = np.zeros((2 * half, 2 * half), np.float32)
-        crop = field[i, r0:r1, c0:c1]
-        bg = float(background.get(name, np.median(field[i, ::8, ::8])))
-        floor = 40.0 * float((noise or {}).get(name, 0.0))
-        top = max(float(crop.max()) if crop.size else bg + 1, bg + floor)
-        t[r0 - (r - half) : r1 - (r - half), c0 - (c - half) : c1 - (c - half)] = (
-            _stretch(crop, bg, top)
-        )
-        tiles.append((name, t))
-        colour = _ROLE_COLOUR.get(roles.get(name, ""), (0.6, 0.6, 0.6))
-        composite += t[..., None] * np.array(colour, np.float32)
-    panels = [("overlay", np.clip(composite, 0, 1))] + [
-        (n, np.repeat(t[..., None], 3, axis=2)) for n, t in tiles
-    ]
+    panels = candidate_panels(
+        field,
+        channel_names,
+        roles,
+        center,
+        pixel_size_um=pixel_size_um,
+        background=background,
+        noise=noise,
+        half_size_um=half_size_um,
+    )
+    half = panels[0][1].shape[0] // 2
     side = 2 * half * zoom
     gap, label_h = 4, 14
     canvas = Image.new(
@@ -103,3 +92,41 @@ def candidate_png(
     canvas.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def candidate_panels(
+    field: np.ndarray,
+    channel_names: Sequence[str],
+    roles: Mapping[str, str],
+    center: tuple[float, float],
+    *,
+    pixel_size_um: float,
+    background: Mapping[str, float],
+    noise: Mapping[str, float] | None = None,
+    half_size_um: float = 20.0,
+) -> list[tuple[str, np.ndarray]]:
+    """The overlay and one tile per channel around `center`, as
+    ``(name, RGB float array in 0..1)``; each channel with its own contrast
+    (see `candidate_png`)."""
+    half = max(4, round(half_size_um / pixel_size_um))
+    r, c = round(center[0]), round(center[1])
+    _, h, w = field.shape
+    r0, c0 = max(r - half, 0), max(c - half, 0)
+    r1, c1 = min(r + half, h), min(c + half, w)
+    tiles = []
+    composite = np.zeros((2 * half, 2 * half, 3), np.float32)
+    for i, name in enumerate(channel_names):
+        t = np.zeros((2 * half, 2 * half), np.float32)
+        crop = field[i, r0:r1, c0:c1]
+        bg = float(background.get(name, np.median(field[i, ::8, ::8])))
+        floor = 40.0 * float((noise or {}).get(name, 0.0))
+        top = max(float(crop.max()) if crop.size else bg + 1, bg + floor)
+        t[r0 - (r - half) : r1 - (r - half), c0 - (c - half) : c1 - (c - half)] = (
+            _stretch(crop, bg, top)
+        )
+        tiles.append((name, t))
+        colour = _ROLE_COLOUR.get(roles.get(name, ""), (0.6, 0.6, 0.6))
+        composite += t[..., None] * np.array(colour, np.float32)
+    return [("overlay", np.clip(composite, 0, 1))] + [
+        (n, np.repeat(t[..., None], 3, axis=2)) for n, t in tiles
+    ]

@@ -24,6 +24,7 @@ from analysis.detect import DEFAULT_ROLES, detect_field
 from analysis.fieldio import FieldReadError, read_field_file
 from analysis.gallery import candidate_png
 from analysis.qc import channel_qc
+from analysis.review import review_flag
 from analysis.settings import DetectionSettings
 
 __all__ = [
@@ -114,6 +115,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
     )
     for o in det.objects:
         o["field"] = job.name
+        o["review"] = review_flag(o, job.settings)
         o["stage_x_um"] = (
             round(stage["x_um"] + (o["col"] - (w - 1) / 2) * px, 1)
             if "x_um" in stage

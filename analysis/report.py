@@ -28,7 +28,10 @@ __all__ = [
     "EVENT_COLUMNS",
     "Report",
     "ReportContext",
+    "focus_html",
+    "object_id",
     "read_report",
+    "rewrite_report",
     "summarize",
     "write_outputs",
 ]
@@ -38,6 +41,7 @@ REPORT_VERSION = 1
 
 #: The first columns of events.csv; the features follow.
 EVENT_COLUMNS = (
+    "object_id",
     "field",
     "row",
     "col",
@@ -47,6 +51,7 @@ EVENT_COLUMNS = (
     "score",
     "marker_positive",
     "reason",
+    "review",
 )
 
 
@@ -109,6 +114,9 @@ class Report(BaseModel):
     fields: FieldsSummary
     qc: dict[str, Any]
     focus: dict[str, Any] | None = None
+    #: the readers' signed review (`controller.station`): the reviewed count,
+    #: the readers, their agreement and the sign-off
+    review: dict[str, Any] | None = None
     source: str = ""
     generated_at: str = ""
 
@@ -150,14 +158,22 @@ def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
     )
     writer.writeheader()
     for rec in records:
-        for o in sorted(rec["objects"], key=lambda o: (o["row"], o["col"])):
-            writer.writerow(
-                {
-                    k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                    for k, v in o.items()
-                }
-            )
+        for k, o in enumerate(
+            sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
+        ):
+            row = {
+                kk: ("" if isinstance(v, float) and math.isnan(v) else v)
+                for kk, v in o.items()
+            }
+            row["object_id"] = object_id(rec["field"], k)
+            writer.writerow(row)
     return buf.getvalue()
+
+
+def object_id(field: str, k: int) -> str:
+    """The id of the `k`-th object (by row, then column) of `field` in
+    events.csv: what a reader's decision names."""
+    return f"{field}-{k:04d}"
 
 
 def summarize(records: Sequence[Mapping[str, Any]], ctx: ReportContext) -> Report:
@@ -321,7 +337,7 @@ def _focus_panel(
     )
 
 
-def _focus_html(focus: Mapping[str, Any] | None) -> str:
+def focus_html(focus: Mapping[str, Any] | None) -> str:
     if not focus:  # e.g. fields analysed after the fact: no focus record
         return ""
     if not focus.get("enabled"):
@@ -357,6 +373,27 @@ Time on focus {focus["seconds"]:.1f} s (map {focus["map_seconds"]:.1f} s, per-fi
 checks and re-focus {focus["qc_seconds"]:.1f} s). Re-focused fields:
 <span id="refocused">{e(", ".join(refocused)) or "none"}</span>.</p>
 {f"<ul id='focus-warnings'>{warn}</ul>" if warn else ""}{panels}"""
+
+
+def _review_html(review: Mapping[str, Any] | None, machine: int) -> str:
+    if not review:
+        return ""
+    e = html.escape
+    kappa = review.get("kappa")
+    so = review.get("signoff") or {}
+    readers = ", ".join(str(r) for r in review.get("readers", []))
+    adj = review.get("adjudicator")
+    return f"""<h2>Review</h2><table id="review">
+<tr><th>machine count</th><td id="machine-count">{machine}</td></tr>
+<tr><th>reviewed count</th><td id="reviewed-count">{review["reviewed_count"]}</td></tr>
+<tr><th>readers</th><td id="readers">{e(readers)}</td></tr>
+<tr><th>adjudicator</th><td>{e(str(adj)) if adj else "none needed"}</td></tr>
+<tr><th>agreement</th><td id="agreement">{review.get("agreement", 0):.0%} of
+{review.get("candidates", 0)} candidates, Cohen's kappa
+{"n/a" if kappa is None else f"{kappa:.2f}"}</td></tr>
+<tr><th>signed</th><td id="signoff">{e(str(so.get("reviewer", "")))} at
+{e(str(so.get("t", "")))}, sha256 {e(str(so.get("sha256", "")))}</td></tr></table>
+"""
 
 
 def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
@@ -397,6 +434,7 @@ def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> st
 <h1>Cartridge {e(str(report["cartridge_id"]))}</h1>
 <p id="count">CTC count: <strong>{report["ctc_count"]}</strong>
 ({report["ctc_marker_positive"]} marker-positive)</p>
+{_review_html(report.get("review"), report["ctc_count"])}
 <p class="verdict {verdict}" id="statement">{e(report["statement"])}</p>
 <p>Fields analysed: {report["fields"]["analyzed"]} of {report["fields"]["planned"]}.
 </p>{f"<ul id='failed'>{failed}</ul>" if failed else ""}
@@ -404,7 +442,7 @@ def _html(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> st
 {rows}</table>
 <h2>Image quality</h2><table id="qc"><tr><th>channel</th><th>background (DN)</th>
 <th>noise (DN)</th><th>max saturated fraction</th></tr>{qc_rows}</table>
-{_focus_html(report.get("focus"))}
+{focus_html(report.get("focus"))}
 <h2>CTC candidates, by score</h2>
 <p>Every object called CTC, for review. Tiles: overlay (DAPI blue, cytokeratin green,
 CD45 red, marker yellow), then each channel; bar 10 um.</p>
@@ -428,6 +466,27 @@ def write_outputs(
     records = sorted(records, key=lambda r: r["field"])
     report = summarize(records, ctx)
     _atomic_write(out / "events.csv", _events_csv(records))
+    _write_report(out, report, records)
+    return report
+
+
+def _write_report(
+    out: Path, report: Report, records: Sequence[Mapping[str, Any]]
+) -> None:
     _atomic_write(out / "report.json", report.model_dump_json(indent=1))
     _atomic_write(out / "report.html", _html(report.model_dump(mode="json"), records))
+
+
+def rewrite_report(
+    out_dir: str | Path,
+    records: Sequence[Mapping[str, Any]],
+    review: Mapping[str, Any],
+) -> Report:
+    """report.json and report.html of `out_dir` again, with the readers'
+    `review` added; events.csv and everything else in the report unchanged."""
+    out = Path(out_dir)
+    report = read_report(out / "report.json").model_copy(
+        update={"review": dict(review)}
+    )
+    _write_report(out, report, sorted(records, key=lambda r: r["field"]))
     return report

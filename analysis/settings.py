@@ -95,6 +95,15 @@ class DetectionSettings(BaseModel):
         ),
     )
     # reporting
+    review_margin: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description=(
+            "an object that fails exactly one rule of the CTC definition by "
+            "less than this fraction of the rule's threshold is shown for review"
+        ),
+    )
     marker_snr: float = Field(
         default=15.0, gt=0, description="FITC marker-positive at or above"
     )

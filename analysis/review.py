@@ -1,0 +1,80 @@
+"""Which objects a reader should see besides the CTC calls: the borderline ones.
+
+A reader confirms every CTC call; a CTC that the machine missed can only be
+counted if the reader sees it. An object is *borderline* when it is a
+cytokeratin object with a nucleus that fails exactly one rule of the CTC
+definition, and that one by less than `DetectionSettings.review_margin` of the
+rule's threshold:
+
+- ``nucleus_inside``: the nucleus lies slightly less than `min_nucleus_inside`
+  inside the cytokeratin area;
+- ``size``: the object is slightly too small (at most `min_ctc_diameter_um`);
+- ``cd45``: CD45 is slightly at or above `max_cd45_snr`;
+- ``shape``: solidity or axis ratio slightly below `min_solidity` /
+  `min_axis_ratio`.
+
+Debris, fragments without a nucleus and objects counted in the next field
+(their nucleus cut by the top or left edge) are never borderline: no reader
+decision changes what they are. `review_flag` works on a finished object row
+(its features), so it is the same wherever a record is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from analysis.settings import DetectionSettings
+
+__all__ = ["REVIEW_RULES", "review_flag"]
+
+#: the rules an object can narrowly fail, as the flag names them
+REVIEW_RULES = ("nucleus_inside", "size", "cd45", "shape")
+
+#: labels whose objects are never shown for review: no decision changes them
+_NEVER = {"CTC", "DEBRIS", "WBC"}
+
+
+def _num(o: Mapping[str, Any], key: str) -> float:
+    v = o.get(key)
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
+    """The one rule that `o` fails narrowly (see the module docstring), or
+    ``""``."""
+    if o.get("label") in _NEVER or o.get("reason") in {"no nucleus", ""}:
+        return ""
+    if str(o.get("reason", "")).startswith("nucleus cut"):
+        return ""
+    m = st.review_margin
+    inside = _num(o, "nucleus_inside")
+    diameter = _num(o, "diameter_um")
+    cd45 = _num(o, "cd45_snr")
+    solidity = _num(o, "solidity")
+    ratio = _num(o, "axis_ratio")
+    if math.isnan(inside) or math.isnan(diameter) or inside <= 0:
+        return ""
+    failed: dict[str, bool] = {}  # rule -> failed narrowly
+    if inside < st.min_nucleus_inside:
+        failed["nucleus_inside"] = inside >= st.min_nucleus_inside * (1 - m)
+    if diameter <= st.min_ctc_diameter_um:
+        failed["size"] = diameter > st.min_ctc_diameter_um * (1 - m)
+    elif diameter > st.max_ctc_diameter_um:
+        failed["size"] = False  # far beyond any cell
+    if o.get("reason") == "CD45 positive" or (
+        not math.isnan(cd45) and cd45 >= st.max_cd45_snr
+    ):
+        failed["cd45"] = not math.isnan(cd45) and cd45 < st.max_cd45_snr * (1 + m)
+    single = _num(o, "cluster_size") in (1.0, math.nan) or o.get("cluster_size") == 1
+    low_solid = single and not math.isnan(solidity) and solidity < st.min_solidity
+    low_ratio = not math.isnan(ratio) and ratio < st.min_axis_ratio
+    if low_solid or low_ratio:
+        failed["shape"] = (not low_solid or solidity >= st.min_solidity * (1 - m)) and (
+            not low_ratio or ratio >= st.min_axis_ratio * (1 - m)
+        )
+    if len(failed) != 1:
+        return ""
+    ((rule, narrow),) = failed.items()
+    return rule if narrow else ""
