@@ -702,6 +702,57 @@ def verify(
     out.print(f"ok: {folder} ({found.summary()})", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def serve(
+    root: Annotated[
+        Path, typer.Option("--root", help="folder holding run and queue folders")
+    ] = Path("runs"),
+    host: Annotated[
+        str, typer.Option(help="address to listen on (others need --token-file)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8750,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file", help="file holding the token every request must carry"
+        ),
+    ] = None,
+) -> None:
+    """The bench station: live runs and queues under ROOT, and the review."""
+    from controller.station.app import LOOPBACK
+    from controller.station.server import make_server
+
+    if not root.is_dir():
+        _fail(f"--root {root} is no folder")
+    token: str | None = None
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"--token-file {token_file}: {getattr(e, 'strerror', None) or e}")
+        if len(text) < 16 or not text.isprintable() or " " in text:
+            _fail(
+                f"--token-file {token_file}: the token must be one word of 16 or "
+                "more printable characters"
+            )
+    if host not in LOOPBACK and token is None:
+        _fail(f"--host {host} is reachable from other machines: give --token-file")
+    server = make_server(root, host=host, port=port, token=token)
+    shown = f"[{host}]" if ":" in host else host
+    hint = "/?token=<your token>" if token else "/"
+    out.print(
+        f"ctcscan station on http://{shown}:{port}{hint} over {root.resolve()}"
+        " (Ctrl-C stops it)"
+    )
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn could not bind
+        _fail(
+            f"cannot listen on {host}:{port} (in use, or not an address here)",
+            int(e.code) if isinstance(e.code, int) and e.code else 2,
+        )
+
+
 @app.command("layouts")
 def list_layouts() -> None:
     """List the known cartridge layouts."""

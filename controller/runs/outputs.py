@@ -8,16 +8,20 @@ writes the same outputs as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from typing import Any
 
-from analysis.report import Report, ReportContext, write_outputs
+from analysis.report import Report, ReportContext, read_report, write_outputs
 from controller.acquisition.plan import ScanPlan
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import StorageError
 from controller.focus.surface import FocusMap
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
+from controller.runstore.review import signed_off
+
+logger = logging.getLogger("ctcscan.outputs")
 
 __all__ = ["focus_report", "load_records", "write_scan_outputs"]
 
@@ -67,7 +71,19 @@ def write_scan_outputs(
     acquisition_s: float,
     focus_qc_s: float,
 ) -> Report:
-    """events.csv, report.json, report.html from the fields' detections."""
+    """events.csv, report.json, report.html from the fields' detections.
+
+    A run whose review is signed keeps the outputs that were signed: they are
+    read back, never written again.
+    """
+    if (signed := signed_off(folder.root)) is not None:
+        logger.warning(
+            "%s: the review was signed by %s at %s; its outputs are kept as signed",
+            folder.root,
+            signed.reviewer,
+            signed.t,
+        )
+        return read_report(folder.root / "report.json")
     names = [f.name for f in plan.fields]
     state = LedgerState.from_records(folder.ledger.read())
     failed = {

@@ -19,6 +19,7 @@ has not finished). Nothing is written into the folder.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from controller.records import (
 from controller.runstore.chain import check_lines, unseal
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
+from controller.runstore.review import REVIEW_FILE, SignOffLine, read_lines
 
 __all__ = ["VerifyReport", "verify_folder"]
 
@@ -119,7 +121,7 @@ def _log(path: Path, rep: VerifyReport, name: str) -> list[Record]:
             "before lines were sealed and cannot be vouched for"
         )
     records: list[Record] = []
-    if path.name == "audit.log":
+    if path.name in ("audit.log", REVIEW_FILE):
         return records
     for n, line in enumerate(raw.split(b"\n")[:-1], start=1):
         try:
@@ -138,6 +140,7 @@ def _run(root: Path, rep: VerifyReport, prefix: str) -> None:
     rep.checked["folders"] += 1
     folder = RunFolder(root)
     _log(root / "audit.log", rep, f"{prefix}audit.log")
+    _review(root, rep, prefix)
     records = _log(folder.ledger.path, rep, f"{prefix}ledger.jsonl")
     state = LedgerState.from_records(records)
     for _, rec in sorted(state.stored.items()):
@@ -175,6 +178,32 @@ def _run(root: Path, rep: VerifyReport, prefix: str) -> None:
         rep.notes.append(
             f"{prefix}ledger.jsonl: the run has not finished (stopped, killed, "
             "or still running)"
+        )
+
+
+def _review(root: Path, rep: VerifyReport, prefix: str) -> None:
+    """The review's chain; a sign-off must match the events and decisions."""
+    path = root / REVIEW_FILE
+    _log(path, rep, f"{prefix}{REVIEW_FILE}")
+    lines, raw = read_lines(path)
+    signed = next((x for x in lines if isinstance(x, SignOffLine)), None)
+    if signed is None:
+        return
+    events = _read(root / "events.csv", rep, f"{prefix}events.csv")
+    if (
+        events is not None
+        and hashlib.sha256(events).hexdigest() != signed.events_sha256
+    ):
+        rep.problems.append(f"{prefix}events.csv: not the events the review signed")
+    head, pos = b"", 0
+    for line in raw.split(b"\n")[:-1]:  # the bytes before the sign-off line
+        if b'"kind":"signoff"' in line:
+            head = raw[:pos]
+            break
+        pos += len(line) + 1
+    if hashlib.sha256(head).hexdigest() != signed.decisions_sha256:
+        rep.problems.append(
+            f"{prefix}{REVIEW_FILE}: the decisions differ from those signed"
         )
 
 

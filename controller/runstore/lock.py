@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from controller.errors import StorageError
 from controller.records import now
 
-__all__ = ["FolderLock", "FolderLockedError"]
+__all__ = ["FolderLock", "FolderLockedError", "in_use"]
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".owner.json"
@@ -116,3 +116,32 @@ class FolderLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def in_use(folder: str | Path) -> bool | None:
+    """Whether another process holds `folder`'s lock now, read from the
+    kernel's list of locks (``/proc/locks``) without touching the lock itself,
+    so that a watcher never makes an owner's ``acquire`` fail. None where the
+    kernel does not list its locks."""
+    try:
+        st = os.stat(Path(folder) / LOCK_FILE)
+    except OSError:
+        return False
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in table.splitlines():
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" ("->" when blocked)
+        if len(parts) >= 6 and parts[1] != "->" and parts[1] == "FLOCK":
+            try:
+                major, minor, ino = parts[5].split(":")
+                mine = int(parts[4]) == os.getpid()
+                if (int(major, 16), int(minor, 16), int(ino)) == want and not mine:
+                    return True
+            except ValueError:
+                continue
+    return False

@@ -1,0 +1,233 @@
+"""The review of one run folder: candidates, decisions and the sign-off.
+
+Reads ``events.csv`` and ``review.jsonl`` (`controller.runstore.review` holds
+the file format and the rules); writes a decision or the sign-off under the run
+folder's lock (`FolderLock`), so nothing else writes there meanwhile: a scan or
+analysis owning the folder gets the request refused, and two readers posting at
+the same moment are written one after the other. Every decision and the
+sign-off also goes to the run's ``audit.log``. The sign-off adds the review to
+``report.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+from analysis.report import rewrite_report
+from controller.records import Written
+from controller.runs.outputs import load_records
+from controller.runstore.audit import AuditLog
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import LedgerState
+from controller.runstore.lock import FolderLock, FolderLockedError
+from controller.runstore.review import (
+    FEATURES,
+    REVIEW_FILE,
+    DecisionLine,
+    ReviewError,
+    ReviewState,
+    SignOffLine,
+    append_line,
+    candidates_of,
+    fold,
+    read_lines,
+    signoff_digest,
+)
+
+__all__ = ["RunReview"]
+
+#: one writer at a time per process (the folder lock is per open file)
+_WRITE = threading.Lock()
+
+
+def _float(v: str) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f else None
+
+
+class RunReview:
+    """The review of the run folder `root` (its current events.csv)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.events_path = root / "events.csv"
+        self.path = root / REVIEW_FILE
+
+    def _events(self) -> tuple[list[dict[str, Any]], int, str, list[dict[str, Any]]]:
+        try:
+            raw = self.events_path.read_bytes()
+        except FileNotFoundError:
+            raise ReviewError(
+                "this run has no events.csv yet: it can be reviewed once its "
+                "scan has finished"
+            ) from None
+        rows, machine, everything = candidates_of(raw)
+        return rows, machine, hashlib.sha256(raw).hexdigest(), everything
+
+    def state(self) -> tuple[ReviewState, list[dict[str, Any]], list[dict[str, Any]]]:
+        rows, machine, sha, everything = self._events()
+        lines, _ = read_lines(self.path)
+        st = fold(lines, [r["object_id"] for r in rows], machine, sha)
+        return st, rows, everything
+
+    def candidates(self, reviewer: str | None) -> dict[str, Any]:
+        """Candidates with features; `reviewer`'s own decisions (and everyone's
+        once both readers are done)."""
+        st, rows, everything = self.state()
+        mine = st.decisions.get(reviewer or "", {})
+        if reviewer and reviewer == st.adjudicator:
+            mine = st.adjudicated
+        reveal = st.readers_done
+        out = []
+        for r in rows:
+            oid = r["object_id"]
+            item: dict[str, Any] = {
+                "object_id": oid,
+                "field": r["field"],
+                "row": _float(r["row"]),
+                "col": _float(r["col"]),
+                "stage_x_um": _float(r.get("stage_x_um", "")),
+                "stage_y_um": _float(r.get("stage_y_um", "")),
+                "label": r["label"],
+                "reason": r.get("reason", ""),
+                "review": r.get("review", ""),
+                "score": _float(r.get("score", "")),
+                "features": {k: _float(r.get(k, "")) for k in FEATURES if k in r},
+                "decision": mine.get(oid),
+            }
+            if reveal:
+                item["readers"] = {
+                    name: st.decisions[name].get(oid) for name in st.readers
+                }
+                item["adjudicated"] = st.adjudicated.get(oid)
+                item["disagreement"] = oid in st.disagreements
+            out.append(item)
+        scatter = [
+            {
+                "object_id": r.get("object_id"),
+                "label": r.get("label"),
+                "ck_snr": _float(r.get("ck_snr", "")),
+                "cd45_snr": _float(r.get("cd45_snr", "")),
+                "dapi": _float(r.get("DAPI_mean", "")),
+                "ck_area_um2": _float(r.get("area_um2", "")),
+            }
+            for r in everything
+            if _float(r.get("ck_snr", "")) is not None
+        ]
+        return {"candidates": out, "objects": scatter, **self.summary(st)}
+
+    def summary(self, st: ReviewState | None = None) -> dict[str, Any]:
+        if st is None:
+            st = self.state()[0]
+        return {
+            "state": st.state,
+            "events_sha256": st.events_sha256,
+            "candidates_total": len(st.candidates),
+            "machine_count": st.machine_count,
+            "reviewed_count": st.reviewed_count,
+            "readers": st.readers,
+            "adjudicator": st.adjudicator,
+            "progress": st.progress(),
+            "disagreements": st.disagreements,
+            "pending": st.pending,
+            "agreement": st.agreement,
+            "kappa": st.kappa,
+            "ready_to_sign": st.ready_to_sign,
+            "stale_decisions": st.stale,
+            "signoff": None if st.signoff is None else st.signoff.model_dump(),
+        }
+
+    def _locked(self) -> FolderLock:
+        lock = FolderLock(self.root, "run folder")
+        try:
+            lock.acquire()
+        except FolderLockedError:
+            raise ReviewError(
+                "the run folder is in use by a scan or analysis: review it when "
+                "that has finished"
+            ) from None
+        return lock
+
+    def decide(
+        self, reviewer: str, object_id: str, decision: str, comment: str
+    ) -> DecisionLine:
+        with _WRITE:
+            lock = self._locked()
+            try:
+                st, _, _ = self.state()
+                role = st.check(reviewer, object_id, decision)
+                line = DecisionLine(
+                    reviewer=reviewer,
+                    object_id=object_id,
+                    decision=decision,  # type: ignore[arg-type]
+                    comment=comment,
+                    role=role,  # type: ignore[arg-type]
+                    events_sha256=st.events_sha256,
+                )
+                append_line(self.path, line)
+                AuditLog(self.root / "audit.log", reviewer).write(
+                    "REVIEW",
+                    f"{role} {object_id}: {decision}"
+                    + (f" ({comment})" if comment else ""),
+                )
+                return line
+            finally:
+                lock.release()
+
+    def sign(self, reviewer: str) -> SignOffLine:
+        with _WRITE:
+            lock = self._locked()
+            try:
+                st, _, _ = self.state()
+                if st.signoff is not None:
+                    raise ReviewError(
+                        f"already signed by {st.signoff.reviewer} at {st.signoff.t}"
+                    )
+                if not st.ready_to_sign:
+                    left = (
+                        f"{len(st.pending)} disagreement(s) wait for the adjudicator"
+                        if st.readers_done
+                        else "two readers must decide every candidate first"
+                    )
+                    raise ReviewError(f"the review cannot be signed yet: {left}")
+                folder = RunFolder(self.root)
+                ledger = LedgerState.from_records(folder.ledger.read())
+                fields = {n: s.sha256 for n, s in ledger.stored.items()}
+                _, raw = read_lines(self.path)
+                whole, f_sha, d_sha = signoff_digest(fields, st.events_sha256, raw)
+                line = SignOffLine(
+                    reviewer=reviewer,
+                    sha256=whole,
+                    fields_sha256=f_sha,
+                    events_sha256=st.events_sha256,
+                    decisions_sha256=d_sha,
+                    machine_count=st.machine_count,
+                    reviewed_count=st.reviewed_count or 0,
+                    readers=st.readers,
+                    adjudicator=st.adjudicator,
+                    kappa=st.kappa,
+                    agreement=st.agreement,
+                    candidates=len(st.candidates),
+                )
+                append_line(self.path, line)
+                AuditLog(self.root / "audit.log", reviewer).write(
+                    "SIGN",
+                    f"review signed: reviewed count {line.reviewed_count} "
+                    f"(machine {line.machine_count}), sha256 {whole}",
+                )
+                st.signoff = line
+                if (self.root / "report.json").exists():
+                    records = load_records(folder, sorted(ledger.detected), ledger)
+                    rewrite_report(self.root, records, st.summary())
+                    folder.ledger.append(
+                        Written(files=folder.digests("report.json", "report.html"))
+                    )
+                return line
+            finally:
+                lock.release()
