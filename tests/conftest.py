@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ from controller.config import InstrumentConfig, load_yaml
 from controller.layouts import get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
 
 SIM_YAML = CONFIG_DIR / "simulated.yaml"
 DEMO_YAML = CONFIG_DIR / "demo-adapters.yaml"
@@ -77,3 +81,31 @@ def one_line_error(result: Any, *needles: str) -> str:
     for n in needles:
         assert n in flat, flat
     return flat
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Any:
+    """Headless Chromium driven by Selenium (tests using it skip without it)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM or ""
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -100,7 +100,8 @@ def test_every_field_is_detected_once_and_reported(small_scan: ScanResult) -> No
     assert report["ctc_count"] == report["counts"]["CTC"] > 0
     assert report["at_or_above_cutoff"] == (report["ctc_count"] >= report["cutoff"])
     rows = (run / "events.csv").read_text().splitlines()
-    assert rows[0].startswith("object_id,field,row,col,stage_x_um,stage_y_um,label,score,")
+    head = "object_id,field,row,col,stage_x_um,stage_y_um,label,score,"
+    assert rows[0].startswith(head)
     assert len(rows) - 1 == sum(report["counts"].values())
     pngs = sorted((run / "candidates").glob("*.png"))
     assert len(pngs) == report["ctc_count"]
