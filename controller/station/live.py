@@ -14,7 +14,7 @@ import tifffile
 
 from analysis.detect import DEFAULT_ROLES
 from analysis.report import object_id as make_object_id
-from controller.runstore.review import FEATURES, ReviewError, candidates_of
+from controller.runstore.review import FEATURES, ReviewError
 from controller.station.pictures import (
     Thumbnails,
     candidate_tile_png,
@@ -22,7 +22,7 @@ from controller.station.pictures import (
     mosaic_png,
     png_bytes,
 )
-from controller.station.review import RunReview
+from controller.station.review import RunReview, read_events
 from controller.station.runs import Catalog, NoSuchRun, RunView
 
 __all__ = ["Station"]
@@ -343,11 +343,10 @@ class Station:
             raise NoSuchRun(object_id)
         objs = sorted(det.get("objects", []), key=lambda o: (o["row"], o["col"]))
         ids = {make_object_id(field, k): o for k, o in enumerate(objs)}
-        if (events := view.folder / "events.csv").exists():
-            # the reviewed version of the events names the objects
-            rows = {r["object_id"]: r for r in candidates_of(events.read_bytes())[2]}
-            if object_id not in rows:
-                raise NoSuchRun(object_id)
+        events = view.folder / "events.csv"
+        # the reviewed version of the events names the objects
+        if events.exists() and object_id not in read_events(events).ids:
+            raise NoSuchRun(object_id)
         o = ids.get(object_id)
         names = [str(c) for c in det.get("channels", [])]
         if o is None or panel not in ("overlay", *names):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from controller.runstore.review import (
     signoff_digest,
 )
 
-__all__ = ["RunReview"]
+__all__ = ["Events", "RunReview", "read_events"]
 
 #: one writer at a time per process (the folder lock is per open file)
 _WRITE = threading.Lock()
@@ -51,6 +53,65 @@ def _float(v: str) -> float | None:
     return f if f == f else None
 
 
+@dataclass(frozen=True)
+class Events:
+    """What the review needs of one version of an events.csv."""
+
+    sha256: str
+    candidates: list[dict[str, Any]]
+    machine: int
+    #: every object id in the file
+    ids: frozenset[str]
+    #: the cytokeratin objects, for the scatter plots
+    scatter: list[dict[str, Any]]
+
+
+_EVENTS: OrderedDict[Path, tuple[int, int, Events]] = OrderedDict()
+_EVENTS_LOCK = threading.Lock()
+
+
+def read_events(path: Path) -> Events:
+    """The review's view of an events.csv, parsed once per file version (a
+    cartridge's events.csv has thousands of rows; pages ask often)."""
+    try:
+        st = path.stat()
+        with _EVENTS_LOCK:
+            hit = _EVENTS.get(path)
+            if hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
+                _EVENTS.move_to_end(path)
+                return hit[2]
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ReviewError(
+            "this run has no events.csv yet: it can be reviewed once its "
+            "scan has finished"
+        ) from None
+    rows, machine, everything = candidates_of(raw)
+    ev = Events(
+        sha256=hashlib.sha256(raw).hexdigest(),
+        candidates=rows,
+        machine=machine,
+        ids=frozenset(str(r.get("object_id")) for r in everything),
+        scatter=[
+            {
+                "object_id": r.get("object_id"),
+                "label": r.get("label"),
+                "ck_snr": _float(r.get("ck_snr", "")),
+                "cd45_snr": _float(r.get("cd45_snr", "")),
+                "dapi": _float(r.get("DAPI_mean", "")),
+                "ck_area_um2": _float(r.get("area_um2", "")),
+            }
+            for r in everything
+            if _float(r.get("ck_snr", "")) is not None
+        ],
+    )
+    with _EVENTS_LOCK:
+        _EVENTS[path] = (st.st_size, st.st_mtime_ns, ev)
+        while len(_EVENTS) > 64:
+            _EVENTS.popitem(last=False)
+    return ev
+
+
 class RunReview:
     """The review of the run folder `root` (its current events.csv)."""
 
@@ -59,33 +120,25 @@ class RunReview:
         self.events_path = root / "events.csv"
         self.path = root / REVIEW_FILE
 
-    def _events(self) -> tuple[list[dict[str, Any]], int, str, list[dict[str, Any]]]:
-        try:
-            raw = self.events_path.read_bytes()
-        except FileNotFoundError:
-            raise ReviewError(
-                "this run has no events.csv yet: it can be reviewed once its "
-                "scan has finished"
-            ) from None
-        rows, machine, everything = candidates_of(raw)
-        return rows, machine, hashlib.sha256(raw).hexdigest(), everything
+    def _events(self) -> Events:
+        return read_events(self.events_path)
 
-    def state(self) -> tuple[ReviewState, list[dict[str, Any]], list[dict[str, Any]]]:
-        rows, machine, sha, everything = self._events()
+    def state(self) -> tuple[ReviewState, Events]:
+        ev = self._events()
         lines, _ = read_lines(self.path)
-        st = fold(lines, [r["object_id"] for r in rows], machine, sha)
-        return st, rows, everything
+        st = fold(lines, [r["object_id"] for r in ev.candidates], ev.machine, ev.sha256)
+        return st, ev
 
     def candidates(self, reviewer: str | None) -> dict[str, Any]:
         """Candidates with features; `reviewer`'s own decisions (and everyone's
         once both readers are done)."""
-        st, rows, everything = self.state()
+        st, ev = self.state()
         mine = st.decisions.get(reviewer or "", {})
         if reviewer and reviewer == st.adjudicator:
             mine = st.adjudicated
         reveal = st.readers_done
         out = []
-        for r in rows:
+        for r in ev.candidates:
             oid = r["object_id"]
             item: dict[str, Any] = {
                 "object_id": oid,
@@ -108,19 +161,7 @@ class RunReview:
                 item["adjudicated"] = st.adjudicated.get(oid)
                 item["disagreement"] = oid in st.disagreements
             out.append(item)
-        scatter = [
-            {
-                "object_id": r.get("object_id"),
-                "label": r.get("label"),
-                "ck_snr": _float(r.get("ck_snr", "")),
-                "cd45_snr": _float(r.get("cd45_snr", "")),
-                "dapi": _float(r.get("DAPI_mean", "")),
-                "ck_area_um2": _float(r.get("area_um2", "")),
-            }
-            for r in everything
-            if _float(r.get("ck_snr", "")) is not None
-        ]
-        return {"candidates": out, "objects": scatter, **self.summary(st)}
+        return {"candidates": out, "objects": ev.scatter, **self.summary(st)}
 
     def summary(self, st: ReviewState | None = None) -> dict[str, Any]:
         if st is None:
@@ -160,7 +201,7 @@ class RunReview:
         with _WRITE:
             lock = self._locked()
             try:
-                st, _, _ = self.state()
+                st, _ = self.state()
                 role = st.check(reviewer, object_id, decision)
                 line = DecisionLine(
                     reviewer=reviewer,
@@ -184,7 +225,7 @@ class RunReview:
         with _WRITE:
             lock = self._locked()
             try:
-                st, _, _ = self.state()
+                st, _ = self.state()
                 if st.signoff is not None:
                     raise ReviewError(
                         f"already signed by {st.signoff.reviewer} at {st.signoff.t}"

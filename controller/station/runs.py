@@ -211,6 +211,7 @@ class RunView:
         #: the latest records with their sequence numbers, for live pages
         self._recent: deque[tuple[int, Record]] = deque(maxlen=1000)
         self._seq = 0
+        self._report_cache: tuple[int, int, dict[str, Any] | None] = (-1, -1, None)
 
     def refresh(self) -> list[Record]:
         """Fold the records appended since the last call; return them."""
@@ -325,11 +326,18 @@ class RunView:
         }
 
     def _report(self) -> dict[str, Any] | None:
+        """report.json, read again only when it changes."""
+        path = self.folder / "report.json"
         try:
-            data = json.loads((self.folder / "report.json").read_bytes())
+            st = path.stat()
+            if self._report_cache[:2] == (st.st_size, st.st_mtime_ns):
+                return self._report_cache[2]
+            data = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) else None
+        data = data if isinstance(data, dict) else None
+        self._report_cache = (st.st_size, st.st_mtime_ns, data)
+        return data
 
     def stored(self) -> dict[str, Stored]:
         self.refresh()
