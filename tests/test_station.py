@@ -504,6 +504,15 @@ def test_a_token_guards_every_request_off_loopback(tmp_path: Path, root: Path) -
         invoke("serve", "--root", str(root), "--token-file", str(short)), "16 or more"
     )
     one_line_error(invoke("serve", "--root", str(tmp_path / "none")), "no folder")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        one_line_error(
+            invoke("serve", "--root", str(root), "--port", port), "cannot listen"
+        )
 
 
 def test_loopback_answers_only_loopback_host_names(station: str) -> None:

@@ -14,6 +14,7 @@ import csv
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -737,6 +738,13 @@ def serve(
             )
     if host not in LOOPBACK and token is None:
         _fail(f"--host {host} is reachable from other machines: give --token-file")
+    try:  # a one-line error now rather than the server's log line later
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     server = make_server(root, host=host, port=port, token=token)
     shown = f"[{host}]" if ":" in host else host
     hint = "/?token=<your token>" if token else "/"
@@ -744,13 +752,7 @@ def serve(
         f"ctcscan station on http://{shown}:{port}{hint} over {root.resolve()}"
         " (Ctrl-C stops it)"
     )
-    try:
-        server.run()
-    except SystemExit as e:  # uvicorn could not bind
-        _fail(
-            f"cannot listen on {host}:{port} (in use, or not an address here)",
-            int(e.code) if isinstance(e.code, int) and e.code else 2,
-        )
+    server.run()
 
 
 @app.command("layouts")
