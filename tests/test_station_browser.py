@@ -40,18 +40,24 @@ def left(driver: Any) -> int:
     return int(t.split()[1])
 
 
+@pytest.fixture
+def root(tmp_path: Path, small_scan: ScanResult) -> Path:
+    """A root with a copy of the small scan, whose cartridge id would run
+    script if it were ever put into a page as markup."""
+    run = tmp_path / "root" / "cart-A"
+    shutil.copytree(small_scan.run_dir, run)
+    for rec in (Started(cartridge_id=EVIL, planned=12), Finished()):
+        append_sealed(run / "ledger.jsonl", dump_line(rec).rstrip())
+    return tmp_path / "root"
+
+
 def test_a_reader_reviews_every_candidate_with_the_keyboard(
-    tmp_path: Path, small_scan: ScanResult, browser: Any
+    root: Path, browser: Any
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    root = tmp_path / "root"
     run = root / "cart-A"
-    shutil.copytree(small_scan.run_dir, run)
-    # a cartridge id that would run script if it were ever put in as markup
-    for rec in (Started(cartridge_id=EVIL, planned=12), Finished()):
-        append_sealed(run / "ledger.jsonl", dump_line(rec).rstrip())
     with running_station(root) as url:
         browser.get(f"{url}/runs/cart-A/review")
         browser.find_element(By.ID, "reviewer").send_keys("ann", Keys.ENTER)
@@ -95,15 +101,10 @@ def test_a_reader_reviews_every_candidate_with_the_keyboard(
 
 
 def test_live_cartridge_and_overview_pages_show_the_run(
-    tmp_path: Path, small_scan: ScanResult, browser: Any
+    root: Path, small_scan: ScanResult, browser: Any
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    root = tmp_path / "root"
-    run = root / "cart-A"
-    shutil.copytree(small_scan.run_dir, run)
-    for rec in (Started(cartridge_id=EVIL, planned=12), Finished()):
-        append_sealed(run / "ledger.jsonl", dump_line(rec).rstrip())
     with running_station(root) as url:
         browser.get(f"{url}/")
         row = wait(
