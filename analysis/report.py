@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis.detect import LABELS
 
@@ -323,7 +323,7 @@ def _focus_panel(
             f'<circle class="anchor{"" if used else " unused"}" '
             f'cx="{sx(a["x_um"]):.1f}" cy="{sy(a["y_um"]):.1f}" r="6" '
             f'fill="{"#fff" if used else "#e00"}" stroke="#000" stroke-width="1.5">'
-            f"<title>anchor {a['index']} ({e(a['source'])}, {e(a['status'])}): "
+            f"<title>anchor {e(str(a['index']))} ({e(a['source'])}, {e(a['status'])}): "
             f"{z}</title></circle>"
         )
     return (
@@ -337,9 +337,61 @@ def _focus_panel(
     )
 
 
+class _FocusAnchor(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    index: int
+    x_um: float
+    y_um: float
+    z_um: float | None = None
+    status: str = ""
+    source: str = ""
+    used: bool = True
+
+
+class _FocusField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    x_um: float
+    y_um: float
+    z_um: float | None = None
+    sharpness: float | None = None
+    refocused: bool = False
+
+
+class _FocusSection(BaseModel):
+    """The focus section as `focus_html` draws it: a section read from a file
+    that does not fit is not drawn."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    enabled: bool = True
+    model: str = "?"
+    reused: bool = False
+    rms_um: float = 0.0
+    max_residual_um: float = 0.0
+    warnings: list[str] = Field(default_factory=list)
+    threshold: float | None = None
+    map_seconds: float = 0.0
+    qc_seconds: float = 0.0
+    seconds: float = 0.0
+    fov_um: tuple[float, float] = (1.0, 1.0)
+    anchors: list[_FocusAnchor] = Field(default_factory=list)
+    fields: list[_FocusField] = Field(default_factory=list)
+
+
 def focus_html(focus: Mapping[str, Any] | None) -> str:
+    """The focus section of a report page (map pictures, anchors, re-focused
+    fields); a section that does not fit its schema is named, not drawn."""
     if not focus:  # e.g. fields analysed after the fact: no focus record
         return ""
+    try:
+        checked = _FocusSection.model_validate(focus).model_dump()
+    except ValidationError as err:
+        where = ".".join(str(x) for x in err.errors()[0]["loc"])
+        return (
+            "<h2>Focus</h2><p>The focus record cannot be drawn "
+            f"({html.escape(where)}).</p>"
+        )
+    focus = checked
     if not focus.get("enabled"):
         return "<h2>Focus</h2><p>Focus map off: every field at one z.</p>"
     e = html.escape
@@ -375,6 +427,17 @@ checks and re-focus {focus["qc_seconds"]:.1f} s). Re-focused fields:
 {f"<ul id='focus-warnings'>{warn}</ul>" if warn else ""}{panels}"""
 
 
+def _number(v: Any, spec: str) -> str:
+    """A number for the page, or ``n/a`` for anything else."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return "n/a"
+    return format(v, spec)
+
+
+def _share(v: Any) -> str:
+    return "n/a" if _number(v, ".0%") == "n/a" else format(v, ".0%")
+
+
 def _review_html(review: Mapping[str, Any] | None, machine: int) -> str:
     if not review:
         return ""
@@ -385,12 +448,14 @@ def _review_html(review: Mapping[str, Any] | None, machine: int) -> str:
     adj = review.get("adjudicator")
     return f"""<h2>Review</h2><table id="review">
 <tr><th>machine count</th><td id="machine-count">{machine}</td></tr>
-<tr><th>reviewed count</th><td id="reviewed-count">{review["reviewed_count"]}</td></tr>
+<tr><th>reviewed count</th><td id="reviewed-count">{
+        e(str(review.get("reviewed_count")))
+    }</td></tr>
 <tr><th>readers</th><td id="readers">{e(readers)}</td></tr>
 <tr><th>adjudicator</th><td>{e(str(adj)) if adj else "none needed"}</td></tr>
-<tr><th>agreement</th><td id="agreement">{review.get("agreement", 0):.0%} of
-{review.get("candidates", 0)} candidates, Cohen's kappa
-{"n/a" if kappa is None else f"{kappa:.2f}"}</td></tr>
+<tr><th>agreement</th><td id="agreement">{_share(review.get("agreement"))} of
+{e(str(review.get("candidates", 0)))} candidates, Cohen's kappa
+{_number(kappa, ".2f")}</td></tr>
 <tr><th>signed</th><td id="signoff">{e(str(so.get("reviewer", "")))} at
 {e(str(so.get("t", "")))}, sha256 {e(str(so.get("sha256", "")))}</td></tr></table>
 """

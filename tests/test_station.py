@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from controller.runs.scan import ScanResult
 from controller.runs.verify import verify_folder
 from controller.runstore.chain import append_sealed
 from controller.runstore.review import REVIEW_FILE, cohen_kappa, read_lines
+from controller.station.app import Tokens
 from controller.station.server import running_station
 from tests.conftest import invoke, one_line_error, run_scan
 
@@ -272,7 +274,7 @@ def test_two_readers_blind_then_adjudication_then_a_signed_count(
     page = (run / "report.html").read_text()
     assert 'id="reviewed-count">' + str(expect) in page and "Cohen" in page
     # every decision is a line of review.jsonl and of the audit log
-    lines, _ = read_lines(run / REVIEW_FILE)
+    lines, _, _ = read_lines(run / REVIEW_FILE)
     assert len(lines) == 2 * n + 2 + 1
     audit = (run / "audit.log").read_text()
     assert audit.count('"verb": "REVIEW"') == 2 * n + 2 and '"verb": "SIGN"' in audit
@@ -321,7 +323,7 @@ def test_two_readers_posting_at_once_lose_nothing(station: str, root: Path) -> N
             )
         )
     assert codes == [201] * len(jobs)
-    lines, _ = read_lines(root / "cart-S" / REVIEW_FILE)
+    lines, _, _ = read_lines(root / "cart-S" / REVIEW_FILE)
     assert len(lines) == len(jobs)
     assert sorted((x.reviewer, x.object_id) for x in lines) == sorted(jobs)
     review = get(f"{base}/review").json()
@@ -504,8 +506,6 @@ def test_a_token_guards_every_request_off_loopback(tmp_path: Path, root: Path) -
         invoke("serve", "--root", str(root), "--token-file", str(short)), "16 or more"
     )
     one_line_error(invoke("serve", "--root", str(tmp_path / "none")), "no folder")
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -527,11 +527,32 @@ def test_the_stop_button_stops_a_queue_after_its_cartridge(
     queue = root / "q1"
     queue.mkdir()
     append_sealed(queue / "queue.jsonl", dump_line(QueueStarted()).rstrip())
-    status = get(f"{station}/api/runs/q1").json()
-    assert status["kind"] == "queue" and not status["stop_requested"]
-    assert post(f"{station}/api/runs/q1/stop", {}).status_code == 202
-    assert (queue / "STOP").exists()
-    assert get(f"{station}/api/runs/q1").json()["stop_requested"]
+    # a queue is running when another process owns its folder
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from controller.runstore.lock import FolderLock\n"
+            f"lock = FolderLock({str(queue)!r}); lock.acquire()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "held\n"
+        status = get(f"{station}/api/runs/q1").json()
+        assert status["kind"] == "queue" and status["state"] == "running"
+        assert not status["stop_requested"]
+        assert post(f"{station}/api/runs/q1/stop", {}).status_code == 202
+        assert (queue / "STOP").exists()
+        assert get(f"{station}/api/runs/q1").json()["stop_requested"]
+    finally:
+        owner.kill()
+        owner.wait()
+    assert post(f"{station}/api/runs/q1/stop", {}).status_code == 409  # not running
     assert post(f"{station}/api/runs/cart-S/stop", {}).status_code == 409
 
 
@@ -595,3 +616,199 @@ def test_a_scan_in_another_process_appears_live(tmp_path: Path) -> None:
         if d["event"] == "stored"
     )
     assert lag[len(lag) // 2] < 1.0, lag  # polled four times a second
+
+
+# ------------------------------------------------------------ hostile input
+
+
+def test_each_reviewer_with_their_own_token_acts_only_as_themselves(
+    root: Path,
+) -> None:
+    tokens = Tokens.from_text(
+        "# readers\nAnn Smith ann-token-0123456789\nbob  bob-token-0123456789ab\n"
+    )
+    with running_station(root, host="127.0.0.2", tokens=tokens) as url:
+        base = f"{url}/api/runs/cart-S"
+        ann = {"Authorization": "Bearer ann-token-0123456789"}
+        bob = {"Authorization": "Bearer bob-token-0123456789ab"}
+        cands = get(f"{base}/candidates", headers=ann).json()["candidates"]
+        oid = cands[0]["object_id"]
+        body = {"reviewer": "Ann Smith", "object_id": oid, "decision": "ctc"}
+        assert post(f"{base}/decisions", body, headers=ann).status_code == 201
+        # bob cannot decide as ann, nor read her decisions
+        assert post(f"{base}/decisions", body, headers=bob).status_code == 403
+        peek = get(f"{base}/candidates", params={"reviewer": "Ann Smith"}, headers=bob)
+        assert peek.status_code == 403
+        own = get(f"{base}/candidates", headers=bob).json()["candidates"]
+        assert own[0]["decision"] is None
+        mine = get(f"{base}/candidates", headers=ann).json()["candidates"]
+        assert mine[0]["decision"] == "ctc"
+        # the same name in another case or Unicode form is the same person
+        again = {**body, "reviewer": "ANN  SMITH", "decision": "not_ctc"}
+        assert post(f"{base}/decisions", again, headers=ann).status_code == 201
+        review = get(f"{base}/review", headers=ann).json()
+        assert review["readers"] == ["Ann Smith"]
+        assert get(f"{url}/?token=%C3%A9").status_code == 401  # not a 500
+    with pytest.raises(ValueError, match="16 or more"):
+        Tokens.from_text("ann short\n")
+
+
+def test_the_token_file_is_enforced_by_the_command(tmp_path: Path, root: Path) -> None:
+    tok = tmp_path / "token"
+    tok.write_text("abcdefghijklmnop1234\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "serve",
+            "--root",
+            str(root),
+            "--port",
+            str(port),
+            "--token-file",
+            str(tok),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serve.stdout is not None and "?token=" in serve.stdout.readline()
+        url = f"http://127.0.0.1:{port}/api/runs"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = get(url)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert r.status_code == 401
+        ok = get(url, headers={"Authorization": "Bearer abcdefghijklmnop1234"})
+        assert ok.status_code == 200
+    finally:
+        serve.terminate()
+        serve.wait(10)
+
+
+def test_damaged_review_files_stop_the_review_and_say_why(
+    station: str, root: Path, tmp_path: Path
+) -> None:
+    run = root / "cart-S"
+    base = f"{station}/api/runs/cart-S"
+    oid = get(f"{base}/candidates").json()["candidates"][0]["object_id"]
+    assert decide(station, "cart-S", "ann", oid, "ctc").status_code == 201
+    # a line written by hand: no seal
+    sha = get(f"{base}/review").json()["events_sha256"]
+    forged = {
+        "kind": "decision",
+        "reviewer": "Q",
+        "object_id": oid,
+        "decision": "ctc",
+        "events_sha256": sha,
+    }
+    with (run / REVIEW_FILE).open("a") as f:
+        f.write(json.dumps(forged) + "\n")
+    review = get(f"{base}/review").json()
+    assert review["readers"] == ["ann"] and "not sealed" in review["problems"][0]
+    r = decide(station, "cart-S", "bob", oid, "ctc")
+    assert r.status_code == 409 and "not sealed" in r.text
+    assert post(f"{base}/signoff", {"reviewer": "ann"}).status_code == 409
+    # review.jsonl a symlink out of the run: never written through
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    (run / REVIEW_FILE).unlink()
+    (run / REVIEW_FILE).symlink_to(victim)
+    assert decide(station, "cart-S", "ann", oid, "ctc").status_code == 409
+    assert victim.read_text() == "untouched\n"
+    (run / REVIEW_FILE).unlink()
+    # an unreadable events.csv: that run says so, the overview still lists all
+    good = copy_run(run, root / "cart-T")
+    (run / "events.csv").write_text(
+        'object_id,field,label\n"' + "x" * 200_000 + '",f,CTC\n'
+    )
+    r = get(f"{base}/candidates")
+    assert r.status_code == 409 and "events.csv" in r.text
+    assert post(f"{base}/signoff", {"reviewer": "ann"}).status_code == 409
+    (run / "events.csv").unlink()
+    os.mkfifo(run / "events.csv")  # would block whoever opened it
+    rows = requests.get(f"{station}/api/runs", timeout=10).json()
+    assert {r["run"] for r in rows} == {"cart-S", good.name}
+    r = requests.get(f"{base}/candidates", timeout=10)
+    assert r.status_code == 409 and "regular file" in r.text
+
+
+def test_a_signed_review_stays_signed_when_its_events_change(
+    station: str, root: Path
+) -> None:
+    run = root / "cart-S"
+    base = f"{station}/api/runs/cart-S"
+    ids = [c["object_id"] for c in get(f"{base}/candidates").json()["candidates"]]
+    for who in ("ann", "bob"):
+        for oid in ids:
+            assert decide(station, "cart-S", who, oid, "ctc").status_code == 201
+    assert post(f"{base}/signoff", {"reviewer": "ann"}).status_code == 201
+    with (run / "events.csv").open("a") as f:
+        f.write("\n")
+    review = get(f"{base}/review").json()
+    assert review["state"] == "signed"
+    assert "changed since the review was signed" in review["problems"][0]
+    assert decide(station, "cart-S", "cy", ids[0], "ctc").status_code == 409
+    assert post(f"{base}/signoff", {"reviewer": "cy"}).status_code == 409
+    assert any("events.csv" in p for p in problems(run))
+
+
+def test_a_run_without_candidates_is_signed_whole(station: str, root: Path) -> None:
+    run = root / "cart-S"
+    lines = (run / "events.csv").read_text().splitlines(keepends=True)
+    head = lines[0].split(",")
+    label, review = head.index("label"), head.index("review")
+    keep = [
+        ln
+        for ln in lines[1:]
+        if ln.split(",")[label] != "CTC" and not ln.split(",")[review]
+    ]
+    (run / "events.csv").write_text(lines[0] + "".join(keep))
+    base = f"{station}/api/runs/cart-S"
+    assert get(f"{base}/review").json()["ready_to_sign"]
+    r = post(f"{base}/signoff", {"reviewer": "ann"})
+    assert r.status_code == 201, r.text
+    assert r.json()["reviewed_count"] == 0
+    assert 'id="reviewed-count">0' in (run / "report.html").read_text()
+    assert [p for p in problems(run) if "events.csv" not in p] == []
+
+
+def test_oversized_or_odd_bodies_are_refused_without_echo(station: str) -> None:
+    base = f"{station}/api/runs/cart-S"
+    oid = get(f"{base}/candidates").json()["candidates"][0]["object_id"]
+    big = {
+        "reviewer": "ann",
+        "object_id": oid,
+        "decision": "ctc",
+        "comment": "x" * 100_000,
+    }
+    assert post(f"{base}/decisions", big).status_code == 413
+    for odd in ("\u202eevil", "a\x00b"):
+        r = post(
+            f"{base}/decisions",
+            {"reviewer": "ann", "object_id": oid, "decision": "ctc", "comment": odd},
+        )
+        assert r.status_code == 422 and "comment" in r.text
+    r = requests.post(
+        f"{base}/decisions",
+        data=b'{"reviewer": "ann", "object_id": "x", "decision": "ctc", '
+        b'"comment": "\\ud800"}',
+        headers={"Content-Type": "application/json"},
+        timeout=20,
+    )
+    assert r.status_code == 422
+    r = post(
+        f"{base}/decisions",
+        {"reviewer": "ann", "object_id": oid, "decision": "y" * 1000},
+    )
+    assert r.status_code == 422 and "y" * 100 not in r.text
+    assert get(f"{base}/review").json()["progress"] == {}

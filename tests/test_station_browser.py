@@ -92,7 +92,7 @@ def test_a_reader_reviews_every_candidate_with_the_keyboard(
             browser,
             lambda d: f"{n} / {n}" in d.find_element(By.ID, "progress-table").text,
         )
-    lines, _ = read_lines(run / REVIEW_FILE)
+    lines, _, _ = read_lines(run / REVIEW_FILE)
     assert [x.reviewer for x in lines] == ["ann"] * (n + 1)
     latest = {x.object_id: x.decision for x in lines}
     assert len(latest) == n

@@ -715,28 +715,25 @@ def serve(
     token_file: Annotated[
         Path | None,
         typer.Option(
-            "--token-file", help="file holding the token every request must carry"
+            "--token-file",
+            help="the token every request must carry (one word), or one "
+            "'NAME TOKEN' line per reviewer",
         ),
     ] = None,
 ) -> None:
     """The bench station: live runs and queues under ROOT, and the review."""
-    from controller.station.app import LOOPBACK
+    from controller.station.app import LOOPBACK, Tokens
     from controller.station.server import make_server
 
     if not root.is_dir():
         _fail(f"--root {root} is no folder")
-    token: str | None = None
+    tokens = Tokens()
     if token_file is not None:
         try:
-            text = token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
+            tokens = Tokens.from_text(token_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
             _fail(f"--token-file {token_file}: {getattr(e, 'strerror', None) or e}")
-        if len(text) < 16 or not text.isprintable() or " " in text:
-            _fail(
-                f"--token-file {token_file}: the token must be one word of 16 or "
-                "more printable characters"
-            )
-    if host not in LOOPBACK and token is None:
+    if host not in LOOPBACK and not tokens:
         _fail(f"--host {host} is reachable from other machines: give --token-file")
     try:  # a one-line error now rather than the server's log line later
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -745,9 +742,9 @@ def serve(
             probe.bind((host, port))
     except OSError as e:
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
-    server = make_server(root, host=host, port=port, token=token)
+    server = make_server(root, host=host, port=port, tokens=tokens)
     shown = f"[{host}]" if ":" in host else host
-    hint = "/?token=<your token>" if token else "/"
+    hint = "/?token=<your token>" if tokens else "/"
     out.print(
         f"ctcscan station on http://{shown}:{port}{hint} over {root.resolve()}"
         " (Ctrl-C stops it)"

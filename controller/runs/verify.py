@@ -44,7 +44,7 @@ from controller.records import (
 from controller.runstore.chain import check_lines, unseal
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
-from controller.runstore.review import REVIEW_FILE, SignOffLine, read_lines
+from controller.runstore.review import REVIEW_FILE, find_signoff
 
 __all__ = ["VerifyReport", "verify_folder"]
 
@@ -185,8 +185,8 @@ def _review(root: Path, rep: VerifyReport, prefix: str) -> None:
     """The review's chain; a sign-off must match the events and decisions."""
     path = root / REVIEW_FILE
     _log(path, rep, f"{prefix}{REVIEW_FILE}")
-    lines, raw = read_lines(path)
-    signed = next((x for x in lines if isinstance(x, SignOffLine)), None)
+    raw = _read(path, rep, f"{prefix}{REVIEW_FILE}") or b""
+    signed, head = find_signoff(raw)
     if signed is None:
         return
     events = _read(root / "events.csv", rep, f"{prefix}events.csv")
@@ -195,12 +195,6 @@ def _review(root: Path, rep: VerifyReport, prefix: str) -> None:
         and hashlib.sha256(events).hexdigest() != signed.events_sha256
     ):
         rep.problems.append(f"{prefix}events.csv: not the events the review signed")
-    head, pos = b"", 0
-    for line in raw.split(b"\n")[:-1]:  # the bytes before the sign-off line
-        if b'"kind":"signoff"' in line:
-            head = raw[:pos]
-            break
-        pos += len(line) + 1
     if hashlib.sha256(head).hexdigest() != signed.decisions_sha256:
         rep.problems.append(
             f"{prefix}{REVIEW_FILE}: the decisions differ from those signed"

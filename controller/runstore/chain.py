@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "GENESIS",
     "ChainReport",
     "append_sealed",
     "check_lines",
     "last_seal",
+    "link",
     "seal",
     "unseal",
 ]
@@ -38,7 +40,7 @@ _SEALED = re.compile(rb'^(\{.*),"chain":"([0-9a-f]{64})"\}$', re.DOTALL)
 GENESIS = ""
 
 
-def _link(prev: str, body: bytes) -> str:
+def link(prev: str, body: bytes) -> str:
     return hashlib.sha256(prev.encode("ascii") + b"\n" + body).hexdigest()
 
 
@@ -50,7 +52,7 @@ def seal(body: str, prev: str) -> tuple[bytes, str]:
         raise ValueError("a sealed line is one JSON object on one line")
     if raw.replace(b" ", b"") == b"{}":
         raise ValueError("an empty object is no line")
-    digest = _link(prev, raw)
+    digest = link(prev, raw)
     return raw[:-1] + b',"chain":"' + digest.encode("ascii") + b'"}\n', digest
 
 
@@ -143,7 +145,7 @@ def check_lines(raw: bytes) -> ChainReport:
                 )
             continue
         rep.sealed += 1
-        if digest != _link(GENESIS if prev is None else prev, body):
+        if digest != link(GENESIS if prev is None else prev, body):
             rep.problems.append(
                 f"line {n}: seal does not match: this line, or one before it, "
                 "was changed, removed or inserted"

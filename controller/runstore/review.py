@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from controller.errors import ScannerError
 from controller.records import now
-from controller.runstore.chain import append_sealed, unseal
+from controller.runstore.chain import GENESIS, append_sealed, link, unseal
 
 __all__ = [
     "DECISIONS",
@@ -48,7 +49,9 @@ __all__ = [
     "SignOffLine",
     "append_line",
     "candidates_of",
+    "find_signoff",
     "fold",
+    "ident",
     "read_lines",
     "signed_off",
 ]
@@ -117,21 +120,51 @@ ReviewLine = Annotated[DecisionLine | SignOffLine, Field(discriminator="kind")]
 _LINE: TypeAdapter[DecisionLine | SignOffLine] = TypeAdapter(ReviewLine)
 
 
-def read_lines(path: Path) -> tuple[list[DecisionLine | SignOffLine], bytes]:
-    """The lines of a review file (a torn last line ignored; a line that is not
-    a review line skipped) and the file's bytes."""
+def read_lines(
+    path: Path,
+) -> tuple[list[DecisionLine | SignOffLine], bytes, list[str]]:
+    """The lines of a review file up to the first one whose seal does not hold
+    (a torn last line, cut by a crash, is ignored), the file's bytes, and what
+    is wrong with it: a line unsealed, changed, inserted, or no review line."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return [], b""
+        return [], b"", []
     out: list[DecisionLine | SignOffLine] = []
-    for line in raw.split(b"\n")[:-1]:
-        body, _ = unseal(line)
+    problems: list[str] = []
+    prev = GENESIS
+    for n, line in enumerate(raw.split(b"\n")[:-1], start=1):
+        body, digest = unseal(line)
+        if digest is None or digest != link(prev, body):
+            problems.append(
+                f"{path.name} line {n}: "
+                + ("not sealed" if digest is None else "its seal does not hold")
+                + ": a line was changed, removed or inserted"
+            )
+            break
+        prev = digest
         try:
             out.append(_LINE.validate_json(body))
         except (ValidationError, ValueError):
-            continue
-    return out, raw
+            problems.append(f"{path.name} line {n}: not a review line")
+            break
+    return out, raw, problems
+
+
+def find_signoff(raw: bytes) -> tuple[SignOffLine | None, bytes]:
+    """The sign-off line of a review file's bytes, whatever their seals, and
+    the bytes before it (the decisions it signed)."""
+    pos = 0
+    for line in raw.split(b"\n")[:-1]:
+        body, _ = unseal(line)
+        try:
+            x = _LINE.validate_json(body)
+        except (ValidationError, ValueError):
+            x = None
+        if isinstance(x, SignOffLine):
+            return x, raw[:pos]
+        pos += len(line) + 1
+    return None, raw
 
 
 def append_line(path: Path, line: DecisionLine | SignOffLine) -> None:
@@ -141,7 +174,7 @@ def append_line(path: Path, line: DecisionLine | SignOffLine) -> None:
 
 def signed_off(run_root: Path) -> SignOffLine | None:
     """The sign-off of the run's review, if it has one."""
-    lines, _ = read_lines(Path(run_root) / REVIEW_FILE)
+    lines, _, _ = read_lines(Path(run_root) / REVIEW_FILE)
     return next((x for x in lines if isinstance(x, SignOffLine)), None)
 
 
@@ -151,12 +184,31 @@ def candidates_of(
     """The review candidates of an events.csv (machine CTC calls, then the
     objects flagged for review, each in file order), the machine's count and
     every row."""
-    rows: list[dict[str, Any]] = list(
-        csv.DictReader(io.StringIO(events_csv.decode("utf-8", "replace")))
-    )
+    try:
+        reader = csv.DictReader(io.StringIO(events_csv.decode("utf-8")))
+        rows: list[dict[str, Any]] = list(reader)
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ReviewError(f"events.csv cannot be read: {e}") from None
+    missing = {"object_id", "field", "label"} - set(reader.fieldnames or ())
+    if missing:
+        raise ReviewError(f"events.csv has no column {sorted(missing)[0]}")
+    seen: set[str] = set()
+    for r in rows:
+        oid = r.get("object_id") or ""
+        if not oid or oid in seen:
+            raise ReviewError(
+                f"events.csv names object {oid!r} twice, or an object without id"
+            )
+        seen.add(oid)
     ctc = [r for r in rows if r.get("label") == "CTC"]
     flagged = [r for r in rows if r.get("label") != "CTC" and r.get("review")]
     return ctc + flagged, len(ctc), rows
+
+
+def ident(name: str) -> str:
+    """A person's identity in a review: the name in Unicode compatibility form,
+    case-folded, with runs of white space as one space."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float | None:
@@ -180,6 +232,10 @@ class ReviewState:
     machine_count: int
     events_sha256: str
     readers: list[str] = field(default_factory=list)
+    #: who is who: a name's identity (`ident`) -> the name first used for it
+    names: dict[str, str] = field(default_factory=dict)
+    #: what is wrong with the review file or its events: nothing is written
+    problems: list[str] = field(default_factory=list)
     #: reviewer -> object id -> decision (the reviewer's latest)
     decisions: dict[str, dict[str, str]] = field(default_factory=dict)
     comments: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -188,6 +244,14 @@ class ReviewState:
     signoff: SignOffLine | None = None
     #: decisions made on another version of events.csv (no longer counted)
     stale: int = 0
+
+    def who(self, name: str, *, register: bool = False) -> str:
+        """The name a person has in this review: names that differ only by
+        case, Unicode form or compatibility characters are one person."""
+        key = ident(name)
+        if register:
+            self.names.setdefault(key, name)
+        return self.names.get(key, name)
 
     def done(self, reviewer: str) -> int:
         return len(self.decisions.get(reviewer, {}))
@@ -282,6 +346,12 @@ class ReviewState:
                 f"the review was signed by {self.signoff.reviewer} at "
                 f"{self.signoff.t}: no more decisions"
             )
+        if self.problems:
+            raise ReviewError(
+                f"the review cannot go on: {self.problems[0]} (ctcscan verify "
+                "lists every problem)"
+            )
+        reviewer = self.who(reviewer)
         if object_id not in self.candidates:
             e = ReviewError(f"object_id: {object_id!r} is no candidate of this run")
             e.status = 422
@@ -359,21 +429,32 @@ def fold(
     st = ReviewState(list(candidates), machine_count, events_sha256)
     for x in lines:
         if isinstance(x, SignOffLine):
-            if x.events_sha256 == events_sha256 and st.signoff is None:
+            # signed is signed: events changed since are a problem, not a reopening
+            if st.signoff is None:
                 st.signoff = x
+                if x.events_sha256 != events_sha256:
+                    st.problems.append(
+                        "events.csv has changed since the review was signed"
+                    )
             continue
         if x.events_sha256 != events_sha256:
             st.stale += 1
             continue
+        who = st.who(x.reviewer, register=True)
         if x.role == "adjudicator":
-            st.adjudicator = st.adjudicator or x.reviewer
+            st.adjudicator = st.adjudicator or who
             st.adjudicated[x.object_id] = x.decision
             continue
-        if x.reviewer not in st.readers:
-            st.readers.append(x.reviewer)
-        st.decisions.setdefault(x.reviewer, {})[x.object_id] = x.decision
+        if who not in st.readers:
+            st.readers.append(who)
+        st.decisions.setdefault(who, {})[x.object_id] = x.decision
         if x.comment:
-            st.comments.setdefault(x.reviewer, {})[x.object_id] = x.comment
+            st.comments.setdefault(who, {})[x.object_id] = x.comment
+    if len(st.readers) > 2:
+        st.problems.append(
+            f"{len(st.readers)} readers in review.jsonl: it was written by hand"
+        )
+        st.readers = st.readers[:2]
     return st
 
 

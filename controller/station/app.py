@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +32,7 @@ from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
@@ -38,21 +42,28 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from analysis.report import focus_html
 from controller.runs.queue import request_stop
-from controller.runstore.review import DECISIONS, ReviewError
+from controller.runstore.review import DECISIONS, ReviewError, ident
 from controller.station.live import Station
 from controller.station.runs import NoSuchRun
 
-__all__ = ["LOOPBACK", "create_app"]
+__all__ = ["LOOPBACK", "Tokens", "create_app"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: the largest request body (a decision is a few hundred bytes)
+MAX_BODY = 64 * 1024
+logger = logging.getLogger("ctcscan.station")
 COOKIE = "ctcscan_token"
 #: how often the journal of a watched run is read
 POLL_S = 0.25
 
 
 def _name(v: str) -> str:
-    v = " ".join(v.split())
-    if not v or not v.isprintable():
+    v = " ".join(unicodedata.normalize("NFKC", v).split())
+    if (
+        not v
+        or not v.isprintable()
+        or any(unicodedata.category(c) in ("Cf", "Cs", "Co") for c in v)
+    ):
         raise ValueError("a name of printable characters is needed")
     return v
 
@@ -70,7 +81,13 @@ class DecisionIn(BaseModel):
     @field_validator("comment")
     @classmethod
     def _comment(cls, v: str) -> str:
-        return " ".join(v.split())
+        v = " ".join(v.split())
+        bad = [c for c in v if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co")]
+        if bad:
+            raise ValueError(
+                f"control or format character U+{ord(bad[0]):04X} in the comment"
+            )
+        return v
 
 
 class SignOffIn(BaseModel):
@@ -84,10 +101,67 @@ def _run_url(name: str) -> str:
     return quote(name, safe="")
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Who may use the station: a token shared by everyone (reviewer names
+    then are what people type), and / or one token per reviewer, whose
+    requests then decide, read and sign only as that reviewer."""
+
+    shared: str | None = None
+    users: dict[str, str] = field(default_factory=dict)  # token -> name
+
+    def __bool__(self) -> bool:
+        return self.shared is not None or bool(self.users)
+
+    def who(self, given: str) -> tuple[bool, str | None]:
+        """(known, the reviewer's name if the token is a reviewer's own)."""
+        raw = given.encode("utf-8", "surrogatepass")
+        known, name = False, None
+        for tok, user in self.users.items():  # every comparison, always
+            if secrets.compare_digest(raw, tok.encode()):
+                known, name = True, user
+        if self.shared is not None and secrets.compare_digest(
+            raw, self.shared.encode()
+        ):
+            known = True
+        return known, name
+
+    @classmethod
+    def from_text(cls, text: str) -> Tokens:
+        """A token file: one word (shared), or lines ``NAME TOKEN`` (``#``
+        comments). Raises ValueError saying what is wrong."""
+        lines = [
+            ln.strip()
+            for ln in text.splitlines()
+            if ln.strip() and not ln.startswith("#")
+        ]
+        if len(lines) == 1 and len(lines[0].split()) == 1:
+            return cls(shared=_token(lines[0], "the token"))
+        users: dict[str, str] = {}
+        for n, ln in enumerate(lines, start=1):
+            parts = ln.rsplit(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"line {n}: NAME TOKEN, or one token alone")
+            name, tok = _name(parts[0]), _token(parts[1], f"line {n}'s token")
+            if tok in users:
+                raise ValueError(f"line {n}: the token of {users[tok]} again")
+            users[tok] = name
+        if not users:
+            raise ValueError("no token in it")
+        return cls(users=users)
+
+
+def _token(t: str, what: str) -> str:
+    if len(t) < 16 or not t.isascii() or not t.isprintable() or " " in t:
+        raise ValueError(f"{what} must be one word of 16 or more printable characters")
+    return t
+
+
 def create_app(
-    root: str | Path, *, token: str | None = None, host: str = ""
+    root: str | Path, *, tokens: Tokens | None = None, host: str = ""
 ) -> FastAPI:
     """The station over the run folders under `root`."""
+    tokens = tokens or Tokens()
     station = Station(Path(root))
     app = FastAPI(title="ctcscan station", docs_url=None, redoc_url=None)
     app.state.station = station
@@ -109,21 +183,24 @@ def create_app(
     async def guard(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if token is not None:
+        request.state.user = None
+        if tokens:
             given = request.cookies.get(COOKIE, "")
             auth = request.headers.get("authorization", "")
             if auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
             query = request.query_params.get("token")
-            if query is not None and secrets.compare_digest(query, token):
+            if query is not None and tokens.who(query)[0]:
                 # opening a link with the token: keep it in a cookie, drop it
                 # from the address bar
-                resp: Response = RedirectResponse(request.url.path, status_code=303)
+                here = "/" + request.url.path.lstrip("/")
+                resp: Response = RedirectResponse(here, status_code=303)
                 resp.set_cookie(
-                    COOKIE, token, httponly=True, samesite="strict", path="/"
+                    COOKIE, query, httponly=True, samesite="strict", path="/"
                 )
                 return resp
-            if not secrets.compare_digest(given.encode(), token.encode()):
+            known, request.state.user = tokens.who(given)
+            if not known:
                 return JSONResponse(
                     {"detail": "a token is needed: open the link with ?token=..."},
                     status_code=401,
@@ -144,6 +221,12 @@ def create_app(
                     {"detail": "a request from another site is refused"},
                     status_code=403,
                 )
+            length = request.headers.get("content-length", "")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                return JSONResponse(
+                    {"detail": f"a body of at most {MAX_BODY} bytes, with its length"},
+                    status_code=413,
+                )
         resp = await call_next(request)
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["X-Frame-Options"] = "DENY"
@@ -153,6 +236,39 @@ def create_app(
             "'unsafe-inline'; script-src 'self'; object-src 'none'"
         )
         return resp
+
+    def as_user(request: Request, reviewer: str | None) -> str | None:
+        """A reviewer's own token decides who they are (403 for another)."""
+        user = request.state.user
+        if user is None or reviewer is None:
+            return reviewer
+        if ident(reviewer) != ident(user):
+            raise HTTPException(403, f"your token is {user}'s, not {reviewer}'s")
+        return user
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the fields and what is wrong with them, never the input echoed back
+        detail = [
+            {
+                "loc": list(err.get("loc", ())),
+                "msg": err.get("msg", ""),
+                "type": err.get("type", ""),
+            }
+            for err in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _broken(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s", request.method, request.url.path)
+        return JSONResponse(
+            {
+                "detail": f"the run's files cannot be read: {type(exc).__name__}: "
+                + " ".join(str(exc).split())[:300]
+            },
+            status_code=500,
+        )
 
     @app.exception_handler(NoSuchRun)
     async def _no_run(request: Request, exc: NoSuchRun) -> JSONResponse:
@@ -221,8 +337,11 @@ def create_app(
 
     @app.get("/api/runs/{run:path}/candidates")
     async def api_candidates(
-        run: str, reviewer: Annotated[str | None, Query(max_length=64)] = None
+        request: Request,
+        run: str,
+        reviewer: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
+        reviewer = as_user(request, reviewer) or request.state.user
         return await off(station.candidates, run, reviewer)
 
     @app.get("/api/runs/{run:path}/review")
@@ -230,11 +349,13 @@ def create_app(
         return await off(station.review_summary, run)
 
     @app.post("/api/runs/{run:path}/decisions", status_code=201)
-    async def api_decide(run: str, body: DecisionIn) -> dict[str, Any]:
+    async def api_decide(
+        request: Request, run: str, body: DecisionIn
+    ) -> dict[str, Any]:
         line = await off(
             station.decide,
             run,
-            body.reviewer,
+            as_user(request, body.reviewer),
             body.object_id,
             body.decision,
             body.comment,
@@ -242,8 +363,10 @@ def create_app(
         return line.model_dump()
 
     @app.post("/api/runs/{run:path}/signoff", status_code=201)
-    async def api_signoff(run: str, body: SignOffIn) -> dict[str, Any]:
-        line = await off(station.sign, run, body.reviewer)
+    async def api_signoff(
+        request: Request, run: str, body: SignOffIn
+    ) -> dict[str, Any]:
+        line = await off(station.sign, run, as_user(request, body.reviewer))
         return line.model_dump()
 
     @app.post("/api/runs/{run:path}/stop", status_code=202)
@@ -251,6 +374,8 @@ def create_app(
         view = station.catalog.view(run)
         if view.kind != "queue":
             raise HTTPException(409, "only a queue stops after its cartridge")
+        if not await off(view.running):
+            raise HTTPException(409, "the queue is not running")
         path = await off(request_stop, view.folder)
         return {"stop_requested": True, "file": path.name}
 

@@ -4,6 +4,8 @@ files (`Catalog`, `RunView`, `RunReview`, pictures)."""
 from __future__ import annotations
 
 import json
+import logging
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,12 @@ from controller.station.pictures import (
     mosaic_png,
     png_bytes,
 )
-from controller.station.review import RunReview, read_events
+from controller.station.review import RunReview, read_events, regular_file
 from controller.station.runs import Catalog, NoSuchRun, RunView
 
 __all__ = ["Station"]
+
+logger = logging.getLogger("ctcscan.station")
 
 #: the stride of the last-field picture and of the cartridge picture
 LAST_STEP = 4
@@ -52,10 +56,13 @@ class Station:
         return p
 
     def _json(self, path: Path) -> Any:
-        """A JSON file's content, cached by size and modification time."""
+        """A JSON file's content, cached by size and modification time; a
+        symlink or anything but a regular file is not read."""
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
             return None
         with self._lock:
             hit = self._json_cache.get(path)
@@ -88,13 +95,21 @@ class Station:
 
     def overview(self) -> list[dict[str, Any]]:
         rows = []
-        for name, _kind in self.catalog.find():
+        for name, kind in self.catalog.find():
             try:
                 status = self.catalog.view(name).status()
-            except (NoSuchRun, OSError):
+                if status["kind"] == "run":
+                    status["review"] = self._review_state(name)
+            except NoSuchRun:
                 continue
-            if status["kind"] == "run":
-                status["review"] = self._review_state(name)
+            except Exception as e:  # one unreadable folder hides no other
+                logger.warning("%s: %s", name, e)
+                status = {
+                    "run": name,
+                    "kind": kind,
+                    "state": "unreadable",
+                    "error": f"{type(e).__name__}: {e}",
+                }
             rows.append(status)
         return rows
 
@@ -241,9 +256,12 @@ class Station:
             except NoSuchRun:
                 continue
             ch = self._mosaic_channels(view, f["name"])
-            tiles[(int(f["row"]), int(f["col"]))] = self.thumbs.get(
-                path, ch, MOSAIC_STEP
-            )
+            try:
+                tiles[(int(f["row"]), int(f["col"]))] = self.thumbs.get(
+                    path, ch, MOSAIC_STEP
+                )
+            except Exception as e:  # one unreadable field stays dark
+                logger.warning("%s: %s", path, e)
         data, _, _ = mosaic_png(tiles, rows, cols)
         return data
 
@@ -345,8 +363,10 @@ class Station:
         ids = {make_object_id(field, k): o for k, o in enumerate(objs)}
         events = view.folder / "events.csv"
         # the reviewed version of the events names the objects
-        if events.exists() and object_id not in read_events(events).ids:
-            raise NoSuchRun(object_id)
+        if events.exists():
+            regular_file(events, view.folder)
+            if object_id not in read_events(events).ids:
+                raise NoSuchRun(object_id)
         o = ids.get(object_id)
         names = [str(c) for c in det.get("channels", [])]
         if o is None or panel not in ("overlay", *names):

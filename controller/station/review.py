@@ -12,7 +12,10 @@ sign-off also goes to the run's ``audit.log``. The sign-off adds the review to
 from __future__ import annotations
 
 import hashlib
+import json
+import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +42,28 @@ from controller.runstore.review import (
     signoff_digest,
 )
 
-__all__ = ["Events", "RunReview", "read_events"]
+__all__ = ["Events", "RunReview", "read_events", "regular_file"]
 
 #: one writer at a time per process (the folder lock is per open file)
 _WRITE = threading.Lock()
+
+
+#: how long a write waits for another station's write to the same run
+LOCK_WAIT_S = 3.0
+
+
+def regular_file(path: Path, root: Path) -> None:
+    """`path` is absent, or a regular file that is no symlink (so nothing is
+    read or written outside the run folder, and no FIFO blocks a request)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise ReviewError(
+            f"{path.relative_to(root)} is not a regular file of the run folder: "
+            "the review does not read or write it"
+        )
 
 
 def _float(v: str) -> float | None:
@@ -124,17 +145,43 @@ class RunReview:
         return read_events(self.events_path)
 
     def state(self) -> tuple[ReviewState, Events]:
+        for path in self._files():
+            regular_file(path, self.root)
         ev = self._events()
-        lines, _ = read_lines(self.path)
+        lines, _, problems = read_lines(self.path)
         st = fold(lines, [r["object_id"] for r in ev.candidates], ev.machine, ev.sha256)
+        st.problems[:0] = problems
+        if st.signoff is None and self._report_signed():
+            st.problems.append(
+                "report.json holds a signed review that review.jsonl does not: "
+                "lines were removed"
+            )
         return st, ev
+
+    def _files(self) -> tuple[Path, ...]:
+        return (
+            self.events_path,
+            self.path,
+            self.root / "audit.log",
+            self.root / "report.json",
+            self.root / "report.html",
+        )
+
+    def _report_signed(self) -> bool:
+        try:
+            data = json.loads((self.root / "report.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        review = data.get("review") if isinstance(data, dict) else None
+        return isinstance(review, dict) and bool(review.get("signoff"))
 
     def candidates(self, reviewer: str | None) -> dict[str, Any]:
         """Candidates with features; `reviewer`'s own decisions (and everyone's
         once both readers are done)."""
         st, ev = self.state()
-        mine = st.decisions.get(reviewer or "", {})
-        if reviewer and reviewer == st.adjudicator:
+        me = st.who(reviewer) if reviewer else ""
+        mine = st.decisions.get(me, {})
+        if me and me == st.adjudicator:
             mine = st.adjudicated
         reveal = st.readers_done
         out = []
@@ -181,19 +228,26 @@ class RunReview:
             "kappa": st.kappa,
             "ready_to_sign": st.ready_to_sign,
             "stale_decisions": st.stale,
+            "problems": st.problems,
             "signoff": None if st.signoff is None else st.signoff.model_dump(),
         }
 
     def _locked(self) -> FolderLock:
+        """The run folder's lock; another station's write (milliseconds) is
+        waited for, a scan or analysis owning the folder is not."""
         lock = FolderLock(self.root, "run folder")
-        try:
-            lock.acquire()
-        except FolderLockedError:
-            raise ReviewError(
-                "the run folder is in use by a scan or analysis: review it when "
-                "that has finished"
-            ) from None
-        return lock
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                lock.acquire()
+                return lock
+            except FolderLockedError:
+                if time.monotonic() > deadline:
+                    raise ReviewError(
+                        "the run folder is in use by a scan or analysis: review "
+                        "it when that has finished"
+                    ) from None
+                time.sleep(0.02)
 
     def decide(
         self, reviewer: str, object_id: str, decision: str, comment: str
@@ -203,6 +257,7 @@ class RunReview:
             try:
                 st, _ = self.state()
                 role = st.check(reviewer, object_id, decision)
+                reviewer = st.who(reviewer)
                 line = DecisionLine(
                     reviewer=reviewer,
                     object_id=object_id,
@@ -230,6 +285,9 @@ class RunReview:
                     raise ReviewError(
                         f"already signed by {st.signoff.reviewer} at {st.signoff.t}"
                     )
+                if st.problems:
+                    raise ReviewError(f"the review cannot be signed: {st.problems[0]}")
+                reviewer = st.who(reviewer)
                 if not st.ready_to_sign:
                     left = (
                         f"{len(st.pending)} disagreement(s) wait for the adjudicator"
@@ -240,7 +298,7 @@ class RunReview:
                 folder = RunFolder(self.root)
                 ledger = LedgerState.from_records(folder.ledger.read())
                 fields = {n: s.sha256 for n, s in ledger.stored.items()}
-                _, raw = read_lines(self.path)
+                _, raw, _ = read_lines(self.path)
                 whole, f_sha, d_sha = signoff_digest(fields, st.events_sha256, raw)
                 line = SignOffLine(
                     reviewer=reviewer,
@@ -266,9 +324,11 @@ class RunReview:
                 if (self.root / "report.json").exists():
                     records = load_records(folder, sorted(ledger.detected), ledger)
                     rewrite_report(self.root, records, st.summary())
-                    folder.ledger.append(
-                        Written(files=folder.digests("report.json", "report.html"))
-                    )
+                    written: tuple[str, ...] = ("report.json", "report.html")
+                else:
+                    written = ()
+                written += (REVIEW_FILE,)
+                folder.ledger.append(Written(files=folder.digests(*written)))
                 return line
             finally:
                 lock.release()

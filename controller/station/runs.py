@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,8 +82,10 @@ class LedgerTail:
         """New records, and whether the file was replaced (read from the
         start again: the caller starts over)."""
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
+            return [], False
+        if not stat.S_ISREG(st.st_mode):  # a symlink, a FIFO: not read
             return [], False
         reset = False
         if st.st_ino != self.ino or st.st_size < self.offset:
@@ -242,6 +245,7 @@ class RunView:
         return list(self._live.detected)
 
     def running(self) -> bool:
+        self.refresh()
         return bool(in_use(self.folder)) and self._live.end is None
 
     def status(self) -> dict[str, Any]:
@@ -329,7 +333,9 @@ class RunView:
         """report.json, read again only when it changes."""
         path = self.folder / "report.json"
         try:
-            st = path.stat()
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                return None
             if self._report_cache[:2] == (st.st_size, st.st_mtime_ns):
                 return self._report_cache[2]
             data = json.loads(path.read_bytes())

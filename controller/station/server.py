@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from controller.station.app import LOOPBACK, create_app
+from controller.station.app import LOOPBACK, Tokens, create_app
 
 __all__ = ["make_server", "running_station"]
 
@@ -22,12 +22,15 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8750,
     token: str | None = None,
+    tokens: Tokens | None = None,
 ) -> uvicorn.Server:
-    """A uvicorn server of the station over `root`."""
-    if host not in LOOPBACK and not token:
+    """A uvicorn server of the station over `root` (`token`: one shared token;
+    `tokens`: shared and / or per-reviewer tokens)."""
+    tokens = tokens or Tokens(shared=token)
+    if host not in LOOPBACK and not tokens:
         raise ValueError(f"serving on {host} needs a token (--token-file)")
     config = uvicorn.Config(
-        create_app(root, token=token, host=host),
+        create_app(root, tokens=tokens, host=host),
         host=host,
         port=port,
         log_level="warning",
@@ -46,9 +49,10 @@ def running_station(
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
+    tokens: Tokens | None = None,
 ) -> Iterator[str]:
     """The station on a thread; yields its base URL (port 0: a free port)."""
-    server = make_server(root, host=host, port=port, token=token)
+    server = make_server(root, host=host, port=port, token=token, tokens=tokens)
     thread = threading.Thread(target=server.run, name="ctcscan-station", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
