@@ -22,6 +22,7 @@ from controller.focus.surface import (
     Anchor,
     anchor_positions,
     fit_anchors,
+    predict_z,
     travel_um,
     visit_order,
 )
@@ -253,6 +254,16 @@ def test_anchors_are_placed_inside_the_chamber_away_from_the_wall() -> None:
         abs(x) <= half_w - 300 + 1e-6 and abs(y) <= half_h - 300 + 1e-6 for x, y in pts
     )
     assert max(x for x, _ in pts) == pytest.approx(half_w - 300)
+
+
+def test_two_anchors_predict_along_the_line_through_them() -> None:
+    points = [(0.0, 0.0, 2.0), (1000.0, 0.0, 3.0)]
+    scale = (10000.0, 1000.0)
+    assert predict_z(points, 3000.0, 50.0, (0.0, 0.0), scale) == pytest.approx(5.0)
+    # one anchor predicts its own z; more are fitted
+    assert predict_z(points[:1], 3000.0, 0.0, (0.0, 0.0), scale) == 2.0
+    plane = [*points, (0.0, 500.0, 1.0)]
+    assert predict_z(plane, 1000.0, 500.0, (0.0, 0.0), scale) == pytest.approx(2.0)
 
 
 def test_anchors_are_visited_in_an_order_of_short_travel() -> None:

@@ -30,10 +30,10 @@ from controller.focus.surface import (
     Anchor,
     FocusMap,
     FocusSearch,
-    SurfaceFit,
     anchor_positions,
     chamber_half_size,
     fit_anchors,
+    predict_z,
     visit_order,
 )
 from controller.hardware.facade import Hardware
@@ -242,13 +242,13 @@ class FocusMapper:
                 raise FocusCanceled("stopped while measuring the focus map")
             found = [b for b in anchors if b.usable]
             if found:
-                # "auto": a curved prediction only once spare anchors carry it
-                guess = SurfaceFit.fit(
+                guess = predict_z(
                     [(b.x_um, b.y_um, float(b.z_um)) for b in found],  # type: ignore[arg-type]
-                    "auto",
+                    a.x_um,
+                    a.y_um,
                     center,
                     scale,  # type: ignore[arg-type]
-                )(a.x_um, a.y_um)
+                )
                 self._measure(
                     a, guess, s.anchor_range_um, fallback=s.z_start_um, predicted=True
                 )

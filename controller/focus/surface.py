@@ -29,6 +29,7 @@ __all__ = [
     "anchor_positions",
     "chamber_half_size",
     "fit_anchors",
+    "predict_z",
     "visit_order",
 ]
 
@@ -191,6 +192,25 @@ class SurfaceFit:
         curved = any(t in terms for t in ("uu", "uv", "vv"))
         name = "quadratic" if curved else "constant" if terms == ("1",) else "plane"
         return cls(name, terms, tuple(float(c) for c in coef), center, scale)
+
+
+def predict_z(
+    points: Sequence[tuple[float, float, float]],
+    x: float,
+    y: float,
+    center: tuple[float, float],
+    scale: tuple[float, float],
+) -> float:
+    """The z that the (x, y, z) points found so far predict at (x, y), to centre
+    a search: their ``auto`` fit (curved only once spare points carry it); for
+    two points, along the line through them (a fit of two is a constant)."""
+    if len(points) == 2:
+        (x0, y0, z0), (x1, y1, z1) = points
+        dx, dy = x1 - x0, y1 - y0
+        if dx * dx + dy * dy > 0:
+            t = ((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy)
+            return z0 + t * (z1 - z0)
+    return SurfaceFit.fit(points, "auto", center, scale)(x, y)
 
 
 def _monomials(terms: Sequence[str], u: float, v: float) -> list[float]:
