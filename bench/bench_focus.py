@@ -1,5 +1,9 @@
 """Benchmark: the focus stage, time against anchors x z-steps, and its accuracy.
 
+The grid's items are ``NXxNY:COARSE/PREDICTED``: anchors, and the plane
+spacing (um) of the first anchor's search (``coarse_step_um``) and of the later
+anchors' predicted searches (``predicted_step_um``).
+
 For every seed and every focus setting in the grid, opens the simulated
 instrument on a full ``cellsearch-5x35`` cartridge with a tilted and bowed
 surface, measures the focus map (`controller.focus.mapper.FocusMapper`) and reports:
@@ -20,7 +24,9 @@ surface, measures the focus map (`controller.focus.mapper.FocusMapper`) and repo
 Usage::
 
     python bench/bench_focus.py                      # grid, seeds 51-53
-    python bench/bench_focus.py --time-scale 1 --grid 5x2:2/0.5
+    python bench/bench_focus.py --time-scale 1 --grid 5x2:3/3
+    python bench/bench_focus.py --grid 5x2:3/3 --focus roi_px=0,anchor_order=as_given
+    python bench/bench_focus.py --grid 5x2:3/3 --surface bow_um=8,tilt_x_um_per_mm=1.5
 
 Writes ``bench/out/bench_focus-<timestamp>.json``.
 """
@@ -57,24 +63,28 @@ SURFACE = {
     "tilt_y_um_per_mm": -1.5,
     "bow_um": 3.0,
 }
-GRID = "3x1:2/0.5,5x2:2/0.5,7x3:2/0.5,5x2:3/0.75,5x2:1.5/0.5"
+GRID = "3x1:3/3,5x2:3/3,7x3:3/3,5x2:2/2,5x2:4/3"
 
 
 def parse_grid(text: str) -> list[dict[str, object]]:
-    """``NXxNY:COARSE/FINE,...`` -> focus setting overrides."""
+    """``NXxNY:COARSE/PREDICTED,...`` -> focus setting overrides."""
     out = []
     for item in text.split(","):
         grid, steps = item.split(":")
         nx, ny = (int(v) for v in grid.split("x"))
-        coarse, fine = (float(v) for v in steps.split("/"))
+        coarse, predicted = (float(v) for v in steps.split("/"))
         out.append(
-            {"anchors": [nx, ny], "coarse_step_um": coarse, "fine_step_um": fine}
+            {
+                "anchors": [nx, ny],
+                "coarse_step_um": coarse,
+                "predicted_step_um": predicted,
+            }
         )
     return out
 
 
 def parse_focus(text: str) -> dict[str, object]:
-    """``KEY=VALUE,...`` -> focus setting overrides (values read as YAML)."""
+    """``KEY=VALUE,...`` -> setting overrides (values read as YAML)."""
     out: dict[str, object] = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
@@ -82,11 +92,15 @@ def parse_focus(text: str) -> dict[str, object]:
     return out
 
 
-def instrument(focus: dict[str, object], time_scale: float) -> InstrumentConfig:
+def instrument(
+    focus: dict[str, object],
+    time_scale: float,
+    surface: dict[str, object] | None = None,
+) -> InstrumentConfig:
     data = load_yaml(CONFIG_DIR / "simulated.yaml")
     data["focus"] = {**data.get("focus", {}), **focus}
     data["simulation"]["time_scale"] = time_scale
-    data["simulation"]["world"] = {"surface": SURFACE}
+    data["simulation"]["world"] = {"surface": {**SURFACE, **(surface or {})}}
     return InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
 
 
@@ -98,9 +112,12 @@ def world_of(inst: Instrument) -> World:
 
 
 def run_one(
-    focus: dict[str, object], seed: int, time_scale: float
+    focus: dict[str, object],
+    seed: int,
+    time_scale: float,
+    surface: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    cfg = instrument(focus, time_scale)
+    cfg = instrument(focus, time_scale, surface)
     layout = get_layout("cellsearch-5x35")
     plan = ScanPlan.build(layout, cfg)
     inst = open_instrument(cfg, layout, seed=seed)
@@ -132,7 +149,7 @@ def run_one(
         return {
             "seed": seed,
             "anchors": f"{focus['anchors'][0]}x{focus['anchors'][1]}",  # type: ignore[index]
-            "steps": f"{focus['coarse_step_um']}/{focus['fine_step_um']}",
+            "steps": f"{focus['coarse_step_um']}/{focus['predicted_step_um']}",
             "model": fmap.fit.model,
             "n_anchors": len(fmap.anchors),
             "snaps": snaps,
@@ -169,18 +186,26 @@ def qc_cost(seed: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="51,52,53")
-    p.add_argument("--grid", default=GRID, help="NXxNY:COARSE/FINE,... (um)")
+    p.add_argument(
+        "--grid", default=GRID, help="NXxNY:COARSE/PREDICTED,... (steps in um)"
+    )
     p.add_argument("--time-scale", type=float, default=0.0)
     p.add_argument(
         "--focus",
         default="",
         help="more focus settings for every run, KEY=VALUE,... (e.g. roi_px=0)",
     )
+    p.add_argument(
+        "--surface",
+        default="",
+        help="surface changes, KEY=VALUE,... (e.g. bow_um=8,tilt_x_um_per_mm=1.5)",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = parse_focus(args.focus)
+    surface = {**SURFACE, **parse_focus(args.surface)}
     rows = [
-        run_one({**f, **extra}, s, args.time_scale)
+        run_one({**f, **extra}, s, args.time_scale, surface)
         for f in parse_grid(args.grid)
         for s in seeds
     ]
@@ -188,7 +213,7 @@ def main() -> None:
         "anchors", "steps", "seed", "model", "snaps", "snaps_per_anchor",
         "instrument_s", "map_s", "anchor_err_um", "map_err_max_um", "map_err_rms_um",
     ]  # fmt: skip
-    print(f"time_scale {args.time_scale}; surface {SURFACE}; focus {extra}")
+    print(f"time_scale {args.time_scale}; surface {surface}; focus {extra}")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
@@ -204,7 +229,7 @@ def main() -> None:
             {
                 "time_scale": args.time_scale,
                 "focus": extra,
-                "surface": SURFACE,
+                "surface": surface,
                 "rows": rows,
                 "qc_ms_per_field": qc_ms,
                 "machine": platform.platform(),
