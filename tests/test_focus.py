@@ -30,6 +30,7 @@ from controller.hardware.facade import Hardware
 from controller.hardware.instrument import Instrument, open_instrument
 from controller.layouts import CartridgeLayout, get_layout
 from controller.records import FocusAnchorDone, Record
+from controller.runs.focusmap import same_map_settings
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 from simulators import SimulatedSample, World, WorldConfig
@@ -488,6 +489,18 @@ def test_a_resumed_run_reuses_the_recorded_focus_map(tmp_path: Path) -> None:
     assert [m["reused"] for m in maps] == [False, True]
     truth = truth_z(first.run_dir)
     assert max(abs(z - truth[n]) for n, z in stored_z(first.run_dir).items()) < 1.0
+
+
+def test_a_map_is_reused_across_search_settings_but_not_across_anchors() -> None:
+    recorded = FocusSettings().model_dump(mode="json")
+    faster = FocusSettings(coarse_step_um=4, roi_px=0, anchor_order="as_given")
+    assert same_map_settings(recorded, faster.model_dump(mode="json"))
+    # a map recorded before the search settings existed
+    old = {k: v for k, v in recorded.items() if k not in ("roi_px", "anchor_order")}
+    assert same_map_settings(old, recorded)
+    other = FocusSettings(anchors=(7, 3)).model_dump(mode="json")
+    assert not same_map_settings(recorded, other)
+    assert not same_map_settings(recorded, {**recorded, "z_start_um": 5.0})
 
 
 def test_a_cartridge_with_nothing_to_focus_on_fails_clearly(tmp_path: Path) -> None:
