@@ -316,8 +316,31 @@ class FocusSettings(ConfigModel):
     anchor_range_um: float = Field(
         default=6.0, description="later anchors: search the predicted z +- this"
     )
-    coarse_step_um: float = Field(default=2.0, gt=0)
-    fine_step_um: float = Field(default=0.5, gt=0)
+    coarse_step_um: float = Field(
+        default=3.0, gt=0, description="plane spacing of searches over a range"
+    )
+    fine_step_um: float = Field(
+        default=0.5,
+        gt=0,
+        description="z resolution: a re-focus this close (a re-measure twice "
+        "this close) finds the same z",
+    )
+    predicted_step_um: float = Field(
+        default=3.0,
+        gt=0,
+        description="later anchors: planes this far apart around the predicted z",
+    )
+    roi_px: int | None = Field(
+        default=512,
+        ge=0,
+        description="z-search frames from a centred camera ROI this many pixels "
+        "square (clipped to the frame); 0 or null: full frames",
+    )
+    anchor_order: Literal["shortest", "as_given"] = Field(
+        default="shortest",
+        description="shortest: anchors in the order of least stage travel from "
+        "where the stage is; as_given: the grid's (serpentine) or anchor_points' order",
+    )
     model: Literal["auto", "plane", "quadratic"] = Field(
         default="auto",
         description="auto: quadratic with 2 anchors more than its terms, else plane",
@@ -352,6 +375,11 @@ class FocusSettings(ConfigModel):
                     f"{name} ({rng}) is smaller than coarse_step_um "
                     f"({self.coarse_step_um}): the search would take one plane"
                 )
+        if self.predicted_step_um > self.anchor_range_um:
+            raise ValueError(
+                f"predicted_step_um ({self.predicted_step_um}) is larger than "
+                f"anchor_range_um ({self.anchor_range_um})"
+            )
         if self.fine_step_um >= self.coarse_step_um:
             raise ValueError("fine_step_um must be smaller than coarse_step_um")
         if self.anchor_points is None and min(self.anchors) < 1:

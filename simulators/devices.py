@@ -3,16 +3,18 @@
 Each device attaches, when created, to the `World` bound by
 `simulators.open_simulated_core` and reads or sets only the world's state, so the
 camera sees what the stage, focus drive, filter cube and shutter were told.
-Waiting (exposure, travel) is scaled by the world's `time_scale`: 0 never sleeps.
+Waiting (exposure, travel) is counted on the world's `clock_ms` and slept scaled
+by its `time_scale` (0 never sleeps). The camera renders only its ROI.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 from pymmcore_plus.experimental.unicore import (
     GenericDevice,
     ShutterDevice,
@@ -36,7 +38,13 @@ __all__ = [
 
 
 def _wait(world: World, ms: float) -> None:
-    if world.config.time_scale > 0 and ms > 0:
+    """Spend `ms` of instrument time: counted on the world's clock, slept when
+    the time scale says so."""
+    if ms <= 0:
+        return
+    with world.lock:
+        world.clock_ms += ms
+    if world.config.time_scale > 0:
         time.sleep(ms * world.config.time_scale / 1000)
 
 
@@ -63,9 +71,27 @@ class SimCamera(SimpleCameraDevice):
         self._exposure = float(exposure)
 
     def snap(self, buffer: np.ndarray) -> Mapping:
+        """A full frame into `buffer`."""
         _wait(self.world, self._exposure)
         self.world.snap(self._exposure, out=buffer)
         return {"SimWorldSeed": str(self.world.config.seed)}
+
+    def start_sequence(
+        self,
+        n: int | None,
+        get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray],
+    ) -> Iterator[Mapping]:
+        """Frames of the ROI (set with Micro-Manager's ``setROI``), rendered
+        alone rather than cropped from a full frame, as a sensor reads out only
+        its ROI; the full frame when there is none."""
+        roi = self._roi
+        shape = self.shape()
+        limit = n if n is not None else 2**63
+        for _ in range(limit):
+            buf = get_buffer(shape, np.uint16)
+            _wait(self.world, self._exposure)
+            self.world.snap(self._exposure, out=buf, roi=roi)
+            yield {"SimWorldSeed": str(self.world.config.seed)}
 
 
 class SimXYStage(XYStageDevice):

@@ -42,6 +42,16 @@ class Scene(Protocol):
 
 _TEX = 256  # side of the texture bank
 _EDGE_PX = 1.2  # soft edge of every drawn shape, ~ in-focus PSF of 10x/0.45
+_ROI_MARGIN_PX = 64  # drawn around an ROI, so snaps at other z reuse the drawing
+
+
+def _holds(box: tuple[int, int, int, int], inner: tuple[int, int, int, int]) -> bool:
+    return (
+        box[0] <= inner[0]
+        and inner[1] <= box[1]
+        and box[2] <= inner[2]
+        and inner[3] <= box[3]
+    )
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -67,9 +77,8 @@ class Renderer:
         self.vignette = (1.0 - opt.vignetting * r2).astype(np.float32)
         self.max_dn = float(2**opt.bit_depth - 1)
         self._cache_key: tuple[float, float] | None = None
-        self._cache: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = (
-            None
-        )
+        # (box drawn, stain planes, inside, rim) of the last position
+        self._cache: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
         self._extent = world.objects.extent_um()
 
@@ -83,25 +92,37 @@ class Renderer:
         channel: int,
         exposure_ms: float,
         out: np.ndarray | None = None,
+        roi: tuple[int, int, int, int] | None = None,
     ) -> np.ndarray:
         """A camera frame (height, width) uint16 at stage (x, y, z).
 
         `channel` is the filter position (index into the world's stains), or -1
-        for a closed shutter (a dark frame: offset and read noise only).
+        for a closed shutter (a dark frame: offset and read noise only). `roi`
+        (x, y, width, height in pixels, Micro-Manager's order) renders only that
+        part of the sensor: the same pixels as that region of the full frame,
+        at a fraction of the cost.
         """
         w = self.world
         opt = w.config.optics
-        signal = np.zeros((w.height, w.width), np.float32)
+        cx0, ry0, cw, rh = (0, 0, w.width, w.height) if roi is None else roi
+        signal = np.zeros((rh, cw), np.float32)
         if channel >= 0 and exposure_ms > 0:
-            clean = self._channel_image(x, y, channel)
             sigma = self.defocus_sigma_px(z - w.surface_z(x, y))
+            # the blur reaches int(3 sigma + 0.5) px (truncate=3): render that
+            # much around the ROI so its pixels match the full frame's
+            pad = int(3.0 * sigma + 0.5) + 1 if sigma > 0.1 else 0
+            r0, c0 = max(ry0 - pad, 0), max(cx0 - pad, 0)
+            box = (r0, min(ry0 + rh + pad, w.height), c0, min(cx0 + cw + pad, w.width))
+            clean = self._channel_image(x, y, channel, box)
             if sigma > 0.1:
                 clean = ndimage.gaussian_filter(
                     clean, sigma, mode="nearest", truncate=3.0
                 )
-            np.multiply(clean, self.vignette, out=signal)
+            clean = clean[ry0 - r0 : ry0 - r0 + rh, cx0 - c0 : cx0 - c0 + cw]
+            vignette = self.vignette[ry0 : ry0 + rh, cx0 : cx0 + cw]
+            np.multiply(clean, vignette, out=signal)
             signal *= np.float32(exposure_ms)
-        npix = signal.size
+        npix = w.height * w.width
         start = w.noise_offset(
             round(x, 2),
             round(y, 2),
@@ -110,7 +131,8 @@ class Renderer:
             round(exposure_ms, 3),
             span=self.noise.size - npix,
         )
-        noise = self.noise[start : start + npix].reshape(signal.shape)
+        noise = self.noise[start : start + npix].reshape(w.height, w.width)
+        noise = noise[ry0 : ry0 + rh, cx0 : cx0 + cw]
         sd = signal * np.float32(1.0 / opt.electrons_per_dn)
         sd += np.float32(opt.read_noise_dn**2)
         np.sqrt(sd, out=sd)
@@ -136,10 +158,13 @@ class Renderer:
 
     # ------------------------------------------------------------------ internals
 
-    def _channel_image(self, x: float, y: float, channel: int) -> np.ndarray:
-        """Noise-free image of one channel in DN per ms (before vignetting)."""
+    def _channel_image(
+        self, x: float, y: float, channel: int, box: tuple[int, int, int, int]
+    ) -> np.ndarray:
+        """Noise-free image of one channel in DN per ms (before vignetting), of
+        the frame's rows box[0]:box[1] and columns box[2]:box[3]."""
         opt = self.world.config.optics
-        stains, inside, rim = self._field_planes(x, y)
+        stains, inside, rim = self._field_planes(x, y, box)
         img = np.zeros(stains.shape[1:], np.float32)
         for s, frac in enumerate(opt.crosstalk[channel]):
             if frac:
@@ -151,19 +176,34 @@ class Renderer:
         return img
 
     def _field_planes(
-        self, x: float, y: float
+        self, x: float, y: float, box: tuple[int, int, int, int]
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         key = (round(x, 3), round(y, 3))
         with self._lock:
-            if self._cache_key == key and self._cache is not None:
-                return self._cache
-        planes = (self._draw_objects(x, y), *self._wall(x, y))
-        with self._lock:
-            self._cache_key, self._cache = key, planes
-        return planes
+            cached = self._cache if self._cache_key == key else None
+        r0, r1, c0, c1 = box
+        if cached is None or not _holds(cached[0], box):
+            h, w = self.world.height, self.world.width
+            if box != (0, h, 0, w):  # part of the frame: room for other blurs
+                m = _ROI_MARGIN_PX
+                box = (max(r0 - m, 0), min(r1 + m, h), max(c0 - m, 0), min(c1 + m, w))
+            cached = (box, self._draw_objects(x, y, box), *self._wall(x, y, box))
+            with self._lock:
+                self._cache_key, self._cache = key, cached
+        (b0, _, b2, _), *planes = cached
+        rows, cols = slice(r0 - b0, r1 - b0), slice(c0 - b2, c1 - b2)
+        stains, inside, rim = planes
+        return (
+            stains[:, rows, cols],
+            None if inside is None else inside[rows, cols],
+            None if rim is None else rim[rows, cols],
+        )
 
-    def _wall(self, x: float, y: float) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Background mask (1 inside the chamber, dim outside) and the rim band.
+    def _wall(
+        self, x: float, y: float, box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Background mask (1 inside the chamber, dim outside) and the rim band,
+        of the frame's rows box[0]:box[1] and columns box[2]:box[3].
 
         Both are built from 1-D profiles along x and y (outer products), which is
         exact along the walls and cheap; only edge fields pay for them.
@@ -178,8 +218,10 @@ class Renderer:
         dx = np.minimum(xs - x_min, x_max - xs).astype(np.float32)  # um, + inside
         dy = np.minimum(ys - y_min, y_max - ys).astype(np.float32)
         near = 2 * opt.rim_width_um
-        if dx.min() > near and dy.min() > near:
+        x_near, y_near = dx.min() <= near, dy.min() <= near  # of the whole frame
+        if not (x_near or y_near):
             return None, None
+        dx, dy = dx[box[2] : box[3]], dy[box[0] : box[1]]
         half = np.float32(opt.rim_width_um / 2)
 
         def inside_1d(d: np.ndarray) -> np.ndarray:
@@ -197,26 +239,36 @@ class Renderer:
         along_y = np.clip(0.5 + (dy + half) / np.float32(2 * px), 0, 1)
         along_x = np.clip(0.5 + (dx + half) / np.float32(2 * px), 0, 1)
         rim = None
-        if dx.min() <= near:
+        if x_near:
             rim = np.outer(along_y, rim_1d(dx))
-        if dy.min() <= near:
+        if y_near:
             horiz = np.outer(rim_1d(dy), along_x)
             rim = horiz if rim is None else np.maximum(rim, horiz, out=rim)
         return inside, rim
 
-    def _draw_objects(self, x: float, y: float) -> np.ndarray:
-        """Stain planes (4, height, width) of all objects touching the frame."""
+    def _draw_objects(
+        self, x: float, y: float, box: tuple[int, int, int, int]
+    ) -> np.ndarray:
+        """Stain planes (4, rows, cols) of all objects touching the frame's rows
+        box[0]:box[1] and columns box[2]:box[3]."""
         w = self.world
         o = w.objects
         px = w.pixel_size_um
         h, wd = w.height, w.width
-        planes = np.zeros((4, h, wd), np.float32)
+        R0, R1, C0, C1 = box
+        planes = np.zeros((4, R1 - R0, C1 - C0), np.float32)
         reach = self._extent + 2 * px
         sel = np.flatnonzero(
             (np.abs(o.x - x) <= w.fov_w / 2 + reach)
             & (np.abs(o.y - y) <= w.fov_h / 2 + reach)
         )
         rows, cols = w.to_pixel(x, y, o.x[sel], o.y[sel])
+        if box != (0, h, 0, wd):  # only the objects that reach the box
+            r = self._extent[sel] / px + 2 * _EDGE_PX + 3
+            near = (
+                (rows + r >= R0) & (rows - r < R1) & (cols + r >= C0) & (cols - r < C1)
+            )
+            sel, rows, cols = sel[near], rows[near], cols[near]
         tex = self.texture
         for j, i in enumerate(sel):
             rc, cc = float(rows[j]), float(cols[j])
@@ -226,12 +278,18 @@ class Renderer:
             c0, c1 = max(0, int(cc) - half), min(wd, int(cc) + half + 2)
             if r0 >= r1 or c0 >= c1:
                 continue
-            yy = np.arange(r0, r1, dtype=np.float32)[:, None] - np.float32(rc)
-            xx = np.arange(c0, c1, dtype=np.float32)[None, :] - np.float32(cc)
             bh, bw = r1 - r0, c1 - c0
             t = int(o.texture[i])
             tr, tc = t % (_TEX - bh), (t // _TEX) % (_TEX - bw)
-            tx = tex[tr : tr + bh, tc : tc + bw]
+            # the texture's offset follows the object's box in the whole frame;
+            # the drawn box cuts it further
+            a0, a1, b0, b1 = max(r0, R0), min(r1, R1), max(c0, C0), min(c1, C1)
+            if a0 >= a1 or b0 >= b1:
+                continue
+            tx = tex[tr + a0 - r0 : tr + a1 - r0, tc + b0 - c0 : tc + b1 - c0]
+            r0, r1, c0, c1 = a0 - R0, a1 - R0, b0 - C0, b1 - C0
+            yy = np.arange(a0, a1, dtype=np.float32)[:, None] - np.float32(rc)
+            xx = np.arange(b0, b1, dtype=np.float32)[None, :] - np.float32(cc)
             amp = o.amp[i]
             nuc = None
             if o.nuc_r[i] > 0:

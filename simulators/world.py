@@ -163,6 +163,8 @@ class World:
         self._filter_stuck_until = 0.0
         self.xy_moves = 0
         self.last_frame: np.ndarray | None = None
+        #: modelled instrument time (ms): every exposure and move, at any time_scale
+        self.clock_ms = 0.0
 
     def _set_sample(self, config: WorldConfig, layout: CartridgeLayout) -> None:
         """Draw the cartridge: objects from the seed, chamber, renderer."""
@@ -389,8 +391,14 @@ class World:
         with self.lock:
             self.snap_failures_pending = n
 
-    def snap(self, exposure_ms: float, out: np.ndarray | None = None) -> np.ndarray:
-        """Image the current state of the devices; raise on an injected fault."""
+    def snap(
+        self,
+        exposure_ms: float,
+        out: np.ndarray | None = None,
+        roi: tuple[int, int, int, int] | None = None,
+    ) -> np.ndarray:
+        """Image the current state of the devices (only the camera's `roi`, x, y,
+        width, height, when it has one); raise on an injected fault."""
         with self.lock:
             n = self.snaps
             self.snaps += 1
@@ -415,6 +423,7 @@ class World:
             ch if lit and n not in cfg.black_snaps else -1,
             exposure_ms,
             out=out,
+            roi=roi,
         )
         if n in cfg.saturated_snaps:
             frame[...] = self.renderer.max_dn

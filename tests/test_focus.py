@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +13,27 @@ import numpy as np
 import pytest
 import tifffile
 
-from analysis.focus import field_sharpness, refine_peak
+from analysis.focus import field_sharpness, flank_peak, refine_peak
+from controller.acquisition.plan import plan_fields
 from controller.config import FocusSettings, InstrumentConfig, load_yaml
-from controller.errors import ConfigError, FocusError
-from controller.focus.surface import Anchor, anchor_positions, fit_anchors
+from controller.errors import ConfigError, FocusCanceled, FocusError
+from controller.focus.mapper import Focuser, FocusMapper
+from controller.focus.surface import (
+    Anchor,
+    anchor_positions,
+    fit_anchors,
+    predict_z,
+    travel_um,
+    visit_order,
+)
+from controller.hardware.facade import Hardware
+from controller.hardware.instrument import Instrument, open_instrument
 from controller.layouts import CartridgeLayout, get_layout
 from controller.records import FocusAnchorDone, Record
+from controller.runs.focusmap import same_map_settings
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
-from simulators import World, WorldConfig
+from simulators import SimulatedSample, World, WorldConfig
 from tests.conftest import DEMO_YAML, SIM_YAML, invoke, one_line_error, sim_instrument
 
 #: 24 fields over 5.3 x 2.0 mm: wide enough for a bow, quick to scan
@@ -105,6 +120,34 @@ def test_refine_peak_refuses_flat_and_one_sided_curves() -> None:
     assert flat.z is None and "flat" in flat.reason
     rising = refine_peak(zs, 100 + 50 * (zs + 5))
     assert rising.z is None and "end of the search" in rising.reason
+
+
+def _defocus_curve(zs: np.ndarray, focus: float) -> np.ndarray:
+    """Gradient energy of a defocused field, as the simulated optics give it:
+    a flat top within the depth of field, log-linear flanks."""
+    blur = np.hypot(zs - focus, 1.0) - 1.0
+    return 80 + 7500 * np.exp(-0.9 * blur)
+
+
+@pytest.mark.parametrize("focus", [-1.0, -0.5, 0.0, 0.3, 0.9])
+def test_flank_peak_places_focus_from_three_planes(focus: float) -> None:
+    zs = np.array([-3.0, 0.0, 3.0])
+    est = flank_peak(zs, _defocus_curve(zs, focus))
+    assert est.z is not None and abs(est.z - focus) < 0.1
+
+
+def test_flank_peak_names_the_side_that_needs_another_plane() -> None:
+    zs = np.array([-3.0, 0.0, 3.0])
+    above = flank_peak(zs, _defocus_curve(zs, 2.5))
+    assert above.z is None and above.side == 1
+    below = flank_peak(zs, _defocus_curve(zs, -4.0))
+    assert below.z is None and below.side == -1
+    flat = flank_peak(zs, np.full(3, 500.0))
+    assert flat.z is None and flat.side == 0 and "flat" in flat.reason
+    # with the plane it asked for, the peak is found
+    more = np.array([-3.0, 0.0, 3.0, 6.0])
+    est = flank_peak(more, _defocus_curve(more, 2.5))
+    assert est.z is not None and abs(est.z - 2.5) < 0.1
 
 
 def test_field_sharpness_does_not_depend_on_how_much_the_field_holds() -> None:
@@ -214,12 +257,45 @@ def test_anchors_are_placed_inside_the_chamber_away_from_the_wall() -> None:
     assert max(x for x, _ in pts) == pytest.approx(half_w - 300)
 
 
+def test_two_anchors_predict_along_the_line_through_them() -> None:
+    points = [(0.0, 0.0, 2.0), (1000.0, 0.0, 3.0)]
+    scale = (10000.0, 1000.0)
+    assert predict_z(points, 3000.0, 50.0, (0.0, 0.0), scale) == pytest.approx(5.0)
+    # one anchor predicts its own z; more are fitted
+    assert predict_z(points[:1], 3000.0, 0.0, (0.0, 0.0), scale) == 2.0
+    plane = [*points, (0.0, 500.0, 1.0)]
+    assert predict_z(plane, 1000.0, 500.0, (0.0, 0.0), scale) == pytest.approx(2.0)
+
+
+def test_anchors_are_visited_in_an_order_of_short_travel() -> None:
+    layout = get_layout("cellsearch-5x35")
+    points = anchor_positions(layout, *FOV, FocusSettings())
+    start = (layout.center_x_um, layout.center_y_um)
+
+    def travel(order: list[int]) -> float:
+        walk = [start] + [points[i] for i in order]
+        return sum(travel_um(a, b) for a, b in pairwise(walk))
+
+    order = visit_order(points, start)
+    assert sorted(order) == list(range(len(points)))
+    rows = list(range(len(points)))  # the grid's serpentine along the rows
+    assert travel(order) < 0.7 * travel(rows)
+    # it starts at the anchor nearest the stage
+    nearest = min(range(len(points)), key=lambda i: travel_um(start, points[i]))
+    assert travel_um(start, points[order[0]]) == travel_um(start, points[nearest])
+    # from a corner, the corner's anchor comes first
+    corner = (points[9][0] - 500, points[9][1] - 500)
+    assert visit_order(points, corner)[0] == 9
+
+
 @pytest.mark.parametrize(
     ("focus", "words"),
     [
         ({"search_range_um": 0}, "empty search range"),
         ({"refocus_range_um": 1.0}, "smaller than coarse_step_um"),
         ({"fine_step_um": 3.0}, "fine_step_um must be smaller"),
+        ({"predicted_step_um": 7.0}, "larger than anchor_range_um"),
+        ({"roi_px": -1}, "roi_px"),
         ({"channel": "Cy7"}, "not one of the channels"),
         ({"search_range_um": 500}, "leaves the stage's z limits"),
     ],
@@ -355,14 +431,15 @@ def test_hardware_autofocus_measures_the_anchors(tmp_path: Path) -> None:
     assert {a.source for a in sw.focus_map.anchors} == {"software"}
     # one sharpness frame per anchor instead of a z search
     assert sum(a.snaps for a in fm.anchors) == len(fm.anchors)
-    assert sum(a.snaps for a in sw.focus_map.anchors) > 8 * len(fm.anchors)
+    # software focus needs at least three planes per anchor
+    assert sum(a.snaps for a in sw.focus_map.anchors) >= 3 * len(fm.anchors)
     truth = truth_z(hw.run_dir)
     assert max(abs(z - truth[n]) for n, z in stored_z(hw.run_dir).items()) < 1.0
 
 
 def test_a_failing_autofocus_falls_back_to_software_focus(tmp_path: Path) -> None:
-    # calls 0-2: anchor 0 fails all three tries; call 3 (anchor 1) lands 12 um
-    # off, outside the search range, and is tried again
+    # calls 0-2: the first anchor visited fails all three tries; call 3 (the
+    # second) lands 12 um off, outside the search range, and is tried again
     inst = sim_instrument(
         surface={"z0_um": -4.0, "tilt_x_um_per_mm": 1.0},
         focus={"autofocus_device": "Autofocus"},
@@ -372,8 +449,10 @@ def test_a_failing_autofocus_falls_back_to_software_focus(tmp_path: Path) -> Non
     result = scan(tmp_path / "run", inst, seed=36)
     fm = result.focus_map
     assert fm is not None and result.complete
-    sources = [a.source for a in fm.anchors]
-    assert sources[0] == "software" and set(sources[1:]) == {"hardware"}
+    visits = [r for r in ledger(result.run_dir) if r["event"] == "focus_anchor"]
+    first = next(r["index"] for r in visits if r["done"] == 1)
+    sources = {a.index: a.source for a in fm.anchors}
+    assert sources.pop(first) == "software" and set(sources.values()) == {"hardware"}
     assert all(a.usable for a in fm.anchors)
     assert any("hardware autofocus failed at 1 anchor" in w for w in fm.warnings)
     truth = truth_z(result.run_dir)
@@ -410,6 +489,18 @@ def test_a_resumed_run_reuses_the_recorded_focus_map(tmp_path: Path) -> None:
     assert [m["reused"] for m in maps] == [False, True]
     truth = truth_z(first.run_dir)
     assert max(abs(z - truth[n]) for n, z in stored_z(first.run_dir).items()) < 1.0
+
+
+def test_a_map_is_reused_across_search_settings_but_not_across_anchors() -> None:
+    recorded = FocusSettings().model_dump(mode="json")
+    faster = FocusSettings(coarse_step_um=4, roi_px=0, anchor_order="as_given")
+    assert same_map_settings(recorded, faster.model_dump(mode="json"))
+    # a map recorded before the search settings existed
+    old = {k: v for k, v in recorded.items() if k not in ("roi_px", "anchor_order")}
+    assert same_map_settings(old, recorded)
+    other = FocusSettings(anchors=(7, 3)).model_dump(mode="json")
+    assert not same_map_settings(recorded, other)
+    assert not same_map_settings(recorded, {**recorded, "z_start_um": 5.0})
 
 
 def test_a_cartridge_with_nothing_to_focus_on_fails_clearly(tmp_path: Path) -> None:
@@ -505,3 +596,129 @@ def test_a_focus_range_away_from_zero_works(tmp_path: Path) -> None:
     truth = truth_z(result.run_dir)
     assert result.complete
     assert max(abs(z - truth[n]) for n, z in stored_z(result.run_dir).items()) < 1.0
+
+
+# ---------------------------------------------------------------- focus frames
+
+
+#: the bench's cartridge surface (bench/bench_focus.py)
+TILTED = {
+    "z0_um": 6.0,
+    "tilt_x_um_per_mm": 0.8,
+    "tilt_y_um_per_mm": -1.5,
+    "bow_um": 3.0,
+}
+FULL = (1384, 1036)
+
+
+class RecordingHardware(Hardware):
+    """The run's `Hardware`, keeping the shape of every frame it snapped; it can
+    be interrupted (as by Ctrl-C) before a given snap."""
+
+    def __init__(self, core: Any, *, interrupt_at: int | None = None) -> None:
+        super().__init__(core)
+        self.shapes: list[tuple[int, ...]] = []
+        self.interrupt_at = interrupt_at
+
+    def snap(self, **kw: Any) -> np.ndarray:
+        if self.interrupt_at is not None and len(self.shapes) == self.interrupt_at:
+            raise KeyboardInterrupt
+        img = super().snap(**kw)
+        self.shapes.append(img.shape)
+        return img
+
+
+@contextmanager
+def opened(inst: InstrumentConfig, layout: CartridgeLayout) -> Iterator[Instrument]:
+    instrument = open_instrument(inst, layout, seed=51)
+    try:
+        yield instrument
+    finally:
+        instrument.close()
+
+
+def camera_frame(instrument: Instrument) -> tuple[int, ...]:
+    core = instrument.core
+    return (*core.getROI(), core.getImageWidth(), core.getImageHeight())
+
+
+def test_an_roi_search_frame_is_that_region_of_a_full_frame() -> None:
+    inst = sim_instrument(surface=TILTED)
+    layout = get_layout("cellsearch-5x35")
+    with opened(inst, layout) as instrument:
+        fz = Focuser(Hardware(instrument.core), inst)
+        fz.select_channel()
+        fz.move_xy(2000.0, 0.0)
+        x, y, w, h = fz.roi()  # type: ignore[misc]
+        assert (w, h) == (512, 512)
+        with fz.search_frames():
+            part = fz.snap_at(7.5)
+        full = fz.snap_at(7.5)
+    assert part.shape == (512, 512) and full.shape == (1036, 1384)
+    assert np.array_equal(part, full[y : y + h, x : x + w])
+
+
+def test_the_focus_map_takes_fewer_frames_mostly_from_an_roi_and_stays_accurate() -> (
+    None
+):
+    inst = sim_instrument(surface=TILTED)
+    layout = get_layout("cellsearch-5x35")
+    fov = (FULL[0] * 0.64, FULL[1] * 0.64)
+    with opened(inst, layout) as instrument:
+        hw = RecordingHardware(instrument.core)
+        fmap = FocusMapper(hw, inst, layout, fov).build()
+        after = camera_frame(instrument)
+        sample = instrument.sample
+        assert isinstance(sample, SimulatedSample)
+        world = sample.world
+        errors = [
+            abs(fmap.z_of(f.x_um, f.y_um) - world.surface_z(f.x_um, f.y_um))
+            for f in plan_fields(layout, *fov)
+        ]
+    assert after == (0, 0, *FULL, *FULL)
+    assert max(errors) <= 0.3
+    n = len(fmap.anchors)
+    assert n == 10 and all(a.usable for a in fmap.anchors)
+    # coarse + fine steps took 166 frames (16.6 an anchor)
+    assert sum(a.snaps for a in fmap.anchors) == len(hw.shapes) <= 6 * n
+    roi = hw.shapes.count((512, 512))
+    assert roi + hw.shapes.count((1036, 1384)) == len(hw.shapes)
+    assert roi >= len(hw.shapes) / 2
+    assert fmap.reference_sharpness is not None and fmap.reference_sharpness > 0.8
+
+
+@pytest.mark.parametrize("how", ["stopped", "interrupted", "nothing to focus on"])
+def test_the_camera_is_back_at_full_frame_when_the_map_ends_early(how: str) -> None:
+    world: dict[str, Any] = {"surface": TILTED}
+    if how == "nothing to focus on":
+        world["population"] = EMPTY
+    inst = sim_instrument(**world)
+    layout = STRIP
+    stop_after = [0]
+
+    def should_stop() -> bool:  # after the first anchor
+        stop_after[0] += 1
+        return how == "stopped" and stop_after[0] > 1
+
+    with opened(inst, layout) as instrument:
+        # snap 5 falls inside the first anchor's search, from the ROI
+        hw = RecordingHardware(
+            instrument.core, interrupt_at=5 if how == "interrupted" else None
+        )
+        mapper = FocusMapper(hw, inst, layout, FOV, should_stop=should_stop)
+        expected = {
+            "stopped": FocusCanceled,
+            "interrupted": KeyboardInterrupt,
+            "nothing to focus on": FocusError,
+        }[how]
+        with pytest.raises(expected):
+            mapper.build()
+        assert (512, 512) in hw.shapes  # the ROI was in use
+        assert camera_frame(instrument) == (0, 0, *FULL, *FULL)
+
+
+def test_fields_imaged_after_the_focus_map_are_full_frames(bowed: ScanResult) -> None:
+    fields = sorted((bowed.run_dir / "fields").glob("*.ome.tif"))
+    assert fields
+    for path in fields[:3]:
+        assert tifffile.imread(path).shape == (4, FULL[1], FULL[0])

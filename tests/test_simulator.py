@@ -188,6 +188,58 @@ def test_devices_through_unimmcore_share_the_world() -> None:
         core.unloadAllDevices()
 
 
+@pytest.mark.parametrize("dz", [0.0, 1.0, 6.0])
+@pytest.mark.parametrize(
+    "roi",
+    [(436, 262, 512, 512), (0, 0, 300, 200), (1000, 800, 384, 236)],
+    ids=["centre", "corner", "far-corner"],
+)
+def test_an_roi_frame_is_that_region_of_the_full_frame(
+    world: World, roi: tuple[int, int, int, int], dz: float
+) -> None:
+    # an edge field (wall and rim) and a defocus whose blur crosses the ROI edge
+    x = LAYOUT.center_x_um - 1.5 * world.fov_w
+    y = LAYOUT.center_y_um + world.fov_h
+    z = world.surface_z(x, y) + dz
+    fresh = World(WorldConfig(seed=11), LAYOUT)  # nothing cached from the full frame
+    part = fresh.renderer.frame(x, y, z, DAPI, 20.0, roi=roi)
+    full = world.renderer.frame(x, y, z, DAPI, 20.0)
+    c, r, w, h = roi
+    assert part.shape == (h, w)
+    assert np.array_equal(part, full[r : r + h, c : c + w])
+
+
+def test_the_camera_honours_setroi_and_the_clock_counts_instrument_time() -> None:
+    world = World(WorldConfig(seed=5), LAYOUT)
+    core = open_simulated_core(CONFIG_DIR / "simulated.cfg", world)
+    try:
+        core.setXYPosition(100.0, -50.0)
+        core.setZPosition(1.5)
+        core.setConfig("Channel", "DAPI")
+        core.setExposure(20)
+        core.setShutterOpen(True)
+        t0 = world.clock_ms
+        core.setROI(436, 262, 512, 256)
+        assert list(core.getROI()) == [436, 262, 512, 256]
+        assert (core.getImageWidth(), core.getImageHeight()) == (512, 256)
+        core.snapImage()
+        img = core.getImage()
+        assert img.shape == (256, 512)
+        full = world.renderer.frame(100.0, -50.0, 1.5, 0, 20.0)
+        assert np.array_equal(img, full[262:518, 436:948])
+        assert world.clock_ms - t0 == pytest.approx(20.0)  # the exposure
+        core.clearROI()
+        core.snapImage()
+        assert core.getImage().shape == (1036, 1384)
+        # moves cost their travel: 2000 um at 20 um/ms, 4 um at 1 um/ms
+        t0 = world.clock_ms
+        core.setXYPosition(2100.0, -50.0)
+        core.setZPosition(5.5)
+        assert world.clock_ms - t0 == pytest.approx(100.0 + 4.0)
+    finally:
+        core.unloadAllDevices()
+
+
 def test_devices_need_a_bound_world() -> None:
     from simulators.devices import SimCamera
 

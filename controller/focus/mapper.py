@@ -1,23 +1,28 @@
 """Measuring the focus map on the instrument.
 
 `Focuser` does the focus channel's z searches through the run's `Hardware`
-(every call marked, retried and reported there): coarse steps over the window,
-fine steps around the best coarse plane, a sub-step peak
-(`analysis.focus.refine_peak`) of the nucleus channel's gradient energy.
-`FocusMapper` measures each anchor (hardware autofocus when the config names
-one, retried, else software search), publishes a `FocusAnchorDone` record per
-anchor, and fits the surface (`controller.focus.surface.fit_anchors`).
+(every call marked, retried and reported there): planes over a window from a
+centred camera ROI (the full frame restored when the search ends, however it
+ends), more planes one at a time on a side where the focus curve has not fallen
+yet, and focus from the curve's two flanks (`analysis.focus.flank_peak`) of the
+nucleus channel's gradient energy. `FocusMapper` visits the anchors in an order
+of short stage travel, measures each (hardware autofocus when the config names
+one, retried, else a software search: wide at the first anchor, three planes
+around the z the anchors found so far predict at the others), publishes a
+`FocusAnchorDone` record per anchor, and fits the surface
+(`controller.focus.surface.fit_anchors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from analysis.focus import field_sharpness, gradient_energy, refine_peak
+from analysis.focus import field_sharpness, flank_peak, gradient_energy
 from controller.config import InstrumentConfig
 from controller.errors import FocusCanceled, FocusError
 from controller.events import RecordSink
@@ -25,10 +30,11 @@ from controller.focus.surface import (
     Anchor,
     FocusMap,
     FocusSearch,
-    SurfaceFit,
     anchor_positions,
     chamber_half_size,
     fit_anchors,
+    predict_z,
+    visit_order,
 )
 from controller.hardware.facade import Hardware
 from controller.layouts import CartridgeLayout
@@ -52,6 +58,8 @@ class Focuser:
         )
         lim = instrument.stage_limits
         self.z_limits = (lim.z_min, lim.z_max) if lim is not None else (-1e6, 1e6)
+        cam = instrument.camera
+        self.frame = (cam.width, cam.height)
         self.snaps = 0
 
     def select_channel(self) -> None:
@@ -71,46 +79,104 @@ class Focuser:
         self.snaps += 1
         return self.hw.snap(where=f"focus z {z:.2f}")
 
-    def search(
-        self, center: float, half_range: float, *, extend: int = 1
-    ) -> FocusSearch:
-        """Coarse-to-fine search of z in center +- half_range at the current xy.
+    def roi(self) -> tuple[int, int, int, int] | None:
+        """The centred square camera ROI of z searches (x, y, width, height),
+        None for full frames."""
+        side = self.settings.roi_px
+        w, h = self.frame
+        if not side or side >= max(w, h):
+            return None
+        rw, rh = min(side, w), min(side, h)
+        return ((w - rw) // 2, (h - rh) // 2, rw, rh)
 
-        When the sharpest coarse plane lies at an end of the window, the window
-        moves one range further that way (up to `extend` times, never past the
-        focus drive's limits) before giving up.
+    @contextlib.contextmanager
+    def search_frames(self) -> Iterator[None]:
+        """Within this block snaps come from the search ROI; the full frame is
+        restored on the way out, also when a snap fails or the run stops."""
+        roi = self.roi()
+        if roi is None:
+            yield
+            return
+        try:
+            self.hw.set_roi(*roi, where="focus")
+            yield
+        finally:
+            self.full_frame()
+
+    def full_frame(self) -> None:
+        """Restore (and check) the camera's full frame."""
+        self.hw.clear_roi(self.frame, where="focus")
+
+    def search(
+        self,
+        center: float,
+        half_range: float,
+        *,
+        step: float | None = None,
+        reach: float | None = None,
+        full_at: float | None = None,
+    ) -> FocusSearch:
+        """Focus near `center` at the current xy.
+
+        Planes every `step` (default `coarse_step_um`) over center +- half_range,
+        from the end nearer the focus drive; then, while the focus curve has not
+        fallen far enough on both sides of its peak (`analysis.focus.flank_peak`),
+        one more plane beyond the sampled span on the side that lacks it, up to
+        center +- `reach` (default 3 x half_range: the window moved once) and
+        within the focus drive's limits. Focus is the mid-point of the curve's
+        two flanks. The plane at `full_at` (one of the window's) is taken as a
+        full frame, measured on the ROI's pixels and kept in the result.
         """
         s = self.settings
+        step = s.coarse_step_um if step is None else step
+        reach = 3 * half_range if reach is None else reach
         t0 = time.perf_counter()
         samples: dict[float, float] = {}
         zmin, zmax = self.z_limits
+        lo, hi = max(zmin, center - reach), min(zmax, center + reach)
+        roi = self.roi()
+
+        def inside(z: float) -> bool:
+            return lo - 1e-9 <= z <= hi + 1e-9
+
+        def energy(image: np.ndarray) -> float:
+            if roi is not None and image.shape[:2] != (roi[3], roi[2]):
+                x, y, w, h = roi  # a full frame: the ROI's pixels
+                image = image[y : y + h, x : x + w]
+            return gradient_energy(image)
 
         def measure(zs: Iterable[float]) -> None:
             for z in zs:
                 z = round(float(z), 3)
-                if z not in samples and zmin - 1e-9 <= z <= zmax + 1e-9:
-                    samples[z] = gradient_energy(self.snap_at(z))
+                if z not in samples and inside(z):
+                    samples[z] = energy(self.snap_at(z))
 
-        n = max(math.floor(2 * half_range / s.coarse_step_um + 1e-9), 1)
-        offsets = (np.arange(n + 1) - n / 2) * s.coarse_step_um
-        mid = center
-        for _ in range(extend + 1):
-            measure(mid + offsets)
-            coarse = refine_peak(list(samples), list(samples.values()))
-            if coarse.z is not None or "end of the search" not in coarse.reason:
-                break
-            low_end = max(samples, key=samples.__getitem__) == min(samples)
-            mid += -2 * half_range if low_end else 2 * half_range
-        if coarse.z is None:
-            return FocusSearch(
-                None, coarse.reason, sorted(samples.items()), time.perf_counter() - t0
-            )
-        best = max(samples, key=samples.__getitem__)
-        k = round(s.coarse_step_um / s.fine_step_um)
-        measure(best + np.arange(-k, k + 1) * s.fine_step_um)
-        fine = refine_peak(list(samples), list(samples.values()))
+        n = max(math.floor(2 * half_range / step + 1e-9), 2)
+        planes = [float(z) for z in center + (np.arange(n + 1) - n / 2) * step]
+        here = self.hw.read_z()
+        if abs(planes[-1] - here) < abs(planes[0] - here):
+            planes.reverse()
+        frame = None
+        if full_at is not None and inside(round(full_at, 3)):
+            z = round(full_at, 3)
+            image = self.snap_at(z)
+            frame, samples[z] = (z, image), energy(image)
+        with self.search_frames():
+            measure(planes)
+            while True:
+                peak = flank_peak(list(samples), list(samples.values()))
+                if peak.z is not None or peak.side == 0:
+                    break
+                nxt = min(samples) - step if peak.side < 0 else max(samples) + step
+                if not inside(nxt):
+                    break
+                measure([nxt])
         return FocusSearch(
-            fine.z, fine.reason, sorted(samples.items()), time.perf_counter() - t0
+            peak.z,
+            peak.reason,
+            sorted(samples.items()),
+            time.perf_counter() - t0,
+            frame,
         )
 
     def hardware_focus(self) -> float:
@@ -148,34 +214,51 @@ class FocusMapper:
         return self._focuser
 
     def build(self) -> FocusMap:
+        """Measure the map. The camera is at its full frame afterwards, whatever
+        happened; when restoring it fails, so does the map."""
+        if not self.settings.enabled:
+            return FocusMap.flat(self.settings)
+        if self.focuser.roi() is None:
+            return self._build()
+        try:
+            fmap = self._build()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one
+                self.focuser.full_frame()
+            raise
+        self.focuser.full_frame()
+        return fmap
+
+    def _build(self) -> FocusMap:
         s = self.settings
-        if not s.enabled:
-            return FocusMap.flat(s)
         t0 = time.perf_counter()
         positions = anchor_positions(self.layout, *self.fov, s)
         anchors = [Anchor(i, x, y) for i, (x, y) in enumerate(positions)]
         center = (self.layout.center_x_um, self.layout.center_y_um)
         scale = tuple(max(h, 1.0) for h in chamber_half_size(self.layout, *self.fov))
         self.focuser.select_channel()
-        for a in anchors:
+        for done, a in enumerate(self._in_order(anchors), start=1):
             if self.should_stop is not None and self.should_stop():
                 raise FocusCanceled("stopped while measuring the focus map")
             found = [b for b in anchors if b.usable]
             if found:
-                guess = SurfaceFit.fit(
+                guess = predict_z(
                     [(b.x_um, b.y_um, float(b.z_um)) for b in found],  # type: ignore[arg-type]
-                    "plane",
+                    a.x_um,
+                    a.y_um,
                     center,
                     scale,  # type: ignore[arg-type]
-                )(a.x_um, a.y_um)
-                self._measure(a, guess, s.anchor_range_um, fallback=s.z_start_um)
+                )
+                self._measure(
+                    a, guess, s.anchor_range_um, fallback=s.z_start_um, predicted=True
+                )
             else:
                 self._measure(a, s.z_start_um, s.search_range_um)
             if self.sink is not None:
                 self.sink.emit(
                     FocusAnchorDone(
                         index=a.index,
-                        done=a.index + 1,
+                        done=done,
                         total=len(anchors),
                         x_um=a.x_um,
                         y_um=a.y_um,
@@ -231,6 +314,14 @@ class FocusMapper:
             settings=s.model_dump(),
         )
 
+    def _in_order(self, anchors: list[Anchor]) -> list[Anchor]:
+        """The anchors in the order to visit them (`FocusSettings.anchor_order`)."""
+        if self.settings.anchor_order == "as_given" or len(anchors) < 3:
+            return anchors
+        here = self.hw.read_xy()
+        order = visit_order([(a.x_um, a.y_um) for a in anchors], here)
+        return [anchors[i] for i in order]
+
     def _measure(
         self,
         a: Anchor,
@@ -239,11 +330,19 @@ class FocusMapper:
         *,
         fallback: float | None = None,
         hardware: bool = True,
+        predicted: bool = False,
     ) -> None:
-        """Find focus at anchor `a` (in place): hardware, else software search."""
+        """Find focus at anchor `a` (in place): hardware, else software search.
+
+        A `predicted` center is searched with three planes `predicted_step_um`
+        apart, more on a side as the curve needs, up to twice `half_range`
+        away; any other over center +- half_range. When that finds nothing, a
+        `fallback` center is searched over +- `search_range_um`.
+        """
         s, fz = self.settings, self.focuser
         t0, snaps0 = time.perf_counter(), fz.snaps
         a.z_um, a.sharpness, a.reason = None, None, ""
+        near: tuple[float, np.ndarray] | None = None  # a full frame near focus
         try:
             fz.move_xy(a.x_um, a.y_um)
             z = self._hardware(center, half_range) if hardware else None
@@ -253,14 +352,23 @@ class FocusMapper:
                 if hardware and s.autofocus_device:
                     self.fallbacks += 1
                 a.source = "software"
-                search = fz.search(center, half_range)
+                if predicted:  # its middle plane is a full frame (sharpness)
+                    step = s.predicted_step_um
+                    search = fz.search(
+                        center, step, step=step, reach=2 * half_range, full_at=center
+                    )
+                else:
+                    search = fz.search(center, half_range)
                 if search.z is None and fallback is not None:
                     search = fz.search(fallback, s.search_range_um)
-                z = search.z
+                z, near = search.z, search.frame
                 a.reason = search.reason
             if z is not None:
                 a.z_um = round(z, 3)
-                a.sharpness = field_sharpness(fz.snap_at(z)).sharpness
+                # within the depth of field a frame this close is as sharp
+                if near is None or abs(near[0] - z) > s.fine_step_um:
+                    near = (z, fz.snap_at(z))
+                a.sharpness = field_sharpness(near[1]).sharpness
                 a.status = "ok" if a.status == "pending" else a.status
             else:
                 a.status = "failed"

@@ -29,6 +29,8 @@ __all__ = [
     "anchor_positions",
     "chamber_half_size",
     "fit_anchors",
+    "predict_z",
+    "visit_order",
 ]
 
 #: anchor states whose z enters the fit
@@ -92,6 +94,55 @@ def anchor_positions(
     return out
 
 
+def travel_um(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Stage travel between two points, for an XY stage that moves both axes at
+    once (its time goes with the longer axis)."""
+    return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+
+
+def visit_order(
+    points: Sequence[tuple[float, float]], start: tuple[float, float]
+) -> list[int]:
+    """Indices of `points` in an order of short stage travel from `start`.
+
+    Nearest neighbour first, then 2-opt: any stretch of the path whose reversal
+    shortens it is reversed, until none does. On the default 5 x 2 anchor grid
+    of ``cellsearch-5x35``, from the cartridge centre, the path zigzags between
+    the two rows (a diagonal move costs no more than its longer axis): 51 mm of
+    travel against 76 mm along the rows.
+    """
+    n = len(points)
+    if n <= 1:
+        return list(range(n))
+    left = list(range(n))
+    path: list[int] = []
+    here = start
+    while left:
+        nxt = min(left, key=lambda i: (travel_um(here, points[i]), i))
+        left.remove(nxt)
+        path.append(nxt)
+        here = points[nxt]
+
+    def at(k: int) -> tuple[float, float]:  # position k of the walk; 0 is start
+        return start if k == 0 else points[path[k - 1]]
+
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, n):
+            for j in range(i + 1, n + 1):
+                # reverse path positions i..j (walk positions i..j)
+                before = travel_um(at(i - 1), at(i))
+                after = travel_um(at(i - 1), at(j))
+                if j < n:
+                    before += travel_um(at(j), at(j + 1))
+                    after += travel_um(at(i), at(j + 1))
+                if after < before - 1e-6:
+                    path[i - 1 : j] = path[i - 1 : j][::-1]
+                    improved = True
+    return path
+
+
 # ---------------------------------------------------------------- surface fit
 
 
@@ -143,6 +194,25 @@ class SurfaceFit:
         return cls(name, terms, tuple(float(c) for c in coef), center, scale)
 
 
+def predict_z(
+    points: Sequence[tuple[float, float, float]],
+    x: float,
+    y: float,
+    center: tuple[float, float],
+    scale: tuple[float, float],
+) -> float:
+    """The z that the (x, y, z) points found so far predict at (x, y), to centre
+    a search: their ``auto`` fit (curved only once spare points carry it); for
+    two points, along the line through them (a fit of two is a constant)."""
+    if len(points) == 2:
+        (x0, y0, z0), (x1, y1, z1) = points
+        dx, dy = x1 - x0, y1 - y0
+        if dx * dx + dy * dy > 0:
+            t = ((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy)
+            return z0 + t * (z1 - z0)
+    return SurfaceFit.fit(points, "auto", center, scale)(x, y)
+
+
 def _monomials(terms: Sequence[str], u: float, v: float) -> list[float]:
     val = {"1": 1.0, "u": u, "v": v, "uu": u * u, "uv": u * v, "vv": v * v}
     return [val[t] for t in terms]
@@ -186,6 +256,8 @@ class FocusSearch:
     reason: str = ""
     samples: list[tuple[float, float]] = field(default_factory=list)
     seconds: float = 0.0
+    #: a full frame the search took, and its z (`Focuser.search`, ``full_at``)
+    frame: tuple[float, np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -212,6 +212,16 @@ class Hardware:
 
         return self.call(_at("focus move", where), act)
 
+    def read_xy(self) -> tuple[float, float]:
+        """The XY stage's position."""
+        core = self.core
+
+        def act() -> tuple[float, float]:
+            x, y = core.getXYPosition()
+            return float(x), float(y)
+
+        return self.call("XY position", act)
+
     def read_z(self) -> float:
         """The focus drive's position."""
         core = self.core
@@ -256,6 +266,36 @@ class Hardware:
             return img
 
         return self.call(_at("snap", where), act, kind="snap")
+
+    def set_roi(
+        self, x: int, y: int, width: int, height: int, *, where: str = ""
+    ) -> None:
+        """Read out only this region of the camera (pixels, Micro-Manager's
+        x, y, width, height); checked by reading the frame size back."""
+        core = self.core
+
+        def act() -> None:
+            core.setROI(x, y, width, height)
+            got = (core.getImageWidth(), core.getImageHeight())
+            if got != (width, height):
+                raise RuntimeError(f"camera frame is {got[0]} x {got[1]} after setROI")
+
+        self.call(_at(f"camera ROI {width} x {height}", where), act)
+
+    def clear_roi(self, full: tuple[int, int], *, where: str = "") -> None:
+        """Back to the camera's full frame, `full` (width, height), checked."""
+        core = self.core
+
+        def act() -> None:
+            core.clearROI()
+            got = (core.getImageWidth(), core.getImageHeight())
+            if got != full:
+                raise RuntimeError(
+                    f"camera frame is {got[0]} x {got[1]} after clearROI, "
+                    f"not {full[0]} x {full[1]}"
+                )
+
+        self.call(_at("camera full frame", where), act)
 
     def dark_frame(self) -> np.ndarray:
         """One frame with the shutter closed (auto-shutter off for it)."""

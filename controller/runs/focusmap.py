@@ -1,10 +1,11 @@
 """The focus-map step of a scan: reuse the recorded map, or measure one.
 
 A recorded map (``focus_map.json``) is reused when it was measured with the
-same focus settings, or whenever fields were stored with it (they must keep
-the z they were imaged at). A new map is measured on a supervised thread under
-the run's watchdog, checked against the focus limits, then written durably
-before any field is imaged.
+same focus settings (`SEARCH_ONLY` settings aside: they say how finely or
+quickly z was searched for, not which map), or whenever fields were stored
+with it (they must keep the z they were imaged at). A new map is measured on
+a supervised thread under the run's watchdog, checked against the focus
+limits, then written durably before any field is imaged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ from controller.supervise import Supervisor
 __all__ = ["FocusMapStep"]
 
 logger = logging.getLogger("ctcscan.focus")
+
+#: focus settings of the search alone: a map recorded with other values of
+#: these (or before they existed) is still the map these settings would measure
+SEARCH_ONLY = frozenset(
+    {"coarse_step_um", "fine_step_um", "predicted_step_um", "roi_px", "anchor_order"}
+)
+
+
+def same_map_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a map recorded with `recorded` settings is the one `settings`
+    would measure (both as ``FocusSettings.model_dump(mode="json")``)."""
+
+    def key(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in SEARCH_ONLY}
+
+    return key(recorded) == key(settings)
 
 
 class FocusMapStep:
@@ -134,7 +151,7 @@ class FocusMapStep:
                 f"{folder.focus_map_json}: not a usable focus map ({e}); "
                 "remove it to measure the focus map again"
             ) from None
-        same = fmap.settings == settings.model_dump(mode="json")
+        same = same_map_settings(fmap.settings, settings.model_dump(mode="json"))
         if not (same or resuming):
             logger.warning("focus settings changed since the map was measured")
             return None
