@@ -37,15 +37,21 @@ __all__ = [
 ]
 
 
-def _wait(world: World, ms: float) -> None:
+def _wait(world: World, ms: float, since: float | None = None) -> None:
     """Spend `ms` of instrument time: counted on the world's clock, slept when
-    the time scale says so."""
+    the time scale says so; `since` (a `time.perf_counter` reading): the time
+    already spent since then counts towards it (a camera integrates while the
+    simulator renders what it sees)."""
     if ms <= 0:
         return
     with world.lock:
         world.clock_ms += ms
     if world.config.time_scale > 0:
-        time.sleep(ms * world.config.time_scale / 1000)
+        s = ms * world.config.time_scale / 1000
+        if since is not None:
+            s -= time.perf_counter() - since
+        if s > 0:
+            time.sleep(s)
 
 
 class SimCamera(SimpleCameraDevice):
@@ -71,9 +77,10 @@ class SimCamera(SimpleCameraDevice):
         self._exposure = float(exposure)
 
     def snap(self, buffer: np.ndarray) -> Mapping:
-        """A full frame into `buffer`."""
-        _wait(self.world, self._exposure)
+        """A full frame into `buffer`: rendered during the exposure."""
+        start = time.perf_counter()
         self.world.snap(self._exposure, out=buffer)
+        _wait(self.world, self._exposure, since=start)
         return {"SimWorldSeed": str(self.world.config.seed)}
 
     def start_sequence(
@@ -89,8 +96,9 @@ class SimCamera(SimpleCameraDevice):
         limit = n if n is not None else 2**63
         for _ in range(limit):
             buf = get_buffer(shape, np.uint16)
-            _wait(self.world, self._exposure)
+            start = time.perf_counter()
             self.world.snap(self._exposure, out=buf, roi=roi)
+            _wait(self.world, self._exposure, since=start)
             yield {"SimWorldSeed": str(self.world.config.seed)}
 
 
