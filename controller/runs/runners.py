@@ -132,13 +132,19 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
     from distributed import Client, LocalCluster
 
     if scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=max(1, workers),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        import dask
+
+        # the workers' statistical profiler samples every thread every 10 ms:
+        # CPU a field's analysis needs on a small machine (the nannies pass
+        # this config on to their workers)
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            cluster = LocalCluster(
+                n_workers=max(1, workers),
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
         return Client(cluster), cluster
     try:
         client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
