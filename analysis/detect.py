@@ -46,6 +46,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
+from analysis.psf import field_blur, object_radius
 from analysis.settings import DetectionSettings
 
 __all__ = [
@@ -88,6 +89,10 @@ class FieldDetections:
     spillover_measured : dict
         The coefficients this field could measure itself (enough single-stain
         objects); a caller pools them over a cartridge.
+    blur_px : float
+        The field's blur (Gaussian sigma, px) that object sizes were corrected
+        for, measured on `blur_nuclei` of its nuclei (0 nuclei: the assay's
+        `default_blur_px`).
     """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -95,6 +100,8 @@ class FieldDetections:
     noise: dict[str, float] = field(default_factory=dict)
     spillover: dict[str, float] = field(default_factory=dict)
     spillover_measured: dict[str, float] = field(default_factory=dict)
+    blur_px: float = 0.0
+    blur_nuclei: int = 0
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(LABELS, 0)
@@ -415,9 +422,11 @@ class _Field:
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
         ck_mask = _box2(self.full[self.e]) > st.ck_snr * self.noise[self.e]
+        self._add_dim_ck(ck_mask, nuc_mask)
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
         nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
+        self._measure_blur(nuc_lab, nuc_area)
         self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck)
 
         # which nuclei overlap which CK region, and by how many pixels
@@ -451,6 +460,59 @@ class _Field:
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
         self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
         return self.result
+
+    def _add_dim_ck(self, ck_mask: np.ndarray, nuc_mask: np.ndarray) -> None:
+        """Add to `ck_mask` the dim cytokeratin around nuclei that the per-pixel
+        threshold breaks into specks.
+
+        Cytokeratin a few times the noise is granular: the 2 x 2 mask keeps only
+        its bright grains, which fall apart into fragments with no nucleus and
+        nuclei mostly outside them. Averaged over 6 x 6 px (2 x 2 bins, then 3 x 3
+        bins) the noise is a sixth, so `ck_smooth_snr` noise units there find
+        the whole cell. A region of that mask whose smoothed peak stays below
+        `ck_dim_peak_snr` (a dim cell; brighter cells keep their sharper 2 x 2
+        outline) and that holds a nucleus becomes part of the CK mask.
+        """
+        st = self.st
+        h2, w2 = self.h // 2, self.w // 2
+        if h2 < 3 or w2 < 3:
+            return
+        sm = self._binned_signal(self.e, h2, w2)
+        sm = ndimage.uniform_filter(sm, 3)
+        noise = float(self.noise[self.e])
+        low = sm > st.ck_smooth_snr * noise
+        lab, n = ndimage.label(low)
+        if not n:
+            return
+        peak = ndimage.maximum(sm, lab, index=np.arange(1, n + 1))
+        nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        has_nuc = np.bincount(lab[nuc2], minlength=n + 1)[1:] > 0
+        keep = np.flatnonzero(has_nuc & (np.asarray(peak) < st.ck_dim_peak_snr * noise))
+        if not keep.size:
+            return
+        sel = np.zeros(n + 1, bool)
+        sel[keep + 1] = True
+        dim = sel[lab]
+        ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
+
+    def _measure_blur(self, nuc_lab: np.ndarray, nuc_area: np.ndarray) -> None:
+        """The field's blur from the profiles of its bright single nuclei."""
+        st = self.st
+        lo, hi = (a / self.px**2 for a in st.blur_nucleus_area_um2)
+        ids = np.flatnonzero((nuc_area >= lo) & (nuc_area <= hi))
+        ids = ids[ids > 0]
+        sigma, n = field_blur(
+            self.full[self.n],
+            nuc_lab,
+            ids.tolist(),
+            min_peak=st.blur_min_peak_snr * float(self.noise[self.n]),
+            max_objects=st.blur_max_nuclei,
+        )
+        if n < st.blur_min_nuclei:
+            sigma, n = st.default_blur_px, 0
+        self.blur = float(sigma)
+        self.result.blur_px = round(self.blur, 3)
+        self.result.blur_nuclei = n
 
     def _add_region(
         self,
@@ -591,7 +653,10 @@ class _Field:
             nucleus = None if nucleus_c is None else nucleus_c[loc]
             nl_s = nl[loc]
             dapi = self.full[self.n][sub]
-            f, core = self._measure(sub, cell)
+            others = (region[loc] | (nl_s > 0)) & ~cell
+            if nucleus is not None:
+                others &= ~nucleus
+            f, core = self._measure(sub, cell, others)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
@@ -661,21 +726,37 @@ class _Field:
         return f, sig
 
     def _measure(
-        self, crop: tuple[slice, slice], mask: np.ndarray
+        self,
+        crop: tuple[slice, slice],
+        mask: np.ndarray,
+        others: np.ndarray | None = None,
     ) -> tuple[dict[str, Any], np.ndarray]:
-        """All features of one candidate cell (bool `mask` over `crop`).
+        """All features of one candidate cell (bool `mask` over `crop`; `others`:
+        pixels of neighbouring cells, left out of its profile).
 
         Also returns the cell's half-maximum core: its cytokeratin area without
         the blur halo that the detection threshold includes.
         """
         px = self.px
         f, sig = self._intensity(crop, mask)
-        # size at half the object's own peak cytokeratin (FWHM-like), so a bright
-        # small object does not look large because its blur crosses the threshold
         core = _core(mask, self.full[self.e][crop])
         size_px = max(int(np.count_nonzero(core)), 1)
-        f["area_um2"] = round(size_px * px * px, 2)
-        f["diameter_um"] = round(2 * math.sqrt(size_px / math.pi) * px, 2)
+        # the size of the object, not of the blur: the half-maximum radius of its
+        # cytokeratin profile, deconvolved with the field's blur (`analysis.psf`)
+        allowed = None if others is None else ~others
+        radius, half = object_radius(
+            self.full[self.e][crop], mask, self.blur, allowed=allowed
+        )
+        if math.isfinite(radius) and half > 0:
+            scale = (radius / half) ** 2
+            diam = 2 * radius * px
+        else:  # no half-maximum edge in the crop: the core's size
+            scale, half = 1.0, math.sqrt(size_px / math.pi)
+            diam = 2 * half * px
+        f["area_um2"] = round(size_px * scale * px * px, 2)
+        f["diameter_um"] = round(diam, 2)
+        f["diameter_halfmax_um"] = round(2 * half * px, 2)
+        f["blur_px"] = round(self.blur, 2)
         ck = sig[self.e][mask]
         f["ck_texture"] = round(float(ck.std() / max(float(ck.mean()), 1e-6)), 3)
         # CD45 sits on the membrane, just inside the cell's edge: the median over a

@@ -24,6 +24,20 @@ class DetectionSettings(BaseModel):
     # itself (every pixel a region: minutes per field, nothing meaningful)
     nucleus_snr: float = Field(default=6.0, ge=1, description="DAPI mask threshold")
     ck_snr: float = Field(default=6.0, ge=1, description="cytokeratin mask threshold")
+    ck_smooth_snr: float = Field(
+        default=1.5,
+        gt=0,
+        description=(
+            "dim cytokeratin: PE averaged over 6 x 6 px above this many (pixel) "
+            "noise units, kept around nuclei where the smoothed peak is below "
+            "ck_dim_peak_snr"
+        ),
+    )
+    ck_dim_peak_snr: float = Field(
+        default=12.0,
+        gt=0,
+        description="a smoothed CK region peaking below this is dim (see above)",
+    )
     min_object_area_um2: float = Field(
         default=1.5, ge=0, description="smaller specks are ignored"
     )
@@ -33,6 +47,27 @@ class DetectionSettings(BaseModel):
         default=4.0, ge=0, description="a CTC is larger than this"
     )
     max_ctc_diameter_um: float = Field(default=40.0, gt=0)
+    # the field's blur, measured on its nuclei, that object sizes are corrected for
+    blur_nucleus_area_um2: tuple[float, float] = Field(
+        default=(12.0, 120.0),
+        description="nuclei of this area (um^2) measure the blur: single nuclei",
+    )
+    blur_min_peak_snr: float = Field(
+        default=20.0, gt=0, description="a nucleus measuring the blur peaks above"
+    )
+    blur_max_nuclei: int = Field(
+        default=40, ge=1, description="at most this many nuclei measure the blur"
+    )
+    blur_min_nuclei: int = Field(
+        default=5,
+        ge=1,
+        description="with fewer usable nuclei the field's blur is default_blur_px",
+    )
+    default_blur_px: float = Field(
+        default=1.0,
+        ge=0,
+        description="blur (Gaussian sigma, px) of a field too sparse to measure it",
+    )
     max_cluster_area_um2: float = Field(
         default=5000.0,
         gt=0,
