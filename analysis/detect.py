@@ -63,6 +63,14 @@ LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
 #: More nuclei than this in one cytokeratin region is no cluster of cells.
 _MAX_CLUSTER_NUCLEI = 20
 
+#: Smoothing (Gaussian sigma, px) of a dim object's cytokeratin before its size
+#: is measured (and then deconvolved with the blur).
+_DIM_SMOOTH_PX = 1.5
+
+#: Pixels of a cell this bright in cytokeratin (noise units) measure its own
+#: bleed-through into CD45 when the field cannot.
+_BLEED_MIN_SNR = 20.0
+
 #: Channel name -> role of the default assay.
 DEFAULT_ROLES: dict[str, str] = {
     "DAPI": "nucleus",
@@ -568,9 +576,13 @@ class _Field:
         f.update(
             area_um2=round(n_px * self.px**2, 2),
             diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
+            diameter_halfmax_um=nan,
+            blur_px=round(self.blur, 2),
             ck_texture=nan,
             cd45_snr=nan,
             cd45_ck_ratio=nan,
+            cd45_excess_snr=nan,
+            cd45_nucleus_snr=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -656,7 +668,7 @@ class _Field:
             others = (region[loc] | (nl_s > 0)) & ~cell
             if nucleus is not None:
                 others &= ~nucleus
-            f, core = self._measure(sub, cell, others)
+            f, core = self._measure(sub, cell, others, nucleus)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
@@ -730,6 +742,7 @@ class _Field:
         crop: tuple[slice, slice],
         mask: np.ndarray,
         others: np.ndarray | None = None,
+        nucleus: np.ndarray | None = None,
     ) -> tuple[dict[str, Any], np.ndarray]:
         """All features of one candidate cell (bool `mask` over `crop`; `others`:
         pixels of neighbouring cells, left out of its profile).
@@ -744,9 +757,13 @@ class _Field:
         # the size of the object, not of the blur: the half-maximum radius of its
         # cytokeratin profile, deconvolved with the field's blur (`analysis.psf`)
         allowed = None if others is None else ~others
-        radius, half = object_radius(
-            self.full[self.e][crop], mask, self.blur, allowed=allowed
-        )
+        ck, blur = self.full[self.e][crop], self.blur
+        if f["ck_snr"] < self.st.ck_dim_peak_snr:
+            # dim: its grains and noise would make the profile's peak; smoothing by
+            # a known Gaussian adds to the blur in quadrature
+            ck = ndimage.gaussian_filter(ck, _DIM_SMOOTH_PX)
+            blur = math.hypot(blur, _DIM_SMOOTH_PX)
+        radius, half = object_radius(ck, mask, blur, allowed=allowed)
         if math.isfinite(radius) and half > 0:
             scale = (radius / half) ** 2
             diam = 2 * radius * px
@@ -773,6 +790,26 @@ class _Field:
         # bleed-through of the cytokeratin dye is a few percent of it; genuine
         # CD45 staining is comparable to the cell's own cytokeratin signal
         f["cd45_ck_ratio"] = round(apc / max(ck_band, float(self.noise[self.e])), 3)
+        # CD45 in excess of the cytokeratin dye's bleed-through: when the field
+        # could not measure that, it is measured on the cell itself, as the low
+        # quantile of CD45 / CK over its bright cytokeratin (CD45 staining only
+        # ever raises the ratio)
+        coef = 0.0
+        if self.lk in self.unknown_spill:
+            bright = mask & (sig[self.e] > _BLEED_MIN_SNR * float(self.noise[self.e]))
+            if np.count_nonzero(bright) >= 20:
+                ratio = sig[self.lk][bright] / sig[self.e][bright]
+                coef = float(np.clip(np.quantile(ratio, 0.1), 0.0, 0.3))
+        excess = ndimage.uniform_filter(sig[self.lk] - coef * sig[self.e], 3)
+        lk_noise = float(self.noise[self.lk])
+        f["cd45_excess_snr"] = round(float(np.median(excess[band])) / lk_noise, 2)
+        # a leukocyte under a cytokeratin fragment has its CD45 membrane just
+        # around its nucleus, inside the CK area, where the band does not look
+        if nucleus is not None and nucleus.any():
+            ring = ndimage.binary_dilation(nucleus, iterations=3) & ~nucleus
+            f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
+        else:
+            f["cd45_nucleus_snr"] = float("nan")
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
@@ -799,9 +836,13 @@ class _Field:
         # cytokeratin, which bleed-through never is
         guard = self.lk in self.unknown_spill
         if f["cd45_snr"] >= st.max_cd45_snr and (
-            not guard or f["cd45_ck_ratio"] >= st.min_cd45_ratio
+            not guard
+            or f["cd45_ck_ratio"] >= st.min_cd45_ratio
+            or f["cd45_excess_snr"] >= st.max_cd45_snr
         ):
             return "DOUBLE_POSITIVE", "CD45 positive"
+        if f["cd45_nucleus_snr"] >= st.max_cd45_snr:
+            return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
         # round to oval; a cell split from a cluster has an artificial border on
@@ -909,12 +950,17 @@ class _Field:
         sat2_hit = (sat2[keep] > st.debris_saturated_fraction * area[keep]).tolist()
         bright = (all_bright[keep] / area[keep]).tolist()
         nan = float("nan")
+        blur = round(self.blur, 2)
         rows = []
         for j in range(keep.size):
             f: dict[str, Any] = {k: v[j] for k, v in cols.items()}
             f.update(
                 ck_texture=nan,
                 cd45_ck_ratio=nan,
+                cd45_excess_snr=nan,
+                cd45_nucleus_snr=nan,
+                diameter_halfmax_um=nan,
+                blur_px=blur,
                 cluster_size=1,
                 nucleus_inside=0.0,
                 solidity=nan,

@@ -34,9 +34,12 @@ class DetectionSettings(BaseModel):
         ),
     )
     ck_dim_peak_snr: float = Field(
-        default=12.0,
+        default=30.0,
         gt=0,
-        description="a smoothed CK region peaking below this is dim (see above)",
+        description=(
+            "a smoothed CK region peaking below this is dim (see above), and so "
+            "is a cell whose mean CK is below it: its size is measured smoothed"
+        ),
     )
     min_object_area_um2: float = Field(
         default=1.5, ge=0, description="smaller specks are ignored"
