@@ -668,7 +668,8 @@ class _Field:
             others = (region[loc] | (nl_s > 0)) & ~cell
             if nucleus is not None:
                 others &= ~nucleus
-            f, core = self._measure(sub, cell, others, nucleus)
+            nuc_core = None if nucleus is None else _core(nucleus, dapi)
+            f, core = self._measure(sub, cell, others, nuc_core)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
@@ -682,8 +683,8 @@ class _Field:
             # over the nucleus is dimmer, and where the nucleus sits near the
             # cell's edge that dim part is no enclosed hole for the core to fill
             ck_area = core | ndimage.binary_erosion(cell, iterations=2)
-            if nucleus is not None:
-                f["nucleus_inside"] = _inside(_core(nucleus, dapi), ck_area)
+            if nuc_core is not None:
+                f["nucleus_inside"] = _inside(nuc_core, ck_area)
             elif touching:
                 f["nucleus_inside"] = _inside(
                     _core(np.isin(nl_s, touching), dapi), ck_area
@@ -804,7 +805,8 @@ class _Field:
         lk_noise = float(self.noise[self.lk])
         f["cd45_excess_snr"] = round(float(np.median(excess[band])) / lk_noise, 2)
         # a leukocyte under a cytokeratin fragment has its CD45 membrane just
-        # around its nucleus, inside the CK area, where the band does not look
+        # around its nucleus (`nucleus`: its half-maximum core), inside the CK
+        # area, where the band does not look
         if nucleus is not None and nucleus.any():
             ring = ndimage.binary_dilation(nucleus, iterations=3) & ~nucleus
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)

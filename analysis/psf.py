@@ -313,24 +313,67 @@ def field_blur(
         b0, b1 = max(c0 - pad, 0), min(c1 + pad, ww)
         lab_c = labels[a0:a1, b0:b1]
         own = lab_c == lab
-        pr = profile_radii(signal[a0:a1, b0:b1], own, allowed=own | (lab_c == 0))
+        radius, prof, n = radial_profile(
+            signal[a0:a1, b0:b1], own, allowed=own | (lab_c == 0)
+        )
+        pr = _radii(radius, prof, n)
         if not pr.peak >= min_peak or not np.isfinite(pr[3]):
             continue
         ratio = pr.edge_ratio
         if not np.isfinite(ratio):
             continue
-        # q falls from 0.77 (a point) towards 0 (a large disk): invert it
+        # q falls from 0.77 (a point) towards 0 (a large disk): invert it for a
+        # first guess, then fit the whole profile around it
         if ratio >= q[0]:
             xv = 0.0
         elif ratio <= q[-1]:
             xv = float(x[-1])
         else:
             xv = float(np.interp(-ratio, -q, x))
-        hv = float(np.interp(xv, x, h))
-        sigmas.append(pr.half / hv)
+        guess = pr.half / float(np.interp(xv, x, h))
+        use = radius <= pr[3] + 2.5 * guess
+        sigmas.append(_fit_blur(radius[use], prof[use], n[use], pr.half, guess))
     if not sigmas:
         return float("nan"), 0
     return float(np.median(sigmas)), len(sigmas)
+
+
+def _fit_blur(
+    radius: np.ndarray, prof: np.ndarray, n: np.ndarray, half: float, guess: float
+) -> float:
+    """Blur sigma (px) of the blurred disk that best fits a profile with this
+    half-maximum radius, searched from half to twice `guess`."""
+    x, h, _ = _tables()
+    norm = _profiles()
+    sig = guess * np.exp(np.linspace(np.log(0.5), np.log(2.0), 57))
+    ratio = half / sig
+    xv = np.interp(ratio, h, x, left=0.0, right=x[-1])  # the disk for each sigma
+    ti = radius[:, None] / (sig[None, :] * _DX)
+    i0 = np.minimum(ti.astype(np.intp), norm.shape[0] - 2)
+    ft = ti - i0
+    xi = xv / _DX
+    j0 = np.minimum(xi.astype(np.intp), norm.shape[1] - 2)
+    fx = (xi - j0)[None, :]
+    tmpl = (
+        norm[i0, j0] * (1 - ft) * (1 - fx)
+        + norm[i0 + 1, j0] * ft * (1 - fx)
+        + norm[i0, j0 + 1] * (1 - ft) * fx
+        + norm[i0 + 1, j0 + 1] * ft * fx
+    )
+    w = n[:, None]
+    p = prof[:, None]
+    pt = (w * p * tmpl).sum(axis=0)
+    tt = (w * tmpl * tmpl).sum(axis=0)
+    sse = -(pt * pt) / np.maximum(tt, 1e-12)
+    k = int(np.argmin(sse))
+    ls = np.log(sig)
+    best = ls[k]
+    if 0 < k < sig.size - 1:
+        a, b, c = sse[k - 1], sse[k], sse[k + 1]
+        den = a - 2 * b + c
+        if den > 0:
+            best += 0.5 * (a - c) / den * (ls[1] - ls[0])
+    return float(np.exp(best))
 
 
 def _boxes(labels: np.ndarray, ids: list[int]) -> list[tuple[int, int, int, int]]:
