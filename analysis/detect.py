@@ -11,8 +11,14 @@ Pipeline (every threshold in `DetectionSettings`):
    field has too few, and subtracted (after segmentation, which uses only the
    DAPI and PE channels);
 3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
-   cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; connected
+   cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; cytokeratin a
+   few times the noise, which that per-pixel threshold breaks into grains, is
+   added where PE averaged over 6 x 6 px exceeds `ck_smooth_snr` around a
+   nucleus (regions peaking below `ck_dim_peak_snr` only); connected
    components; specks below `min_object_area_um2` dropped;
+3a. the field's blur (Gaussian sigma, px) is fitted to the radial profiles of
+   its single nuclei (`analysis.psf.field_blur`, median over up to
+   `blur_max_nuclei`; `default_blur_px` when fewer than `blur_min_nuclei`);
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
@@ -24,8 +30,12 @@ Pipeline (every threshold in `DetectionSettings`):
    field it leaves by the bottom or right edge, so each cell counts once) -> no
    nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
-   CD45-positive (double positive) -> not round to oval -> CTC; for a CTC the
-   marker channel (FITC) is reported positive or not;
+   CD45-positive (double positive: on the membrane band, or around the nucleus,
+   where a leukocyte under a CK fragment has it) -> not round to oval -> CTC;
+   for a CTC the marker channel (FITC) is reported positive or not. The size
+   is the object's, not the blur's: the half-maximum radius of its CK profile
+   deconvolved with the field's blur (`analysis.psf.object_radius`; reported as
+   ``diameter_um``, the raw half-maximum size as ``diameter_halfmax_um``);
 6. nuclei outside CK regions (hundreds per field) are measured in one vectorised
    pass: leukocytes when CD45 is present on them, else OTHER.
 
@@ -792,12 +802,16 @@ class _Field:
         # CD45 staining is comparable to the cell's own cytokeratin signal
         f["cd45_ck_ratio"] = round(apc / max(ck_band, float(self.noise[self.e])), 3)
         # CD45 in excess of the cytokeratin dye's bleed-through: when the field
-        # could not measure that, it is measured on the cell itself, as the low
-        # quantile of CD45 / CK over its bright cytokeratin (CD45 staining only
-        # ever raises the ratio)
+        # could not measure that, it is measured on the cell itself, as a low
+        # quantile of CD45 / CK over its bright cytokeratin away from DNA (CD45
+        # staining only ever raises the ratio; where there is DNA its own,
+        # estimated, bleed-through was taken off CD45 already)
         coef = 0.0
         if self.lk in self.unknown_spill:
             bright = mask & (sig[self.e] > _BLEED_MIN_SNR * float(self.noise[self.e]))
+            no_dna = bright & (sig[self.n] < 5 * float(self.noise[self.n]))
+            if np.count_nonzero(no_dna) >= 20:
+                bright = no_dna
             if np.count_nonzero(bright) >= 20:
                 ratio = sig[self.lk][bright] / sig[self.e][bright]
                 coef = float(np.clip(np.quantile(ratio, 0.1), 0.0, 0.3))
@@ -843,7 +857,7 @@ class _Field:
             or f["cd45_excess_snr"] >= st.max_cd45_snr
         ):
             return "DOUBLE_POSITIVE", "CD45 positive"
-        if f["cd45_nucleus_snr"] >= st.max_cd45_snr:
+        if f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr:
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"

@@ -87,6 +87,14 @@ class DetectionSettings(BaseModel):
         gt=0,
         description="CD45-negative: CD45 signal on the cell below this",
     )
+    max_cd45_nucleus_snr: float = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "CD45-positive also when the CD45 just around the nucleus (less "
+            "bleed-through) reaches this: a leukocyte under a CK fragment"
+        ),
+    )
     min_cd45_ratio: float = Field(
         default=0.2,
         ge=0,

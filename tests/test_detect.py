@@ -296,7 +296,7 @@ def test_ck_fragment_over_a_leukocyte_is_not_a_ctc() -> None:
     # a cytokeratin vesicle lying on a leukocyte: nucleus inside CK, but the
     # leukocyte's CD45 membrane surrounds that nucleus
     cv = Canvas()
-    cv.leukocyte(128, 128, cd45=250)
+    cv.leukocyte(128, 128, cd45=400)
     cv.cell(128, 130, diam_um=11, ck=1500, dapi=0)
     obj = _at(_detect(cv.field()), 128, 128)
     assert obj["label"] == "DOUBLE_POSITIVE", obj
