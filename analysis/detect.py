@@ -502,14 +502,13 @@ class _Field:
         lab, n = ndimage.label(low)
         if not n:
             return
-        peak = ndimage.maximum(sm, lab, index=np.arange(1, n + 1))
+        bright = np.bincount(lab[sm >= st.ck_dim_peak_snr * noise], minlength=n + 1)
         nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
-        has_nuc = np.bincount(lab[nuc2], minlength=n + 1)[1:] > 0
-        keep = np.flatnonzero(has_nuc & (np.asarray(peak) < st.ck_dim_peak_snr * noise))
-        if not keep.size:
+        has_nuc = np.bincount(lab[nuc2], minlength=n + 1) > 0
+        sel = has_nuc & (bright == 0)
+        sel[0] = False
+        if not sel.any():
             return
-        sel = np.zeros(n + 1, bool)
-        sel[keep + 1] = True
         dim = sel[lab]
         ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
 
@@ -777,7 +776,7 @@ class _Field:
         radius, half = object_radius(ck, mask, blur, allowed=allowed)
         if math.isfinite(radius) and half > 0:
             scale = (radius / half) ** 2
-            diam = 2 * radius * px
+            diam = float(2 * radius * px)
         else:  # no half-maximum edge in the crop: the core's size
             scale, half = 1.0, math.sqrt(size_px / math.pi)
             diam = 2 * half * px

@@ -289,7 +289,7 @@ def field_blur(
     candidates: list[int],
     *,
     min_peak: float,
-    max_objects: int = 40,
+    max_objects: int = 24,
 ) -> tuple[float, int]:
     """Median blur sigma (px) over the given nuclei, and how many were usable.
 
@@ -345,7 +345,7 @@ def _fit_blur(
     half-maximum radius, searched from half to twice `guess`."""
     x, h, _ = _tables()
     norm = _profiles()
-    sig = guess * np.exp(np.linspace(np.log(0.5), np.log(2.0), 57))
+    sig = guess * np.exp(np.linspace(np.log(0.5), np.log(2.0), 33))
     ratio = half / sig
     xv = np.interp(ratio, h, x, left=0.0, right=x[-1])  # the disk for each sigma
     ti = radius[:, None] / (sig[None, :] * _DX)

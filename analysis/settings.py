@@ -59,7 +59,7 @@ class DetectionSettings(BaseModel):
         default=20.0, gt=0, description="a nucleus measuring the blur peaks above"
     )
     blur_max_nuclei: int = Field(
-        default=40, ge=1, description="at most this many nuclei measure the blur"
+        default=24, ge=1, description="at most this many nuclei measure the blur"
     )
     blur_min_nuclei: int = Field(
         default=5,
