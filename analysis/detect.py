@@ -821,7 +821,7 @@ class _Field:
         # around its nucleus (`nucleus`: its half-maximum core), inside the CK
         # area, where the band does not look
         if nucleus is not None and nucleus.any():
-            ring = ndimage.binary_dilation(nucleus, iterations=3) & ~nucleus
+            ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
         else:
             f["cd45_nucleus_snr"] = float("nan")
