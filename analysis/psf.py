@@ -280,7 +280,8 @@ def object_radius(
         use = radius <= reach
         if np.count_nonzero(use) >= 4:
             r = fit_disk_radius(radius[use], prof[use], n[use], sigma_px, 4.0)
-    return r, pr.half
+    # deconvolution only shrinks (bar the curvature of a large disk's edge)
+    return min(r, pr.half + 0.05 * sigma_px), pr.half
 
 
 def field_blur(

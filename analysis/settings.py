@@ -122,6 +122,16 @@ class DetectionSettings(BaseModel):
         le=1,
         description="an object with this fraction of debris-like pixels is debris",
     )
+    debris_halo_snr: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "a CK candidate whose mean signal in every non-DNA channel is at "
+            "least this, and debris_halo_fraction of its CK, is debris (the halo "
+            "of debris or of the rim)"
+        ),
+    )
+    debris_halo_fraction: float = Field(default=0.5, gt=0, le=1)
     debris_saturated_fraction: float = Field(
         default=0.02,
         ge=0,
