@@ -24,7 +24,9 @@ Pipeline (every threshold in `DetectionSettings`):
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
    distance-map peaks first;
 5. candidates are classified in the order of the definition: debris (saturated in
-   two channels, or bright in every channel: also the cartridge rim) -> nucleus
+   two channels, or bright in every channel: also the cartridge rim; or a faint
+   glow in every non-DNA channel about as strong as its cytokeratin, the halo
+   of debris or of the rim: `debris_halo_snr`, `debris_halo_fraction`) -> nucleus
    cut by the field's top or left edge (fields tile without overlap: a cell is
    counted in the field holding its nucleus, and a nucleus cut by an edge in the
    field it leaves by the bottom or right edge, so each cell counts once) -> no
