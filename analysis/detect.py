@@ -11,21 +11,33 @@ Pipeline (every threshold in `DetectionSettings`):
    field has too few, and subtracted (after segmentation, which uses only the
    DAPI and PE channels);
 3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
-   cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; connected
+   cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; cytokeratin a
+   few times the noise, which that per-pixel threshold breaks into grains, is
+   added where PE averaged over 6 x 6 px exceeds `ck_smooth_snr` around a
+   nucleus (regions peaking below `ck_dim_peak_snr` only); connected
    components; specks below `min_object_area_um2` dropped;
+3a. the field's blur (Gaussian sigma, px) is fitted to the radial profiles of
+   its single nuclei (`analysis.psf.field_blur`, median over up to
+   `blur_max_nuclei`; `default_blur_px` when fewer than `blur_min_nuclei`);
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
    distance-map peaks first;
 5. candidates are classified in the order of the definition: debris (saturated in
-   two channels, or bright in every channel: also the cartridge rim) -> nucleus
+   two channels, or bright in every channel: also the cartridge rim; or a faint
+   glow in every non-DNA channel about as strong as its cytokeratin, the halo
+   of debris or of the rim: `debris_halo_snr`, `debris_halo_fraction`) -> nucleus
    cut by the field's top or left edge (fields tile without overlap: a cell is
    counted in the field holding its nucleus, and a nucleus cut by an edge in the
    field it leaves by the bottom or right edge, so each cell counts once) -> no
    nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
-   CD45-positive (double positive) -> not round to oval -> CTC; for a CTC the
-   marker channel (FITC) is reported positive or not;
+   CD45-positive (double positive: on the membrane band, or around the nucleus,
+   where a leukocyte under a CK fragment has it) -> not round to oval -> CTC;
+   for a CTC the marker channel (FITC) is reported positive or not. The size
+   is the object's, not the blur's: the half-maximum radius of its CK profile
+   deconvolved with the field's blur (`analysis.psf.object_radius`; reported as
+   ``diameter_um``, the raw half-maximum size as ``diameter_halfmax_um``);
 6. nuclei outside CK regions (hundreds per field) are measured in one vectorised
    pass: leukocytes when CD45 is present on them, else OTHER.
 
@@ -46,6 +58,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
+from analysis.psf import field_blur, object_radius
 from analysis.settings import DetectionSettings
 
 __all__ = [
@@ -61,6 +74,14 @@ LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
 
 #: More nuclei than this in one cytokeratin region is no cluster of cells.
 _MAX_CLUSTER_NUCLEI = 20
+
+#: Smoothing (Gaussian sigma, px) of a dim object's cytokeratin before its size
+#: is measured (and then deconvolved with the blur).
+_DIM_SMOOTH_PX = 1.5
+
+#: Pixels of a cell this bright in cytokeratin (noise units) measure its own
+#: bleed-through into CD45 when the field cannot.
+_BLEED_MIN_SNR = 20.0
 
 #: Channel name -> role of the default assay.
 DEFAULT_ROLES: dict[str, str] = {
@@ -88,6 +109,10 @@ class FieldDetections:
     spillover_measured : dict
         The coefficients this field could measure itself (enough single-stain
         objects); a caller pools them over a cartridge.
+    blur_px : float
+        The field's blur (Gaussian sigma, px) that object sizes were corrected
+        for, measured on `blur_nuclei` of its nuclei (0 nuclei: the assay's
+        `default_blur_px`).
     """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -95,6 +120,8 @@ class FieldDetections:
     noise: dict[str, float] = field(default_factory=dict)
     spillover: dict[str, float] = field(default_factory=dict)
     spillover_measured: dict[str, float] = field(default_factory=dict)
+    blur_px: float = 0.0
+    blur_nuclei: int = 0
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(LABELS, 0)
@@ -415,9 +442,11 @@ class _Field:
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
         ck_mask = _box2(self.full[self.e]) > st.ck_snr * self.noise[self.e]
+        self._add_dim_ck(ck_mask, nuc_mask)
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
         nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
+        self._measure_blur(nuc_lab, nuc_area)
         self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck)
 
         # which nuclei overlap which CK region, and by how many pixels
@@ -451,6 +480,58 @@ class _Field:
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
         self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
         return self.result
+
+    def _add_dim_ck(self, ck_mask: np.ndarray, nuc_mask: np.ndarray) -> None:
+        """Add to `ck_mask` the dim cytokeratin around nuclei that the per-pixel
+        threshold breaks into specks.
+
+        Cytokeratin a few times the noise is granular: the 2 x 2 mask keeps only
+        its bright grains, which fall apart into fragments with no nucleus and
+        nuclei mostly outside them. Averaged over 6 x 6 px (2 x 2 bins, then 3 x 3
+        bins) the noise is a sixth, so `ck_smooth_snr` noise units there find
+        the whole cell. A region of that mask whose smoothed peak stays below
+        `ck_dim_peak_snr` (a dim cell; brighter cells keep their sharper 2 x 2
+        outline) and that holds a nucleus becomes part of the CK mask.
+        """
+        st = self.st
+        h2, w2 = self.h // 2, self.w // 2
+        if h2 < 3 or w2 < 3:
+            return
+        sm = self._binned_signal(self.e, h2, w2)
+        sm = ndimage.uniform_filter(sm, 3)
+        noise = float(self.noise[self.e])
+        low = sm > st.ck_smooth_snr * noise
+        lab, n = ndimage.label(low)
+        if not n:
+            return
+        bright = np.bincount(lab[sm >= st.ck_dim_peak_snr * noise], minlength=n + 1)
+        nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        has_nuc = np.bincount(lab[nuc2], minlength=n + 1) > 0
+        sel = has_nuc & (bright == 0)
+        sel[0] = False
+        if not sel.any():
+            return
+        dim = sel[lab]
+        ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
+
+    def _measure_blur(self, nuc_lab: np.ndarray, nuc_area: np.ndarray) -> None:
+        """The field's blur from the profiles of its bright single nuclei."""
+        st = self.st
+        lo, hi = (a / self.px**2 for a in st.blur_nucleus_area_um2)
+        ids = np.flatnonzero((nuc_area >= lo) & (nuc_area <= hi))
+        ids = ids[ids > 0]
+        sigma, n = field_blur(
+            self.full[self.n],
+            nuc_lab,
+            ids.tolist(),
+            min_peak=st.blur_min_peak_snr * float(self.noise[self.n]),
+            max_objects=st.blur_max_nuclei,
+        )
+        if n < st.blur_min_nuclei:
+            sigma, n = st.default_blur_px, 0
+        self.blur = float(sigma)
+        self.result.blur_px = round(self.blur, 3)
+        self.result.blur_nuclei = n
 
     def _add_region(
         self,
@@ -506,9 +587,13 @@ class _Field:
         f.update(
             area_um2=round(n_px * self.px**2, 2),
             diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
+            diameter_halfmax_um=nan,
+            blur_px=round(self.blur, 2),
             ck_texture=nan,
             cd45_snr=nan,
             cd45_ck_ratio=nan,
+            cd45_excess_snr=nan,
+            cd45_nucleus_snr=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -591,7 +676,11 @@ class _Field:
             nucleus = None if nucleus_c is None else nucleus_c[loc]
             nl_s = nl[loc]
             dapi = self.full[self.n][sub]
-            f, core = self._measure(sub, cell)
+            others = (region[loc] | (nl_s > 0)) & ~cell
+            if nucleus is not None:
+                others &= ~nucleus
+            nuc_core = None if nucleus is None else _core(nucleus, dapi)
+            f, core = self._measure(sub, cell, others, nuc_core)
             # fields tile without overlap, so a cell on a field edge is seen in two
             # fields; it is counted where its nucleus is, and a nucleus cut by the
             # edge belongs to the field it leaves by the bottom or right edge
@@ -605,8 +694,8 @@ class _Field:
             # over the nucleus is dimmer, and where the nucleus sits near the
             # cell's edge that dim part is no enclosed hole for the core to fill
             ck_area = core | ndimage.binary_erosion(cell, iterations=2)
-            if nucleus is not None:
-                f["nucleus_inside"] = _inside(_core(nucleus, dapi), ck_area)
+            if nuc_core is not None:
+                f["nucleus_inside"] = _inside(nuc_core, ck_area)
             elif touching:
                 f["nucleus_inside"] = _inside(
                     _core(np.isin(nl_s, touching), dapi), ck_area
@@ -661,21 +750,42 @@ class _Field:
         return f, sig
 
     def _measure(
-        self, crop: tuple[slice, slice], mask: np.ndarray
+        self,
+        crop: tuple[slice, slice],
+        mask: np.ndarray,
+        others: np.ndarray | None = None,
+        nucleus: np.ndarray | None = None,
     ) -> tuple[dict[str, Any], np.ndarray]:
-        """All features of one candidate cell (bool `mask` over `crop`).
+        """All features of one candidate cell (bool `mask` over `crop`; `others`:
+        pixels of neighbouring cells, left out of its profile).
 
         Also returns the cell's half-maximum core: its cytokeratin area without
         the blur halo that the detection threshold includes.
         """
         px = self.px
         f, sig = self._intensity(crop, mask)
-        # size at half the object's own peak cytokeratin (FWHM-like), so a bright
-        # small object does not look large because its blur crosses the threshold
         core = _core(mask, self.full[self.e][crop])
         size_px = max(int(np.count_nonzero(core)), 1)
-        f["area_um2"] = round(size_px * px * px, 2)
-        f["diameter_um"] = round(2 * math.sqrt(size_px / math.pi) * px, 2)
+        # the size of the object, not of the blur: the half-maximum radius of its
+        # cytokeratin profile, deconvolved with the field's blur (`analysis.psf`)
+        allowed = None if others is None else ~others
+        ck, blur = self.full[self.e][crop], self.blur
+        if f["ck_snr"] < self.st.ck_dim_peak_snr:
+            # dim: its grains and noise would make the profile's peak; smoothing by
+            # a known Gaussian adds to the blur in quadrature
+            ck = ndimage.gaussian_filter(ck, _DIM_SMOOTH_PX)
+            blur = math.hypot(blur, _DIM_SMOOTH_PX)
+        radius, half = object_radius(ck, mask, blur, allowed=allowed)
+        if math.isfinite(radius) and half > 0:
+            scale = (radius / half) ** 2
+            diam = float(2 * radius * px)
+        else:  # no half-maximum edge in the crop: the core's size
+            scale, half = 1.0, math.sqrt(size_px / math.pi)
+            diam = 2 * half * px
+        f["area_um2"] = round(size_px * scale * px * px, 2)
+        f["diameter_um"] = round(diam, 2)
+        f["diameter_halfmax_um"] = round(2 * half * px, 2)
+        f["blur_px"] = round(self.blur, 2)
         ck = sig[self.e][mask]
         f["ck_texture"] = round(float(ck.std() / max(float(ck.mean()), 1e-6)), 3)
         # CD45 sits on the membrane, just inside the cell's edge: the median over a
@@ -692,6 +802,31 @@ class _Field:
         # bleed-through of the cytokeratin dye is a few percent of it; genuine
         # CD45 staining is comparable to the cell's own cytokeratin signal
         f["cd45_ck_ratio"] = round(apc / max(ck_band, float(self.noise[self.e])), 3)
+        # CD45 in excess of the cytokeratin dye's bleed-through: when the field
+        # could not measure that, it is measured on the cell itself, as a low
+        # quantile of CD45 / CK over its bright cytokeratin away from DNA (CD45
+        # staining only ever raises the ratio; where there is DNA its own,
+        # estimated, bleed-through was taken off CD45 already)
+        coef = 0.0
+        if self.lk in self.unknown_spill:
+            bright = mask & (sig[self.e] > _BLEED_MIN_SNR * float(self.noise[self.e]))
+            no_dna = bright & (sig[self.n] < 5 * float(self.noise[self.n]))
+            if np.count_nonzero(no_dna) >= 20:
+                bright = no_dna
+            if np.count_nonzero(bright) >= 20:
+                ratio = sig[self.lk][bright] / sig[self.e][bright]
+                coef = float(np.clip(np.quantile(ratio, 0.1), 0.0, 0.3))
+        excess = ndimage.uniform_filter(sig[self.lk] - coef * sig[self.e], 3)
+        lk_noise = float(self.noise[self.lk])
+        f["cd45_excess_snr"] = round(float(np.median(excess[band])) / lk_noise, 2)
+        # a leukocyte under a cytokeratin fragment has its CD45 membrane just
+        # around its nucleus (`nucleus`: its half-maximum core), inside the CK
+        # area, where the band does not look
+        if nucleus is not None and nucleus.any():
+            ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
+            f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
+        else:
+            f["cd45_nucleus_snr"] = float("nan")
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
@@ -705,6 +840,17 @@ class _Field:
         st = self.st
         if (why := self._debris(f)) is not None:
             return "DEBRIS", why
+        # the faint halo of debris or of the cartridge rim glows in every stain's
+        # channel about as much as in cytokeratin; a cell has no CD45 (only a
+        # few percent of bleed-through) and any marker on its membrane only
+        ck = f[f"{self.names[self.e]}_mean"] / float(self.noise[self.e])
+        glow = min(
+            f[f"{name}_mean"] / float(self.noise[c])
+            for c, name in enumerate(self.names)
+            if c != self.n
+        )
+        if glow >= st.debris_halo_snr and glow >= st.debris_halo_fraction * ck:
+            return "DEBRIS", "faint glow in every channel (debris or rim halo)"
         if f.pop("_cut"):
             return "OTHER", "nucleus cut by the top or left edge (counted next door)"
         if not has_nucleus:
@@ -718,9 +864,13 @@ class _Field:
         # cytokeratin, which bleed-through never is
         guard = self.lk in self.unknown_spill
         if f["cd45_snr"] >= st.max_cd45_snr and (
-            not guard or f["cd45_ck_ratio"] >= st.min_cd45_ratio
+            not guard
+            or f["cd45_ck_ratio"] >= st.min_cd45_ratio
+            or f["cd45_excess_snr"] >= st.max_cd45_snr
         ):
             return "DOUBLE_POSITIVE", "CD45 positive"
+        if f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr:
+            return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
         # round to oval; a cell split from a cluster has an artificial border on
@@ -828,12 +978,17 @@ class _Field:
         sat2_hit = (sat2[keep] > st.debris_saturated_fraction * area[keep]).tolist()
         bright = (all_bright[keep] / area[keep]).tolist()
         nan = float("nan")
+        blur = round(self.blur, 2)
         rows = []
         for j in range(keep.size):
             f: dict[str, Any] = {k: v[j] for k, v in cols.items()}
             f.update(
                 ck_texture=nan,
                 cd45_ck_ratio=nan,
+                cd45_excess_snr=nan,
+                cd45_nucleus_snr=nan,
+                diameter_halfmax_um=nan,
+                blur_px=blur,
                 cluster_size=1,
                 nucleus_inside=0.0,
                 solidity=nan,

@@ -24,6 +24,23 @@ class DetectionSettings(BaseModel):
     # itself (every pixel a region: minutes per field, nothing meaningful)
     nucleus_snr: float = Field(default=6.0, ge=1, description="DAPI mask threshold")
     ck_snr: float = Field(default=6.0, ge=1, description="cytokeratin mask threshold")
+    ck_smooth_snr: float = Field(
+        default=1.5,
+        gt=0,
+        description=(
+            "dim cytokeratin: PE averaged over 6 x 6 px above this many (pixel) "
+            "noise units, kept around nuclei where the smoothed peak is below "
+            "ck_dim_peak_snr"
+        ),
+    )
+    ck_dim_peak_snr: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "a smoothed CK region peaking below this is dim (see above), and so "
+            "is a cell whose mean CK is below it: its size is measured smoothed"
+        ),
+    )
     min_object_area_um2: float = Field(
         default=1.5, ge=0, description="smaller specks are ignored"
     )
@@ -33,6 +50,27 @@ class DetectionSettings(BaseModel):
         default=4.0, ge=0, description="a CTC is larger than this"
     )
     max_ctc_diameter_um: float = Field(default=40.0, gt=0)
+    # the field's blur, measured on its nuclei, that object sizes are corrected for
+    blur_nucleus_area_um2: tuple[float, float] = Field(
+        default=(12.0, 120.0),
+        description="nuclei of this area (um^2) measure the blur: single nuclei",
+    )
+    blur_min_peak_snr: float = Field(
+        default=20.0, gt=0, description="a nucleus measuring the blur peaks above"
+    )
+    blur_max_nuclei: int = Field(
+        default=24, ge=1, description="at most this many nuclei measure the blur"
+    )
+    blur_min_nuclei: int = Field(
+        default=5,
+        ge=1,
+        description="with fewer usable nuclei the field's blur is default_blur_px",
+    )
+    default_blur_px: float = Field(
+        default=1.0,
+        ge=0,
+        description="blur (Gaussian sigma, px) of a field too sparse to measure it",
+    )
     max_cluster_area_um2: float = Field(
         default=5000.0,
         gt=0,
@@ -48,6 +86,14 @@ class DetectionSettings(BaseModel):
         default=10.0,
         gt=0,
         description="CD45-negative: CD45 signal on the cell below this",
+    )
+    max_cd45_nucleus_snr: float = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "CD45-positive also when the CD45 just around the nucleus (less "
+            "bleed-through) reaches this: a leukocyte under a CK fragment"
+        ),
     )
     min_cd45_ratio: float = Field(
         default=0.2,
@@ -76,6 +122,16 @@ class DetectionSettings(BaseModel):
         le=1,
         description="an object with this fraction of debris-like pixels is debris",
     )
+    debris_halo_snr: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "a CK candidate whose mean signal in every non-DNA channel is at "
+            "least this, and debris_halo_fraction of its CK, is debris (the halo "
+            "of debris or of the rim)"
+        ),
+    )
+    debris_halo_fraction: float = Field(default=0.5, gt=0, le=1)
     debris_saturated_fraction: float = Field(
         default=0.02,
         ge=0,

@@ -70,7 +70,8 @@ from detect_eval import (  # noqa: E402
     REPO,
     Tally,
     detect_field,
-    evaluate,
+    evaluate_many,
+    load_detector,
     make_world,
     render_field,
 )
@@ -92,45 +93,84 @@ BUDGET_MS = 60.0
 
 @dataclass(frozen=True)
 class Difficulty:
-    """One world setting: population overrides and a focus offset."""
+    """One world setting: population and optics overrides and a focus offset."""
 
     name: str
     what: str
     population: dict[str, Any]
     z_offset: float = 0.0
+    optics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def world(self) -> dict[str, Any]:
-        return {"population": dict(self.population)}
+        out: dict[str, Any] = {"population": dict(self.population)}
+        if self.optics:
+            out["optics"] = dict(self.optics)
+        return out
 
 
 _CTC = {"ctc": 60}
-_DENSE = {"wbc_per_field": 400}
-_DIM = {"ctc_dim_fraction": 1.0}
-_LOOKALIKES = {
-    "double_positive": 200,
-    "ck_fragment": 2000,
-    "small_ck_dapi": 300,
-    "nucleus_beside_ck": 200,
-    "debris": 300,
+#: CTCs whose cytokeratin is a few times the pixel noise (PE noise ~0.0035 of
+#: the stain rate at the default exposure): 30 % of them, or all of them
+_DIM_LIMIT = {"ctc_dim_fraction": 0.3, "ctc_dim_ck": (0.015, 0.05)}
+_ALL_DIM = {"ctc_dim_fraction": 1.0, "ctc_dim_ck": (0.015, 0.05)}
+#: more and tighter clusters of touching CTCs
+_CLUSTERS = {"ctc_cluster_fraction": 0.5, "ctc_cluster_spacing": 0.8}
+#: three times the default look-alikes, the small CK+DAPI+ ones 2-4 um and bright
+_LOOKALIKES_3X = {
+    "double_positive": 60,
+    "ck_fragment": 1200,
+    "small_ck_dapi": 120,
+    "small_ck_dapi_diameter_um": (2.0, 4.0),
+    "small_ck_dapi_brightness": 3.0,
+    "nucleus_beside_ck": 60,
+    "debris": 120,
 }
+#: blur that varies from field to field, up to 2.5 px sigma
+_BLUR = {"field_blur_px": (0.0, 2.5)}
 _DEFOCUS_UM = 2.5
 
 DIFFICULTIES: dict[str, Difficulty] = {
     d.name: d
     for d in (
         Difficulty("baseline", "defaults, 60 CTCs", {**_CTC}),
-        Difficulty("dense-wbc", "400 WBC/field", {**_CTC, **_DENSE}),
-        Difficulty("dim-ck", "every CTC dim", {**_CTC, **_DIM}),
+        Difficulty("dense-120", "120 WBC/field", {**_CTC, "wbc_per_field": 120}),
+        Difficulty(
+            "dense-300",
+            "300 WBC/field, 30 % of CTCs dim to the limit",
+            {**_CTC, "wbc_per_field": 300, **_DIM_LIMIT},
+        ),
+        Difficulty(
+            "dense-400",
+            "400 WBC/field, 30 % of CTCs dim to the limit",
+            {**_CTC, "wbc_per_field": 400, **_DIM_LIMIT},
+        ),
+        Difficulty("dim-ck", "every CTC dim to the limit", {**_CTC, **_ALL_DIM}),
+        Difficulty(
+            "clusters", "half the CTCs in tight clusters", {**_CTC, **_CLUSTERS}
+        ),
+        Difficulty(
+            "lookalikes-3x",
+            "3x look-alikes, small CK+DAPI+ 2-4 um and bright",
+            {**_CTC, **_LOOKALIKES_3X},
+        ),
+        Difficulty(
+            "variable-blur", "blur 0-2.5 px sigma per field", {**_CTC}, optics=_BLUR
+        ),
         Difficulty(
             "defocus", f"imaged {_DEFOCUS_UM} um off focus", {**_CTC}, _DEFOCUS_UM
         ),
-        Difficulty("lookalikes", "many look-alikes", {**_CTC, **_LOOKALIKES}),
         Difficulty(
             "all-hard",
-            "all of the above",
-            {**_CTC, **_DENSE, **_DIM, **_LOOKALIKES},
-            _DEFOCUS_UM,
+            "400 WBC, dim, clusters, 3x look-alikes, variable blur",
+            {
+                **_CTC,
+                "wbc_per_field": 400,
+                **_DIM_LIMIT,
+                **_CLUSTERS,
+                **_LOOKALIKES_3X,
+            },
+            optics=_BLUR,
         ),
     )
 }
@@ -155,6 +195,7 @@ class Cartridge:
     fn_kinds: dict[str, int]
     seconds: list[float]
     wall_s: float
+    detector: str = ""
 
     @property
     def count_error(self) -> int:
@@ -350,10 +391,39 @@ def kinds_table(rows: Sequence[Row]) -> str:
     )
 
 
+def compare_table(rows: Sequence[Row], names: Sequence[str]) -> str:
+    """One line per difficulty: the before and after numbers side by side."""
+    by = {r.name: r for r in rows}
+    out = []
+    for n in names:
+        b, a = by.get(f"{n} [before]"), by.get(f"{n} [after]")
+        if b is None or a is None:
+            continue
+        out.append(
+            [
+                n,
+                str(a.true_ctc),
+                f"{b.tp} -> {a.tp}",
+                f"{b.fp} -> {a.fp}",
+                f"{b.fn} -> {a.fn}",
+                f"{_f(b.sensitivity, '.3f')} -> {_f(a.sensitivity, '.3f')}",
+                f"{_f(b.precision, '.3f')} -> {_f(a.precision, '.3f')}",
+                f"{_f(b.ms_median, '.0f')} -> {_f(a.ms_median, '.0f')}",
+                " ".join(
+                    f"{k}:{'ok' if ok else 'FAIL'}" for k, ok in a.verdicts().items()
+                ),
+            ]
+        )
+    return render_table(
+        ("difficulty", "true", "TP", "FP", "FN", "sens", "prec", "ms med", "after"),
+        out,
+    )
+
+
 def cartridge_table(carts: Sequence[Cartridge]) -> str:
     out = [
         [
-            c.difficulty,
+            c.difficulty + (f" [{c.detector}]" if c.detector else ""),
             str(c.seed),
             str(c.fields),
             str(c.true_ctc),
@@ -403,39 +473,63 @@ def run_accuracy(args: argparse.Namespace) -> int:
         f"{TARGET_PRECISION}, no CTC called on {' or '.join(FORBIDDEN_FP)}",
         flush=True,
     )
+    detectors: dict[str, Any] = {"": detect_field}
+    if args.before:
+        detectors = {"before": load_detector(args.before), "after": detect_field}
+        print(f"  before: analysis/detect.py at {args.before}; after: this tree")
     carts: list[Cartridge] = []
     t_all = time.perf_counter()
     for d in diffs:
         for seed in seeds:
             print(f"-- {d.name} seed {seed} ...", end=" ", flush=True)
             t0 = time.perf_counter()
-            t = evaluate(seed, d.world, n_fields=args.fields, z_offset=d.z_offset)
-            c = Cartridge(
-                difficulty=d.name,
-                seed=seed,
-                fields=t.fields,
-                tp=t.tp,
-                fp=t.fp,
-                fn=t.fn,
-                true_ctc=t.true_ctc,
-                called_ctc=t.called_ctc,
-                fp_kinds=dict(t.fp_kinds),
-                fn_kinds=dict(t.fn_kinds),
-                seconds=[round(s, 6) for s in t.seconds],
-                wall_s=time.perf_counter() - t0,
+            tallies = evaluate_many(
+                seed, d.world, detectors, n_fields=args.fields, z_offset=d.z_offset
             )
-            carts.append(c)
-            print(
-                f"true {c.true_ctc} called {c.called_ctc} TP {c.tp} FP {c.fp} "
-                f"FN {c.fn} ({c.wall_s:.0f} s)",
-                flush=True,
-            )
-    rows = [pool(d.name, [c for c in carts if c.difficulty == d.name]) for d in diffs]
-    pooled = pool("POOLED", carts)
+            wall = time.perf_counter() - t0
+            for name, t in tallies.items():
+                c = Cartridge(
+                    difficulty=d.name,
+                    seed=seed,
+                    fields=t.fields,
+                    tp=t.tp,
+                    fp=t.fp,
+                    fn=t.fn,
+                    true_ctc=t.true_ctc,
+                    called_ctc=t.called_ctc,
+                    fp_kinds=dict(t.fp_kinds),
+                    fn_kinds=dict(t.fn_kinds),
+                    seconds=[round(s, 6) for s in t.seconds],
+                    wall_s=wall,
+                    detector=name,
+                )
+                carts.append(c)
+                print(
+                    f"{name + ': ' if name else ''}true {c.true_ctc} called "
+                    f"{c.called_ctc} TP {c.tp} FP {c.fp} FN {c.fn}",
+                    end="; ",
+                    flush=True,
+                )
+            print(f"({wall:.0f} s)", flush=True)
+    rows, pooled = [], []
+    for name in detectors:
+        tag = f" [{name}]" if name else ""
+        mine = [c for c in carts if c.detector == name]
+        rows += [
+            pool(d.name + tag, [c for c in mine if c.difficulty == d.name])
+            for d in diffs
+        ]
+        pooled.append(pool("POOLED" + tag, mine))
+    rows = sorted(rows, key=lambda r: [d.name for d in diffs].index(r.name.split()[0]))
+    every = [*rows, *pooled]
     print()
-    print(accuracy_table([*rows, pooled]))
+    print(accuracy_table(every))
     print()
-    print(kinds_table([*rows, pooled]))
+    print(kinds_table(every))
+    if len(detectors) > 1:
+        print()
+        print("before -> after:")
+        print(compare_table(every, [d.name for d in diffs] + ["POOLED"]))
     print()
     print("per cartridge:")
     print(cartridge_table(carts))
@@ -470,10 +564,11 @@ def run_accuracy(args: argparse.Namespace) -> int:
             }
             for d in diffs
         },
-        "table": accuracy_table([*rows, pooled]),
+        "before": args.before,
+        "table": accuracy_table(every),
         "rows": [
             {**asdict(r), "forbidden_fp": r.forbidden_fp, "verdicts": r.verdicts()}
-            for r in [*rows, pooled]
+            for r in every
         ],
         "cartridges": [{**asdict(c), "count_error": c.count_error} for c in carts],
         **_env(),
@@ -741,6 +836,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=3,
         help="--speed: timings per field, the median is kept (default 3)",
+    )
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        default=None,
+        help="also run analysis/detect.py as of git revision REV on the same "
+        "fields and print before/after side by side",
     )
     p.add_argument(
         "--json-dir",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,30 @@ def evaluate(
     assignment within MATCH_UM), so a cell cut by a field border and counted in
     the neighbouring field is matched correctly.
     """
-    import time
+    return evaluate_many(
+        seed,
+        world,
+        {"": detect_field},
+        n_fields=n_fields,
+        z_offset=z_offset,
+        settings=settings,
+        layout=layout,
+    )[""]
 
-    from scipy.optimize import linear_sum_assignment
+
+def evaluate_many(
+    seed: int,
+    world: dict[str, Any],
+    detectors: Mapping[str, Callable[..., Any]],
+    *,
+    n_fields: int | None = None,
+    z_offset: float = 0.0,
+    settings: DetectionSettings | None = None,
+    layout: str = "cellsearch-5x35",
+) -> dict[str, Tally]:
+    """`evaluate` for several detectors (name -> a `detect_field`) on the same
+    rendered fields, each field rendered once."""
+    import time
 
     w = make_world(seed, world, layout)
     fields = plan_fields(w.layout, w.fov_w, w.fov_h)
@@ -110,28 +132,40 @@ def evaluate(
         fields = fields[:n_fields]
     o = w.objects
     px = w.pixel_size_um
-    total = Tally(fields=len(fields))
-    calls: list[tuple[float, float]] = []
+    totals = {name: Tally(fields=len(fields)) for name in detectors}
+    calls: dict[str, list[tuple[float, float]]] = {name: [] for name in detectors}
     truth_idx: list[int] = []
     base = settings or DetectionSettings()
     for f in fields:
         data = render_field(w, f.x_um, f.y_um, z_offset)
-        t0 = time.perf_counter()
-        det = detect_field(
-            data, CHANNELS, pixel_size_um=px, settings=base, saturation=4095
-        )
-        total.seconds.append(time.perf_counter() - t0)
         x0, y0 = w.frame_origin(f.x_um, f.y_um)
-        calls += [
-            (x0 + d["col"] * px, y0 - d["row"] * px)
-            for d in det.objects
-            if d["label"] == "CTC"
-        ]
+        for name, detect in detectors.items():
+            t0 = time.perf_counter()
+            det = detect(
+                data, CHANNELS, pixel_size_um=px, settings=base, saturation=4095
+            )
+            totals[name].seconds.append(time.perf_counter() - t0)
+            calls[name] += [
+                (x0 + d["col"] * px, y0 - d["row"] * px)
+                for d in det.objects
+                if d["label"] == "CTC"
+            ]
         truth_idx += [
             int(i)
             for i in w.objects_in(f.x_um, f.y_um)
             if o.kind[i] == KINDS.index("CTC")
         ]
+    for name in detectors:
+        _match(w, calls[name], truth_idx, totals[name])
+    return totals
+
+
+def _match(
+    w: World, calls: list[tuple[float, float]], truth_idx: list[int], total: Tally
+) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    o = w.objects
     total.true_ctc, total.called_ctc = len(truth_idx), len(calls)
     all_ctc = np.flatnonzero(o.kind == KINDS.index("CTC"))
     pairs: list[tuple[int, int]] = []
@@ -167,4 +201,27 @@ def evaluate(
         d = np.hypot(o.x - x, o.y - y)
         j = int(np.argmin(d))
         total.fp_kinds[KINDS[o.kind[j]] if d[j] <= 12 else "background/rim"] += 1
-    return total
+
+
+def load_detector(rev: str) -> Callable[..., Any]:
+    """`detect_field` of `analysis/detect.py` as committed at git revision `rev`
+    (with today's other modules), for a before/after comparison in one run."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:analysis/detect.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    tag = "".join(ch if ch.isalnum() else "_" for ch in rev)[:24]
+    path = Path(tempfile.mkdtemp(prefix="detect-")) / f"detect_before_{tag}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.detect_field

@@ -21,6 +21,13 @@ class PopulationConfig(ConfigModel):
     ctc: int = Field(default=30, ge=0)
     ctc_cluster_fraction: float = Field(default=0.2, ge=0, le=1)
     ctc_dim_fraction: float = Field(default=0.2, ge=0, le=1)
+    #: cytokeratin (PE) amplitude range of the dim CTCs, in units of the stain
+    #: rate (bright ones: 0.5-1); about 0.01 is the noise of one pixel at the
+    #: default PE exposure, so (0.02, 0.06) puts them near the detection limit
+    ctc_dim_ck: tuple[float, float] = (0.15, 0.3)
+    #: centre distance of touching cluster members, as a fraction of the sum of
+    #: their radii (below 1: they overlap and press against each other)
+    ctc_cluster_spacing: float = Field(default=0.92, ge=0.6, le=1.2)
     ctc_fitc_fraction: float = Field(default=0.3, ge=0, le=1)
     ctc_median_diameter_um: float = Field(default=12.4, gt=4, le=40)
     wbc_per_field: float = Field(default=150.0, ge=0, le=600)
@@ -28,9 +35,28 @@ class PopulationConfig(ConfigModel):
     double_positive: int = Field(default=20, ge=0)
     ck_fragment: int = Field(default=400, ge=0)
     small_ck_dapi: int = Field(default=40, ge=0)
+    #: diameter range (um) of the CK+DAPI+ objects under 4 um, and a factor on
+    #: their stain amplitudes (3: as bright as the brightest CTCs, or brighter)
+    small_ck_dapi_diameter_um: tuple[float, float] = (2.0, 3.6)
+    small_ck_dapi_brightness: float = Field(default=1.0, gt=0, le=10)
     nucleus_beside_ck: int = Field(default=20, ge=0)
     free_nucleus_per_field: float = Field(default=5.0, ge=0)
     debris: int = Field(default=40, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Self:
+        lo, hi = self.ctc_dim_ck
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(
+                f"ctc_dim_ck must satisfy 0 < low <= high <= 1, got {lo}, {hi}"
+            )
+        lo, hi = self.small_ck_dapi_diameter_um
+        if not 0.5 <= lo <= hi <= 4.0:
+            raise ValueError(
+                "small_ck_dapi_diameter_um must satisfy 0.5 <= low <= high <= 4 "
+                f"(they are the objects under 4 um), got {lo}, {hi}"
+            )
+        return self
 
 
 class OpticsConfig(ConfigModel):
@@ -52,6 +78,10 @@ class OpticsConfig(ConfigModel):
     bit_depth: int = Field(default=12, ge=8, le=16)
     depth_of_field_um: float = Field(default=2.0, ge=0)
     blur_px_per_um: float = Field(default=0.8, ge=0)
+    #: extra blur (Gaussian sigma, px) that varies from field to field (a tilted
+    #: or dirty cartridge, vibration): each field draws it uniformly from this
+    #: range, seeded by its position, and it adds in quadrature to the defocus
+    field_blur_px: tuple[float, float] = (0.0, 0.0)
     rim_width_um: float = Field(default=40.0, gt=0)
     rim_rate: tuple[float, float, float, float] = (60.0, 25.0, 40.0, 20.0)
     outside_background: float = Field(default=0.05, ge=0, le=1)
@@ -60,6 +90,11 @@ class OpticsConfig(ConfigModel):
     def _square(self) -> Self:
         if len(self.crosstalk) != 4 or any(len(r) != 4 for r in self.crosstalk):
             raise ValueError("crosstalk must be a 4 x 4 matrix")
+        lo, hi = self.field_blur_px
+        if not 0 <= lo <= hi <= 10:
+            raise ValueError(
+                f"field_blur_px must satisfy 0 <= low <= high <= 10, got {lo}, {hi}"
+            )
         return self
 
 

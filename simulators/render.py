@@ -107,7 +107,9 @@ class Renderer:
         cx0, ry0, cw, rh = (0, 0, w.width, w.height) if roi is None else roi
         signal = np.zeros((rh, cw), np.float32)
         if channel >= 0 and exposure_ms > 0:
-            sigma = self.defocus_sigma_px(z - w.surface_z(x, y))
+            sigma = math.hypot(
+                self.defocus_sigma_px(z - w.surface_z(x, y)), self.field_blur_px(x, y)
+            )
             # the blur reaches int(3 sigma + 0.5) px (truncate=3): render that
             # much around the ROI so its pixels match the full frame's
             pad = int(3.0 * sigma + 0.5) + 1 if sigma > 0.1 else 0
@@ -155,6 +157,15 @@ class Renderer:
         opt = self.world.config.optics
         d = opt.depth_of_field_um / 2
         return opt.blur_px_per_um * (math.hypot(dz_um, d) - d)
+
+    def field_blur_px(self, x: float, y: float) -> float:
+        """Extra blur (Gaussian sigma, px) of the field at stage (x, y), drawn from
+        `optics.field_blur_px` by the position alone (0 by default)."""
+        lo, hi = self.world.config.optics.field_blur_px
+        if hi <= 0:
+            return 0.0
+        u = self.world.noise_offset(round(x, 1), round(y, 1), -7, span=1 << 20)
+        return lo + (hi - lo) * u / (1 << 20)
 
     # ------------------------------------------------------------------ internals
 

@@ -279,7 +279,7 @@ class World:
         t["marker"] = rng.random(n) < cfg.ctc_fitc_fraction
         t["amp"][:, 0] = rng.uniform(0.6, 1.0, n)
         t["amp"][:, 2] = np.where(
-            t["dim"], rng.uniform(0.15, 0.3, n), rng.uniform(0.5, 1.0, n)
+            t["dim"], rng.uniform(*cfg.ctc_dim_ck, n), rng.uniform(0.5, 1.0, n)
         )
         t["amp"][:, 1] = np.where(t["marker"], rng.uniform(0.4, 0.9, n), 0.0)
         x, y = place(n)
@@ -294,10 +294,11 @@ class World:
                 for _ in range(50):
                     j = i + int(rng.integers(0, k))
                     ang = rng.uniform(0, 2 * math.pi)
-                    step = (r[j] + r[i + k]) * 0.92
+                    step = (r[j] + r[i + k]) * cfg.ctc_cluster_spacing
                     nx, ny = x[j] + step * math.cos(ang), y[j] + step * math.sin(ang)
                     gap = np.hypot(x[i : i + k] - nx, y[i : i + k] - ny)
-                    if np.all(gap >= (r[i : i + k] + r[i + k]) * 0.9):
+                    tight = min(0.9, cfg.ctc_cluster_spacing - 0.02)
+                    if np.all(gap >= (r[i : i + k] + r[i + k]) * tight):
                         break
                 x[i + k], y[i + k] = nx, ny
             t["cluster"][i : i + size] = cid
@@ -342,10 +343,11 @@ class World:
         # CK+ DAPI+ objects under 4 um
         n = cfg.small_ck_dapi
         t = _table("SMALL_CK_DAPI", n, rng)
-        t["cell_r"] = rng.uniform(2.0, 3.6, n) / 2
+        t["cell_r"] = rng.uniform(*cfg.small_ck_dapi_diameter_um, n) / 2
         t["nuc_r"] = t["cell_r"] * rng.uniform(0.55, 0.75, n)
         t["amp"][:, 0] = rng.uniform(0.5, 1.0, n)
         t["amp"][:, 2] = rng.uniform(0.4, 1.0, n)
+        t["amp"] *= cfg.small_ck_dapi_brightness
         t["x"], t["y"] = place(n)
         parts.append(t)
 

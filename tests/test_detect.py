@@ -53,10 +53,13 @@ class Canvas:
         cd45: float = 0,
         fitc: float = 0,
         ratio: float = 1.0,
+        texture: bool = True,
     ) -> None:
         """A cell: CK body (textured), DAPI nucleus, CD45 / marker membrane."""
         body = self._disc(r, c, diam_um, ratio)
-        if ck:
+        if ck and not texture:
+            self.planes[P] += ck * body
+        elif ck:
             texture = (
                 1
                 + 0.3
@@ -91,8 +94,9 @@ class Canvas:
         vignetting: float = 0.0,
         dtype: type = np.uint16,
         top: float = 4095,
+        blur: float = 1.0,
     ) -> np.ndarray:
-        blurred = ndimage.gaussian_filter(self.planes, (0, 1.0, 1.0))
+        blurred = ndimage.gaussian_filter(self.planes, (0, blur, blur))
         r2 = ((self.yy - self.size / 2) ** 2 + (self.xx - self.size / 2) ** 2) / (
             self.size / 2
         ) ** 2
@@ -205,6 +209,97 @@ def test_not_round_to_oval() -> None:
     cv.cell(128, 128, diam_um=22, ratio=0.25, nucleus_um=4)
     obj = _at(_detect(cv.field()), 128, 128, tol=15)
     assert obj["label"] == "OTHER" and obj["reason"] == "not round to oval"
+
+
+# ---------------------------------------------------------------- size and blur
+
+BLURS = (0.5, 1.0, 1.5, 2.0, 2.5)  # Gaussian sigma, px
+
+
+def _disk_field(
+    diameters: list[float], blur: float, *, ck: float, dapi: float, seed: int
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """CK+DAPI+ disks (no texture) in a row of cells, and leukocytes whose nuclei
+    tell the detector the field's blur."""
+    cv = Canvas(size=448, seed=seed)
+    # at sub-pixel positions, as in an image (a disc drawn on the pixel grid's
+    # centre samples its soft edge at a few distances only)
+    jitter = np.random.default_rng(seed).uniform(-0.5, 0.5, (len(diameters) + 8, 2))
+    at = []
+    for k, d in enumerate(diameters):
+        r, c = 90 + 90 * (k // 4) + jitter[k, 0], 70 + 100 * (k % 4) + jitter[k, 1]
+        cv.cell(r, c, diam_um=d, ck=ck, dapi=dapi, nucleus_um=0.6 * d, texture=False)
+        at.append((r, c))
+    for k in range(8):
+        dr, dc = jitter[len(diameters) + k]
+        cv.leukocyte(400 + dr, 40 + 52 * k + dc)
+    return cv.field(blur=blur), at
+
+
+@pytest.mark.parametrize("blur", BLURS)
+def test_size_of_the_object_not_of_the_blur(blur: float) -> None:
+    diameters = [2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0]
+    field, at = _disk_field(diameters, blur, ck=2000, dapi=2000, seed=11)
+    det = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    # the field's blur, from its nuclei: the drawn blur and the 1 px soft edge
+    # of the drawn discs (a box of variance 1/12)
+    assert det.blur_nuclei >= 5
+    assert det.blur_px == pytest.approx(np.hypot(blur, 12**-0.5), abs=0.2)
+    for d, (r, c) in zip(diameters, at, strict=True):
+        obj = _at(det.objects, r, c)
+        assert obj["diameter_um"] == pytest.approx(d, abs=0.5), (d, obj)
+
+
+@pytest.mark.parametrize("blur", BLURS)
+def test_small_ck_dapi_objects_are_never_ctc_at_any_blur(blur: float) -> None:
+    diameters = [2.0, 2.5, 3.0, 3.5, 2.0, 2.5, 3.0, 3.5]
+    field, at = _disk_field(diameters, blur, ck=3500, dapi=3500, seed=12)
+    det = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    for d, (r, c) in zip(diameters, at, strict=True):
+        obj = _at(det.objects, r, c)
+        assert obj["label"] == "CK_FRAGMENT", (d, obj["diameter_um"], obj["reason"])
+        assert "4 um" in obj["reason"]
+        if blur == 2.5 and d >= 3.0:  # the blur alone makes them look > 4 um
+            assert obj["diameter_halfmax_um"] > 4.0
+    assert not _ctcs(det.objects)
+
+
+# ---------------------------------------------------------------- dense fields
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_dim_ctcs_among_dense_leukocytes_are_found_once(seed: int) -> None:
+    # 50 leukocytes on 384 x 384 px is ~ 450 on a full 1384 x 1036 field; the
+    # CTCs' cytokeratin is 3-5 x the pixel noise (~7 DN), granular as usual
+    cv = Canvas(size=384, seed=seed)
+    rng = np.random.default_rng(seed)
+    ctcs = [(80, 90), (90, 290), (200, 190), (300, 80), (290, 300)]
+    for (r, c), ck in zip(ctcs, rng.uniform(25, 35, len(ctcs)), strict=True):
+        cv.cell(r, c, diam_um=rng.uniform(9, 14), ck=ck, dapi=1500)
+    placed: list[tuple[float, float]] = []
+    while len(placed) < 50:
+        r, c = rng.uniform(12, 372, 2)
+        near_ctc = min(np.hypot(r - a, c - b) for a, b in ctcs)
+        near_wbc = min((np.hypot(r - a, c - b) for a, b in placed), default=99)
+        if near_ctc > 19 and near_wbc > 13:  # may touch, never overlap
+            cv.leukocyte(r, c, cd45=rng.uniform(200, 600))
+            placed.append((r, c))
+    objs = _detect(cv.field(vignetting=0.3))
+    called = _ctcs(objs)
+    for r, c in ctcs:
+        mine = [o for o in called if np.hypot(o["row"] - r, o["col"] - c) < 14]
+        assert len(mine) == 1, (r, c, [_at(objs, r, c)])
+    assert len(called) == len(ctcs)
+
+
+def test_ck_fragment_over_a_leukocyte_is_not_a_ctc() -> None:
+    # a cytokeratin vesicle lying on a leukocyte: nucleus inside CK, but the
+    # leukocyte's CD45 membrane surrounds that nucleus
+    cv = Canvas()
+    cv.leukocyte(128, 128, cd45=400)
+    cv.cell(128, 130, diam_um=11, ck=1500, dapi=0)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == "DOUBLE_POSITIVE", obj
 
 
 # ---------------------------------------------------------------- look-alikes
