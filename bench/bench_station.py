@@ -7,7 +7,7 @@ Each repeat runs ``ctcscan scan`` (zero exposure: the shipped simulated
 instrument never waits) twice, in alternating order: alone, and with
 ``ctcscan serve`` running over the run's parent folder and headless Chromium
 (Selenium) showing the run's live page (server-sent events, the last stored
-field as a picture at most once a second, the candidates as they come). Without
+field as a picture at most every two seconds, the candidates as they come). Without
 Chromium, a Python client reads the event stream and fetches the last-field
 picture on every stored field instead (a heavier viewer than the page).
 

@@ -32,7 +32,7 @@ __all__ = ["Station"]
 logger = logging.getLogger("ctcscan.station")
 
 #: the stride of the last-field picture and of the cartridge picture
-LAST_STEP = 4
+LAST_STEP = 8
 MOSAIC_STEP = 16
 
 

@@ -92,9 +92,9 @@ function runPage() {
   let lastShown = null, lastAt = 0, pendingLast = null, candAt = 0;
   const showLast = (name) => {
     const now = Date.now();
-    if (now - lastAt < 1000) {  // at most one picture a second
+    if (now - lastAt < 2000) {  // at most one picture every two seconds
       clearTimeout(pendingLast);
-      pendingLast = setTimeout(() => showLast(name), 1000 - (now - lastAt));
+      pendingLast = setTimeout(() => showLast(name), 2000 - (now - lastAt));
       return;
     }
     lastAt = now; lastShown = name;
