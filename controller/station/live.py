@@ -7,6 +7,7 @@ import json
 import logging
 import stat
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,7 +44,8 @@ class Station:
         self.catalog = Catalog(root)
         self.root = self.catalog.root
         self.thumbs = Thumbnails()
-        self._json_cache: dict[Path, tuple[int, int, Any]] = {}
+        self._json_cache: OrderedDict[Path, tuple[int, int, Any]] = OrderedDict()
+        self._cand_cache: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
@@ -55,7 +57,7 @@ class Station:
             raise NoSuchRun(str(path))
         return p
 
-    def _json(self, path: Path) -> Any:
+    def _json(self, path: Path, *, keep: bool = True) -> Any:
         """A JSON file's content, cached by size and modification time; a
         symlink or anything but a regular file is not read."""
         try:
@@ -72,8 +74,12 @@ class Station:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return None
-        with self._lock:
-            self._json_cache[path] = (st.st_size, st.st_mtime_ns, data)
+        if keep:
+            with self._lock:
+                self._json_cache[path] = (st.st_size, st.st_mtime_ns, data)
+                self._json_cache.move_to_end(path)
+                while len(self._json_cache) > 64:
+                    self._json_cache.popitem(last=False)
         return data
 
     def _run(self, run: str) -> RunView:
@@ -138,12 +144,33 @@ class Station:
         the same objects and ids events.csv will have."""
         rows = []
         for name in sorted(view.detected_fields()):
-            rec = self._json(view.folder / "detections" / f"{name}.json")
-            if not isinstance(rec, dict):
-                continue
+            rows += self._field_candidates(view.folder / "detections", name)
+        return rows
+
+    def _field_candidates(self, folder: Path, name: str) -> list[dict[str, Any]]:
+        """The CTC calls and flagged objects of one detection file, with their
+        ids, kept per file version (not the file's hundreds of other objects)."""
+        path = folder / f"{name}.json"
+        try:
+            st = path.lstat()
+        except OSError:
+            return []
+        key = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._cand_cache.get(path)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        rec = self._json(path, keep=False)
+        rows: list[dict[str, Any]] = []
+        if isinstance(rec, dict):
             objs = sorted(rec.get("objects", []), key=lambda o: (o["row"], o["col"]))
-            for k, o in enumerate(objs):
-                rows.append({**o, "object_id": make_object_id(name, k)})
+            rows = [
+                {**o, "object_id": make_object_id(name, k)}
+                for k, o in enumerate(objs)
+                if o.get("label") == "CTC" or o.get("review")
+            ]
+        with self._lock:
+            self._cand_cache[path] = (key, rows)
         return rows
 
     def candidates(self, run: str, reviewer: str | None) -> dict[str, Any]:
@@ -183,10 +210,15 @@ class Station:
         return out
 
     def _channels(self, view: RunView, field: str) -> list[str]:
+        """The channel names of a field's file: the scan's (every field has
+        them), or, for an analysis of other files, its detection record's."""
+        planned = (self._scan(view).get("request") or {}).get("channels")
+        if isinstance(planned, list) and planned:
+            return [str(c) for c in planned]
         rec = self._json(view.folder / "detections" / f"{field}.json")
         if isinstance(rec, dict) and isinstance(rec.get("channels"), list):
             return [str(c) for c in rec["channels"]]
-        return list((self._scan(view).get("request") or {}).get("channels", []))
+        return []
 
     def review_summary(self, run: str) -> dict[str, Any]:
         view = self._run(run)
