@@ -69,6 +69,7 @@ from controller.records import (
 )
 from controller.runs.detector import OnlineDetector
 from controller.runs.focusmap import FocusMapStep
+from controller.runs.memory import limit_arenas, release_free_memory
 from controller.runs.outputs import write_scan_outputs
 from controller.runs.watchdog import Watchdog
 from controller.runstore.audit import AuditLog, AuditTrail, config_hash
@@ -246,6 +247,7 @@ class Scan:
             Bad input, or the run stopped with an error (a `Stopped` record
             holds it; the run is resumable).
         """
+        limit_arenas()  # before the run's threads start (controller.runs.memory)
         with self.lock:
             self.folder.prepare()
             audit = self.events.subscribe(AuditTrail(self.audit))
@@ -253,6 +255,7 @@ class Scan:
                 return self._audited_run()
             finally:
                 audit()
+                release_free_memory()  # the next cartridge of a queue starts flat
 
     def _audited_run(self) -> ScanResult:
         self._audit_start()
