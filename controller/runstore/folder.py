@@ -55,7 +55,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to `path` so that a crash leaves either nothing or all of it."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
