@@ -53,6 +53,7 @@ from controller.focus.qc import FocusQC
 from controller.focus.surface import FocusMap
 from controller.hardware.facade import Hardware, RetryPolicy
 from controller.hardware.instrument import Instrument, open_instrument
+from controller.heap import release_free_memory
 from controller.layouts import CartridgeLayout
 from controller.records import (
     Corrupt,
@@ -69,7 +70,6 @@ from controller.records import (
 )
 from controller.runs.detector import OnlineDetector
 from controller.runs.focusmap import FocusMapStep
-from controller.runs.memory import limit_arenas, release_free_memory
 from controller.runs.outputs import write_scan_outputs
 from controller.runs.watchdog import Watchdog
 from controller.runstore.audit import AuditLog, AuditTrail, config_hash
@@ -247,7 +247,6 @@ class Scan:
             Bad input, or the run stopped with an error (a `Stopped` record
             holds it; the run is resumable).
         """
-        limit_arenas()  # before the run's threads start (controller.runs.memory)
         with self.lock:
             self.folder.prepare()
             audit = self.events.subscribe(AuditTrail(self.audit))
