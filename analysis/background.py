@@ -80,9 +80,10 @@ def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
     grid = np.partition(tiles, half, axis=2)[:, :, half].astype(np.float32)
     if gy >= 3 and gx >= 3:
         grid = ndimage.median_filter(grid, size=3, mode="nearest")
+    # float32 @ float32 is float32 already: no copy of the full-frame map
     level = (
         _interp_matrix(h, gy, block) @ grid @ _interp_matrix(w, gx, block).T
-    ).astype(np.float32)
+    ).astype(np.float32, copy=False)
     rows = image[::16].astype(np.float32)
     diff = np.abs(rows[:, 1:] - rows[:, :-1])
     dark = diff[rows[:, 1:] <= level[::16, 1:]]

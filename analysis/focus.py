@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis.qc import median_of_ints
+
 __all__ = [
     "FieldSharpness",
     "PeakEstimate",
@@ -78,21 +80,34 @@ class FieldSharpness:
     content: float
 
 
-def _noise_sigma(f: np.ndarray) -> float:
-    """Pixel noise (DN) from second differences of every 4th row.
+def _noise_sigma(f: np.ndarray, step: int = 4) -> float:
+    """Pixel noise (DN) from second differences of every `step`-th row.
 
     Second differences cancel background slopes and ramps; for white noise their
     variance is 6 sigma^2. The median absolute value ignores edges.
     """
-    sub = f[::4]
+    sub = f[::step]
     d2 = sub[:, 2:] - 2 * sub[:, 1:-1] + sub[:, :-2]
     return float(1.4826 * np.median(np.abs(d2)) / np.sqrt(6.0))
 
 
+def _noise_sigma_int(rows: np.ndarray) -> float:
+    """`_noise_sigma(rows.astype(float32), step=1)` of integer pixels, the
+    median counted rather than sorted (the same float32 value)."""
+    v = rows.astype(np.int32)
+    d2 = np.abs(v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2])
+    return float(1.4826 * np.float32(median_of_ints(d2)) / np.sqrt(6.0))
+
+
 def _mean_sq_diff(f: np.ndarray, d: int) -> float:
-    a = f[:, d:] - f[:, :-d]
-    b = f[d:, :] - f[:-d, :]
-    return float((np.mean(a * a) + np.mean(b * b)) / 2)
+    """Mean squared difference of pixels `d` apart, along rows and columns, in
+    float32 whatever `f`'s dtype (cast as ``astype(float32)`` would); squared
+    in place (a full frame's float32 temporaries cost more than the arithmetic)."""
+    a = np.subtract(f[:, d:], f[:, :-d], dtype=np.float32)
+    np.multiply(a, a, out=a)
+    b = np.subtract(f[d:, :], f[:-d, :], dtype=np.float32)
+    np.multiply(b, b, out=b)
+    return float((np.mean(a) + np.mean(b)) / 2)
 
 
 def field_sharpness(image: np.ndarray) -> FieldSharpness:
@@ -102,14 +117,21 @@ def field_sharpness(image: np.ndarray) -> FieldSharpness:
     noise's share 2 sigma^2, r = g(4) / (4 g(1)) is 1 for ideal step edges and 4
     for a signal smooth over 4 px; the sharpness is (4 - r) / 3.
     """
-    f = np.asarray(image, dtype=np.float32)
-    sigma = max(_noise_sigma(f), 1e-6)
+    f = np.asarray(image)
+    sub = np.asarray(f[::4], dtype=np.float32)  # the only float32 copy: 1/4 rows
+    # integer pixels (a camera's): medians by counting, the same values
+    counted = f.dtype.kind in "ui" and f.dtype.itemsize <= 2 and min(sub.shape) > 2
+    if counted:
+        sigma = max(_noise_sigma_int(f[::4]), 1e-6)
+        median = np.float32(median_of_ints(f[::4]))
+    else:
+        sigma = max(_noise_sigma(sub, step=1), 1e-6)
+        median = np.median(sub)
     noise2 = 2 * sigma * sigma
     g1 = _mean_sq_diff(f, 1) - noise2
     g4 = _mean_sq_diff(f, 4) - noise2
     detail = g1 / noise2
-    sub = f[::4]
-    content = float(np.mean(sub > np.median(sub) + BRIGHT_SIGMAS * sigma))
+    content = float(np.mean(sub > median + BRIGHT_SIGMAS * sigma))
     if detail < MIN_DETAIL:
         return FieldSharpness(0.0 if content >= MIN_CONTENT else None, detail, content)
     r = min(max(g4 / (4 * g1), 1.0), 4.0)

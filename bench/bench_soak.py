@@ -63,13 +63,35 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def hwm_mb(pid: int | str) -> float:
+    """Peak RSS (VmHWM) of a process, MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def reset_hwm() -> bool:
+    """Start this process's VmHWM again from its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def sample(t0: float) -> dict[str, float]:
     me = os.getpid()
     kids = children(me)
     return {
         "t": round(time.monotonic() - t0, 1),
         "rss_mb": round(rss_mb(me), 1),
+        "hwm_mb": round(hwm_mb(me), 1),
         "children_rss_mb": round(sum(rss_mb(k) for k in kids), 1),
+        "children_hwm_mb": round(max((hwm_mb(k) for k in kids), default=0.0), 1),
         "children": len(kids),
         "threads": threading.active_count(),
         "os_threads": len(os.listdir("/proc/self/task")),
@@ -96,13 +118,33 @@ def main() -> None:
     t0 = time.monotonic()
     stop = threading.Event()
 
+    # per cartridge: the peak RSS of this process (VmHWM, reset at each
+    # cartridge's start) and of its children (a new detector worker per
+    # cartridge; sampled every second, a high-water mark, so nothing is missed
+    # but its last second)
+    worker_peak = [0.0]
+    peaks: list[tuple[float, float]] = []
+    resets = reset_hwm()
+
     def watch() -> None:
         while not stop.wait(1.0):
-            samples.append(sample(t0))
+            s = sample(t0)
+            worker_peak[0] = max(worker_peak[0], s["children_hwm_mb"])
+            samples.append(s)
+
+    def close_peak() -> None:
+        s = sample(t0)
+        peaks.append((s["hwm_mb"], max(worker_peak[0], s["children_hwm_mb"])))
+        worker_peak[0] = 0.0
+        reset_hwm()
 
     def on_record(record: Record) -> None:
         # a cartridge is on the stage and about to be scanned
         if isinstance(record, Loaded):
+            if marks:
+                close_peak()
+            else:
+                reset_hwm()
             marks.append({"start": record.barcode, **sample(t0)})
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -119,20 +161,25 @@ def main() -> None:
     )
     q.events.subscribe(on_record)
     outcomes = q.run()
+    close_peak()
     marks.append({"start": "end", **sample(t0)})
     stop.set()
     watcher.join()
     print(f"{len(outcomes)} cartridges in {time.monotonic() - t0:.0f} s")
     print(
         "cartridge  status    CTC  duration_s  | at its start: "
-        "RSS MB  worker MB  threads  fds"
+        "RSS MB  worker MB  threads  fds  | peak: scan MB  worker MB  sum MB"
     )
-    for o, m in zip(outcomes, marks, strict=False):
+    for k, (o, m) in enumerate(zip(outcomes, marks, strict=False)):
+        scan_peak, worker = peaks[k] if k < len(peaks) else (0.0, 0.0)
         print(
             f"{o.barcode:10} {o.status:9} {o.ctc_count!s:>4} {o.duration_s:10.1f}  | "
             f"{m['rss_mb']:16.0f} {m['children_rss_mb']:10.0f} {m['os_threads']:8} "
-            f"{m['fds']:4}"
+            f"{m['fds']:4}  | {scan_peak:13.0f} {worker:10.0f} "
+            f"{scan_peak + worker:7.0f}"
         )
+    if not resets:
+        print("(this kernel cannot reset VmHWM: the scan peaks are cumulative)")
     end = marks[-1]
     print(
         f"after the queue: RSS {end['rss_mb']:.0f} MB, worker "
@@ -152,6 +199,7 @@ def main() -> None:
             {
                 "cartridges": [o.__dict__ for o in outcomes],
                 "marks": marks,
+                "peaks_mb": [{"scan": a, "worker": b} for a, b in peaks],
                 "samples": samples,
                 "machine": platform.platform(),
                 "cpus": os.cpu_count(),

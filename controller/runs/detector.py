@@ -192,6 +192,11 @@ class OnlineDetector:
         for name in names:
             self.offer(name)
 
+    @property
+    def closed(self) -> bool:
+        """`close` was called."""
+        return self._closing.is_set()
+
     def close(self, *, drain: bool = True) -> dict[str, int]:
         """Detect everything offered (or, with ``drain=False``, only what is
         in flight: a stopping run leaves the rest to its resume), then stop

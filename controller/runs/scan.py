@@ -53,6 +53,7 @@ from controller.focus.qc import FocusQC
 from controller.focus.surface import FocusMap
 from controller.hardware.facade import Hardware, RetryPolicy
 from controller.hardware.instrument import Instrument, open_instrument
+from controller.heap import release_free_memory
 from controller.layouts import CartridgeLayout
 from controller.records import (
     Corrupt,
@@ -253,6 +254,7 @@ class Scan:
                 return self._audited_run()
             finally:
                 audit()
+                release_free_memory()  # the next cartridge of a queue starts flat
 
     def _audited_run(self) -> ScanResult:
         self._audit_start()
@@ -405,6 +407,40 @@ class Scan:
         remaining: list[FieldSpec],
         result: ScanResult,
     ) -> ScanResult:
+        # the detector's worker starts now: its interpreter and imports (1-3 s
+        # on a busy machine) overlap the focus map instead of delaying the
+        # first field's detection
+        detector = self._detector(supervisor)
+        try:
+            return self._focus_and_scan(
+                instrument,
+                hw,
+                supervisor,
+                watchdog,
+                plan,
+                state,
+                done,
+                remaining,
+                result,
+                detector,
+            )
+        finally:
+            if not detector.closed:  # ended before the scan: nothing to drain
+                detector.close(drain=False)
+
+    def _focus_and_scan(
+        self,
+        instrument: Instrument,
+        hw: Hardware,
+        supervisor: Supervisor,
+        watchdog: Watchdog,
+        plan: ScanPlan,
+        state: LedgerState,
+        done: set[str],
+        remaining: list[FieldSpec],
+        result: ScanResult,
+        detector: OnlineDetector,
+    ) -> ScanResult:
         req, folder = self.request, self.folder
         step = FocusMapStep(folder, req.instrument, self.log, hw, cancel=self._cancel)
         try:
@@ -453,12 +489,10 @@ class Scan:
         if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
             qc = FocusQC(Focuser(hw, req.instrument), fmap.reference_sharpness)
         unsubscribe = [self.events.subscribe(result.tally)]
-        detector: OnlineDetector | None = None
         writer: StoreWorker | None = None
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
         try:
-            detector = self._detector(supervisor)
             unsubscribe.append(self.events.subscribe(detector.on_record))
             detector.add_backlog(backlog)
             fields_store = FieldStore(
@@ -489,8 +523,8 @@ class Scan:
         finally:
             if writer is not None:
                 writer.close()
-            if detector is not None:  # a failed run leaves detection to resume
-                stats = detector.close(drain=not supervisor.failed.is_set())
+            # a failed run leaves detection to resume
+            stats = detector.close(drain=not supervisor.failed.is_set())
             for fn in unsubscribe:
                 fn()
         result.duration_s = time.perf_counter() - t0

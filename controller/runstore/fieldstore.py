@@ -16,7 +16,7 @@ import queue
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -25,7 +25,7 @@ from controller.config import StorageSettings
 from controller.errors import StorageError
 from controller.events import RecordSink
 from controller.records import Stored
-from controller.runstore.folder import RunFolder, write_durably
+from controller.runstore.folder import RunFolder, write_durably_from
 from controller.runstore.omexml import OmeXml, PlaneInfo
 from controller.supervise import Supervisor
 
@@ -128,28 +128,37 @@ class FieldStore:
             planes=self.planes(field),
         )
 
-    def encode(self, field: AssembledField) -> bytes:
+    def encode(self, field: AssembledField) -> memoryview:
         """The OME-TIFF bytes of one field: one page per channel (compressed
-        as `storage` says), the OME-XML in the first page's ImageDescription."""
+        as `storage` says), the OME-XML in the first page's ImageDescription.
+        A view of the encoder's buffer, not a copy of it (11 MB a field)."""
         buf = io.BytesIO()
+        self.write_to(buf, field)
+        return buf.getbuffer()
+
+    def write_to(self, f: BinaryIO, field: AssembledField) -> None:
+        """Encode the field (as `encode`) into an open, seekable file."""
         tifffile.imwrite(
-            buf,
+            f,
             field.data,
             photometric="minisblack",
             description=self.metadata(field).encode("utf-8"),
             metadata=None,  # no tifffile JSON description: the OME-XML says it all
             **self._tiff_args,
         )
-        return buf.getvalue()
 
     def store(self, field: AssembledField) -> StoredField:
-        """Write the field durably, then record it in the ledger."""
+        """Write the field durably, then record it in the ledger.
+
+        The encoder writes straight into the temporary file and the sha256 is
+        taken of that file's bytes (from the page cache) before it is renamed
+        into place: no 11 MB copy of the field's file in memory."""
         name = field.name
-        data = self.encode(field)
-        digest = hashlib.sha256(data).hexdigest()
         path = self.folder.field_path(name)
         try:
-            write_durably(path, data)
+            digest, size = write_durably_from(
+                path, lambda f: self.write_to(f, field), hasher=hashlib.sha256
+            )
         except OSError as e:
             raise StorageError(
                 f"cannot store {name} in {path.parent}: {e.strerror or e}"
@@ -159,13 +168,13 @@ class FieldStore:
                 field=name,
                 file=str(path.relative_to(self.folder.root)),
                 sha256=digest,
-                bytes=len(data),
+                bytes=size,
                 stage=field.stage,
                 focus=field.focus,
                 acquired_at=field.acquired_at,
             )
         )
-        return StoredField(name, path, digest, len(data))
+        return StoredField(name, path, digest, size)
 
 
 class StoreWorker:

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from controller.errors import DiskSpaceError, StorageError
 from controller.runstore.ledger import Ledger
 
-__all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably"]
+__all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably", "write_durably_from"]
 
 FIELD_SUFFIX = ".ome.tif"
 TMP_SUFFIX = ".tmp"
@@ -55,15 +57,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to `path` so that a crash leaves either nothing or all of it."""
+    write_durably_from(path, lambda f: f.write(data))
+
+
+def write_durably_from(
+    path: Path,
+    write: Callable[[BinaryIO], object],
+    *,
+    hasher: Callable[[], Any] | None = None,
+) -> tuple[str, int]:
+    """As `write_durably`, the bytes written by ``write(file)`` (which may
+    seek). With `hasher` (``hashlib.sha256``), the digest of the file as
+    written is taken before it is renamed into place (read back from the page
+    cache through a memory map: no copy). Returns ``(hex digest or "", size)``.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
+    digest = ""
+    with open(tmp, "w+b") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+        if hasher is not None:
+            h = hasher()
+            if size:
+                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+                    h.update(m)
+            digest = h.hexdigest()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return digest, size
 
 
 class RunFolder:

@@ -1,0 +1,60 @@
+"""The scanning process's heap: fewer glibc malloc arenas, free pages returned.
+
+A scan allocates whole frames and fields (5-11 MB each) on several threads
+(acquisition, storage, detection results). glibc gives each thread that meets
+contention an arena of its own, and a freed 11 MB block stays in the arena that
+made it, so a run's peak RSS grew with the threads by tens of MB (measured,
+60 fields of the simulated cartridge: 320 MB peak with the default arenas,
+270 MB with two, the same CPU time and 60 % fewer page faults).
+`limit_arenas` caps them at two. glibc settles the limit the first time the
+process needs more than a handful of arenas and never again, so it must be
+called before the process has threads: importing `controller` calls it.
+`release_free_memory` hands free pages back between cartridges. Both do
+nothing where the C library is not glibc, and `limit_arenas` leaves a
+``MALLOC_ARENA_MAX`` the operator set alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["ARENA_MAX", "limit_arenas", "release_free_memory"]
+
+logger = logging.getLogger("ctcscan.memory")
+
+#: malloc arenas of a scanning process: the main one and one for its threads
+ARENA_MAX = 2
+
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_arenas(n: int = ARENA_MAX) -> bool:
+    """At most `n` malloc arenas for this process from now on; True if set."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, n))
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (``malloc_trim``)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
