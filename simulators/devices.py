@@ -124,7 +124,15 @@ class SimXYStage(XYStageDevice):
             w.xy_moves += 1
         if n in w.config.fail_xy_moves:  # the controller times out; nothing moved
             raise TimeoutError(f"simulated XY stage: move {n} timed out")
-        _wait(w, max(abs(x - ox), abs(y - oy)) / w.config.stage_speed_um_per_ms)
+        start = time.perf_counter()
+        if w.config.time_scale > 0:
+            # the scene at the target is drawn while the stage travels there
+            w.renderer.prepare(x, y)
+        _wait(
+            w,
+            max(abs(x - ox), abs(y - oy)) / w.config.stage_speed_um_per_ms,
+            since=start,
+        )
         with w.lock:
             w.xy = (float(x), float(y))
         self.core.events.XYStagePositionChanged.emit(self.get_label(), x, y)

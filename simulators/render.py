@@ -186,6 +186,11 @@ class Renderer:
             img += np.float32(opt.rim_rate[channel]) * rim
         return img
 
+    def prepare(self, x: float, y: float) -> None:
+        """Draw the whole frame's scene at stage (x, y) now (kept for the
+        snaps there)."""
+        self._field_planes(x, y, (0, self.world.height, 0, self.world.width))
+
     def _field_planes(
         self, x: float, y: float, box: tuple[int, int, int, int]
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

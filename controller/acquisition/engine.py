@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import useq
 from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.core._sequencing import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 from pymmcore_plus.mda._engine import ImagePayload
 from pymmcore_plus.mda._runner import SkipEvent
@@ -115,6 +116,19 @@ class ScanEngine(MDAEngine):
         out = super().setup_sequence(sequence)
         self._frames = self._frame_checker() if self.check_frames else None
         return out
+
+    def setup_event(self, event: useq.MDAEvent) -> None:
+        """As the base engine, but waits for the devices only when one of them
+        says it is busy: every move here already returns when it is done, and
+        `UniMMCore.waitForSystem` starts a thread pool on every call (7 ms an
+        event, 30 ms a field at real exposure times)."""
+        if isinstance(event, SequencedEvent):
+            super().setup_event(event)
+            return
+        self.setup_single_event(event)
+        core = self.mmcore
+        if core.systemBusy():
+            core.waitForSystem()
 
     def setup_single_event(self, event: useq.MDAEvent) -> None:
         p = event.index.get("p", 0)
