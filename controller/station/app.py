@@ -55,6 +55,8 @@ logger = logging.getLogger("ctcscan.station")
 COOKIE = "ctcscan_token"
 #: how often the journal of a watched run is read
 POLL_S = 0.25
+#: how often a live page gets the run's status at most
+STATUS_EVERY_S = 1.0
 
 
 def _name(v: str) -> str:
@@ -316,15 +318,21 @@ def create_app(
     async def api_events(run: str) -> AsyncIterator[ServerSentEvent]:
         view = station.catalog.view(run)
         seq = await off(view.cursor)
-        version, quiet = -1, 0
+        version, quiet, sent = -1, 0, 0.0
+        loop = asyncio.get_running_loop()
         while True:
             records = await off(view.records_since, seq)
+            ended = False
             for seq, r in records:
+                ended |= r.kind in ("finished", "stopped")
                 yield ServerSentEvent(
                     event="record", id=str(seq), data=json.loads(r.model_dump_json())
                 )
-            if view.version != version:
-                version = view.version
+            # the status at most once a second (a scan writes three records a
+            # field); at once when the run ends
+            due = loop.time() - sent >= STATUS_EVERY_S or ended
+            if view.version != version and due:
+                version, sent = view.version, loop.time()
                 status = await off(view.status)
                 yield ServerSentEvent(event="status", data=status)
                 quiet = 0

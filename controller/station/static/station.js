@@ -105,6 +105,7 @@ function runPage() {
     const r = await fetch(api("/pictures/focus.svg"), { credentials: "same-origin" });
     if (r.ok) $("focus-picture").innerHTML = await r.text();  // escaped by the server
   };
+  const shown = new Set();
   const showCandidates = async () => {
     const now = Date.now();
     if (now - candAt < 2000) return;
@@ -112,8 +113,9 @@ function runPage() {
     let data;
     try { data = await getJSON(api("/candidates")); } catch (e) { return; }
     const list = $("live-candidates");
-    list.replaceChildren();
     for (const c of data.candidates.filter((c) => c.label === "CTC")) {
+      if (shown.has(c.object_id)) continue;  // each candidate's picture once
+      shown.add(c.object_id);
       const img = el("img", { src: c.tiles.overlay, alt: c.object_id, width: "96", height: "96" });
       list.appendChild(el("li", {}, [img, el("span", { text: ` ${c.object_id} score ${c.score}` })]));
     }
