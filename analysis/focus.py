@@ -152,6 +152,24 @@ class PeakEstimate:
     side: int = 0
 
 
+def _curve(
+    zs: Sequence[float], values: Sequence[float], min_contrast: float
+) -> tuple[np.ndarray, np.ndarray, int, float] | PeakEstimate:
+    """A focus curve sorted by z with its sharpest sample (index, value), or
+    the estimate saying why it has no peak to find (too few samples, flat)."""
+    z = np.asarray(zs, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if z.size < 3 or z.size != v.size:
+        return PeakEstimate(None, 0.0, "fewer than 3 samples")
+    order = np.argsort(z)
+    z, v = z[order], v[order]
+    i = int(np.argmax(v))
+    vmax = float(v[i])
+    if not np.isfinite(vmax) or vmax <= 0 or vmax < min_contrast * max(v.min(), 1e-12):
+        return PeakEstimate(None, vmax, "no focus signal (flat focus curve)")
+    return z, v, i, vmax
+
+
 def refine_peak(
     zs: Sequence[float], values: Sequence[float], *, min_contrast: float = 1.2
 ) -> PeakEstimate:
@@ -164,16 +182,10 @@ def refine_peak(
     has no focus), and its maximum must not sit at either end of the samples
     (the focus lies outside the searched range).
     """
-    z = np.asarray(zs, dtype=float)
-    v = np.asarray(values, dtype=float)
-    if z.size < 3 or z.size != v.size:
-        return PeakEstimate(None, 0.0, "fewer than 3 samples")
-    order = np.argsort(z)
-    z, v = z[order], v[order]
-    i = int(np.argmax(v))
-    vmax, vmin = float(v[i]), float(v.min())
-    if not np.isfinite(vmax) or vmax <= 0 or vmax < min_contrast * max(vmin, 1e-12):
-        return PeakEstimate(None, vmax, "no focus signal (flat focus curve)")
+    curve = _curve(zs, values, min_contrast)
+    if isinstance(curve, PeakEstimate):
+        return curve
+    z, v, i, vmax = curve
     # a maximum at an end, or a plateau reaching one, may hide the peak beyond
     if i == 0 or i == z.size - 1 or max(v[0], v[-1]) >= 0.98 * vmax:
         return PeakEstimate(None, vmax, "sharpest plane at the end of the search")
@@ -211,16 +223,10 @@ def flank_peak(
     lowest sample is higher), and with `side` 0 for a flat curve (no focus
     signal) or too few samples.
     """
-    z = np.asarray(zs, dtype=float)
-    v = np.asarray(values, dtype=float)
-    if z.size < 3 or z.size != v.size:
-        return PeakEstimate(None, 0.0, "fewer than 3 samples")
-    order = np.argsort(z)
-    z, v = z[order], v[order]
-    i = int(np.argmax(v))
-    vmax = float(v[i])
-    if not np.isfinite(vmax) or vmax <= 0 or vmax < min_contrast * max(v.min(), 1e-12):
-        return PeakEstimate(None, vmax, "no focus signal (flat focus curve)")
+    curve = _curve(zs, values, min_contrast)
+    if isinstance(curve, PeakEstimate):
+        return curve
+    z, v, i, vmax = curve
     low = float(v[:i].min()) if i > 0 else vmax
     high = float(v[i + 1 :].min()) if i < z.size - 1 else vmax
     cut = max(level * vmax, low, high)
