@@ -62,6 +62,7 @@ from analysis.psf import field_blur, object_radius
 from analysis.settings import DetectionSettings
 
 __all__ = [
+    "CUT_REASON",
     "DEFAULT_ROLES",
     "LABELS",
     "FieldDetections",
@@ -71,6 +72,10 @@ __all__ = [
 
 #: Labels an object can get.
 LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
+
+#: The reason of an object whose nucleus the field's top or left edge cuts: it
+#: is counted in the neighbouring field (`analysis.stitch` knows it by this).
+CUT_REASON = "nucleus cut by the top or left edge (counted next door)"
 
 #: More nuclei than this in one cytokeratin region is no cluster of cells.
 _MAX_CLUSTER_NUCLEI = 20
@@ -852,7 +857,7 @@ class _Field:
         if glow >= st.debris_halo_snr and glow >= st.debris_halo_fraction * ck:
             return "DEBRIS", "faint glow in every channel (debris or rim halo)"
         if f.pop("_cut"):
-            return "OTHER", "nucleus cut by the top or left edge (counted next door)"
+            return "OTHER", CUT_REASON
         if not has_nucleus:
             return "CK_FRAGMENT", "no nucleus"
         if f["nucleus_inside"] < st.min_nucleus_inside:

@@ -58,6 +58,10 @@ class FieldJob:
         Saturating pixel value (default: the dtype maximum).
     stage : dict, optional
         Stage position of the field, when known better than the file says.
+    pixel_affine : tuple of 6 float, optional
+        The pixel-size affine transform (Micro-Manager's ``(a, b, tx, c, d,
+        ty)``, `analysis.stitch`) placing the field's pixels on the stage; by
+        default an unrotated camera at the pixel size.
     """
 
     path: str
@@ -69,6 +73,7 @@ class FieldJob:
     pixel_size_um: float | None = None
     saturation: float | None = None
     stage: dict[str, float] | None = None
+    pixel_affine: tuple[float, float, float, float, float, float] | None = None
 
 
 def analyze_field_file(job: FieldJob) -> dict[str, Any]:
@@ -116,16 +121,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
     for o in det.objects:
         o["field"] = job.name
         o["review"] = review_flag(o, job.settings)
-        o["stage_x_um"] = (
-            round(stage["x_um"] + (o["col"] - (w - 1) / 2) * px, 1)
-            if "x_um" in stage
-            else float("nan")
-        )
-        o["stage_y_um"] = (
-            round(stage["y_um"] - (o["row"] - (h - 1) / 2) * px, 1)
-            if "y_um" in stage
-            else float("nan")
-        )
+        o["stage_x_um"], o["stage_y_um"] = _stage_of(o, stage, (h, w), px, job)
     if ctcs:
         out.mkdir(parents=True, exist_ok=True)
     for k, o in enumerate(ctcs):
@@ -150,6 +146,9 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             "channels": ff.channel_names,
             "shape": [h, w],
             "stage": stage,
+            "pixel_affine": None
+            if job.pixel_affine is None
+            else list(job.pixel_affine),
             "background": det.background,
             "noise": det.noise,
             "spillover": det.spillover,
@@ -161,6 +160,27 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             "source": source,
         }
     )
+
+
+def _stage_of(
+    o: dict[str, Any],
+    stage: dict[str, float],
+    shape: tuple[int, int],
+    px: float,
+    job: FieldJob,
+) -> tuple[float, float]:
+    """Stage position (um, 0.1 um) of an object's centre; NaN where the
+    field's stage position is unknown."""
+    h, w = shape
+    dc, dr = o["col"] - (w - 1) / 2, o["row"] - (h - 1) / 2
+    if job.pixel_affine is None:
+        x = stage["x_um"] + dc * px if "x_um" in stage else float("nan")
+        y = stage["y_um"] - dr * px if "y_um" in stage else float("nan")
+    else:
+        a, b, tx, c, d, ty = job.pixel_affine
+        x = stage.get("x_um", float("nan")) + a * dc + b * dr + tx
+        y = stage.get("y_um", float("nan")) + c * dc + d * dr + ty
+    return round(x, 1), round(y, 1)
 
 
 def file_stamp(path: str | Path) -> str | None:

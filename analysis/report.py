@@ -3,8 +3,11 @@
 `write_outputs` takes the records of `analysis.pipeline.analyze_field_file` and
 writes ``events.csv`` (one row per object), ``report.json`` and ``report.html``
 (count, cut-off statement, counts per label, quality figures and the gallery of
-CTC candidates sorted by score). Every file is written to a temporary name and
-renamed, so a reader never sees half a report.
+CTC candidates sorted by score). With `ReportContext.stitch` (a scan's fields,
+placed on the stage) a cell seen by two overlapping fields counts once
+(`analysis.stitch`): the objects counted elsewhere are left out of all three.
+Every file is written to a temporary name and renamed, so a reader never sees
+half a report.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis.detect import LABELS
+from analysis.settings import StitchSettings
+from analysis.stitch import object_key, stitch
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -78,6 +83,9 @@ class ReportContext(BaseModel):
     extra_qc: dict[str, float] = Field(default_factory=dict)
     #: the focus map and per-field focus, drawn as a picture
     focus: dict[str, Any] | None = None
+    #: join overlapping fields in stage coordinates (`analysis.stitch`); None:
+    #: every field's objects count (fields of unknown placement)
+    stitch: StitchSettings | None = None
 
 
 class FailedField(BaseModel):
@@ -114,6 +122,9 @@ class Report(BaseModel):
     fields: FieldsSummary
     qc: dict[str, Any]
     focus: dict[str, Any] | None = None
+    #: how overlapping fields were joined: settings, objects left to a
+    #: neighbouring field, objects merged as one cell (`analysis.stitch`)
+    stitching: dict[str, Any] | None = None
     #: the readers' signed review (`controller.station`): the reviewed count,
     #: the readers, their agreement and the sign-off
     review: dict[str, Any] | None = None
@@ -150,7 +161,9 @@ def _or_unknown(v: Any) -> str:
     return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
-def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
+def _events_csv(
+    records: Sequence[Mapping[str, Any]], drop: frozenset[str] = frozenset()
+) -> str:
     cols = [*EVENT_COLUMNS, *_feature_columns(records), "candidate"]
     buf = io.StringIO()
     writer = csv.DictWriter(
@@ -165,15 +178,39 @@ def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
                 kk: ("" if isinstance(v, float) and math.isnan(v) else v)
                 for kk, v in o.items()
             }
-            row["object_id"] = object_id(rec["field"], k)
-            writer.writerow(row)
+            row["object_id"] = oid = object_id(rec["field"], k)
+            if oid not in drop:
+                writer.writerow(row)
     return buf.getvalue()
 
 
 def object_id(field: str, k: int) -> str:
     """The id of the `k`-th object (by row, then column) of `field` in
-    events.csv: what a reader's decision names."""
-    return f"{field}-{k:04d}"
+    events.csv: what a reader's decision names. Objects counted in another
+    field keep their number, so ids do not depend on the stitching."""
+    return object_key(field, k)
+
+
+def _without(
+    records: Sequence[Mapping[str, Any]], drop: frozenset[str]
+) -> list[Mapping[str, Any]]:
+    """The records less the objects whose ids are in `drop`."""
+    if not drop:
+        return list(records)
+    out: list[Mapping[str, Any]] = []
+    for rec in records:
+        objs = sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
+        out.append(
+            {
+                **rec,
+                "objects": [
+                    o
+                    for k, o in enumerate(objs)
+                    if object_id(rec["field"], k) not in drop
+                ],
+            }
+        )
+    return out
 
 
 def summarize(records: Sequence[Mapping[str, Any]], ctx: ReportContext) -> Report:
@@ -529,9 +566,15 @@ def write_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["field"])
-    report = summarize(records, ctx)
-    _atomic_write(out / "events.csv", _events_csv(records))
-    _write_report(out, report, records)
+    drop: frozenset[str] = frozenset()
+    stitching = None
+    if ctx.stitch is not None:
+        joined = stitch(records, ctx.stitch)
+        drop, stitching = joined.dropped, joined.summary()
+    counted = _without(records, drop)
+    report = summarize(counted, ctx).model_copy(update={"stitching": stitching})
+    _atomic_write(out / "events.csv", _events_csv(records, drop))
+    _write_report(out, report, counted)
     return report
 
 
@@ -553,5 +596,11 @@ def rewrite_report(
     report = read_report(out / "report.json").model_copy(
         update={"review": dict(review)}
     )
-    _write_report(out, report, sorted(records, key=lambda r: r["field"]))
+    records = sorted(records, key=lambda r: r["field"])
+    if (st := report.stitching) is not None:  # the same objects as before
+        settings = StitchSettings(
+            tolerance_um=st["tolerance_um"], margin_um=st["margin_um"]
+        )
+        records = _without(records, stitch(records, settings).dropped)
+    _write_report(out, report, records)
     return report

@@ -12,7 +12,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DetectionSettings"]
+__all__ = ["DetectionSettings", "StitchSettings"]
 
 
 class DetectionSettings(BaseModel):
@@ -173,3 +173,34 @@ class DetectionSettings(BaseModel):
                 "be a CTC"
             )
         return self
+
+
+class StitchSettings(BaseModel):
+    """How a cartridge's fields are joined into one count (`analysis.stitch`).
+
+    Fields overlap on a real stage (a planned overlap, the stage landing a few
+    um off its target): an object whose position another field imaged deeper
+    inside is left to that field, and objects of two fields that lie within
+    `tolerance_um` of each other, each inside the other's field, are one cell.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    tolerance_um: float = Field(
+        default=4.0,
+        gt=0,
+        le=20,
+        description=(
+            "objects of two overlapping fields this close in stage coordinates "
+            "are one cell (a fraction of a cell diameter)"
+        ),
+    )
+    margin_um: float = Field(
+        default=1.5,
+        ge=0,
+        le=20,
+        description=(
+            "an object is left to another field when that field holds its "
+            "position deeper inside (farther from its edges) by more than this"
+        ),
+    )
