@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from analysis.settings import DetectionSettings
+from analysis.settings import DetectionSettings, StitchSettings
+from analysis.stitch import default_affine
 from controller.errors import ConfigError, one_line
 
 __all__ = [
@@ -424,6 +425,19 @@ class InstrumentConfig(ConfigModel):
     channel_group: str = "Channel"
     channels: tuple[ChannelSettings, ...] = Field(min_length=1)
     pixel_size_um: float = Field(default=0.64, gt=0, le=100)
+    pixel_affine: tuple[float, float, float, float, float, float] | None = Field(
+        default=None,
+        description="Micro-Manager's pixel-size affine (a, b, tx, c, d, ty): a pixel "
+        "(col, row) offset from the frame centre moves (a col + b row + tx, "
+        "c col + d row + ty) um on the stage; default: an unrotated camera, "
+        "(p, 0, 0, 0, -p, 0) (stage y shrinks with row)",
+    )
+    field_overlap_um: float = Field(
+        default=0.0,
+        ge=0,
+        description="neighbouring fields overlap by this much (um); the field "
+        "pitch is the field of view less it",
+    )
     camera: CameraSettings = CameraSettings(width=1384, height=1036)
     stage_limits: StageLimits | None = None
     snap_retries: int = Field(default=2, ge=0, le=10)
@@ -486,6 +500,20 @@ class InstrumentConfig(ConfigModel):
             and self.simulation is None
         ):
             raise ValueError("loader.port 'emulated' needs a simulated instrument")
+        if self.pixel_affine is not None:
+            a, b, _, c, d, _ = self.pixel_affine
+            scale = abs(a * d - b * c) ** 0.5
+            if abs(scale - self.pixel_size_um) > 0.01 * self.pixel_size_um:
+                raise ValueError(
+                    f"pixel_affine scales {scale:.4g} um per pixel, but "
+                    f"pixel_size_um is {self.pixel_size_um:g}"
+                )
+        fov = min(self.camera.width, self.camera.height) * self.pixel_size_um
+        if self.field_overlap_um >= fov / 2:
+            raise ValueError(
+                f"field_overlap_um ({self.field_overlap_um:g}) must be below half "
+                f"the field of view ({fov / 2:g} um)"
+            )
         if (lim := self.stage_limits) is not None and f.enabled:
             lo, hi = f.z_start_um - f.search_range_um, f.z_start_um + f.search_range_um
             if lo < lim.z_min or hi > lim.z_max:
@@ -502,6 +530,13 @@ class InstrumentConfig(ConfigModel):
     @property
     def is_simulated(self) -> bool:
         return self.simulation is not None
+
+    @property
+    def affine(self) -> tuple[float, float, float, float, float, float]:
+        """The pixel-size affine: `pixel_affine`, or an unrotated camera's."""
+        if self.pixel_affine is not None:
+            return self.pixel_affine
+        return default_affine(self.pixel_size_um)
 
 
 # ---------------------------------------------------------------- assay
@@ -536,6 +571,8 @@ class AssayConfig(ConfigModel):
     blood_volume_ml: float = Field(default=7.5, gt=0, le=100)
     #: every threshold of segmentation and of the CTC definition
     detection: DetectionSettings = DetectionSettings()
+    #: how overlapping fields are joined so each cell counts once
+    stitch: StitchSettings = StitchSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -1,8 +1,9 @@
 """Scan plan: the fields of a cartridge in acquisition order, and its MDA sequence.
 
-The plan is pure geometry: `plan_fields` turns a layout and the camera's field of
-view into fields in serpentine order; `ScanPlan.to_sequence` turns (a subset of)
-them into a `useq.MDASequence` with one position per field and every channel at it.
+The plan is pure geometry: `plan_fields` turns a layout, the camera's field of
+view and the fields' overlap into fields in serpentine order;
+`ScanPlan.to_sequence` turns (a subset of) them into a `useq.MDASequence` with one
+position per field and every channel at it.
 """
 
 from __future__ import annotations
@@ -60,15 +61,20 @@ def plan_fields(
     fov_height_um: float,
     *,
     z_of: Callable[[float, float], float] | None = None,
+    overlap_um: float = 0.0,
 ) -> tuple[FieldSpec, ...]:
-    """Fields covering `layout` without overlap, in serpentine (row-wise snake) order.
+    """Fields covering `layout` in serpentine (row-wise snake) order.
 
     Parameters
     ----------
     layout : CartridgeLayout
         The grid to cover.
     fov_width_um, fov_height_um : float
-        The camera's field of view; also the field pitch.
+        The camera's field of view.
+    overlap_um : float, optional
+        Neighbouring fields overlap by this much: the field pitch is the field
+        of view less it (default 0: fields abut). A real stage lands a few um
+        off its target, so abutting fields would leave gaps.
     z_of : callable, optional
         ``z_of(x_um, y_um)`` gives the focus position of a field (a focus map);
         default 0.
@@ -82,6 +88,10 @@ def plan_fields(
         raise ConfigError(
             f"field of view must be positive, got {fov_width_um} x {fov_height_um} um"
         )
+    if not 0 <= overlap_um < min(fov_width_um, fov_height_um) / 2:
+        raise ConfigError(
+            f"field overlap must be 0 to half the field of view, got {overlap_um} um"
+        )
     # useq computes the grid; the FOV is set explicitly so it can never fall back
     # to its cached default step.
     grid = useq.GridRowsColumns(
@@ -89,7 +99,8 @@ def plan_fields(
         columns=layout.cols,
         fov_width=fov_width_um,
         fov_height=fov_height_um,
-        overlap=(0.0, 0.0),
+        # useq's overlap is a percentage of the field of view
+        overlap=(100 * overlap_um / fov_width_um, 100 * overlap_um / fov_height_um),
         mode=useq.OrderMode.row_wise_snake,
         relative_to="center",  # type: ignore[arg-type]  # coerced by pydantic
     )
@@ -128,7 +139,9 @@ class ScanPlan:
         """Plan a scan of `layout` on `instrument`; `n_fields` keeps the first N."""
         fov_w = instrument.camera.width * instrument.pixel_size_um
         fov_h = instrument.camera.height * instrument.pixel_size_um
-        fields = plan_fields(layout, fov_w, fov_h, z_of=z_of)
+        fields = plan_fields(
+            layout, fov_w, fov_h, z_of=z_of, overlap_um=instrument.field_overlap_um
+        )
         if n_fields is not None:
             if n_fields < 1:
                 raise ConfigError(f"--fields must be at least 1, got {n_fields}")

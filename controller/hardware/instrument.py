@@ -272,7 +272,8 @@ def _apply_pixel_size(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
     A .cfg pixel size that disagrees with the YAML is a configuration error. A
     .cfg without one (the Python-device case: the C++ core cannot key a pixel
     size preset on Python devices) gets a preset keyed on the Core's channel
-    group, which the scan never changes.
+    group, which the scan never changes, and the YAML's pixel-size affine
+    (`InstrumentConfig.affine`; pymmcore-plus records it in frame metadata).
     """
     have = core.getPixelSizeUm()
     if have:
@@ -286,4 +287,5 @@ def _apply_pixel_size(core: CMMCorePlus, cfg: InstrumentConfig, source: str) -> 
     preset = "ctcscan"
     core.definePixelSizeConfig(preset, "Core", "ChannelGroup", core.getChannelGroup())
     core.setPixelSizeUm(preset, cfg.pixel_size_um)
+    core.setPixelSizeAffine(preset, list(cfg.affine))
     core.setPixelSizeConfig(preset)

@@ -240,6 +240,11 @@ def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
         bits = scan.get("instrument", {}).get("camera", {}).get("bit_depth")
         if bits:
             ctx["saturation"] = float(2 ** int(bits) - 1)
+        # a scan's fields lie where its stage put them: overlaps are joined
+        ctx["stitch"] = True
+        affine = scan.get("instrument", {}).get("pixel_affine")
+        if affine:
+            ctx["pixel_affine"] = tuple(float(v) for v in affine)
         folder = run.fields_dir
     else:
         folder = src
@@ -447,6 +452,7 @@ def _job_maker(req: AnalyzeRequest, cart: Cartridge) -> Any:
             rename=req.rename,
             pixel_size_um=req.pixel_size_um,
             saturation=cart.ctx.get("saturation"),
+            pixel_affine=cart.ctx.get("pixel_affine"),
         )
 
     return make_job
@@ -482,6 +488,7 @@ def _finish(req: AnalyzeRequest, cart: Cartridge) -> CartridgeResult:
         fields_failed={**ctx.get("fields_failed", {}), **failed_now},
         cartridge_fields=ctx.get("cartridge_fields"),
         source=ctx["source"],
+        stitch=req.assay.stitch if ctx.get("stitch") else None,
     )
     names = list(cart.fields)
     report = write_outputs(cart.out.root, load_records(cart.out, names, state), context)

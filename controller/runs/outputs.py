@@ -71,7 +71,8 @@ def write_scan_outputs(
     acquisition_s: float,
     focus_qc_s: float,
 ) -> Report:
-    """events.csv, report.json, report.html from the fields' detections.
+    """events.csv, report.json, report.html from the fields' detections; a
+    cell that overlapping fields saw twice counts once (`analysis.stitch`).
 
     A run whose review is signed keeps the outputs that were signed: they are
     read back, never written again.
@@ -109,6 +110,7 @@ def write_scan_outputs(
                 "focus_seconds": round(map_s + focus_qc_s, 2),
             },
             focus=focus_report(plan, state, fmap, fmap_reused, instrument, focus_qc_s),
+            stitch=assay.stitch,
         ),
     )
 

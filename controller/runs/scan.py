@@ -593,6 +593,7 @@ class Scan:
                 roles=dict(req.assay.channels),
                 pixel_size_um=req.instrument.pixel_size_um,
                 saturation=saturation,
+                pixel_affine=req.instrument.affine,
             )
 
         kwargs: dict[str, Any] = {}
