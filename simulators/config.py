@@ -19,6 +19,9 @@ class PopulationConfig(ConfigModel):
     the name says per field)."""
 
     ctc: int = Field(default=30, ge=0)
+    #: stage positions (x, y um) of further single CTCs, drawn like the others
+    #: from a random stream of their own (tests place cells on field borders)
+    ctc_at: tuple[tuple[float, float], ...] = ()
     ctc_cluster_fraction: float = Field(default=0.2, ge=0, le=1)
     ctc_dim_fraction: float = Field(default=0.2, ge=0, le=1)
     #: cytokeratin (PE) amplitude range of the dim CTCs, in units of the stain
@@ -121,6 +124,12 @@ class WorldConfig(ConfigModel):
     optics: OpticsConfig = OpticsConfig()
     surface: SurfaceConfig = SurfaceConfig()
     stage_speed_um_per_ms: float = Field(default=20.0, gt=0)
+    #: a real stage lands near its target: each XY move ends up to this far
+    #: (um, per axis, uniform, seeded per move) from it; the position read back
+    #: is where it went
+    stage_error_um: float = Field(default=0.0, ge=0, le=50)
+    #: the camera turned to the stage axes (degrees, counter-clockwise)
+    camera_rotation_deg: float = Field(default=0.0, ge=-5, le=5)
     focus_speed_um_per_ms: float = Field(default=1.0, gt=0)
     time_scale: float = Field(default=0.0, ge=0, le=1)
     #: snaps (0-based count of every snap of this world) that fail, for tests

@@ -103,7 +103,12 @@ class SimCamera(SimpleCameraDevice):
 
 
 class SimXYStage(XYStageDevice):
-    """XY stage with travel limits around the cartridge and a travel time."""
+    """XY stage with travel limits around the cartridge and a travel time.
+
+    With `stage_error_um` each move lands up to that far off its target (per
+    axis, drawn from the seed and the move's number); the position read back
+    is where it landed, as a stage with encoders reports it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,9 +129,12 @@ class SimXYStage(XYStageDevice):
             w.xy_moves += 1
         if n in w.config.fail_xy_moves:  # the controller times out; nothing moved
             raise TimeoutError(f"simulated XY stage: move {n} timed out")
+        if (err := w.config.stage_error_um) > 0:
+            ex, ey = np.random.default_rng([w.config.seed, 9, n]).uniform(-err, err, 2)
+            x, y = x + float(ex), y + float(ey)
         start = time.perf_counter()
         if w.config.time_scale > 0:
-            # the scene at the target is drawn while the stage travels there
+            # the scene where it lands is drawn while the stage travels there
             w.renderer.prepare(x, y)
         _wait(
             w,

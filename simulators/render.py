@@ -33,10 +33,13 @@ class Scene(Protocol):
     fov_h: float
     chamber: tuple[float, float, float, float]
     objects: Any
+    rotation: float
 
     def surface_z(self, x: float, y: float) -> float: ...
     def frame_origin(self, x: float, y: float) -> tuple[float, float]: ...
     def to_pixel(self, fx: float, fy: float, x: Any, y: Any) -> Any: ...
+    def offset_px(self, dx: Any, dy: Any) -> tuple[Any, Any]: ...
+    def to_stage(self, fx: float, fy: float, rows: Any, cols: Any) -> Any: ...
     def noise_offset(self, *key: float | int, span: int) -> int: ...
 
 
@@ -222,9 +225,12 @@ class Renderer:
         of the frame's rows box[0]:box[1] and columns box[2]:box[3].
 
         Both are built from 1-D profiles along x and y (outer products), which is
-        exact along the walls and cheap; only edge fields pay for them.
+        exact along the walls and cheap; only edge fields pay for them. A turned
+        camera sees the walls askew: `_wall_turned`.
         """
         w = self.world
+        if w.rotation:
+            return self._wall_turned(x, y, box)
         opt = w.config.optics
         x0, y0 = w.frame_origin(x, y)
         px = w.pixel_size_um
@@ -262,6 +268,48 @@ class Renderer:
             rim = horiz if rim is None else np.maximum(rim, horiz, out=rim)
         return inside, rim
 
+    def _wall_turned(
+        self, x: float, y: float, box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """`_wall` for a camera turned to the stage: the same profiles, of each
+        pixel's own stage position."""
+        w = self.world
+        opt = w.config.optics
+        px = w.pixel_size_um
+        x_min, x_max, y_min, y_max = w.chamber
+        near = 2 * opt.rim_width_um
+        corners = w.to_stage(
+            x,
+            y,
+            np.array([0, 0, w.height - 1, w.height - 1]),
+            np.array([0, w.width - 1, 0, w.width - 1]),
+        )
+        cx, cy = corners
+        x_near = min((cx - x_min).min(), (x_max - cx).min()) <= near
+        y_near = min((cy - y_min).min(), (y_max - cy).min()) <= near
+        if not (x_near or y_near):
+            return None, None
+        rows = np.arange(box[0], box[1], dtype=np.float64)[:, None]
+        cols = np.arange(box[2], box[3], dtype=np.float64)[None, :]
+        xs, ys = w.to_stage(x, y, rows, cols)
+        dx = np.minimum(xs - x_min, x_max - xs).astype(np.float32)  # um, + inside
+        dy = np.minimum(ys - y_min, y_max - ys).astype(np.float32)
+        half = np.float32(opt.rim_width_um / 2)
+        inside = np.clip(0.5 + dx / np.float32(2 * px), 0, 1)
+        inside *= np.clip(0.5 + dy / np.float32(2 * px), 0, 1)
+        ob = np.float32(opt.outside_background)
+        inside *= 1 - ob
+        inside += ob
+        rim = None
+        if x_near:
+            along_y = np.clip(0.5 + (dy + half) / np.float32(2 * px), 0, 1)
+            rim = along_y * np.clip(1 - np.abs(dx) / half, 0, 1)
+        if y_near:
+            along_x = np.clip(0.5 + (dx + half) / np.float32(2 * px), 0, 1)
+            horiz = np.clip(1 - np.abs(dy) / half, 0, 1) * along_x
+            rim = horiz if rim is None else np.maximum(rim, horiz, out=rim)
+        return inside, rim
+
     def _draw_objects(
         self, x: float, y: float, box: tuple[int, int, int, int]
     ) -> np.ndarray:
@@ -273,7 +321,9 @@ class Renderer:
         h, wd = w.height, w.width
         R0, R1, C0, C1 = box
         planes = np.zeros((4, R1 - R0, C1 - C0), np.float32)
-        reach = self._extent + 2 * px
+        # a turned camera's corners reach beyond its axis-aligned frame
+        turn = math.sin(abs(w.rotation)) * max(w.fov_w, w.fov_h) / 2
+        reach = self._extent + 2 * px + turn
         sel = np.flatnonzero(
             (np.abs(o.x - x) <= w.fov_w / 2 + reach)
             & (np.abs(o.y - y) <= w.fov_h / 2 + reach)
@@ -310,8 +360,12 @@ class Renderer:
             nuc = None
             if o.nuc_r[i] > 0:
                 nr = float(o.nuc_r[i]) / px
-                ny = yy + np.float32(o.nuc_dy[i] / px)
-                nx = xx - np.float32(o.nuc_dx[i] / px)
+                if w.rotation:  # the nucleus' offset, turned with the camera
+                    n_dr, n_dc = w.offset_px(float(o.nuc_dx[i]), float(o.nuc_dy[i]))
+                    ny, nx = yy - np.float32(n_dr), xx - np.float32(n_dc)
+                else:
+                    ny = yy + np.float32(o.nuc_dy[i] / px)
+                    nx = xx - np.float32(o.nuc_dx[i] / px)
                 rho = np.sqrt(ny * ny + nx * nx)
                 nuc = _smoothstep((np.float32(nr) - rho) / np.float32(_EDGE_PX))
                 chromatin = 0.8 + 0.2 * tx
@@ -319,7 +373,8 @@ class Renderer:
             if o.cell_r[i] <= 0:
                 continue
             cr = float(o.cell_r[i]) / px
-            ca, sa = math.cos(o.angle[i]), math.sin(o.angle[i])
+            angle = o.angle[i] + w.rotation  # in the camera's frame
+            ca, sa = math.cos(angle), math.sin(angle)
             u = xx * np.float32(ca) + yy * np.float32(sa)
             v = (yy * np.float32(ca) - xx * np.float32(sa)) / np.float32(o.ratio[i])
             rho = np.sqrt(u * u + v * v)

@@ -7,7 +7,9 @@ on the seed, the stage position, z, channel and exposure, never on what was imag
 before, so a re-acquired field is identical.
 
 Coordinates: stage x grows with image column, stage y shrinks with image row (row 0
-of a frame is at its largest y, as in useq's grid). Objects are stored in stage um.
+of a frame is at its largest y, as in useq's grid), the camera turned by
+`camera_rotation_deg` (counter-clockwise on the stage). Objects are stored in
+stage um.
 """
 
 from __future__ import annotations
@@ -170,6 +172,8 @@ class World:
         """Draw the cartridge: objects from the seed, chamber, renderer."""
         self.config = config
         self.layout = layout
+        #: the camera's rotation to the stage axes (radians)
+        self.rotation = math.radians(config.camera_rotation_deg)
         half_w = layout.cols * self.fov_w / 2
         half_h = layout.rows * self.fov_h / 2
         inset = layout.wall_inset_um
@@ -245,8 +249,28 @@ class World:
         self, fx: float, fy: float, x: np.ndarray, y: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """(row, col) in a frame centred at (fx, fy) of stage points (x, y)."""
+        if self.rotation:
+            dr, dc = self.offset_px(x - fx, y - fy)
+            return dr + (self.height - 1) / 2, dc + (self.width - 1) / 2
         x0, y0 = self.frame_origin(fx, fy)
         return (y0 - y) / self.pixel_size_um, (x - x0) / self.pixel_size_um
+
+    def offset_px(self, dx: Any, dy: Any) -> tuple[Any, Any]:
+        """(rows, cols) a stage offset (dx, dy) um spans in a frame.
+
+        The camera turned by ``t`` maps a pixel offset (col, row) to the stage
+        offset ``p (col cos t + row sin t, col sin t - row cos t)`` (pixel size
+        ``p``: Micro-Manager's affine ``(p cos t, p sin t, 0, p sin t,
+        -p cos t, 0)``); this is its inverse.
+        """
+        c, s, p = math.cos(self.rotation), math.sin(self.rotation), self.pixel_size_um
+        return (dx * s - dy * c) / p, (dx * c + dy * s) / p
+
+    def to_stage(self, fx: float, fy: float, rows: Any, cols: Any) -> tuple[Any, Any]:
+        """Stage (x, y) of pixels (rows, cols) of a frame centred at (fx, fy)."""
+        c, s, p = math.cos(self.rotation), math.sin(self.rotation), self.pixel_size_um
+        dr, dc = rows - (self.height - 1) / 2, cols - (self.width - 1) / 2
+        return fx + p * (dc * c + dr * s), fy + p * (dc * s - dr * c)
 
     # ------------------------------------------------------------------ population
 
@@ -267,21 +291,7 @@ class World:
 
         # CTCs: lognormal size around the indication's median, nucleus inside
         n = cfg.ctc
-        t = _table("CTC", n, rng)
-        d = np.clip(cfg.ctc_median_diameter_um * rng.lognormal(0, 0.22, n), 6.0, 30.0)
-        t["cell_r"] = d / 2
-        t["ratio"] = rng.uniform(0.7, 1.0, n)
-        t["nuc_r"] = t["cell_r"] * rng.uniform(0.5, 0.68, n)
-        off = t["cell_r"] * rng.uniform(0, 0.18, n)
-        phi = rng.uniform(0, 2 * math.pi, n)
-        t["nuc_dx"], t["nuc_dy"] = off * np.cos(phi), off * np.sin(phi)
-        t["dim"] = rng.random(n) < cfg.ctc_dim_fraction
-        t["marker"] = rng.random(n) < cfg.ctc_fitc_fraction
-        t["amp"][:, 0] = rng.uniform(0.6, 1.0, n)
-        t["amp"][:, 2] = np.where(
-            t["dim"], rng.uniform(*cfg.ctc_dim_ck, n), rng.uniform(0.5, 1.0, n)
-        )
-        t["amp"][:, 1] = np.where(t["marker"], rng.uniform(0.4, 0.9, n), 0.0)
+        t = self._ctcs(n, rng)
         x, y = place(n)
         # small clusters of 2-5 touching CTCs
         n_clustered = round(n * cfg.ctc_cluster_fraction)
@@ -306,6 +316,13 @@ class World:
             i += size
         t["x"], t["y"] = x, y
         parts.append(t)
+        if cfg.ctc_at:  # single CTCs at given places, from a stream of their own
+            t = self._ctcs(
+                len(cfg.ctc_at), np.random.default_rng([self.config.seed, 12])
+            )
+            t["x"] = np.array([p[0] for p in cfg.ctc_at], dtype=float)
+            t["y"] = np.array([p[1] for p in cfg.ctc_at], dtype=float)
+            parts.append(t)
 
         # leukocytes: DAPI nucleus, CD45 membrane ring, most CD45-dim
         n = int(rng.poisson(cfg.wbc_per_field * area_fields))
@@ -385,6 +402,27 @@ class World:
         parts.append(t)
 
         return ObjectTable.concat([ObjectTable(**p) for p in parts])
+
+    def _ctcs(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`n` CTCs, all but their place: lognormal size around the indication's
+        median, nucleus inside, some dim, some marker-positive."""
+        cfg = self.config.population
+        t = _table("CTC", n, rng)
+        d = np.clip(cfg.ctc_median_diameter_um * rng.lognormal(0, 0.22, n), 6.0, 30.0)
+        t["cell_r"] = d / 2
+        t["ratio"] = rng.uniform(0.7, 1.0, n)
+        t["nuc_r"] = t["cell_r"] * rng.uniform(0.5, 0.68, n)
+        off = t["cell_r"] * rng.uniform(0, 0.18, n)
+        phi = rng.uniform(0, 2 * math.pi, n)
+        t["nuc_dx"], t["nuc_dy"] = off * np.cos(phi), off * np.sin(phi)
+        t["dim"] = rng.random(n) < cfg.ctc_dim_fraction
+        t["marker"] = rng.random(n) < cfg.ctc_fitc_fraction
+        t["amp"][:, 0] = rng.uniform(0.6, 1.0, n)
+        t["amp"][:, 2] = np.where(
+            t["dim"], rng.uniform(*cfg.ctc_dim_ck, n), rng.uniform(0.5, 1.0, n)
+        )
+        t["amp"][:, 1] = np.where(t["marker"], rng.uniform(0.4, 0.9, n), 0.0)
+        return t
 
     # ------------------------------------------------------------------ imaging
 
