@@ -1,0 +1,417 @@
+"""Each cell counted once on a real stage: positioning error, a turned camera,
+overlapping fields joined in stage coordinates (`analysis.stitch`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis.detect import CUT_REASON
+from analysis.report import ReportContext, write_outputs
+from analysis.settings import StitchSettings
+from analysis.stitch import FieldGeometry, default_affine, stitch
+from controller.acquisition.plan import plan_fields
+from controller.config import InstrumentConfig, load_yaml
+from controller.errors import ConfigError
+from controller.hardware.instrument import open_instrument
+from controller.layouts import CartridgeLayout
+from controller.runs.scan import Scan, ScanRequest, ScanResult
+from hardware_configs import CONFIG_DIR
+
+PX = 0.64
+W, H = 1384, 1036
+FOV_W, FOV_H = W * PX, H * PX
+
+
+def turned_affine(deg: float) -> tuple[float, float, float, float, float, float]:
+    """Micro-Manager's pixel-size affine of a camera turned by `deg`."""
+    t = math.radians(deg)
+    c, s = PX * math.cos(t), PX * math.sin(t)
+    return (c, s, 0.0, s, -c, 0.0)
+
+
+# ---------------------------------------------------------------- scans
+
+
+def border_cells(
+    layout: CartridgeLayout, overlap_um: float
+) -> list[tuple[float, float]]:
+    """Stage positions on the borders between the planned fields (where
+    abutting fields would cut a cell in two), corners included."""
+    pw, ph = FOV_W - overlap_um, FOV_H - overlap_um
+    xs = [(k + 0.5 - (layout.cols - 1) / 2) * pw for k in range(layout.cols - 1)]
+    ys = [(k + 0.5 - (layout.rows - 1) / 2) * ph for k in range(layout.rows - 1)]
+    # inside the chamber, clear of the wall's rim
+    x_in = layout.cols * FOV_W / 2 - layout.wall_inset_um - 90
+    y_in = layout.rows * FOV_H / 2 - layout.wall_inset_um - 90
+    cells = [(x, f * y_in) for x in xs for f in (-0.6, 0.2, 0.8)]
+    cells += [(f * x_in, y) for y in ys for f in (-0.7, -0.15, 0.45)]
+    cells += [(x + 3.0, y - 2.0) for x in xs for y in ys]  # where 4 fields meet
+    return cells
+
+
+def scan_cells(
+    out: Path,
+    layout: CartridgeLayout,
+    cells: list[tuple[float, float]],
+    *,
+    stage_error_um: float = 0.0,
+    rotation_deg: float = 0.0,
+    overlap_um: float = 0.0,
+    seed: int = 1,
+) -> ScanResult:
+    """A scan of `layout` holding only `cells` (CTCs) and sparse leukocytes."""
+    data = load_yaml(CONFIG_DIR / "simulated.yaml")
+    data["simulation"]["seed"] = seed
+    data["simulation"]["world"] = {
+        "stage_error_um": stage_error_um,
+        "camera_rotation_deg": rotation_deg,
+        "population": {
+            "ctc": 0,
+            "ctc_at": cells,
+            "ctc_dim_fraction": 0.0,
+            "wbc_per_field": 40,
+            "double_positive": 0,
+            "ck_fragment": 0,
+            "small_ck_dapi": 0,
+            "nucleus_beside_ck": 0,
+            "debris": 0,
+        },
+        "surface": {"bow_um": 0.0, "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0},
+    }
+    data["focus"] = {"enabled": False}  # a flat cartridge at z 0: no map needed
+    data["field_overlap_um"] = overlap_um
+    if rotation_deg:
+        data["pixel_affine"] = list(turned_affine(rotation_deg))
+    cfg = InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
+    req = ScanRequest(instrument=cfg, layout=layout, out=out)
+    return Scan(req, detector_workers=0).run()
+
+
+def events(run: Path) -> list[dict[str, str]]:
+    with open(run / "events.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_bytes()) for p in sorted(run.glob("detections/*.json"))]
+
+
+def near(rows: list[dict[str, str]], x: float, y: float, r: float) -> list[dict]:
+    return [
+        e
+        for e in rows
+        if math.hypot(float(e["stage_x_um"]) - x, float(e["stage_y_um"]) - y) <= r
+    ]
+
+
+def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> None:
+    layout = CartridgeLayout(name="dedup-3x3", rows=3, cols=3)
+    cells = border_cells(layout, 20.0)
+    res = scan_cells(
+        tmp_path / "run",
+        layout,
+        cells,
+        stage_error_um=5.0,
+        rotation_deg=1.0,
+        overlap_um=20.0,
+    )
+    run = res.run_dir
+    recs = records(run)
+    assert len(recs) == 9
+    # the stage landed off its targets, and the fields record where it went
+    plan = {f.name: f for f in plan_fields(layout, FOV_W, FOV_H, overlap_um=20.0)}
+    off = [
+        (
+            r["stage"]["x_um"] - plan[r["field"]].x_um,
+            r["stage"]["y_um"] - plan[r["field"]].y_um,
+        )
+        for r in recs
+    ]
+    assert all(max(abs(dx), abs(dy)) <= 5.0 for dx, dy in off)
+    assert sum(max(abs(dx), abs(dy)) > 1.0 for dx, dy in off) >= 6
+    # each field on its own sees the border cells twice (or four times)
+    seen = sum(o["label"] == "CTC" for r in recs for o in r["objects"])
+    assert seen > len(cells) + 10
+    # the cartridge: one object at each cell, and each of them a CTC once
+    rows = events(run)
+    for x, y in cells:
+        here = near(rows, x, y, 4.0)
+        assert len(here) == 1, (x, y, here)
+    ctc = [e for e in rows if e["label"] == "CTC"]
+    assert len(ctc) == res.report.ctc_count == len(cells)
+    assert all(len(near(ctc, x, y, 4.0)) == 1 for x, y in cells)
+    st = json.loads((run / "report.json").read_text())["stitching"]
+    assert st["merged"] > 0 and st["left_to_neighbour"] > 0
+    # the ids of events.csv do not depend on what was left out
+    ids = [e["object_id"] for e in rows]
+    assert len(set(ids)) == len(ids)
+
+
+def test_without_error_rotation_or_overlap_the_count_is_todays(tmp_path: Path) -> None:
+    layout = CartridgeLayout(name="dedup-2x2", rows=2, cols=2)
+    cells = border_cells(layout, 0.0)
+    res = scan_cells(tmp_path / "run", layout, cells)
+    run = res.run_dir
+    recs = records(run)
+    # the detector's own half-open tiling, without any stitching
+    ctx = ReportContext(
+        cartridge_id="x", indication="metastatic-breast", cutoff=5, blood_volume_ml=7.5
+    )
+    today = write_outputs(tmp_path / "today", recs, ctx)
+    assert (run / "events.csv").read_bytes() == (
+        tmp_path / "today" / "events.csv"
+    ).read_bytes()
+    assert res.report is not None
+    assert res.report.ctc_count == today.ctc_count
+    assert res.report.counts == today.counts
+    assert res.report.stitching == {
+        "tolerance_um": 4.0,
+        "margin_um": 1.5,
+        "left_to_neighbour": 0,
+        "merged": 0,
+    }
+    # fields abut exactly where they were planned
+    plan = {f.name: f for f in plan_fields(layout, FOV_W, FOV_H)}
+    assert all(r["stage"]["x_um"] == plan[r["field"]].x_um for r in recs)
+
+
+# ---------------------------------------------------------------- stitch()
+
+
+def record(
+    name: str,
+    x: float,
+    y: float,
+    objects: list[tuple[float, float, str]],
+    affine: tuple[float, ...] | None = None,
+) -> dict[str, Any]:
+    """A detection record of a field centred at (x, y) holding objects at
+    stage positions (x, y, reason)."""
+    aff = tuple(affine or default_affine(PX))
+    a, b, tx, c, d, ty = aff
+    det = a * d - b * c
+    objs = []
+    for ox, oy, reason in objects:
+        px_, py_ = ox - x - tx, oy - y - ty
+        dc, dr = (d * px_ - b * py_) / det, (a * py_ - c * px_) / det
+        objs.append(
+            {
+                "row": round(dr + (H - 1) / 2, 1),
+                "col": round(dc + (W - 1) / 2, 1),
+                "label": "CTC",
+                "reason": reason,
+            }
+        )
+    return {
+        "field": name,
+        "stage": {"x_um": x, "y_um": y},
+        "shape": [H, W],
+        "pixel_size_um": PX,
+        "pixel_affine": list(aff),
+        "objects": objs,
+    }
+
+
+def test_a_cell_seen_whole_by_two_overlapping_fields_is_one() -> None:
+    pitch = FOV_W - 20
+    a = record("field_000", 0, 0, [(pitch / 2 - 1, 5, "x"), (-100, 0, "y")])
+    b = record("field_001", pitch, 0, [(pitch / 2 - 0.5, 5.3, "x")])
+    got = stitch([a, b], StitchSettings())
+    assert got.left == {}
+    # about 10 um inside both; the deeper one (field_000) stays
+    assert got.merged == {"field_001-0000": "field_000-0000"}
+
+
+def test_a_cut_object_is_left_to_the_field_holding_it_deeper() -> None:
+    pitch = FOV_H - 20
+    # a cell 2 um inside field_000's bottom edge (its visible part's centre),
+    # 18 um inside field_001's top edge
+    edge = -FOV_H / 2
+    a = record("field_000", 0, 0, [(50, edge + 2, "meets the CTC definition")])
+    b = record("field_001", 0, -pitch, [(50, edge + 4.5, "meets the CTC definition")])
+    got = stitch([a, b], StitchSettings())
+    assert got.left == {"field_000-0000": "field_001"}
+    assert got.merged == {}
+    # the detector's own edge rule: a nucleus cut by the top edge claims nothing
+    c = record("field_001", 0, -pitch, [(50, -pitch + FOV_H / 2 - 1, CUT_REASON)])
+    a2 = record("field_000", 0, 0, [(50, -pitch + FOV_H / 2 - 1 - 3, "x")])
+    got = stitch([a2, c], StitchSettings())
+    assert set(got.dropped) == {"field_001-0000"}
+
+
+def test_abutting_fields_lose_nothing() -> None:
+    edge = FOV_W / 2
+    objs_a = [(edge - 0.33, 0, "x"), (edge - 3, 10, "x")]  # last column, pixel 1383
+    objs_b = [(edge + 0.33, 0, CUT_REASON), (edge + 3, 10, "x")]
+    a = record("field_000", 0, 0, objs_a)
+    b = record("field_001", FOV_W, 0, objs_b)
+    assert stitch([a, b], StitchSettings()).dropped == frozenset()
+
+
+def test_records_without_a_stage_position_take_no_part() -> None:
+    a = record("a", 0, 0, [(0, 0, "x")])
+    b = record("b", 0, 0, [(0, 0, "x")])
+    b["stage"] = {}
+    assert FieldGeometry.of(b) is None
+    assert stitch([a, b], StitchSettings()).dropped == frozenset()
+
+
+def _views(
+    cells: list[tuple[float, float, float]],
+    fields: list[tuple[str, float, float]],
+    affine: tuple[float, ...],
+    rng: random.Random,
+) -> list[dict[str, Any]]:
+    """What each field's detector reports of `cells` (x, y, radius): a whole
+    cell at its centre (within 0.2 um), a cut one at its visible part's centre
+    (moved inward by half the part cut off), a nucleus cut by the top or left
+    edge as left next door."""
+    out = []
+    for name, fx, fy in fields:
+        geom = FieldGeometry.of(record(name, fx, fy, [], affine))
+        assert geom is not None
+        objs = []
+        for x, y, r in cells:
+            p = np.array([[x, y]])
+            depth = float(geom.depth(p)[0])
+            if depth <= -r:
+                continue
+            if depth >= r:
+                objs.append(
+                    (x + rng.uniform(-0.2, 0.2), y + rng.uniform(-0.2, 0.2), "x")
+                )
+                continue
+            # the nearest edge's inward normal, in the field's own frame
+            a, b, _, c, d, _ = affine
+            det = a * d - b * c
+            dc = (d * (x - fx) - b * (y - fy)) / det
+            dr = (a * (y - fy) - c * (x - fx)) / det
+            to_edge = {
+                "left": dc + W / 2,
+                "right": W / 2 - dc,
+                "top": dr + H / 2,
+                "bottom": H / 2 - dr,
+            }
+            side = min(to_edge, key=lambda k: to_edge[k])
+            step = (r - depth) / 2 / PX
+            ndc, ndr = {
+                "left": (step, 0),
+                "right": (-step, 0),
+                "top": (0, step),
+                "bottom": (0, -step),
+            }[side]
+            sx, sy = a * ndc + b * ndr, c * ndc + d * ndr
+            cut = side in ("left", "top") and depth < 0.5 * r
+            objs.append((x + sx, y + sy, CUT_REASON if cut else "x"))
+        out.append(record(name, fx, fy, objs, affine))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rotation=st.floats(-1.0, 1.0),
+    error=st.floats(0.0, 5.0),
+)
+def test_every_cell_counts_once_whatever_the_order(
+    seed: int, rotation: float, error: float
+) -> None:
+    rng = random.Random(seed)
+    overlap = 20.0
+    layout = CartridgeLayout(name="h", rows=2, cols=3)
+    plan = plan_fields(layout, FOV_W, FOV_H, overlap_um=overlap)
+    fields = [
+        (
+            f.name,
+            f.x_um + rng.uniform(-error, error),
+            f.y_um + rng.uniform(-error, error),
+        )
+        for f in plan
+    ]
+    affine = turned_affine(rotation)
+    # cells of 6-8 um near the borders, 15 um or more apart, clear of the
+    # grid's outer edge
+    cells: list[tuple[float, float, float]] = []
+    pw, ph = FOV_W - overlap, FOV_H - overlap
+    while len(cells) < 40:
+        if rng.random() < 0.5:
+            x = rng.choice([-pw / 2, pw / 2]) + rng.uniform(-25, 25)
+            y = rng.uniform(-ph + 30, ph - 30)
+        else:
+            x = rng.uniform(-1.5 * pw + 30, 1.5 * pw - 30)
+            y = rng.uniform(-25, 25)
+        if all(math.hypot(x - u, y - v) >= 15 for u, v, _ in cells):
+            cells.append((x, y, rng.uniform(3.0, 4.0)))
+    recs = _views(cells, fields, affine, rng)
+    got = stitch(recs, StitchSettings())
+    kept = []
+    for rec in recs:
+        objs = sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
+        geom = FieldGeometry.of(rec)
+        assert geom is not None
+        for k, o in enumerate(objs):
+            if f"{rec['field']}-{k:04d}" not in got.dropped:
+                kept.append(geom.to_stage(np.array(o["row"]), np.array(o["col"])))
+    # each cell exactly once
+    for x, y, _ in cells:
+        n = sum(math.hypot(float(p[0]) - x, float(p[1]) - y) < 5 for p in kept)
+        assert n == 1, (x, y)
+    assert len(kept) == len(cells)
+    # the same whatever order the records and their objects come in
+    shuffled = [
+        dict(r, objects=rng.sample(r["objects"], len(r["objects"]))) for r in recs
+    ]
+    rng.shuffle(shuffled)
+    again = stitch(shuffled, StitchSettings())
+    assert again.left == got.left and again.merged == got.merged
+
+
+# ---------------------------------------------------------------- plan, config
+
+
+def test_overlapping_fields_step_by_the_field_of_view_less_the_overlap() -> None:
+    layout = CartridgeLayout(name="p", rows=2, cols=3)
+    abut = plan_fields(layout, FOV_W, FOV_H)
+    over = plan_fields(layout, FOV_W, FOV_H, overlap_um=20.0)
+    assert abut == plan_fields(layout, FOV_W, FOV_H, overlap_um=0.0)
+    assert abut[1].x_um - abut[0].x_um == pytest.approx(FOV_W)
+    assert over[1].x_um - over[0].x_um == pytest.approx(FOV_W - 20)
+    assert over[0].y_um - over[-1].y_um == pytest.approx(FOV_H - 20)
+    assert [f.name for f in over] == [f.name for f in abut]
+    with pytest.raises(ConfigError, match="overlap"):
+        plan_fields(layout, FOV_W, FOV_H, overlap_um=FOV_H / 2)
+
+
+def _instrument(**kw: Any) -> InstrumentConfig:
+    data = load_yaml(CONFIG_DIR / "simulated.yaml")
+    data.update(kw)
+    return InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR, source="sim.yaml")
+
+
+def test_the_affine_must_fit_the_pixel_size_and_the_overlap_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"sim\.yaml.*pixel_affine scales 0\.7"):
+        _instrument(pixel_affine=[0.7, 0, 0, 0, -0.7, 0])
+    with pytest.raises(ConfigError, match="field_overlap_um"):
+        _instrument(field_overlap_um=400)
+    assert _instrument().affine == (PX, 0.0, 0.0, 0.0, -PX, 0.0)
+
+
+def test_the_core_reports_the_configured_affine() -> None:
+    cfg = _instrument(pixel_affine=list(turned_affine(0.5)))
+    inst = open_instrument(cfg, CartridgeLayout(name="c", rows=1, cols=1))
+    try:
+        got = inst.core.getPixelSizeAffine()
+        assert got == pytest.approx(turned_affine(0.5))
+        assert inst.core.getPixelSizeUm() == PX
+    finally:
+        inst.close()
