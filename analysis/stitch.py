@@ -14,7 +14,9 @@ stage), and two rules make each cell count once:
    field's. A cell cut by an edge is thus counted where it is whole, whichever
    edge cuts it. An object the detector already left to the field next door
    (`analysis.detect.CUT_REASON`: its nucleus cut by the top or left edge)
-   claims no depth of its own.
+   claims no depth of its own, and its field claims nothing within
+   `tolerance_um` of it: the view next door stays even where the overlap is too
+   thin for that view to be the deeper one.
 2. **merged**: objects of two fields within `tolerance_um` of each other, each
    inside the other's field (both fields imaged that spot), are one cell seen
    twice; the one deepest inside its field is kept (ties: field name, then
@@ -172,6 +174,7 @@ class _Field:
     ids: list[str]
     points: np.ndarray  # (n, 2) stage um
     own: np.ndarray  # depth in its own field; 0 for objects left next door
+    cut: np.ndarray  # bool: left next door by the detector's edge rule
 
 
 def _field(rec: Mapping[str, Any], geom: FieldGeometry) -> _Field:
@@ -183,7 +186,7 @@ def _field(rec: Mapping[str, Any], geom: FieldGeometry) -> _Field:
     cut = np.array([o.get("reason") == CUT_REASON for o in objs], dtype=bool)
     own[cut] = 0.0
     ids = [object_key(geom.name, k) for k in range(len(objs))]
-    return _Field(geom, ids, points, own)
+    return _Field(geom, ids, points, own, cut)
 
 
 def _neighbours(fields: Sequence[_Field]) -> list[tuple[int, int]]:
@@ -196,6 +199,16 @@ def _neighbours(fields: Sequence[_Field]) -> list[tuple[int, int]]:
             if math.hypot(f.geom.x_um - g.geom.x_um, f.geom.y_um - g.geom.y_um) < reach:
                 out.append((i, j))
     return out
+
+
+def _near(points: np.ndarray, f: _Field, radius: float) -> np.ndarray:
+    """Which `points` lie within `radius` of an object of `f` that its edge
+    rule left next door."""
+    cut = f.points[f.cut]
+    if not len(cut) or not len(points):
+        return np.zeros(len(points), dtype=bool)
+    diff = points[:, None, :] - cut[None, :, :]
+    return np.asarray((np.hypot(diff[..., 0], diff[..., 1]) <= radius).any(axis=1))
 
 
 def stitch(records: Sequence[Mapping[str, Any]], settings: StitchSettings) -> Stitching:
@@ -219,6 +232,10 @@ def stitch(records: Sequence[Mapping[str, Any]], settings: StitchSettings) -> St
         for a, b in ((i, j), (j, i)):
             d = fields[b].geom.depth(fields[a].points)
             inside[a, b] = d
+            # where field b's own view of a cell is left next door by its edge
+            # rule, b makes no claim to that cell
+            gone = _near(fields[a].points, fields[b], settings.tolerance_um)
+            d = np.where(gone, -np.inf, d)
             better = d > best[a]
             best[a] = np.where(better, d, best[a])
             best_at[a] = np.where(better, b, best_at[a])

@@ -19,11 +19,11 @@ from analysis.detect import CUT_REASON
 from analysis.report import ReportContext, write_outputs
 from analysis.settings import StitchSettings
 from analysis.stitch import FieldGeometry, default_affine, stitch
-from controller.acquisition.plan import plan_fields
+from controller.acquisition.plan import ScanPlan, plan_fields
 from controller.config import InstrumentConfig, load_yaml
 from controller.errors import ConfigError
 from controller.hardware.instrument import open_instrument
-from controller.layouts import CartridgeLayout
+from controller.layouts import CartridgeLayout, get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 
@@ -116,20 +116,24 @@ def near(rows: list[dict[str, str]], x: float, y: float, r: float) -> list[dict]
 
 def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> None:
     layout = CartridgeLayout(name="dedup-3x3", rows=3, cols=3)
-    cells = border_cells(layout, 20.0)
+    # every cell whole in some field: the overlap holds a cell (up to 15 um),
+    # twice the stage's error, and the stagger of a row's field borders against
+    # the next row's that 1 degree makes over a field pitch (11-15 um)
+    overlap = 40.0
+    cells = border_cells(layout, overlap)
     res = scan_cells(
         tmp_path / "run",
         layout,
         cells,
         stage_error_um=5.0,
         rotation_deg=1.0,
-        overlap_um=20.0,
+        overlap_um=overlap,
     )
     run = res.run_dir
     recs = records(run)
     assert len(recs) == 9
     # the stage landed off its targets, and the fields record where it went
-    plan = {f.name: f for f in plan_fields(layout, FOV_W, FOV_H, overlap_um=20.0)}
+    plan = {f.name: f for f in plan_fields(layout, FOV_W, FOV_H, overlap_um=overlap)}
     off = [
         (
             r["stage"]["x_um"] - plan[r["field"]].x_um,
@@ -249,6 +253,17 @@ def test_a_cut_object_is_left_to_the_field_holding_it_deeper() -> None:
     assert set(got.dropped) == {"field_001-0000"}
 
 
+def test_a_cell_the_edge_rule_leaves_next_door_stays_there() -> None:
+    # 8 um of overlap: a cell whose nucleus field_001's top edge cuts; each
+    # view's centre moved into its own field, field_000's the shallower
+    pitch = FOV_H - 8
+    top = -pitch + FOV_H / 2  # field_001's top edge
+    a = record("field_000", 0, 0, [(50, top - 5.5, "meets the CTC definition")])
+    b = record("field_001", 0, -pitch, [(50, top - 6.0, CUT_REASON)])
+    got = stitch([a, b], StitchSettings())
+    assert got.dropped == {"field_001-0000"}
+
+
 def test_abutting_fields_lose_nothing() -> None:
     edge = FOV_W / 2
     objs_a = [(edge - 0.33, 0, "x"), (edge - 3, 10, "x")]  # last column, pixel 1383
@@ -327,7 +342,7 @@ def test_every_cell_counts_once_whatever_the_order(
     seed: int, rotation: float, error: float
 ) -> None:
     rng = random.Random(seed)
-    overlap = 20.0
+    overlap = 40.0  # as on the scan above: every cell whole in some field
     layout = CartridgeLayout(name="h", rows=2, cols=3)
     plan = plan_fields(layout, FOV_W, FOV_H, overlap_um=overlap)
     fields = [
@@ -339,19 +354,19 @@ def test_every_cell_counts_once_whatever_the_order(
         for f in plan
     ]
     affine = turned_affine(rotation)
-    # cells of 6-8 um near the borders, 15 um or more apart, clear of the
+    # cells of 6-15 um near the borders, 16 um or more apart, clear of the
     # grid's outer edge
     cells: list[tuple[float, float, float]] = []
     pw, ph = FOV_W - overlap, FOV_H - overlap
     while len(cells) < 40:
         if rng.random() < 0.5:
-            x = rng.choice([-pw / 2, pw / 2]) + rng.uniform(-25, 25)
+            x = rng.choice([-pw / 2, pw / 2]) + rng.uniform(-30, 30)
             y = rng.uniform(-ph + 30, ph - 30)
         else:
             x = rng.uniform(-1.5 * pw + 30, 1.5 * pw - 30)
-            y = rng.uniform(-25, 25)
-        if all(math.hypot(x - u, y - v) >= 15 for u, v, _ in cells):
-            cells.append((x, y, rng.uniform(3.0, 4.0)))
+            y = rng.uniform(-30, 30)
+        if all(math.hypot(x - u, y - v) >= 16 for u, v, _ in cells):
+            cells.append((x, y, rng.uniform(3.0, 7.5)))
     recs = _views(cells, fields, affine, rng)
     got = stitch(recs, StitchSettings())
     kept = []
@@ -390,6 +405,14 @@ def test_overlapping_fields_step_by_the_field_of_view_less_the_overlap() -> None
     assert [f.name for f in over] == [f.name for f in abut]
     with pytest.raises(ConfigError, match="overlap"):
         plan_fields(layout, FOV_W, FOV_H, overlap_um=FOV_H / 2)
+
+
+def test_an_overlap_that_would_leave_part_of_the_chamber_unimaged_is_refused() -> None:
+    # 35 fields in a row, 250 um beyond the wall at each end: 14.7 um at most
+    long = get_layout("cellsearch-5x35")
+    assert len(ScanPlan.build(long, _instrument(field_overlap_um=14.5)).fields) == 175
+    with pytest.raises(ConfigError, match=r"cellsearch-5x35.*at most 14\.7 um"):
+        ScanPlan.build(long, _instrument(field_overlap_um=20))
 
 
 def _instrument(**kw: Any) -> InstrumentConfig:

@@ -116,6 +116,26 @@ def plan_fields(
     return tuple(fields)
 
 
+def _check_coverage(layout: CartridgeLayout, overlap_um: float) -> None:
+    """Overlapping fields cover less than abutting ones: (n - 1) x overlap less
+    along n fields. The loss must fit in the outer fields' margin beyond the
+    chamber wall (`wall_inset_um` each side), or part of the chamber would go
+    unimaged."""
+    n = max(layout.rows, layout.cols)
+    if overlap_um <= 0 or n < 2:
+        return
+    lost = (n - 1) * overlap_um
+    if lost > 2 * layout.wall_inset_um:
+        most = 2 * layout.wall_inset_um / (n - 1)
+        raise ConfigError(
+            f"layout {layout.name!r}: a field overlap of {overlap_um:g} um makes "
+            f"its {n} fields in a line {lost:g} um shorter than abutting ones, more "
+            f"than the {2 * layout.wall_inset_um:g} um its outer fields reach beyond "
+            f"the chamber: part of the chamber would not be imaged (at most "
+            f"{most:.3g} um on this layout; a layout with more fields for more)"
+        )
+
+
 @dataclass(frozen=True)
 class ScanPlan:
     """Everything needed to image one cartridge."""
@@ -139,6 +159,7 @@ class ScanPlan:
         """Plan a scan of `layout` on `instrument`; `n_fields` keeps the first N."""
         fov_w = instrument.camera.width * instrument.pixel_size_um
         fov_h = instrument.camera.height * instrument.pixel_size_um
+        _check_coverage(layout, instrument.field_overlap_um)
         fields = plan_fields(
             layout, fov_w, fov_h, z_of=z_of, overlap_um=instrument.field_overlap_um
         )
