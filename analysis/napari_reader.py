@@ -17,12 +17,14 @@ position napari shows under the cursor at world ``(a, b)`` is stage
 
 Mosaic
 ------
-Every field planned in ``scan.json`` gets its place in the mosaic from its
-planned stage position and the pixel size; fields never overlap (the layout's
-pitch is the field of view), a field whose file is missing is zeros, and so are
-gaps. A field is placed at its planned position: a real stage's positioning error
-(the read-back position in the file's OME Plane, which ``events.csv`` uses) is
-not corrected, so on a real instrument a point may sit that far off its cell.
+Every field planned in ``scan.json`` gets its place in the mosaic from the
+stage position read back when it was stored (the ledger's ``stored`` line, the
+position ``events.csv`` uses; the planned one for a field never stored) and the
+pixel size. Where fields overlap (a planned overlap, a stage landing a few um
+off) the first field of the plan shows; a field whose file is missing is zeros,
+and so are gaps. Fields are not turned by the camera's rotation to the stage (a
+fraction of a degree), so near a field's corners a point may sit a few um off
+its cell.
 
 Each layer's data is a multiscale pyramid (a list of dask arrays, factor 4 per
 level, until the longest side is at most `PYRAMID_MAX_PX`), so napari reads only
@@ -40,7 +42,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,29 @@ def _analysis_input(ledger: Path) -> Path | None:
     return src if src.is_absolute() else ledger.parent / src
 
 
+def _stored_stage(ledger: Path) -> dict[str, tuple[float, float]]:
+    """Field name -> the stage (x, y) um read back when it was stored, from a
+    run's ledger (the last ``stored`` line of a field counts)."""
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        f = ledger.open(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    with f:
+        for line in f:
+            if '"stored"' not in line:
+                continue
+            try:
+                rec = json.loads(line)
+                stage = rec["stage"]
+                x, y = float(stage["x_um"]), float(stage["y_um"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line, or no position
+            if rec.get("event") == "stored" and math.isfinite(x) and math.isfinite(y):
+                out[str(rec.get("field"))] = (x, y)
+    return out
+
+
 # -- the mosaic ------------------------------------------------------------------
 
 
@@ -295,6 +320,13 @@ class _Mosaic:
         scan_json = run_dir / "scan.json"
         scan = _read_json(scan_json)
         planned = _planned(scan, scan_json)
+        landed = _stored_stage(run_dir / "ledger.jsonl")
+        planned = [
+            replace(f, x_um=landed[f.name][0], y_um=landed[f.name][1])
+            if f.name in landed
+            else f
+            for f in planned
+        ]
         probe = _probe(run_dir, planned)
         px = (probe.pixel_size_um if probe else None) or scan.get("pixel_size_um")
         if not isinstance(px, (int, float)) or not math.isfinite(px) or px <= 0:

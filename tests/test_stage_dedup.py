@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis.detect import CUT_REASON
+from analysis.napari_reader import read_run
 from analysis.report import ReportContext, write_outputs
 from analysis.settings import StitchSettings
 from analysis.stitch import FieldGeometry, default_affine, stitch
@@ -159,6 +160,14 @@ def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> No
     # the ids of events.csv do not depend on what was left out
     ids = [e["object_id"] for e in rows]
     assert len(set(ids)) == len(ids)
+    # napari's mosaic places the fields where the stage went
+    placed = read_run(str(run))[0][1]["metadata"]["fields"]
+    first = recs[0]["stage"]
+    for r in recs:
+        row0, col0 = placed[r["field"]]
+        dx, dy = r["stage"]["x_um"] - first["x_um"], r["stage"]["y_um"] - first["y_um"]
+        assert abs((col0 - placed[recs[0]["field"]][1]) * PX - dx) <= PX
+        assert abs((row0 - placed[recs[0]["field"]][0]) * PX + dy) <= PX
 
 
 def test_without_error_rotation_or_overlap_the_count_is_todays(tmp_path: Path) -> None:
