@@ -2,8 +2,8 @@
 
 A layout gives the grid (rows x columns), where the cartridge centre sits on the
 stage and how far inside the outer fields the cartridge wall lies. The field pitch
-is the camera's field of view (fields are scanned without overlap), so it comes from
-the instrument, not from the layout.
+is the camera's field of view less the instrument's field overlap (0 by default:
+fields abut), so it comes from the instrument, not from the layout.
 """
 
 from __future__ import annotations
