@@ -170,23 +170,28 @@ class Stitching:
 
 @dataclass
 class _Field:
+    """A field's objects in id order (by row, then column)."""
+
     geom: FieldGeometry
-    ids: list[str]
     points: np.ndarray  # (n, 2) stage um
     own: np.ndarray  # depth in its own field; 0 for objects left next door
     cut: np.ndarray  # bool: left next door by the detector's edge rule
 
+    def id(self, k: int) -> str:
+        return object_key(self.geom.name, k)
+
 
 def _field(rec: Mapping[str, Any], geom: FieldGeometry) -> _Field:
-    objs = sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
+    objs = rec["objects"]
     rows = np.array([float(o["row"]) for o in objs], dtype=float)
     cols = np.array([float(o["col"]) for o in objs], dtype=float)
-    points = geom.to_stage(rows, cols).reshape(-1, 2)
-    own = geom.depth(points)
     cut = np.array([o.get("reason") == CUT_REASON for o in objs], dtype=bool)
-    own[cut] = 0.0
-    ids = [object_key(geom.name, k) for k in range(len(objs))]
-    return _Field(geom, ids, points, own, cut)
+    # the order of the ids: row, then column, ties as listed (a stable sort)
+    order = np.lexsort((cols, rows))
+    points = geom.to_stage(rows[order], cols[order]).reshape(-1, 2)
+    own = geom.depth(points)
+    own[cut[order]] = 0.0
+    return _Field(geom, points, own, cut[order])
 
 
 def _neighbours(fields: Sequence[_Field]) -> list[tuple[int, int]]:
@@ -225,8 +230,8 @@ def stitch(records: Sequence[Mapping[str, Any]], settings: StitchSettings) -> St
             fields.append(_field(rec, geom))
     pairs = _neighbours(fields)
     # rule 1: left to the field holding the position deepest
-    best = [np.full(len(f.ids), -np.inf) for f in fields]
-    best_at = [np.full(len(f.ids), -1) for f in fields]
+    best = [np.full(len(f.own), -np.inf) for f in fields]
+    best_at = [np.full(len(f.own), -1) for f in fields]
     inside: dict[tuple[int, int], np.ndarray] = {}
     for i, j in pairs:
         for a, b in ((i, j), (j, i)):
@@ -243,7 +248,7 @@ def stitch(records: Sequence[Mapping[str, Any]], settings: StitchSettings) -> St
     for a, f in enumerate(fields):
         gone = best[a] > f.own + settings.margin_um
         for k in np.flatnonzero(gone):
-            result.left[f.ids[k]] = fields[int(best_at[a][k])].geom.name
+            result.left[f.id(int(k))] = fields[int(best_at[a][k])].geom.name
         kept.append(~gone)
     # rule 2: one cell seen whole in two fields
     parent: dict[tuple[int, int], tuple[int, int]] = {}
@@ -275,5 +280,5 @@ def stitch(records: Sequence[Mapping[str, Any]], settings: StitchSettings) -> St
         keep = min(members, key=lambda n: (-float(fields[n[0]].own[n[1]]), n))
         for n in members:
             if n != keep:
-                result.merged[fields[n[0]].ids[n[1]]] = fields[keep[0]].ids[keep[1]]
+                result.merged[fields[n[0]].id(n[1])] = fields[keep[0]].id(keep[1])
     return result
