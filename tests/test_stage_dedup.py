@@ -447,3 +447,66 @@ def test_the_core_reports_the_configured_affine() -> None:
         assert inst.core.getPixelSizeUm() == PX
     finally:
         inst.close()
+
+
+def _landings(error_um: float, targets: list[tuple[float, float]]) -> list[tuple]:
+    data = load_yaml(CONFIG_DIR / "simulated.yaml")
+    data["simulation"]["world"] = {"stage_error_um": error_um}
+    cfg = InstrumentConfig.from_dict(data, base_dir=CONFIG_DIR)
+    inst = open_instrument(cfg, CartridgeLayout(name="c", rows=1, cols=1))
+    try:
+        out = []
+        for x, y in targets:
+            inst.core.setXYPosition(x, y)
+            inst.core.waitForDevice(inst.core.getXYStageDevice())
+            out.append(tuple(inst.core.getXYPosition()))
+        return out
+    finally:
+        inst.close()
+
+
+def test_the_simulated_stage_lands_near_its_target_and_says_where() -> None:
+    targets = [(100.0, -50.0), (-300.0, 200.0), (100.0, -50.0), (0.0, 0.0)]
+    assert _landings(0.0, targets) == targets
+    landed = _landings(5.0, targets)
+    off = [(lx - x, ly - y) for (lx, ly), (x, y) in zip(landed, targets, strict=True)]
+    assert all(0 < max(abs(dx), abs(dy)) <= 5.0 for dx, dy in off)
+    assert landed[0] != landed[2]  # each move its own error
+    assert _landings(5.0, targets) == landed  # seeded
+
+
+def test_a_turned_camera_sees_a_cell_where_the_affine_says() -> None:
+    from simulators import World, WorldConfig
+
+    none = {
+        k: 0
+        for k in (
+            "ctc",
+            "wbc_per_field",
+            "double_positive",
+            "ck_fragment",
+            "small_ck_dapi",
+            "nucleus_beside_ck",
+            "free_nucleus_per_field",
+            "debris",
+        )
+    }
+    cell = (300.0, 200.0)  # stage um from the frame centre
+    layout = CartridgeLayout(name="c", rows=3, cols=3)  # the centre field
+    world = World(
+        WorldConfig(camera_rotation_deg=1.0, population={**none, "ctc_at": [cell]}),
+        layout,
+    )
+    frame = world.renderer.frame(0.0, 0.0, world.surface_z(0, 0), 2, 100.0)
+    med = float(np.median(frame))
+    rows, cols = np.nonzero(frame > med + 0.3 * (float(frame.max()) - med))
+    seen = np.array([rows.mean(), cols.mean()])
+    # the pixel the affine maps onto the cell's stage position
+    a, b, _, c, d, _ = turned_affine(1.0)
+    det = a * d - b * c
+    dc = (d * cell[0] - b * cell[1]) / det
+    dr = (a * cell[1] - c * cell[0]) / det
+    turned = np.array([dr + (H - 1) / 2, dc + (W - 1) / 2])
+    straight = np.array([-cell[1] / PX + (H - 1) / 2, cell[0] / PX + (W - 1) / 2])
+    assert np.hypot(*(seen - turned)) < 1.5
+    assert np.hypot(*(seen - straight)) > 5
