@@ -27,10 +27,10 @@ Pipeline (every threshold in `DetectionSettings`):
    two channels, or bright in every channel: also the cartridge rim; or a faint
    glow in every non-DNA channel about as strong as its cytokeratin, the halo
    of debris or of the rim: `debris_halo_snr`, `debris_halo_fraction`) -> nucleus
-   cut by the field's top or left edge (fields tile without overlap: a cell is
-   counted in the field holding its nucleus, and a nucleus cut by an edge in the
-   field it leaves by the bottom or right edge, so each cell counts once) -> no
-   nucleus
+   cut by the field's top or left edge (abutting fields: a cell is counted in
+   the field holding its nucleus, and a nucleus cut by an edge in the field it
+   leaves by the bottom or right edge, so each cell counts once; overlapping
+   fields are joined by `analysis.stitch`) -> no nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
    CD45-positive (double positive: on the membrane band, or around the nucleus,
    where a leukocyte under a CK fragment has it) -> not round to oval -> CTC;
@@ -686,9 +686,9 @@ class _Field:
                 others &= ~nucleus
             nuc_core = None if nucleus is None else _core(nucleus, dapi)
             f, core = self._measure(sub, cell, others, nuc_core)
-            # fields tile without overlap, so a cell on a field edge is seen in two
-            # fields; it is counted where its nucleus is, and a nucleus cut by the
-            # edge belongs to the field it leaves by the bottom or right edge
+            # a cell on the edge of abutting fields is seen in two; it is counted
+            # where its nucleus is, and a nucleus cut by the edge belongs to the
+            # field it leaves by the bottom or right edge (overlaps: stitch.py)
             f["_cut"] = nucleus is not None and bool(
                 (sub[0].start == 0 and nucleus[0].any())
                 or (sub[1].start == 0 and nucleus[:, 0].any())
