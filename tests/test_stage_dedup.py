@@ -27,6 +27,7 @@ from controller.hardware.instrument import open_instrument
 from controller.layouts import CartridgeLayout, get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
+from tests.conftest import invoke
 
 PX = 0.64
 W, H = 1384, 1036
@@ -160,6 +161,12 @@ def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> No
     # the ids of events.csv do not depend on what was left out
     ids = [e["object_id"] for e in rows]
     assert len(set(ids)) == len(ids)
+    # a re-analysis of the run folder joins the fields the same way (the
+    # affine from scan.json)
+    again = tmp_path / "again"
+    r = invoke("analyze", str(run), "--out", str(again), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert (again / "events.csv").read_bytes() == (run / "events.csv").read_bytes()
     # napari's mosaic places the fields where the stage went
     placed = read_run(str(run))[0][1]["metadata"]["fields"]
     first = recs[0]["stage"]
