@@ -12,7 +12,10 @@ side by side in one run:
 Wall time includes starting the pool or the cluster (a real cost of the
 command). It prints wall time, fields per second, the speed-up of 2 Dask workers
 over 1, and Dask's overhead against the local pool (``dask-2 / local-2 - 1``;
-target <= 10 %), and checks that every mode gives the same events.csv.
+target <= 10 %), and checks that every mode gives the same events.csv. It
+also times Dask's fixed cost alone (import, start and close a LocalCluster of
+2 workers that import the analysis, nothing analysed, less a bare process) and
+the overhead beyond it.
 
 Usage::
 
@@ -36,6 +39,17 @@ MODES = {
     "dask-1": ["--scheduler", "local", "--workers", "1"],
     "dask-2": ["--scheduler", "local", "--workers", "2"],
 }
+
+
+#: a 2-worker LocalCluster started (the workers importing the analysis, as
+#: their first field would) and closed, nothing analysed
+_IDLE_CLUSTER = """
+from controller.runs.runners import dask_client
+with dask_client("local", 2) as client:
+    client.run(lambda: __import__("analysis.pipeline"))
+"""
+#: the same process without the cluster
+_IDLE_PROCESS = "import controller.runs.runners"
 
 
 def _scan(out: Path, seed: int, fields: int) -> None:
@@ -87,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mode:<8} {best:7.1f} s  {n_fields / best:6.2f} fields/s",
                 flush=True,
             )
+        # the fixed part of Dask's cost: importing it, starting a LocalCluster
+        # of 2 workers (each importing the analysis) and closing it, no fields
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _IDLE_CLUSTER], check=True)
+        fixed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _IDLE_PROCESS], check=True)
+        fixed -= time.perf_counter() - t0
         same = all(events[m] == events["local-2"] for m in MODES)
         speedup = rows["dask-1"] / rows["dask-2"]
         overhead = rows["dask-2"] / rows["local-2"] - 1
@@ -94,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(inputs)} cartridges, {n_fields} fields: 2 Dask workers "
             f"{speedup:.2f}x faster than 1; Dask overhead against the local pool "
             f"{overhead:+.1%} (target <= +10%); identical events.csv: {same}"
+        )
+        print(
+            f"Dask's fixed cost (import, start and close a 2-worker LocalCluster, "
+            f"beyond a bare process): {fixed:.1f} s; overhead beyond it "
+            f"{(rows['dask-2'] - fixed) / rows['local-2'] - 1:+.1%}"
         )
         print(
             json.dumps(
@@ -104,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_2_over_1": round(speedup, 3),
                     "dask_overhead": round(overhead, 4),
                     "identical": same,
+                    "dask_fixed_s": round(fixed, 2),
                 }
             )
         )

@@ -46,6 +46,15 @@ def _detected(ledger: Path) -> Counter[str]:
     )
 
 
+def _times(run: Path, event: str) -> list[str]:
+    """The ISO time stamps of `event` records in the run's ledger."""
+    return [
+        r["t"]
+        for r in map(json.loads, (run / "ledger.jsonl").read_text().splitlines())
+        if r["event"] == event
+    ]
+
+
 def _same_outputs(a: Path, b: Path) -> None:
     assert (a / "events.csv").read_bytes() == (b / "events.csv").read_bytes()
     assert _deterministic(a / "report.json") == _deterministic(b / "report.json")
@@ -79,6 +88,11 @@ def test_many_inputs_on_a_local_dask_cluster_equal_the_local_pool_and_resume(
         assert sum(counts.values()) == fields and set(counts.values()) == {1}
     # the on-line result of each run folder is reproduced
     _same_outputs(a, tmp_path / "dask" / "cart-A")
+    # a cartridge's outputs are written as soon as its own fields are in, not
+    # after the whole archive (the local pool takes the inputs in order)
+    assert _times(tmp_path / "local" / "cart-A", "analysis_finished")[0] <= min(
+        _times(tmp_path / "local" / "cart-B", "detected")
+    )
     # the same command resumes: nothing done is analysed again
     again = invoke("analyze", str(a), str(b), str(ome), *on_dask)
     assert again.exit_code == 2

@@ -397,12 +397,21 @@ def run_analyze(
                     )
                 )
         work = [c for c in carts if c.pending]
+        # each cartridge's outputs as soon as its last field is in, while the
+        # workers go on with the others
+        results: dict[int, CartridgeResult] = {}
+
+        def finished(cart: Cartridge) -> None:
+            results[id(cart)] = _finish(req, cart)
+
         if client is None:
-            run_local(work, lambda c: _job_maker(req, c), req.n_workers)
+            run_local(work, lambda c: _job_maker(req, c), req.n_workers, finished)
         else:
             assert req.scheduler is not None
-            run_dask(client, work, lambda c: _job_maker(req, c), req.scheduler)
-        return [_finish(req, c) for c in carts]
+            run_dask(
+                client, work, lambda c: _job_maker(req, c), req.scheduler, finished
+            )
+        return [results.get(id(c)) or _finish(req, c) for c in carts]
 
 
 def _raise_open_files_limit(n_folders: int) -> None:

@@ -1,9 +1,12 @@
 """Where the fields of an analysis are analysed: a local process pool, or Dask.
 
 Both runners take the cartridges to analyse (a `Cartridge`: its output folder,
-its record sink, the fields still pending) and a job maker,
-and deliver every field's result through the cartridge's `DetectionWriter` as
-it arrives, so whatever finished is durable if the rest never does.
+its record sink, the fields still pending), a job maker and a `finished`
+callback. They deliver every field's result through the cartridge's
+`DetectionWriter` as it arrives, so whatever finished is durable if the rest
+never does, and call ``finished(cartridge)`` as soon as a cartridge's last
+field is in: its outputs are written while the other cartridges' fields are
+still being analysed.
 
 - `run_local`: the on-line detector's pool (`OnlineDetector`), one cartridge
   after another: bounded in-flight fields, a dead worker replaced and its
@@ -23,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from analysis.pipeline import FieldJob, analyze_field_file
 from controller.errors import ClusterError
@@ -57,6 +60,9 @@ class Cartridge(Protocol):
 
 
 JobMaker = Callable[[Any], Callable[[str], FieldJob]]
+C = TypeVar("C", bound=Cartridge)
+#: called with a cartridge once its last pending field has a result
+Finished = Callable[[C], None]
 
 #: how long the scheduler may be unreachable before the analysis gives up
 LOST_AFTER_S = 20.0
@@ -64,7 +70,9 @@ LOST_AFTER_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
 
 
-def run_local(carts: Sequence[Cartridge], job_maker: JobMaker, workers: int) -> None:
+def run_local(
+    carts: Sequence[C], job_maker: JobMaker, workers: int, finished: Finished[C]
+) -> None:
     """Analyse the cartridges' pending fields in local worker processes."""
     for cart in carts:
         assert cart.log is not None
@@ -75,6 +83,7 @@ def run_local(carts: Sequence[Cartridge], job_maker: JobMaker, workers: int) -> 
         detector.add_backlog(cart.pending)
         detector.close()
         supervisor.raise_error()
+        finished(cart)
 
 
 _LIMITS: Any = None
@@ -121,11 +130,15 @@ def dask_client(scheduler: str, workers: int) -> Iterator[Any]:
 
 
 def run_dask(
-    client: Any, carts: Sequence[Cartridge], job_maker: JobMaker, where: str
+    client: Any,
+    carts: Sequence[C],
+    job_maker: JobMaker,
+    where: str,
+    finished: Finished[C],
 ) -> None:
     """Analyse the cartridges' pending fields on the cluster of `client`
     (`dask_client`); `where` names it in errors."""
-    _run(client, carts, job_maker, where)
+    _run(client, carts, job_maker, where, finished)
 
 
 def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
@@ -164,12 +177,17 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
 
 
 def _run(
-    client: Any, carts: Sequence[Cartridge], job_maker: JobMaker, where: str
+    client: Any,
+    carts: Sequence[C],
+    job_maker: JobMaker,
+    where: str,
+    finished: Finished[C],
 ) -> None:
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
-    owner: dict[str, tuple[DetectionWriter, str]] = {}
+    owner: dict[str, tuple[int, DetectionWriter, str]] = {}
+    left = [len(cart.pending) for cart in carts]
     futures = []
     for i, cart in enumerate(carts):
         assert cart.log is not None
@@ -180,14 +198,14 @@ def _run(
             futures.append(
                 client.submit(analyze_one_thread, make_job(name), key=key, pure=False)
             )
-            owner[key] = (writer, name)
+            owner[key] = (i, writer, name)
     pending = as_completed(futures)
     del futures
     lost_since: float | None = None
     while not pending.is_empty():
         batch = pending.next_batch(block=False)
         for fut in batch:
-            writer, name = owner.pop(fut.key)
+            i, writer, name = owner.pop(fut.key)
             if fut.status == "finished":
                 writer.done(name, fut.result())
             elif fut.status == "error":
@@ -199,6 +217,9 @@ def _run(
                     "same command again to resume"
                 )
             fut.release()
+            left[i] -= 1
+            if left[i] == 0:
+                finished(carts[i])
         if batch:
             continue
         if client.status == "running":
