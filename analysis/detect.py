@@ -200,7 +200,7 @@ def _core(mask: np.ndarray, signal: np.ndarray) -> np.ndarray:
     sigma = min(2.0, max(0.5, 0.2 * math.sqrt(n / math.pi)))
     smooth = ndimage.gaussian_filter(signal, sigma)
     peak = float(np.percentile(smooth[mask], 90))
-    return ndimage.binary_fill_holes(mask & (smooth >= 0.5 * peak))
+    return _fill_holes(mask & (smooth >= 0.5 * peak))
 
 
 def _inside(part: np.ndarray, area: np.ndarray) -> float:
@@ -220,17 +220,91 @@ def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
     )
 
 
-def _box2(a: np.ndarray) -> np.ndarray:
-    """Mean of each 2 x 2 neighbourhood (same shape; the last row/col repeat)."""
-    out = np.empty_like(a)
-    core = out[:-1, :-1]
-    np.add(a[:-1, :-1], a[1:, :-1], out=core)
-    core += a[:-1, 1:]
-    core += a[1:, 1:]
-    core *= 0.25
-    out[-1, :] = out[-2, :]
+def _by_label(
+    lab: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled pixels `idx` (flat indices, raster order) grouped by label.
+
+    Returns the flat indices sorted by label (raster order within a label),
+    the start of each label's run in them and the labels, in increasing order.
+    Sorting the few labelled pixels replaces full-frame passes over the label
+    image (`ndimage.find_objects`, `np.bincount` of every pixel: 3-8 ms each).
+    """
+    labels = lab.ravel()[idx]
+    order = np.argsort(labels, kind="stable")
+    sel, labels = idx[order], labels[order]
+    if not sel.size:
+        return sel, np.zeros(0, np.intp), labels
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    return sel, starts, labels[starts]
+
+
+def _boxes(
+    sel: np.ndarray, starts: np.ndarray, ids: np.ndarray, n: int, width: int
+) -> list[tuple[slice, slice] | None]:
+    """`ndimage.find_objects` of a label image with `n` labels, from its
+    pixels grouped by label (`_by_label`)."""
+    out: list[tuple[slice, slice] | None] = [None] * n
+    if not sel.size:
+        return out
+    rr, cc = np.divmod(sel, width)
+    ends = np.r_[starts[1:], sel.size] - 1
+    r0, r1 = rr[starts].tolist(), rr[ends].tolist()  # raster order: first, last
+    c0 = np.minimum.reduceat(cc, starts).tolist()
+    c1 = np.maximum.reduceat(cc, starts).tolist()
+    for k, i in enumerate(ids.tolist()):
+        out[i - 1] = (slice(r0[k], r1[k] + 1), slice(c0[k], c1[k] + 1))
+    return out
+
+
+def _max3(a: np.ndarray) -> np.ndarray:
+    """``ndimage.maximum_filter(a, 3)`` (3 x 3, edges reflected) by shifted
+    maxima: the same values, a tenth of the time."""
+    rows = a.copy()
+    np.maximum(rows[1:], a[:-1], out=rows[1:])
+    np.maximum(rows[:-1], a[1:], out=rows[:-1])
+    out = rows.copy()
+    np.maximum(out[:, 1:], rows[:, :-1], out=out[:, 1:])
+    np.maximum(out[:, :-1], rows[:, 1:], out=out[:, :-1])
+    return out
+
+
+def _minus(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """``raw - level`` as float32: the same values as ``np.subtract(raw, level,
+    dtype=np.float32)`` in half its time (no mixed-type loop)."""
+    out = raw.astype(np.float32)
+    out -= level
+    return out
+
+
+def _box2_above(a: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """Where the mean of each 2 x 2 neighbourhood of `a` (float32) exceeds
+    `threshold` (same shape; the last row/col repeat).
+
+    The sum (in the order the mean was taken) is compared with 4 x the
+    threshold: scaling by a power of two is exact, so the mask is the mean's,
+    without a pass that scales every pixel.
+    """
+    s = np.add(a[:-1, :-1], a[1:, :-1])
+    s += a[:-1, 1:]
+    s += a[1:, 1:]
+    out = np.empty(a.shape, bool)
+    np.greater(s, np.float32(4) * np.float32(threshold), out=out[:-1, :-1])
+    out[-1, :-1] = out[-2, :-1]
     out[:, -1] = out[:, -2]
     return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask)``: the background components (4-connected)
+    that do not touch the border are holes. One labelling instead of dilating
+    the border inwards until nothing changes (2-4x faster on large regions)."""
+    bg, n = ndimage.label(~mask)
+    filled = np.ones(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        filled[edge] = False
+    filled[0] = True
+    return filled[bg]
 
 
 def _split_nucleus(mask: np.ndarray, min_dist_px: int) -> np.ndarray:
@@ -327,10 +401,7 @@ class _Field:
         self.noise = np.array([b.noise for b in bgs], np.float32)
         self.e, self.n, self.lk = idx["epithelial"], idx["nucleus"], idx["leukocyte"]
         self.m = idx.get("marker")
-        self.full = {
-            c: np.subtract(raw[c], self.levels[c], dtype=np.float32)
-            for c in (self.n, self.e)
-        }
+        self.full = {c: _minus(raw[c], self.levels[c]) for c in (self.n, self.e)}
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
@@ -347,13 +418,9 @@ class _Field:
         if c in self.full:
             return self.full[c].ravel()[where] if flat else self.full[c][where]
         if flat:
-            v = np.subtract(
-                self.raw[c].ravel()[where],
-                self.levels[c].ravel()[where],
-                dtype=np.float32,
-            )
+            v = _minus(self.raw[c].ravel()[where], self.levels[c].ravel()[where])
         else:
-            v = np.subtract(self.raw[c][where], self.levels[c][where], dtype=np.float32)
+            v = _minus(self.raw[c][where], self.levels[c][where])
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 dye = self.full[src].ravel()[where] if flat else self.full[src][where]
@@ -390,7 +457,13 @@ class _Field:
         return out
 
     def _estimate_spillover(
-        self, nuc_lab: np.ndarray, n_nuc: int, ck_lab: np.ndarray, n_ck: int
+        self,
+        nuc_lab: np.ndarray,
+        n_nuc: int,
+        ck_lab: np.ndarray,
+        n_ck: int,
+        nuc_idx: np.ndarray,
+        ck_idx: np.ndarray,
     ) -> None:
         """Bleed-through of the two mask dyes (DNA, cytokeratin) into the others.
 
@@ -402,8 +475,8 @@ class _Field:
         configured default (an instrument calibration) is used.
         """
         e, n = self.e, self.n
-        ck_has_dna = np.bincount(ck_lab[nuc_lab > 0], minlength=n_ck + 1) > 0
-        dna_has_ck = np.bincount(nuc_lab[ck_lab > 0], minlength=n_nuc + 1) > 0
+        ck_has_dna = np.bincount(ck_lab.ravel()[nuc_idx], minlength=n_ck + 1) > 0
+        dna_has_ck = np.bincount(nuc_lab.ravel()[ck_idx], minlength=n_nuc + 1) > 0
         controls = {e: (ck_lab, ck_has_dna), n: (nuc_lab, dna_has_ck)}
         for src, (lab, mixed) in controls.items():
             cand = np.flatnonzero((self.full[src] > 50 * self.noise[src]).ravel())
@@ -421,10 +494,8 @@ class _Field:
                 coef = float(self.st.spillover.get(key, 0.0))
                 if cand.size >= 50:
                     known = True
-                    raw = np.subtract(
-                        self.raw[c].ravel()[cand],
-                        self.levels[c].ravel()[cand],
-                        dtype=np.float32,
+                    raw = _minus(
+                        self.raw[c].ravel()[cand], self.levels[c].ravel()[cand]
                     )
                     ratio = raw / self.full[src].ravel()[cand]
                     coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
@@ -441,16 +512,23 @@ class _Field:
         st = self.st
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
-        ck_mask = _box2(self.full[self.e]) > st.ck_snr * self.noise[self.e]
+        ck_mask = _box2_above(self.full[self.e], st.ck_snr * self.noise[self.e])
         self._add_dim_ck(ck_mask, nuc_mask)
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
-        nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
-        self._measure_blur(nuc_lab, nuc_area)
-        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck)
+        # the labelled pixels, grouped by label once: areas and bounding boxes
+        # without a pass over every pixel
+        nuc_idx, ck_idx = np.flatnonzero(nuc_mask), np.flatnonzero(ck_mask)
+        nuc_pixels = _by_label(nuc_lab, nuc_idx)
+        nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
+        nuc_area[0] = nuc_lab.size - nuc_idx.size
+        self._measure_blur(nuc_lab, nuc_area, _boxes(*nuc_pixels, n_nuc, self.w))
+        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx)
+        ck_boxes = _boxes(*_by_label(ck_lab, ck_idx), n_ck, self.w)
+        del ck_idx
 
         # which nuclei overlap which CK region, and by how many pixels
-        both = np.flatnonzero(nuc_mask.ravel() & ck_mask.ravel())
+        both = nuc_idx[ck_mask.ravel()[nuc_idx]]
         key = nuc_lab.ravel()[both].astype(np.int64) * (n_ck + 1) + ck_lab.ravel()[both]
         keys, counts = np.unique(key, return_counts=True)
         overlaps: dict[int, list[tuple[int, int]]] = {}
@@ -458,27 +536,27 @@ class _Field:
             overlaps.setdefault(kk % (n_ck + 1), []).append((kk // (n_ck + 1), cnt))
 
         claimed: set[int] = set()
-        for k, sl in enumerate(ndimage.find_objects(ck_lab), start=1):
+        for k, sl in enumerate(ck_boxes, start=1):
             if sl is None:
                 continue
             crop = self._pad(sl, 4)
-            region = ndimage.binary_fill_holes(ck_lab[crop] == k)
+            region = _fill_holes(ck_lab[crop] == k)
             if np.count_nonzero(region) < self.min_px:
                 continue
             near = overlaps.get(k, [])
-            whole, _ = self._intensity(crop, region)
+            whole, whole_sig = self._intensity(crop, region)
             if (why := self._debris(whole)) is not None:
                 # debris (or the rim) with cells beside it: report the debris, then
                 # look again at what is left once its pixels are peeled away
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
-                local, parts = self._peel(crop, region, nuc_lab[crop])
+                local, parts = self._peel(crop, region, nuc_lab[crop], whole_sig)
                 areas = np.bincount(local.ravel())
                 for sub, nuclei in parts:
                     self._add_region(crop, sub, local, nuclei, areas, set())
                 continue
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
-        self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
+        self.result.objects.extend(self._nuclei_table(nuc_pixels, claimed))
         return self.result
 
     def _add_dim_ck(self, ck_mask: np.ndarray, nuc_mask: np.ndarray) -> None:
@@ -514,7 +592,12 @@ class _Field:
         dim = sel[lab]
         ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
 
-    def _measure_blur(self, nuc_lab: np.ndarray, nuc_area: np.ndarray) -> None:
+    def _measure_blur(
+        self,
+        nuc_lab: np.ndarray,
+        nuc_area: np.ndarray,
+        boxes: Sequence[tuple[slice, slice] | None],
+    ) -> None:
         """The field's blur from the profiles of its bright single nuclei."""
         st = self.st
         lo, hi = (a / self.px**2 for a in st.blur_nucleus_area_um2)
@@ -526,6 +609,7 @@ class _Field:
             ids.tolist(),
             min_peak=st.blur_min_peak_snr * float(self.noise[self.n]),
             max_objects=st.blur_max_nuclei,
+            boxes=boxes,
         )
         if n < st.blur_min_nuclei:
             sigma, n = st.default_blur_px, 0
@@ -554,26 +638,34 @@ class _Field:
         )
 
     def _peel(
-        self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
+        self,
+        crop: tuple[slice, slice],
+        region: np.ndarray,
+        nl: np.ndarray,
+        sig: Mapping[int, np.ndarray],
     ) -> tuple[np.ndarray, list[tuple[np.ndarray, list[tuple[int, int]]]]]:
         """Parts of a debris region left after removing its debris-like pixels.
 
         The nuclei are segmented again without the debris pixels (a nucleus
         touching debris merges with the debris' own DNA signal). Returns that
         local nucleus label image and each remaining part (bool mask over
-        `crop`) with the local nuclei overlapping it, as (id, pixels).
+        `crop`) with the local nuclei overlapping it, as (id, pixels). `sig`:
+        the channels' signals over `crop` (`_intensity` has them already).
         """
-        sig = [self.sig(c, crop) for c in range(len(self.names))]
-        dimmest = np.min([sig[c] / self.noise[c] for c in range(len(sig))], axis=0)
+        dimmest = sig[0] / self.noise[0]
+        for c in range(1, len(self.names)):
+            np.minimum(dimmest, sig[c] / self.noise[c], out=dimmest)
         junk = (dimmest >= self.st.debris_all_channel_snr) | (self.sat(crop) >= 2)
+        del dimmest
         junk = ndimage.binary_dilation(junk & region, iterations=4)
         rest, n = ndimage.label(region & ~junk)
         local, _ = ndimage.label((nl > 0) & ~junk)
+        size = np.bincount(rest.ravel(), minlength=n + 1)
         out = []
-        for k in range(1, n + 1):
-            part = rest == k
-            if np.count_nonzero(part) < self.min_px:
+        for k in np.flatnonzero(size >= self.min_px).tolist():
+            if k == 0:
                 continue
+            part = rest == k
             ids, cnt = np.unique(local[part], return_counts=True)
             nuclei = [(int(i), int(c)) for i, c in zip(ids, cnt, strict=True) if i]
             out.append((part, nuclei))
@@ -902,20 +994,15 @@ class _Field:
     # -------------------------------------------------------------- nuclei
 
     def _nuclei_table(
-        self, lab: np.ndarray, n: int, claimed: set[int]
+        self, nuclei: tuple[np.ndarray, np.ndarray, np.ndarray], claimed: set[int]
     ) -> list[dict[str, Any]]:
-        """Leukocytes and other CK-negative nuclei, measured in one pass."""
-        if n == 0:
+        """Leukocytes and other CK-negative nuclei, measured in one pass
+        (`nuclei`: their pixels grouped by label, `_by_label`)."""
+        sel, starts, ids = nuclei
+        if not sel.size:
             return []
         st, px = self.st, self.px
-        flat = lab.ravel()
-        sel = np.flatnonzero(flat)
-        labels = flat[sel]
-        order = np.argsort(labels, kind="stable")
-        sel, labels = sel[order], labels[order]
-        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-        ids = labels[starts]
-        area = np.diff(np.r_[starts, labels.size]).astype(np.float64)
+        area = np.diff(np.r_[starts, sel.size]).astype(np.float64)
         rr, cc = (sel // self.w).astype(np.float64), (sel % self.w).astype(np.float64)
         r0 = np.add.reduceat(rr, starts) / area
         c0 = np.add.reduceat(cc, starts) / area
@@ -939,7 +1026,7 @@ class _Field:
         # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
         # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
         h2, w2 = self.h // 2, self.w // 2
-        near = ndimage.maximum_filter(self._binned_signal(self.lk, h2, w2), 3)
+        near = _max3(self._binned_signal(self.lk, h2, w2))
         rb = np.minimum(sel // self.w // 2, h2 - 1)
         cb = np.minimum(sel % self.w // 2, w2 - 1)
         cd45 = np.maximum.reduceat(near[rb, cb], starts) / float(self.noise[self.lk])

@@ -194,8 +194,28 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if value and all(type(v) is dict for v in value):
+            return [_row_ready(v) for v in value]
         return [_json_ready(v) for v in value]
     return value
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _row_ready(row: dict[str, Any]) -> dict[str, Any]:
+    """`_json_ready` of one object row (hundreds per field, a few dozen
+    scalars each): the scalars in one pass, anything else recursively
+    (13 ms a field before, in one call per value)."""
+    out = {}
+    for k, v in row.items():
+        if type(v) is float:
+            out[k] = v if math.isfinite(v) else None
+        elif type(v) in _SCALARS:
+            out[k] = v
+        else:
+            out[k] = _json_ready(v)
+    return out
 
 
 #: the modules whose code decides a field's detection record

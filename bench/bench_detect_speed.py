@@ -10,7 +10,7 @@ the candidates' pictures). In the same loop, on the same field, it times the
 reference: ``scipy.ndimage.gaussian_filter(sigma=2)`` of each of the four
 channels as float32 (the cast included). Prints, per condition, the median
 milliseconds of each, their ratio (target <= 0.5), and the worker process's
-peak RSS (``ru_maxrss``; target <= 200 MB) after its imports and after a first
+peak RSS (``VmHWM``; target <= 200 MB) after its imports and after a first
 pass over every field (before any reference is computed, so the figure is the
 worker's alone).
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,13 +85,18 @@ def write_fields(out: Path, n: int, seed: int, conditions: Sequence[str]) -> Non
 
 
 def _rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process, MB."""
-    cur = float("nan")
+    """(current RSS, peak RSS) of this process, MB: ``VmRSS`` and ``VmHWM``.
+
+    Not ``ru_maxrss``: Linux carries it over an exec, so a process started by
+    a large one reports the parent's peak as its own.
+    """
+    vals = {}
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) / 1024
-    return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                vals[key] = int(rest.split()[0]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
 
 
 def worker(args: argparse.Namespace) -> int:
