@@ -258,15 +258,35 @@ def _boxes(
 
 
 def _max3(a: np.ndarray) -> np.ndarray:
-    """``ndimage.maximum_filter(a, 3)`` (3 x 3, edges reflected) by shifted
-    maxima: the same values, a tenth of the time."""
-    rows = a.copy()
-    np.maximum(rows[1:], a[:-1], out=rows[1:])
-    np.maximum(rows[:-1], a[1:], out=rows[:-1])
-    out = rows.copy()
-    np.maximum(out[:, 1:], rows[:, :-1], out=out[:, 1:])
-    np.maximum(out[:, :-1], rows[:, 1:], out=out[:, :-1])
+    """``ndimage.maximum_filter(a, 3)`` (3 x 3, edges reflected) of a 2-D array
+    by pairwise maxima: the same values, a fifth of the time."""
+    if min(a.shape) < 2:
+        return ndimage.maximum_filter(a, 3)
+    out = a
+    for axis in (0, 1):
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        pair = np.maximum(out[tuple(lo)], out[tuple(hi)])  # i and i + 1
+        res = np.empty_like(a)
+        first, last, mid = [slice(None)] * 2, [slice(None)] * 2, [slice(None)] * 2
+        first[axis], last[axis], mid[axis] = slice(0, 1), slice(-1, None), slice(1, -1)
+        res[tuple(first)] = pair[tuple(first)]
+        res[tuple(last)] = pair[tuple(last)]
+        np.maximum(pair[tuple(lo)], pair[tuple(hi)], out=res[tuple(mid)])
+        out = res
     return out
+
+
+def _at_least(a: np.ndarray, level: float) -> np.ndarray:
+    """``a >= level``; integer pixels are compared in their own dtype with the
+    smallest integer at or above `level` (not cast to float64 first)."""
+    if a.dtype.kind in "ui" and math.isfinite(level):
+        info = np.iinfo(a.dtype)
+        at = math.ceil(level)
+        if info.min < at <= info.max:
+            return a >= a.dtype.type(at)
+    return a >= level
 
 
 def _minus(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
@@ -432,6 +452,15 @@ class _Field:
         at the binned size (a quarter of the full-frame passes)."""
 
         def bin2(a: np.ndarray) -> np.ndarray:
+            if a.dtype.kind in "ui" and a.dtype.itemsize <= 2:
+                # small integers: every partial sum is exact in float32, so any
+                # order gives the same sums; rows in pairs first (contiguous)
+                rows = a[: 2 * h2, : 2 * w2].reshape(h2, 2, 2 * w2)
+                pair = rows[:, 0].astype(np.float32)
+                pair += rows[:, 1]
+                out = pair[:, 0::2] + pair[:, 1::2]
+                out *= 0.25
+                return out
             out = a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2].astype(np.float32)
             out += a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2]
             out += a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2]
@@ -451,7 +480,7 @@ class _Field:
         out = None
         for c in range(len(self.names)):
             r = self.raw[c].ravel()[where] if flat else self.raw[c][where]
-            hit = (r >= self.saturation).astype(np.uint8)
+            hit = _at_least(r, self.saturation).astype(np.uint8)
             out = hit if out is None else out + hit
         assert out is not None
         return out
@@ -477,11 +506,14 @@ class _Field:
         e, n = self.e, self.n
         ck_has_dna = np.bincount(ck_lab.ravel()[nuc_idx], minlength=n_ck + 1) > 0
         dna_has_ck = np.bincount(nuc_lab.ravel()[ck_idx], minlength=n_nuc + 1) > 0
-        controls = {e: (ck_lab, ck_has_dna), n: (nuc_lab, dna_has_ck)}
-        for src, (lab, mixed) in controls.items():
-            cand = np.flatnonzero((self.full[src] > 50 * self.noise[src]).ravel())
-            ids = lab.ravel()[cand]
-            cand = cand[(ids > 0) & ~mixed[ids]]
+        controls = {
+            e: (ck_lab, ck_has_dna, ck_idx),
+            n: (nuc_lab, dna_has_ck, nuc_idx),
+        }
+        for src, (lab, mixed, idx) in controls.items():
+            # only the object's own (labelled) pixels qualify: look at those only
+            cand = idx[self.full[src].ravel()[idx] > 50 * self.noise[src]]
+            cand = cand[~mixed[lab.ravel()[cand]]]
             if cand.size > 20000:  # plenty: an even subsample keeps this cheap
                 cand = cand[:: cand.size // 10000]
             if cand.size:
@@ -1062,35 +1094,41 @@ class _Field:
         )
         cols["eccentricity"] = np.round(ecc[keep], 3).tolist()
         cols["axis_ratio"] = np.round(ratio[keep], 3).tolist()
-        sat2_hit = (sat2[keep] > st.debris_saturated_fraction * area[keep]).tolist()
-        bright = (all_bright[keep] / area[keep]).tolist()
+        # the rules of `_debris`, then CD45, on every row at once (the same
+        # numbers the rows hold); rows built from the columns in one pass
+        sat2_hit = sat2[keep] > st.debris_saturated_fraction * area[keep]
+        bright = all_bright[keep] / area[keep]
+        verdict = np.select(
+            [sat2_hit, bright >= st.debris_all_channel_fraction],
+            [0, 1],
+            np.where(np.array(cols["cd45_snr"]) >= st.wbc_cd45_snr, 2, 3),
+        ).tolist()
+        # label, reason, then what `_finish` gives a row that is no candidate
+        ends = (
+            ("DEBRIS", "saturated in two or more channels", False, 0.0),
+            ("DEBRIS", "bright in every channel", False, 0.0),
+            ("WBC", "nucleus with CD45, no cytokeratin", False, 0.0),
+            ("OTHER", "nucleus without CD45 or cytokeratin", False, 0.0),
+        )
         nan = float("nan")
-        blur = round(self.blur, 2)
-        rows = []
-        for j in range(keep.size):
-            f: dict[str, Any] = {k: v[j] for k, v in cols.items()}
-            f.update(
-                ck_texture=nan,
-                cd45_ck_ratio=nan,
-                cd45_excess_snr=nan,
-                cd45_nucleus_snr=nan,
-                diameter_halfmax_um=nan,
-                blur_px=blur,
-                cluster_size=1,
-                nucleus_inside=0.0,
-                solidity=nan,
-                _sat2=sat2_hit[j],
-                _all_bright=bright[j],
-            )
-            if (why := self._debris(f)) is not None:
-                rows.append(self._finish(f, "DEBRIS", why))
-            elif f["cd45_snr"] >= st.wbc_cd45_snr:
-                rows.append(self._finish(f, "WBC", "nucleus with CD45, no cytokeratin"))
-            else:
-                rows.append(
-                    self._finish(f, "OTHER", "nucleus without CD45 or cytokeratin")
-                )
-        return rows
+        # the features a nucleus without cytokeratin does not have
+        fixed = {
+            "ck_texture": nan,
+            "cd45_ck_ratio": nan,
+            "cd45_excess_snr": nan,
+            "cd45_nucleus_snr": nan,
+            "diameter_halfmax_um": nan,
+            "blur_px": round(self.blur, 2),
+            "cluster_size": 1,
+            "nucleus_inside": 0.0,
+            "solidity": nan,
+        }
+        keys = (*cols, *fixed, "label", "reason", "marker_positive", "score")
+        tail = [(*fixed.values(), *end) for end in ends]
+        return [
+            dict(zip(keys, (*vals, *tail[v]), strict=True))
+            for vals, v in zip(zip(*cols.values(), strict=True), verdict, strict=True)
+        ]
 
 
 def ctc_score(f: Mapping[str, Any], st: DetectionSettings) -> float:

@@ -205,15 +205,13 @@ _SCALARS = (str, int, bool, type(None))
 
 def _row_ready(row: dict[str, Any]) -> dict[str, Any]:
     """`_json_ready` of one object row (hundreds per field, a few dozen
-    scalars each): the scalars in one pass, anything else recursively
-    (13 ms a field before, in one call per value)."""
-    out = {}
+    scalars each) without a call per value (13 ms a field before)."""
+    out = dict(row)
     for k, v in row.items():
         if type(v) is float:
-            out[k] = v if math.isfinite(v) else None
-        elif type(v) in _SCALARS:
-            out[k] = v
-        else:
+            if v - v != 0.0:  # nan or infinite
+                out[k] = None
+        elif type(v) not in _SCALARS:
             out[k] = _json_ready(v)
     return out
 
