@@ -622,7 +622,10 @@ class _Field:
         if not sel.any():
             return
         dim = sel[lab]
-        ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
+        # each bin's 2 x 2 pixels, through a view (never a copy): no full-frame
+        # temporary
+        pixels = ck_mask[0 : 2 * h2, 0 : 2 * w2].reshape(h2, 2, w2, 2, copy=False)
+        pixels |= dim[:, None, :, None]
 
     def _measure_blur(
         self,
