@@ -431,6 +431,10 @@ class _Field:
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
         )
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
+        #: the CK region being measured: its crop, signals and saturation counts
+        self._region: (
+            tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
+        ) = None
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -474,6 +478,27 @@ class _Field:
             if coef := self.spill.get((src, c), 0.0):
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src]), 0)
         return v
+
+    def _signals(
+        self, crop: tuple[slice, slice]
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Every channel's `sig` and the `sat` counts over `crop`: views into the
+        current CK region's own (`_region`) when `crop` lies inside it, so the
+        cells of a region do not compute them again (the values are per pixel,
+        the same either way)."""
+        if self._region is not None:
+            outer, sig, sat = self._region
+            if all(
+                o.start <= c.start and c.stop <= o.stop
+                for o, c in zip(outer, crop, strict=True)
+            ):
+                rel = tuple(
+                    slice(c.start - o.start, c.stop - o.start)
+                    for o, c in zip(outer, crop, strict=True)
+                )
+                return {c: v[rel] for c, v in sig.items()}, sat[rel]
+        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        return sig, self.sat(crop)
 
     def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
         """Number of saturated channels per pixel at `where`."""
@@ -576,18 +601,22 @@ class _Field:
             if np.count_nonzero(region) < self.min_px:
                 continue
             near = overlaps.get(k, [])
-            whole, whole_sig = self._intensity(crop, region)
+            # the region's signals once: its cells are measured on views of them
+            self._region = None
+            self._region = (crop, *self._signals(crop))
+            whole, _ = self._intensity(crop, region)
             if (why := self._debris(whole)) is not None:
                 # debris (or the rim) with cells beside it: report the debris, then
                 # look again at what is left once its pixels are peeled away
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
-                local, parts = self._peel(crop, region, nuc_lab[crop], whole_sig)
+                local, parts = self._peel(crop, region, nuc_lab[crop])
                 areas = np.bincount(local.ravel())
                 for sub, nuclei in parts:
                     self._add_region(crop, sub, local, nuclei, areas, set())
                 continue
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
+        self._region = None
         self.result.objects.extend(self._nuclei_table(nuc_pixels, claimed))
         return self.result
 
@@ -673,24 +702,20 @@ class _Field:
         )
 
     def _peel(
-        self,
-        crop: tuple[slice, slice],
-        region: np.ndarray,
-        nl: np.ndarray,
-        sig: Mapping[int, np.ndarray],
+        self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
     ) -> tuple[np.ndarray, list[tuple[np.ndarray, list[tuple[int, int]]]]]:
         """Parts of a debris region left after removing its debris-like pixels.
 
         The nuclei are segmented again without the debris pixels (a nucleus
         touching debris merges with the debris' own DNA signal). Returns that
         local nucleus label image and each remaining part (bool mask over
-        `crop`) with the local nuclei overlapping it, as (id, pixels). `sig`:
-        the channels' signals over `crop` (`_intensity` has them already).
+        `crop`) with the local nuclei overlapping it, as (id, pixels).
         """
+        sig, sat = self._signals(crop)
         dimmest = sig[0] / self.noise[0]
         for c in range(1, len(self.names)):
             np.minimum(dimmest, sig[c] / self.noise[c], out=dimmest)
-        junk = (dimmest >= self.st.debris_all_channel_snr) | (self.sat(crop) >= 2)
+        junk = (dimmest >= self.st.debris_all_channel_snr) | (sat >= 2)
         del dimmest
         junk = ndimage.binary_dilation(junk & region, iterations=4)
         rest, n = ndimage.label(region & ~junk)
@@ -852,7 +877,7 @@ class _Field:
             "row": round(float(rr.mean()) + crop[0].start, 1),
             "col": round(float(cc.mean()) + crop[1].start, 1),
         }
-        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        sig, sat_crop = self._signals(crop)
         dimmest = None  # per pixel: the lowest SNR over all channels
         for c, name in enumerate(self.names):
             vals = sig[c][mask]
@@ -861,7 +886,7 @@ class _Field:
             f[f"{name}_integrated"] = round(float(vals.sum()), 0)
             snr = vals / self.noise[c]
             dimmest = snr if dimmest is None else np.minimum(dimmest, snr)
-        sat = self.sat(crop)[mask]
+        sat = sat_crop[mask]
         f["saturated_fraction"] = round(float(np.count_nonzero(sat)) / area, 4)
         ck = sig[self.e][mask]
         f["ck_snr"] = round(float(ck.mean()) / float(self.noise[self.e]), 2)
