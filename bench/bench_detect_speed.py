@@ -10,11 +10,11 @@ the candidates' pictures). In the same loop, on the same field, it times the
 reference: ``scipy.ndimage.gaussian_filter(sigma=2)`` of each of the four
 channels as float32 (the cast included). Prints, per condition, the median over
 fields of each field's median milliseconds, their ratio (target <= 0.5), the
-same for each field's fastest repeat (steadier on a loaded machine: load
-lengthens both, but not in proportion), and the worker process's
-peak RSS (``VmHWM``; target <= 200 MB) after its imports and after a first
-pass over every field (before any reference is computed, so the figure is the
-worker's alone).
+same for the CPU time of this thread (``time.thread_time``: waiting for a
+core on a loaded machine left out) and for each field's fastest repeat, and
+the worker process's peak RSS (``VmHWM``; target <= 200 MB) after its imports
+and after a first pass over every field (before any reference is computed, so
+the figure is the worker's alone).
 
 Usage::
 
@@ -167,29 +167,35 @@ def worker(args: argparse.Namespace) -> int:
 
     timing: dict[str, dict[str, list[float]]] = {}
     for cond, js in jobs.items():
-        det_ms, ref_ms, det_min, ref_min = [], [], [], []
+        det_ms, ref_ms, det_min, ref_min, det_cpu, ref_cpu = [], [], [], [], [], []
         for job in js:
             data = read_field_file(job.path).data
-            d, r = [], []
+            d, r, dc, rc = [], [], [], []
             for k in range(args.repeat):
                 for which in ("det", "ref") if k % 2 == 0 else ("ref", "det"):
-                    t = time.perf_counter()
+                    t, tc = time.perf_counter(), time.thread_time()
                     if which == "det":
                         analyze_field_file(job)
                         d.append(time.perf_counter() - t)
+                        dc.append(time.thread_time() - tc)
                     else:
                         reference(data)
                         r.append(time.perf_counter() - t)
+                        rc.append(time.thread_time() - tc)
             del data
             det_ms.append(1e3 * statistics.median(d))
             ref_ms.append(1e3 * statistics.median(r))
             det_min.append(1e3 * min(d))
             ref_min.append(1e3 * min(r))
+            det_cpu.append(1e3 * statistics.median(dc))
+            ref_cpu.append(1e3 * statistics.median(rc))
         timing[cond] = {
             "det_ms": det_ms,
             "ref_ms": ref_ms,
             "det_min_ms": det_min,
             "ref_min_ms": ref_min,
+            "det_cpu_ms": det_cpu,
+            "ref_cpu_ms": ref_cpu,
         }
     json.dump(
         {
@@ -232,33 +238,32 @@ def run_worker(tree: Path, fields: Path, args: argparse.Namespace) -> dict[str, 
 
 
 def summary(name: str, r: dict[str, Any]) -> list[str]:
+    """Table rows: per condition and over all fields, the median over fields of
+    each field's median wall ms (worker, reference, ratio), of its median CPU
+    ms (the ratio), and of its fastest repeat (the ratio)."""
     lines = []
-    all_det, all_ref, all_dmin, all_rmin = [], [], [], []
+    pooled: dict[str, list[float]] = {}
+
+    def row(label: str, t: dict[str, list[float]]) -> str:
+        m = {k: statistics.median(v) for k, v in t.items()}
+        return (
+            f"| {name} | {label} | {len(t['det_ms'])} | {m['det_ms']:.1f} | "
+            f"{m['ref_ms']:.1f} | {m['det_ms'] / m['ref_ms']:.2f} | "
+            f"{m['det_cpu_ms']:.1f} / {m['ref_cpu_ms']:.1f} = "
+            f"{m['det_cpu_ms'] / m['ref_cpu_ms']:.2f} | "
+            f"{m['det_min_ms'] / m['ref_min_ms']:.2f} |"
+        )
+
     for cond, t in r["timing"].items():
-        det, ref = statistics.median(t["det_ms"]), statistics.median(t["ref_ms"])
-        dmin, rmin = (
-            statistics.median(t["det_min_ms"]),
-            statistics.median(t["ref_min_ms"]),
-        )
-        all_det += t["det_ms"]
-        all_ref += t["ref_ms"]
-        all_dmin += t["det_min_ms"]
-        all_rmin += t["ref_min_ms"]
-        lines.append(
-            f"| {name} | {cond} | {len(t['det_ms'])} | {det:.1f} | {ref:.1f} | "
-            f"{det / ref:.2f} | {dmin:.1f} / {rmin:.1f} = {dmin / rmin:.2f} |"
-        )
-    det, ref = statistics.median(all_det), statistics.median(all_ref)
-    dmin, rmin = statistics.median(all_dmin), statistics.median(all_rmin)
+        lines.append(row(cond, t))
+        for k, v in t.items():
+            pooled.setdefault(k, []).extend(v)
+    lines.append(row("all", pooled))
     cur_i, _ = r["rss_after_imports_mb"]
     _, peak = r["rss_after_work_mb"]
     lines.append(
-        f"| {name} | all | {len(all_det)} | {det:.1f} | {ref:.1f} | {det / ref:.2f} "
-        f"| {dmin:.1f} / {rmin:.1f} = {dmin / rmin:.2f} |"
-    )
-    lines.append(
         f"| {name} | RSS | | after imports {cur_i:.0f} MB | worker peak "
-        f"{peak:.0f} MB | | |"
+        f"{peak:.0f} MB | | | |"
     )
     return lines
 
@@ -296,11 +301,11 @@ def driver(args: argparse.Namespace) -> int:
                 results[name].append(run_worker(tree, fields, args))
         head = (
             "| tree | fields | n | worker ms | reference ms | ratio "
-            "| fastest of the repeats: worker / reference ms |"
+            "| CPU ms: worker / reference = ratio | ratio, fastest repeats |"
         )
         print()
         print(head)
-        print("|" + "---|" * 7)
+        print("|" + "---|" * 8)
         for name, runs in results.items():
             for r in runs:
                 print("\n".join(summary(name, r)))
