@@ -299,17 +299,30 @@ def _minus(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 def _box2_above(a: np.ndarray, threshold: np.float32) -> np.ndarray:
     """Where the mean of each 2 x 2 neighbourhood of `a` (float32) exceeds
-    `threshold` (same shape; the last row/col repeat).
+    `threshold` > 0 (same shape; the last row/col repeat).
 
-    The sum (in the order the mean was taken) is compared with 4 x the
-    threshold: scaling by a power of two is exact, so the mask is the mean's,
-    without a pass that scales every pixel.
+    Only neighbourhoods holding a pixel above the threshold can (rounded sums
+    are monotonic: four values at most t sum to at most 4 t), so the sums are
+    taken there alone, in the order the mean was taken, and compared with 4 x
+    the threshold (scaling by a power of two is exact): the mean's mask, for a
+    few percent of the pixels instead of four full-frame passes.
     """
-    s = np.add(a[:-1, :-1], a[1:, :-1])
-    s += a[:-1, 1:]
-    s += a[1:, 1:]
-    out = np.empty(a.shape, bool)
-    np.greater(s, np.float32(4) * np.float32(threshold), out=out[:-1, :-1])
+    t = np.float32(threshold)
+    w = a.shape[1]
+    hot = a > t
+    maybe = hot[:-1, :-1] | hot[1:, :-1]
+    maybe |= hot[:-1, 1:]
+    maybe |= hot[1:, 1:]
+    del hot
+    i, j = np.divmod(np.flatnonzero(maybe), w - 1)
+    p = i * w + j  # top-left pixel of each such neighbourhood in `a`
+    flat = a.ravel()
+    s = flat[p] + flat[p + w]
+    s += flat[p + 1]
+    s += flat[p + w + 1]
+    out = np.zeros(a.shape, bool)
+    above = s > np.float32(4) * t
+    out[i[above], j[above]] = True
     out[-1, :-1] = out[-2, :-1]
     out[:, -1] = out[:, -2]
     return out
