@@ -18,10 +18,10 @@ the figure is the worker's alone).
 
 Usage::
 
-    python bench/bench_detect_speed.py                  # 8 fields x 2 conditions
-    python bench/bench_detect_speed.py --fields 12 --repeat 5
-    python bench/bench_detect_speed.py --before HEAD~3  # that revision too, in turns
-    python bench/bench_detect_speed.py --profile 25     # cProfile of the worker pass
+    python bench/bench_detect_worker.py                  # 8 fields x 2 conditions
+    python bench/bench_detect_worker.py --fields 12 --repeat 5
+    python bench/bench_detect_worker.py --before HEAD~3  # that revision too, in turns
+    python bench/bench_detect_worker.py --profile 25     # cProfile of the worker pass
 
 ``--before REV`` extracts the repository at REV (``git archive``) and runs its
 worker on the same files, alternating with the current tree ``--rounds`` times,
@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> int:
     import_s = time.perf_counter() - t0
     rss_imports = _rss_mb()
     root = Path(args.worker)
-    out_dir = Path(tempfile.mkdtemp(prefix="detspeed-"))
+    out_dir = Path(tempfile.mkdtemp(prefix="detworker-"))
     jobs = {
         cond.name: [
             FieldJob(
@@ -217,7 +217,7 @@ def worker(args: argparse.Namespace) -> int:
 def run_worker(tree: Path, fields: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
         sys.executable,
-        str(REPO / "bench" / "bench_detect_speed.py"),
+        str(REPO / "bench" / "bench_detect_worker.py"),
         "--worker",
         str(fields),
         "--repeat",
@@ -273,7 +273,7 @@ def driver(args: argparse.Namespace) -> int:
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise SystemExit(f"unknown conditions {sorted(unknown)}; known: {CONDITIONS}")
-    with tempfile.TemporaryDirectory(prefix="detspeed-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="detworker-") as tmp:
         fields = Path(tmp) / "fields"
         t = time.perf_counter()
         write_fields(fields, args.fields, args.seed, conditions)
