@@ -223,6 +223,7 @@ _DETECTOR_MODULES = (
     "fieldio.py",
     "gallery.py",
     "pipeline.py",
+    "psf.py",
     "qc.py",
     "settings.py",
 )
