@@ -205,7 +205,7 @@ def _core(mask: np.ndarray, signal: np.ndarray) -> np.ndarray:
     sigma = min(2.0, max(0.5, 0.2 * math.sqrt(n / math.pi)))
     smooth = ndimage.gaussian_filter(signal, sigma)
     peak = float(np.percentile(smooth[mask], 90))
-    return ndimage.binary_fill_holes(mask & (smooth >= 0.5 * peak))
+    return _fill_holes(mask & (smooth >= 0.5 * peak))
 
 
 def _inside(part: np.ndarray, area: np.ndarray) -> float:
@@ -225,17 +225,124 @@ def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
     )
 
 
-def _box2(a: np.ndarray) -> np.ndarray:
-    """Mean of each 2 x 2 neighbourhood (same shape; the last row/col repeat)."""
-    out = np.empty_like(a)
-    core = out[:-1, :-1]
-    np.add(a[:-1, :-1], a[1:, :-1], out=core)
-    core += a[:-1, 1:]
-    core += a[1:, 1:]
-    core *= 0.25
-    out[-1, :] = out[-2, :]
+def _by_label(
+    lab: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled pixels `idx` (flat indices, raster order) grouped by label.
+
+    Returns the flat indices sorted by label (raster order within a label),
+    the start of each label's run in them and the labels, in increasing order.
+    Sorting the few labelled pixels replaces full-frame passes over the label
+    image (`ndimage.find_objects`, `np.bincount` of every pixel: 3-8 ms each).
+    """
+    labels = lab.ravel()[idx]
+    order = np.argsort(labels, kind="stable")
+    sel, labels = idx[order], labels[order]
+    if not sel.size:
+        return sel, np.zeros(0, np.intp), labels
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    return sel, starts, labels[starts]
+
+
+def _boxes(
+    sel: np.ndarray, starts: np.ndarray, ids: np.ndarray, n: int, width: int
+) -> list[tuple[slice, slice] | None]:
+    """`ndimage.find_objects` of a label image with `n` labels, from its
+    pixels grouped by label (`_by_label`)."""
+    out: list[tuple[slice, slice] | None] = [None] * n
+    if not sel.size:
+        return out
+    rr, cc = np.divmod(sel, width)
+    ends = np.r_[starts[1:], sel.size] - 1
+    r0, r1 = rr[starts].tolist(), rr[ends].tolist()  # raster order: first, last
+    c0 = np.minimum.reduceat(cc, starts).tolist()
+    c1 = np.maximum.reduceat(cc, starts).tolist()
+    for k, i in enumerate(ids.tolist()):
+        out[i - 1] = (slice(r0[k], r1[k] + 1), slice(c0[k], c1[k] + 1))
+    return out
+
+
+def _max3(a: np.ndarray) -> np.ndarray:
+    """``ndimage.maximum_filter(a, 3)`` (3 x 3, edges reflected) of a 2-D array
+    by pairwise maxima: the same values, a fifth of the time."""
+    if min(a.shape) < 2:
+        return ndimage.maximum_filter(a, 3)
+    out = a
+    for axis in (0, 1):
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        pair = np.maximum(out[tuple(lo)], out[tuple(hi)])  # i and i + 1
+        res = np.empty_like(a)
+        first, last, mid = [slice(None)] * 2, [slice(None)] * 2, [slice(None)] * 2
+        first[axis], last[axis], mid[axis] = slice(0, 1), slice(-1, None), slice(1, -1)
+        res[tuple(first)] = pair[tuple(first)]
+        res[tuple(last)] = pair[tuple(last)]
+        np.maximum(pair[tuple(lo)], pair[tuple(hi)], out=res[tuple(mid)])
+        out = res
+    return out
+
+
+def _at_least(a: np.ndarray, level: float) -> np.ndarray:
+    """``a >= level``; integer pixels are compared in their own dtype with the
+    smallest integer at or above `level` (not cast to float64 first)."""
+    if a.dtype.kind in "ui" and math.isfinite(level):
+        info = np.iinfo(a.dtype)
+        at = math.ceil(level)
+        if info.min < at <= info.max:
+            return a >= a.dtype.type(at)
+    return a >= level
+
+
+def _minus(raw: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """``raw - level`` as float32: the same values as ``np.subtract(raw, level,
+    dtype=np.float32)`` in half its time (no mixed-type loop)."""
+    out = raw.astype(np.float32)
+    out -= level
+    return out
+
+
+def _box2_above(a: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """Where the mean of each 2 x 2 neighbourhood of `a` (float32) exceeds
+    `threshold` > 0 (same shape; the last row/col repeat).
+
+    Only neighbourhoods holding a pixel above the threshold can (rounded sums
+    are monotonic: four values at most t sum to at most 4 t), so the sums are
+    taken there alone, in the order the mean was taken, and compared with 4 x
+    the threshold (scaling by a power of two is exact): the mean's mask, for a
+    few percent of the pixels instead of four full-frame passes.
+    """
+    t = np.float32(threshold)
+    w = a.shape[1]
+    hot = a > t
+    maybe = hot[:-1, :-1] | hot[1:, :-1]
+    maybe |= hot[:-1, 1:]
+    maybe |= hot[1:, 1:]
+    del hot
+    i, j = np.divmod(np.flatnonzero(maybe), w - 1)
+    p = i * w + j  # top-left pixel of each such neighbourhood in `a`
+    flat = a.ravel()
+    s = flat[p] + flat[p + w]
+    s += flat[p + 1]
+    s += flat[p + w + 1]
+    out = np.zeros(a.shape, bool)
+    above = s > np.float32(4) * t
+    out[i[above], j[above]] = True
+    out[-1, :-1] = out[-2, :-1]
     out[:, -1] = out[:, -2]
     return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask)``: the background components (4-connected)
+    that do not touch the border are holes. One labelling instead of dilating
+    the border inwards until nothing changes (2-4x faster on large regions)."""
+    bg, n = ndimage.label(~mask)
+    filled = np.ones(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        filled[edge] = False
+    filled[0] = True
+    return filled[bg]
 
 
 def _split_nucleus(mask: np.ndarray, min_dist_px: int) -> np.ndarray:
@@ -332,10 +439,7 @@ class _Field:
         self.noise = np.array([b.noise for b in bgs], np.float32)
         self.e, self.n, self.lk = idx["epithelial"], idx["nucleus"], idx["leukocyte"]
         self.m = idx.get("marker")
-        self.full = {
-            c: np.subtract(raw[c], self.levels[c], dtype=np.float32)
-            for c in (self.n, self.e)
-        }
+        self.full = {c: _minus(raw[c], self.levels[c]) for c in (self.n, self.e)}
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
@@ -345,6 +449,10 @@ class _Field:
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
         )
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
+        #: the CK region being measured: its crop, signals and saturation counts
+        self._region: (
+            tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
+        ) = None
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -352,13 +460,9 @@ class _Field:
         if c in self.full:
             return self.full[c].ravel()[where] if flat else self.full[c][where]
         if flat:
-            v = np.subtract(
-                self.raw[c].ravel()[where],
-                self.levels[c].ravel()[where],
-                dtype=np.float32,
-            )
+            v = _minus(self.raw[c].ravel()[where], self.levels[c].ravel()[where])
         else:
-            v = np.subtract(self.raw[c][where], self.levels[c][where], dtype=np.float32)
+            v = _minus(self.raw[c][where], self.levels[c][where])
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 dye = self.full[src].ravel()[where] if flat else self.full[src][where]
@@ -370,6 +474,15 @@ class _Field:
         at the binned size (a quarter of the full-frame passes)."""
 
         def bin2(a: np.ndarray) -> np.ndarray:
+            if a.dtype.kind in "ui" and a.dtype.itemsize <= 2:
+                # small integers: every partial sum is exact in float32, so any
+                # order gives the same sums; rows in pairs first (contiguous)
+                rows = a[: 2 * h2, : 2 * w2].reshape(h2, 2, 2 * w2)
+                pair = rows[:, 0].astype(np.float32)
+                pair += rows[:, 1]
+                out = pair[:, 0::2] + pair[:, 1::2]
+                out *= 0.25
+                return out
             out = a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2].astype(np.float32)
             out += a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2]
             out += a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2]
@@ -384,18 +497,45 @@ class _Field:
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src]), 0)
         return v
 
+    def _signals(
+        self, crop: tuple[slice, slice]
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Every channel's `sig` and the `sat` counts over `crop`: views into the
+        current CK region's own (`_region`) when `crop` lies inside it, so the
+        cells of a region do not compute them again (the values are per pixel,
+        the same either way)."""
+        if self._region is not None:
+            outer, sig, sat = self._region
+            if all(
+                o.start <= c.start and c.stop <= o.stop
+                for o, c in zip(outer, crop, strict=True)
+            ):
+                rel = tuple(
+                    slice(c.start - o.start, c.stop - o.start)
+                    for o, c in zip(outer, crop, strict=True)
+                )
+                return {c: v[rel] for c, v in sig.items()}, sat[rel]
+        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        return sig, self.sat(crop)
+
     def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
         """Number of saturated channels per pixel at `where`."""
         out = None
         for c in range(len(self.names)):
             r = self.raw[c].ravel()[where] if flat else self.raw[c][where]
-            hit = (r >= self.saturation).astype(np.uint8)
+            hit = _at_least(r, self.saturation).astype(np.uint8)
             out = hit if out is None else out + hit
         assert out is not None
         return out
 
     def _estimate_spillover(
-        self, nuc_lab: np.ndarray, n_nuc: int, ck_lab: np.ndarray, n_ck: int
+        self,
+        nuc_lab: np.ndarray,
+        n_nuc: int,
+        ck_lab: np.ndarray,
+        n_ck: int,
+        nuc_idx: np.ndarray,
+        ck_idx: np.ndarray,
     ) -> None:
         """Bleed-through of the two mask dyes (DNA, cytokeratin) into the others.
 
@@ -407,13 +547,16 @@ class _Field:
         configured default (an instrument calibration) is used.
         """
         e, n = self.e, self.n
-        ck_has_dna = np.bincount(ck_lab[nuc_lab > 0], minlength=n_ck + 1) > 0
-        dna_has_ck = np.bincount(nuc_lab[ck_lab > 0], minlength=n_nuc + 1) > 0
-        controls = {e: (ck_lab, ck_has_dna), n: (nuc_lab, dna_has_ck)}
-        for src, (lab, mixed) in controls.items():
-            cand = np.flatnonzero((self.full[src] > 50 * self.noise[src]).ravel())
-            ids = lab.ravel()[cand]
-            cand = cand[(ids > 0) & ~mixed[ids]]
+        ck_has_dna = np.bincount(ck_lab.ravel()[nuc_idx], minlength=n_ck + 1) > 0
+        dna_has_ck = np.bincount(nuc_lab.ravel()[ck_idx], minlength=n_nuc + 1) > 0
+        controls = {
+            e: (ck_lab, ck_has_dna, ck_idx),
+            n: (nuc_lab, dna_has_ck, nuc_idx),
+        }
+        for src, (lab, mixed, idx) in controls.items():
+            # only the object's own (labelled) pixels qualify: look at those only
+            cand = idx[self.full[src].ravel()[idx] > 50 * self.noise[src]]
+            cand = cand[~mixed[lab.ravel()[cand]]]
             if cand.size > 20000:  # plenty: an even subsample keeps this cheap
                 cand = cand[:: cand.size // 10000]
             if cand.size:
@@ -426,10 +569,8 @@ class _Field:
                 coef = float(self.st.spillover.get(key, 0.0))
                 if cand.size >= 50:
                     known = True
-                    raw = np.subtract(
-                        self.raw[c].ravel()[cand],
-                        self.levels[c].ravel()[cand],
-                        dtype=np.float32,
+                    raw = _minus(
+                        self.raw[c].ravel()[cand], self.levels[c].ravel()[cand]
                     )
                     ratio = raw / self.full[src].ravel()[cand]
                     coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
@@ -446,16 +587,23 @@ class _Field:
         st = self.st
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
-        ck_mask = _box2(self.full[self.e]) > st.ck_snr * self.noise[self.e]
+        ck_mask = _box2_above(self.full[self.e], st.ck_snr * self.noise[self.e])
         self._add_dim_ck(ck_mask, nuc_mask)
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
-        nuc_area = np.bincount(nuc_lab.ravel(), minlength=n_nuc + 1)
-        self._measure_blur(nuc_lab, nuc_area)
-        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck)
+        # the labelled pixels, grouped by label once: areas and bounding boxes
+        # without a pass over every pixel
+        nuc_idx, ck_idx = np.flatnonzero(nuc_mask), np.flatnonzero(ck_mask)
+        nuc_pixels = _by_label(nuc_lab, nuc_idx)
+        nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
+        nuc_area[0] = nuc_lab.size - nuc_idx.size
+        self._measure_blur(nuc_lab, nuc_area, _boxes(*nuc_pixels, n_nuc, self.w))
+        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx)
+        ck_boxes = _boxes(*_by_label(ck_lab, ck_idx), n_ck, self.w)
+        del ck_idx
 
         # which nuclei overlap which CK region, and by how many pixels
-        both = np.flatnonzero(nuc_mask.ravel() & ck_mask.ravel())
+        both = nuc_idx[ck_mask.ravel()[nuc_idx]]
         key = nuc_lab.ravel()[both].astype(np.int64) * (n_ck + 1) + ck_lab.ravel()[both]
         keys, counts = np.unique(key, return_counts=True)
         overlaps: dict[int, list[tuple[int, int]]] = {}
@@ -463,14 +611,17 @@ class _Field:
             overlaps.setdefault(kk % (n_ck + 1), []).append((kk // (n_ck + 1), cnt))
 
         claimed: set[int] = set()
-        for k, sl in enumerate(ndimage.find_objects(ck_lab), start=1):
+        for k, sl in enumerate(ck_boxes, start=1):
             if sl is None:
                 continue
             crop = self._pad(sl, 4)
-            region = ndimage.binary_fill_holes(ck_lab[crop] == k)
+            region = _fill_holes(ck_lab[crop] == k)
             if np.count_nonzero(region) < self.min_px:
                 continue
             near = overlaps.get(k, [])
+            # the region's signals once: its cells are measured on views of them
+            self._region = None
+            self._region = (crop, *self._signals(crop))
             whole, _ = self._intensity(crop, region)
             if (why := self._debris(whole)) is not None:
                 # debris (or the rim) with cells beside it: report the debris, then
@@ -483,7 +634,8 @@ class _Field:
                     self._add_region(crop, sub, local, nuclei, areas, set())
                 continue
             self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
-        self.result.objects.extend(self._nuclei_table(nuc_lab, n_nuc, claimed))
+        self._region = None
+        self.result.objects.extend(self._nuclei_table(nuc_pixels, claimed))
         return self.result
 
     def _add_dim_ck(self, ck_mask: np.ndarray, nuc_mask: np.ndarray) -> None:
@@ -517,9 +669,17 @@ class _Field:
         if not sel.any():
             return
         dim = sel[lab]
-        ck_mask[0 : 2 * h2, 0 : 2 * w2] |= np.repeat(np.repeat(dim, 2, 0), 2, 1)
+        # each bin's 2 x 2 pixels, through a view (never a copy): no full-frame
+        # temporary
+        pixels = ck_mask[0 : 2 * h2, 0 : 2 * w2].reshape(h2, 2, w2, 2, copy=False)
+        pixels |= dim[:, None, :, None]
 
-    def _measure_blur(self, nuc_lab: np.ndarray, nuc_area: np.ndarray) -> None:
+    def _measure_blur(
+        self,
+        nuc_lab: np.ndarray,
+        nuc_area: np.ndarray,
+        boxes: Sequence[tuple[slice, slice] | None],
+    ) -> None:
         """The field's blur from the profiles of its bright single nuclei."""
         st = self.st
         lo, hi = (a / self.px**2 for a in st.blur_nucleus_area_um2)
@@ -531,6 +691,7 @@ class _Field:
             ids.tolist(),
             min_peak=st.blur_min_peak_snr * float(self.noise[self.n]),
             max_objects=st.blur_max_nuclei,
+            boxes=boxes,
         )
         if n < st.blur_min_nuclei:
             sigma, n = st.default_blur_px, 0
@@ -568,17 +729,21 @@ class _Field:
         local nucleus label image and each remaining part (bool mask over
         `crop`) with the local nuclei overlapping it, as (id, pixels).
         """
-        sig = [self.sig(c, crop) for c in range(len(self.names))]
-        dimmest = np.min([sig[c] / self.noise[c] for c in range(len(sig))], axis=0)
-        junk = (dimmest >= self.st.debris_all_channel_snr) | (self.sat(crop) >= 2)
+        sig, sat = self._signals(crop)
+        dimmest = sig[0] / self.noise[0]
+        for c in range(1, len(self.names)):
+            np.minimum(dimmest, sig[c] / self.noise[c], out=dimmest)
+        junk = (dimmest >= self.st.debris_all_channel_snr) | (sat >= 2)
+        del dimmest
         junk = ndimage.binary_dilation(junk & region, iterations=4)
         rest, n = ndimage.label(region & ~junk)
         local, _ = ndimage.label((nl > 0) & ~junk)
+        size = np.bincount(rest.ravel(), minlength=n + 1)
         out = []
-        for k in range(1, n + 1):
-            part = rest == k
-            if np.count_nonzero(part) < self.min_px:
+        for k in np.flatnonzero(size >= self.min_px).tolist():
+            if k == 0:
                 continue
+            part = rest == k
             ids, cnt = np.unique(local[part], return_counts=True)
             nuclei = [(int(i), int(c)) for i, c in zip(ids, cnt, strict=True) if i]
             out.append((part, nuclei))
@@ -730,7 +895,7 @@ class _Field:
             "row": round(float(rr.mean()) + crop[0].start, 1),
             "col": round(float(cc.mean()) + crop[1].start, 1),
         }
-        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        sig, sat_crop = self._signals(crop)
         dimmest = None  # per pixel: the lowest SNR over all channels
         for c, name in enumerate(self.names):
             vals = sig[c][mask]
@@ -739,7 +904,7 @@ class _Field:
             f[f"{name}_integrated"] = round(float(vals.sum()), 0)
             snr = vals / self.noise[c]
             dimmest = snr if dimmest is None else np.minimum(dimmest, snr)
-        sat = self.sat(crop)[mask]
+        sat = sat_crop[mask]
         f["saturated_fraction"] = round(float(np.count_nonzero(sat)) / area, 4)
         ck = sig[self.e][mask]
         f["ck_snr"] = round(float(ck.mean()) / float(self.noise[self.e]), 2)
@@ -907,20 +1072,15 @@ class _Field:
     # -------------------------------------------------------------- nuclei
 
     def _nuclei_table(
-        self, lab: np.ndarray, n: int, claimed: set[int]
+        self, nuclei: tuple[np.ndarray, np.ndarray, np.ndarray], claimed: set[int]
     ) -> list[dict[str, Any]]:
-        """Leukocytes and other CK-negative nuclei, measured in one pass."""
-        if n == 0:
+        """Leukocytes and other CK-negative nuclei, measured in one pass
+        (`nuclei`: their pixels grouped by label, `_by_label`)."""
+        sel, starts, ids = nuclei
+        if not sel.size:
             return []
         st, px = self.st, self.px
-        flat = lab.ravel()
-        sel = np.flatnonzero(flat)
-        labels = flat[sel]
-        order = np.argsort(labels, kind="stable")
-        sel, labels = sel[order], labels[order]
-        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-        ids = labels[starts]
-        area = np.diff(np.r_[starts, labels.size]).astype(np.float64)
+        area = np.diff(np.r_[starts, sel.size]).astype(np.float64)
         rr, cc = (sel // self.w).astype(np.float64), (sel % self.w).astype(np.float64)
         r0 = np.add.reduceat(rr, starts) / area
         c0 = np.add.reduceat(cc, starts) / area
@@ -944,7 +1104,7 @@ class _Field:
         # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
         # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
         h2, w2 = self.h // 2, self.w // 2
-        near = ndimage.maximum_filter(self._binned_signal(self.lk, h2, w2), 3)
+        near = _max3(self._binned_signal(self.lk, h2, w2))
         rb = np.minimum(sel // self.w // 2, h2 - 1)
         cb = np.minimum(sel % self.w // 2, w2 - 1)
         cd45 = np.maximum.reduceat(near[rb, cb], starts) / float(self.noise[self.lk])
@@ -980,35 +1140,41 @@ class _Field:
         )
         cols["eccentricity"] = np.round(ecc[keep], 3).tolist()
         cols["axis_ratio"] = np.round(ratio[keep], 3).tolist()
-        sat2_hit = (sat2[keep] > st.debris_saturated_fraction * area[keep]).tolist()
-        bright = (all_bright[keep] / area[keep]).tolist()
+        # the rules of `_debris`, then CD45, on every row at once (the same
+        # numbers the rows hold); rows built from the columns in one pass
+        sat2_hit = sat2[keep] > st.debris_saturated_fraction * area[keep]
+        bright = all_bright[keep] / area[keep]
+        verdict = np.select(
+            [sat2_hit, bright >= st.debris_all_channel_fraction],
+            [0, 1],
+            np.where(np.array(cols["cd45_snr"]) >= st.wbc_cd45_snr, 2, 3),
+        ).tolist()
+        # label, reason, then what `_finish` gives a row that is no candidate
+        ends = (
+            ("DEBRIS", "saturated in two or more channels", False, 0.0),
+            ("DEBRIS", "bright in every channel", False, 0.0),
+            ("WBC", "nucleus with CD45, no cytokeratin", False, 0.0),
+            ("OTHER", "nucleus without CD45 or cytokeratin", False, 0.0),
+        )
         nan = float("nan")
-        blur = round(self.blur, 2)
-        rows = []
-        for j in range(keep.size):
-            f: dict[str, Any] = {k: v[j] for k, v in cols.items()}
-            f.update(
-                ck_texture=nan,
-                cd45_ck_ratio=nan,
-                cd45_excess_snr=nan,
-                cd45_nucleus_snr=nan,
-                diameter_halfmax_um=nan,
-                blur_px=blur,
-                cluster_size=1,
-                nucleus_inside=0.0,
-                solidity=nan,
-                _sat2=sat2_hit[j],
-                _all_bright=bright[j],
-            )
-            if (why := self._debris(f)) is not None:
-                rows.append(self._finish(f, "DEBRIS", why))
-            elif f["cd45_snr"] >= st.wbc_cd45_snr:
-                rows.append(self._finish(f, "WBC", "nucleus with CD45, no cytokeratin"))
-            else:
-                rows.append(
-                    self._finish(f, "OTHER", "nucleus without CD45 or cytokeratin")
-                )
-        return rows
+        # the features a nucleus without cytokeratin does not have
+        fixed = {
+            "ck_texture": nan,
+            "cd45_ck_ratio": nan,
+            "cd45_excess_snr": nan,
+            "cd45_nucleus_snr": nan,
+            "diameter_halfmax_um": nan,
+            "blur_px": round(self.blur, 2),
+            "cluster_size": 1,
+            "nucleus_inside": 0.0,
+            "solidity": nan,
+        }
+        keys = (*cols, *fixed, "label", "reason", "marker_positive", "score")
+        tail = [(*fixed.values(), *end) for end in ends]
+        return [
+            dict(zip(keys, (*vals, *tail[v]), strict=True))
+            for vals, v in zip(zip(*cols.values(), strict=True), verdict, strict=True)
+        ]
 
 
 def ctc_score(f: Mapping[str, Any], st: DetectionSettings) -> float:

@@ -28,6 +28,7 @@ half-maximum radius with it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import special
@@ -39,12 +40,19 @@ __all__ = [
     "field_blur",
     "fit_disk_radius",
     "object_radius",
+    "prepare",
     "profile_radii",
     "radial_profile",
 ]
 
 _DX = 0.025  # table step in x = R / s and t = r / s
 _X_MAX = 24.0  # beyond this the edge is straight: r_half = R to < 0.2 %
+
+
+def prepare() -> None:
+    """Compute the tables now (0.15-0.25 s, once per process), e.g. while a
+    worker process waits for its first field."""
+    _all_tables()
 
 
 @functools.cache
@@ -63,11 +71,16 @@ def _profiles() -> np.ndarray:
 def _all_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rho = np.arange(0.0, _X_MAX + _DX / 2, _DX)
     t = np.arange(0.0, _X_MAX + 8.0, _DX)
-    tt, rr = t[:, None], rho[None, :]
-    kern = rr * np.exp(-0.5 * (tt - rr) ** 2) * special.i0e(tt * rr)
-    # cumulative trapezoid over rho: F(t; x) for every x on the rho grid
+    rr = rho[None, :]
+    # cumulative trapezoid over rho: F(t; x) for every x on the rho grid, 64
+    # rows of t at a time (the whole grid at once took 38 MB of temporaries)
     prof = np.zeros((t.size, rho.size))
-    prof[:, 1:] = np.cumsum(0.5 * (kern[:, 1:] + kern[:, :-1]) * _DX, axis=1)
+    for i in range(0, t.size, 64):
+        tt = t[i : i + 64, None]
+        kern = rr * np.exp(-0.5 * (tt - rr) ** 2) * special.i0e(tt * rr)
+        prof[i : i + 64, 1:] = np.cumsum(
+            0.5 * (kern[:, 1:] + kern[:, :-1]) * _DX, axis=1
+        )
     x = rho
     h = np.empty(x.size)
     q = np.empty(x.size)
@@ -291,13 +304,16 @@ def field_blur(
     *,
     min_peak: float,
     max_objects: int = 24,
+    boxes: Sequence[tuple[slice, slice] | None] | None = None,
 ) -> tuple[float, int]:
     """Median blur sigma (px) over the given nuclei, and how many were usable.
 
     Each candidate label is measured on its own crop, with other labels' pixels
     left out of its profile; one whose peak is below `min_peak` or whose profile
     does not fall to a quarter of its peak within the crop is skipped. At most
-    `max_objects`, evenly spread over the candidates, are measured.
+    `max_objects`, evenly spread over the candidates, are measured. `boxes`:
+    the labels' bounding boxes as ``ndimage.find_objects(labels)`` gives them,
+    when the caller has them (else found here, a pass over every pixel).
     """
     x, h, q = _tables()
     if not candidates:
@@ -305,10 +321,11 @@ def field_blur(
     if len(candidates) > max_objects:
         pick = np.linspace(0, len(candidates) - 1, max_objects).round().astype(int)
         candidates = [candidates[i] for i in np.unique(pick)]
-    boxes = _boxes(labels, candidates)
     sigmas = []
     hh, ww = labels.shape
-    for lab, (r0, r1, c0, c1) in zip(candidates, boxes, strict=True):
+    for lab, (r0, r1, c0, c1) in zip(
+        candidates, _boxes(labels, candidates, boxes), strict=True
+    ):
         pad = max(6, (r1 - r0) // 2)
         a0, a1 = max(r0 - pad, 0), min(r1 + pad, hh)
         b0, b1 = max(c0 - pad, 0), min(c1 + pad, ww)
@@ -377,12 +394,17 @@ def _fit_blur(
     return float(np.exp(best))
 
 
-def _boxes(labels: np.ndarray, ids: list[int]) -> list[tuple[int, int, int, int]]:
+def _boxes(
+    labels: np.ndarray,
+    ids: list[int],
+    boxes: Sequence[tuple[slice, slice] | None] | None = None,
+) -> list[tuple[int, int, int, int]]:
     from scipy import ndimage
 
-    sl = ndimage.find_objects(labels, max_label=max(ids))
+    sl = boxes if boxes is not None else ndimage.find_objects(labels, max(ids))
     out = []
     for i in ids:
         s = sl[i - 1]
+        assert s is not None
         out.append((s[0].start, s[0].stop, s[1].start, s[1].stop))
     return out

@@ -59,10 +59,12 @@ def channel_qc(
         noise = 1.4826 * mad / np.sqrt(2)
         top = float(plane.max())
         sat = saturation if saturation is not None else top
+        # nothing reaches the level when the maximum stays below it: no count
+        hits = 0 if top < sat else _count_at_least(plane, sat)
         out[name] = {
             "background": background,
             "noise": round(noise, 3),
-            "saturated_fraction": _count_at_least(plane, sat) / plane.size,
+            "saturated_fraction": hits / plane.size,
             "max": top,
         }
     return out

