@@ -25,7 +25,7 @@ from analysis.fieldio import FieldReadError, read_field_file
 from analysis.gallery import candidate_png
 from analysis.qc import channel_qc
 from analysis.review import review_flag
-from analysis.settings import DetectionSettings
+from analysis.settings import DetectionSettings, StitchSettings
 
 __all__ = [
     "FieldJob",
@@ -269,10 +269,12 @@ def analysis_identity(
     roles: dict[str, str],
     rename: dict[str, str] | None = None,
     pixel_size_um: float | None = None,
+    stitch: StitchSettings | None = None,
 ) -> tuple[str, str]:
     """``(analysis id, settings sha256)``: the id (12 hex digits) names the
-    detector version and everything a user sets; the same fields analysed
-    under the same id give the same results."""
+    detector version and everything a user sets (the stitching of overlapping
+    fields too); the same fields analysed under the same id give the same
+    results."""
     settings_sha = hashlib.sha256(
         json.dumps(
             {
@@ -280,6 +282,7 @@ def analysis_identity(
                 "roles": roles,
                 "rename": rename,
                 "pixel_size_um": pixel_size_um,
+                **({} if stitch is None else {"stitch": stitch.model_dump()}),
             },
             sort_keys=True,
         ).encode()

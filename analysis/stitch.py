@@ -39,7 +39,15 @@ import numpy as np
 from analysis.detect import CUT_REASON
 from analysis.settings import StitchSettings
 
-__all__ = ["FieldGeometry", "Stitching", "default_affine", "object_key", "stitch"]
+__all__ = [
+    "MAX_ROTATION_DEG",
+    "FieldGeometry",
+    "Stitching",
+    "check_affine",
+    "default_affine",
+    "object_key",
+    "stitch",
+]
 
 Affine = tuple[float, float, float, float, float, float]
 
@@ -54,6 +62,55 @@ def object_key(field_name: str, k: int) -> str:
     """The id of the `k`-th object (by row, then column) of a field; the same
     as `analysis.report.object_id`."""
     return f"{field_name}-{k:04d}"
+
+
+#: the largest camera rotation a plan along the stage axes tiles (degrees)
+MAX_ROTATION_DEG = 5.0
+
+
+def check_affine(affine: Any, pixel_size_um: float) -> Affine:
+    """`affine` as 6 floats, or ValueError (one line) when it is not a camera
+    turned at most `MAX_ROTATION_DEG` against the stage at `pixel_size_um`.
+
+    A camera turned by t maps a pixel offset (col, row) to
+    ``p (cos t col + sin t row, sin t col - cos t row)`` (row 0 at the largest
+    y): so ``a = -d`` and ``b = c``, within 1 % of p. A mirrored, sheared or
+    stretched camera, or a translation beyond one pixel, is refused: the
+    stitching places objects by it, and a wrong one miscounts without a sign.
+    """
+    try:
+        vals = tuple(float(v) for v in affine)
+    except (TypeError, ValueError):
+        got = repr(affine)[:60]
+        raise ValueError(f"pixel_affine must be 6 numbers, got {got}") from None
+    if len(vals) != 6 or not all(map(math.isfinite, vals)):
+        raise ValueError(f"pixel_affine must be 6 finite numbers, got {list(vals)}")
+    a, b, tx, c, d, ty = vals
+    p = pixel_size_um
+    scale = math.sqrt(abs(a * d - b * c))
+    if abs(scale - p) > 0.01 * p:
+        raise ValueError(
+            f"pixel_affine scales {scale:.4g} um per pixel, but the pixel size "
+            f"is {p:g} um"
+        )
+    if abs(a + d) > 0.01 * p or abs(b - c) > 0.01 * p:
+        raise ValueError(
+            f"pixel_affine {list(vals)} is not a turned camera (a = -d and b = c: "
+            "a mirrored, sheared or stretched image is fixed on the camera)"
+        )
+    turn = math.degrees(math.atan2(b, a))
+    if abs(turn) > MAX_ROTATION_DEG:
+        raise ValueError(
+            f"pixel_affine turns the camera {turn:.2f} degrees against the stage; "
+            f"fields are planned along the stage axes, so at most "
+            f"{MAX_ROTATION_DEG:g} degrees: align the camera"
+        )
+    if max(abs(tx), abs(ty)) > p:
+        raise ValueError(
+            f"pixel_affine's translation ({tx:g}, {ty:g}) um exceeds a pixel; the "
+            "frame centre is where the stage reads"
+        )
+    return vals  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from analysis.settings import DetectionSettings, StitchSettings
-from analysis.stitch import default_affine
+from analysis.stitch import check_affine, default_affine
 from controller.errors import ConfigError, one_line
 
 __all__ = [
@@ -501,13 +501,7 @@ class InstrumentConfig(ConfigModel):
         ):
             raise ValueError("loader.port 'emulated' needs a simulated instrument")
         if self.pixel_affine is not None:
-            a, b, _, c, d, _ = self.pixel_affine
-            scale = abs(a * d - b * c) ** 0.5
-            if abs(scale - self.pixel_size_um) > 0.01 * self.pixel_size_um:
-                raise ValueError(
-                    f"pixel_affine scales {scale:.4g} um per pixel, but "
-                    f"pixel_size_um is {self.pixel_size_um:g}"
-                )
+            check_affine(self.pixel_affine, self.pixel_size_um)
         fov = min(self.camera.width, self.camera.height) * self.pixel_size_um
         if self.field_overlap_um >= fov / 2:
             raise ValueError(

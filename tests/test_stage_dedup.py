@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ from analysis.settings import StitchSettings
 from analysis.stitch import FieldGeometry, default_affine, stitch
 from controller.acquisition.plan import ScanPlan, plan_fields
 from controller.config import InstrumentConfig, load_yaml
-from controller.errors import ConfigError
+from controller.errors import ConfigError, StorageError
 from controller.hardware.instrument import open_instrument
 from controller.layouts import CartridgeLayout, get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
-from tests.conftest import invoke
+from tests.conftest import invoke, one_line_error
 
 PX = 0.64
 W, H = 1384, 1036
@@ -99,6 +100,12 @@ def scan_cells(
     return Scan(req, detector_workers=0).run()
 
 
+def _detected_fields(run: Path) -> list[str]:
+    """The field of every `detected` record in the run's ledger."""
+    lines = (run / "ledger.jsonl").read_text().splitlines()
+    return [r["field"] for r in map(json.loads, lines) if r["event"] == "detected"]
+
+
 def events(run: Path) -> list[dict[str, str]]:
     with open(run / "events.csv") as f:
         return list(csv.DictReader(f))
@@ -167,6 +174,35 @@ def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> No
     r = invoke("analyze", str(run), "--out", str(again), "--workers", "0")
     assert r.exit_code == 0, r.output
     assert (again / "events.csv").read_bytes() == (run / "events.csv").read_bytes()
+    # a damaged affine in scan.json is named, not used to miscount
+    scan_json = run / "scan.json"
+    good = scan_json.read_bytes()
+    meta = json.loads(good)
+    for bad in (
+        [0, 0, 0, 0, 0, 0],
+        "abc",
+        [PX, 0, 0, 0, -PX],
+        [2 * PX, 0, 0, 0, -PX / 2, 0],
+    ):
+        meta["instrument"]["pixel_affine"] = bad
+        scan_json.write_text(json.dumps(meta))
+        r = invoke("analyze", str(run), "--out", str(again), "--workers", "0")
+        one_line_error(r, "scan.json", "pixel_affine")
+    # another (valid) affine places the objects anew: every field is redone,
+    # and the right one again gives the scan's own result
+    meta["instrument"]["pixel_affine"] = list(turned_affine(2.0))
+    scan_json.write_text(json.dumps(meta))
+    r = invoke("analyze", str(run), "--out", str(again), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert (again / "events.csv").read_bytes() != (run / "events.csv").read_bytes()
+    scan_json.write_bytes(good)
+    r = invoke("analyze", str(run), "--out", str(again), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert (again / "events.csv").read_bytes() == (run / "events.csv").read_bytes()
+    assert set(Counter(_detected_fields(again)).values()) == {3}
+    # the run resumes only with the geometry its fields were taken with
+    with pytest.raises(StorageError, match=r"another field geometry.*field_overlap_um"):
+        scan_cells(run, layout, cells, stage_error_um=5.0, rotation_deg=1.0)
     # napari's mosaic places the fields where the stage went
     placed = read_run(str(run))[0][1]["metadata"]["fields"]
     first = recs[0]["stage"]
@@ -442,6 +478,22 @@ def test_the_affine_must_fit_the_pixel_size_and_the_overlap_the_field() -> None:
         _instrument(pixel_affine=[0.7, 0, 0, 0, -0.7, 0])
     with pytest.raises(ConfigError, match="field_overlap_um"):
         _instrument(field_overlap_um=400)
+    # a camera is turned, never mirrored, sheared or stretched, and the plan
+    # along the stage axes tiles only a small turn
+    for bad, why in [
+        ([PX, 0, 0, 0, PX, 0], "not a turned camera"),
+        ([PX, 0.3, 0, 0, -PX, 0], "not a turned camera"),
+        ([2 * PX, 0, 0, 0, -PX / 2, 0], "not a turned camera"),
+        (list(turned_affine(45)), "turns the camera 45.00 degrees"),
+        ([PX, 0, 1e6, 0, -PX, 0], "translation"),
+        ([PX, 0, float("nan"), 0, -PX, 0], "pixel_affine.2.*finite"),
+        ("abc", "pixel_affine"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            _instrument(pixel_affine=bad)
+    assert _instrument(pixel_affine=list(turned_affine(-1))).affine == pytest.approx(
+        turned_affine(-1)
+    )
     assert _instrument().affine == (PX, 0.0, 0.0, 0.0, -PX, 0.0)
 
 

@@ -8,6 +8,7 @@ position per field and every channel at it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -132,7 +133,8 @@ def _check_coverage(layout: CartridgeLayout, overlap_um: float) -> None:
             f"its {n} fields in a line {lost:g} um shorter than abutting ones, more "
             f"than the {2 * layout.wall_inset_um:g} um its outer fields reach beyond "
             f"the chamber: part of the chamber would not be imaged (at most "
-            f"{most:.3g} um on this layout; a layout with more fields for more)"
+            f"{math.floor(most * 10) / 10:g} um on this layout; a layout with more "
+            "fields for more)"
         )
 
 

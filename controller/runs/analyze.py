@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import resource
 from collections.abc import Iterable, Sequence
@@ -51,6 +52,7 @@ from analysis.report import (
     read_report,
     write_outputs,
 )
+from analysis.stitch import check_affine
 from controller.config import AssayConfig
 from controller.errors import ConfigError, ScannerError, StorageError
 from controller.events import EventStream
@@ -237,14 +239,25 @@ def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
             for n, r in state.failed.items()
             if n in planned and n not in state.stored
         }
-        bits = scan.get("instrument", {}).get("camera", {}).get("bit_depth")
+        inst = scan.get("instrument")
+        inst = inst if isinstance(inst, dict) else {}
+        camera = inst.get("camera")
+        bits = camera.get("bit_depth") if isinstance(camera, dict) else None
         if bits:
             ctx["saturation"] = float(2 ** int(bits) - 1)
         # a scan's fields lie where its stage put them: overlaps are joined
         ctx["stitch"] = True
-        affine = scan.get("instrument", {}).get("pixel_affine")
-        if affine:
-            ctx["pixel_affine"] = tuple(float(v) for v in affine)
+        affine = inst.get("pixel_affine")
+        if affine is not None:
+            try:
+                ctx["pixel_affine"] = check_affine(
+                    affine, float(inst.get("pixel_size_um") or 0.0)
+                )
+            except (TypeError, ValueError) as e:
+                raise StorageError(
+                    f"{run.scan_json}: instrument.{e}; the objects cannot be "
+                    "placed on the stage"
+                ) from None
         folder = run.fields_dir
     else:
         folder = src
@@ -364,7 +377,11 @@ def run_analyze(
     events = events or EventStream()
     inputs = find_inputs(req.inputs, req.recursive)
     aid, settings_sha = analysis_identity(
-        req.assay.detection, dict(req.assay.channels), req.rename, req.pixel_size_um
+        req.assay.detection,
+        dict(req.assay.channels),
+        req.rename,
+        req.pixel_size_um,
+        req.assay.stitch,
     )
     outs = _out_folders(req, inputs, aid)
     _raise_open_files_limit(len(outs))
@@ -447,7 +464,18 @@ def _prepare(req: AnalyzeRequest, cart: Cartridge, aid: str) -> None:
         and stamps.get(name) is not None
         and stamps[name] == file_stamp(path)
         and cart.out.detection_path(name).is_file()
+        and _same_affine(cart.out.detection_path(name), cart.ctx.get("pixel_affine"))
     }
+
+
+def _same_affine(detection: Path, affine: tuple[float, ...] | None) -> bool:
+    """The stored result placed its objects with `affine` (scan.json's, which
+    a re-analysis into the same folder may see corrected): else it is redone."""
+    try:
+        got = json.loads(detection.read_bytes()).get("pixel_affine")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (None if got is None else tuple(got)) == affine
 
 
 def _job_maker(req: AnalyzeRequest, cart: Cartridge) -> Any:

@@ -35,6 +35,7 @@ from typing import Any
 
 from analysis.pipeline import FieldJob
 from analysis.report import OUTPUT_FILES, Report
+from analysis.stitch import default_affine
 from controller import __version__
 from controller.acquisition.assembler import FieldAssembler
 from controller.acquisition.engine import ScanEngine
@@ -708,6 +709,30 @@ class Scan:
             raise StorageError(
                 f"{self.folder.root} holds a different scan ({diff}); "
                 f"choose another --out to start a new one{hint}"
+            )
+        # the fields stored so far lie where this overlap and camera put them
+        inst = prev.get("instrument")
+        inst = inst if isinstance(inst, dict) else {}
+        cfg = req.instrument
+        then_px = inst.get("pixel_size_um")
+        then_px = then_px if isinstance(then_px, (int, float)) else cfg.pixel_size_um
+        then = {
+            "field_overlap_um": inst.get("field_overlap_um") or 0.0,
+            "pixel_affine": inst.get("pixel_affine")
+            or list(default_affine(float(then_px))),
+        }
+        now = {
+            "field_overlap_um": cfg.field_overlap_um,
+            "pixel_affine": list(cfg.affine),
+        }
+        if then != now:
+            diff = ", ".join(
+                f"{k}: {then[k]} there, {now[k]} now" for k in now if then[k] != now[k]
+            )
+            raise StorageError(
+                f"{self.folder.root} was scanned with another field geometry "
+                f"({diff}); resume it with its instrument file, or choose "
+                "another --out"
             )
 
     def _write_scan_json(self, plan: ScanPlan, instrument: Instrument) -> None:
