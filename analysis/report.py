@@ -136,12 +136,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _feature_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
+    seen: set[str] = set()
     for rec in records:
         for o in rec["objects"]:
-            for k in o:
-                if k not in EVENT_COLUMNS and k != "candidate":
-                    seen.setdefault(k, None)
+            seen.update(o)
+    seen.difference_update(EVENT_COLUMNS)
+    seen.discard("candidate")
     return sorted(seen)
 
 
@@ -150,22 +150,25 @@ def _or_unknown(v: Any) -> str:
     return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
+def _row_col(o: Mapping[str, Any]) -> tuple[Any, Any]:
+    return (o["row"], o["col"])
+
+
 def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    """events.csv: one row per object (fields in order, objects by row, then
+    column), an object's missing columns and NaN values empty."""
     cols = [*EVENT_COLUMNS, *_feature_columns(records), "candidate"]
+    at_id = cols.index("object_id")
     buf = io.StringIO()
-    writer = csv.DictWriter(
-        buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n"
-    )
-    writer.writeheader()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
     for rec in records:
-        for k, o in enumerate(
-            sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
-        ):
-            row = {
-                kk: ("" if isinstance(v, float) and math.isnan(v) else v)
-                for kk, v in o.items()
-            }
-            row["object_id"] = object_id(rec["field"], k)
+        field = rec["field"]
+        for k, o in enumerate(sorted(rec["objects"], key=_row_col)):
+            get = o.get
+            # v != v: NaN only (None, strings and numbers equal themselves)
+            row = [("" if v != v else v) for v in [get(c, "") for c in cols]]
+            row[at_id] = object_id(field, k)
             writer.writerow(row)
     return buf.getvalue()
 
