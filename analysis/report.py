@@ -28,6 +28,9 @@ __all__ = [
     "EVENT_COLUMNS",
     "Report",
     "ReportContext",
+    "event_columns",
+    "event_rows",
+    "events_csv_text",
     "focus_html",
     "object_id",
     "read_report",
@@ -154,23 +157,47 @@ def _row_col(o: Mapping[str, Any]) -> tuple[Any, Any]:
     return (o["row"], o["col"])
 
 
-def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
-    """events.csv: one row per object (fields in order, objects by row, then
-    column), an object's missing columns and NaN values empty."""
-    cols = [*EVENT_COLUMNS, *_feature_columns(records), "candidate"]
-    at_id = cols.index("object_id")
+def event_columns(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The columns of events.csv for these records."""
+    return (*EVENT_COLUMNS, *_feature_columns(records), "candidate")
+
+
+def event_rows(rec: Mapping[str, Any], cols: Sequence[str]) -> str:
+    """The rows of events.csv of one field's record (objects by row, then
+    column), under the columns `cols` (`event_columns` of all the records):
+    an object's missing columns and NaN values empty."""
+    at_id = list(cols).index("object_id")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(cols)
-    for rec in records:
-        field = rec["field"]
-        for k, o in enumerate(sorted(rec["objects"], key=_row_col)):
-            get = o.get
-            # v != v: NaN only (None, strings and numbers equal themselves)
-            row = [("" if v != v else v) for v in [get(c, "") for c in cols]]
-            row[at_id] = object_id(field, k)
-            writer.writerow(row)
+    field = rec["field"]
+    for k, o in enumerate(sorted(rec["objects"], key=_row_col)):
+        get = o.get
+        # v != v: NaN only (None, strings and numbers equal themselves)
+        row = [("" if v != v else v) for v in [get(c, "") for c in cols]]
+        row[at_id] = object_id(field, k)
+        writer.writerow(row)
     return buf.getvalue()
+
+
+def events_csv_text(
+    records: Sequence[Mapping[str, Any]],
+    cols: Sequence[str],
+    rows: Mapping[str, str] | None = None,
+) -> str:
+    """events.csv: a header, then each record's `event_rows` under `cols`
+    (`event_columns` of all the records), taken from `rows` (by field) where
+    they were made already."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(cols)
+    parts = [buf.getvalue()]
+    for rec in records:
+        made = rows.get(rec["field"]) if rows else None
+        parts.append(made if made is not None else event_rows(rec, cols))
+    return "".join(parts)
+
+
+def _events_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    return events_csv_text(records, event_columns(records))
 
 
 def object_id(field: str, k: int) -> str:
@@ -525,15 +552,21 @@ OUTPUT_FILES = ("events.csv", "report.json", "report.html")
 
 
 def write_outputs(
-    out_dir: str | Path, records: Sequence[Mapping[str, Any]], ctx: ReportContext
+    out_dir: str | Path,
+    records: Sequence[Mapping[str, Any]],
+    ctx: ReportContext,
+    *,
+    events_csv: str | None = None,
 ) -> Report:
     """Write events.csv, report.json and report.html into `out_dir`; return
-    the report (`ctx`: what it needs beyond the detections)."""
+    the report (`ctx`: what it needs beyond the detections; `events_csv`:
+    the file's text when the caller made it already, by `events_csv_text`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["field"])
     report = summarize(records, ctx)
-    _atomic_write(out / "events.csv", _events_csv(records))
+    text = _events_csv(records) if events_csv is None else events_csv
+    _atomic_write(out / "events.csv", text)
     _write_report(out, report, records)
     return report
 

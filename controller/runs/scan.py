@@ -71,7 +71,7 @@ from controller.records import (
 )
 from controller.runs.detector import OnlineDetector
 from controller.runs.focusmap import FocusMapStep
-from controller.runs.outputs import write_scan_outputs
+from controller.runs.outputs import DetectionCache, write_scan_outputs
 from controller.runs.watchdog import Watchdog
 from controller.runstore.audit import AuditLog, AuditTrail, config_hash
 from controller.runstore.fieldstore import AssembledField, FieldStore, StoreWorker
@@ -502,6 +502,9 @@ class Scan:
         if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
             qc = FocusQC(Focuser(hw, req.instrument), fmap.reference_sharpness)
         unsubscribe = [self.events.subscribe(result.tally)]
+        cache = DetectionCache(folder)
+        unsubscribe.append(self.events.subscribe(cache.on_record))
+        ahead_failed: list[BaseException] = []
         writer: StoreWorker | None = None
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -536,19 +539,33 @@ class Scan:
         finally:
             if writer is not None:
                 writer.close()
-            # the simulator's truth (0.3-0.5 s) while the detector finishes the
-            # last fields, not between the focus map and the first field
-            truth_error = self._write_ground_truth(instrument, plan)
-            # a failed run leaves detection to resume
-            stats = detector.close(drain=not supervisor.failed.is_set())
+            # while the detector finishes the last fields: the simulator's
+            # truth (0.3-0.5 s; not between the focus map and the first field)
+            truth_error: list[StorageError | None] = [None]
+
+            def meanwhile() -> None:
+                try:
+                    truth_error[0] = self._write_ground_truth(instrument, plan)
+                except BaseException as e:  # raised below, on the run's thread
+                    ahead_failed.append(e)
+
+            ahead = threading.Thread(target=meanwhile, name="ctcscan-outputs-ahead")
+            ahead.start()
+            try:
+                # a failed run leaves detection to resume
+                stats = detector.close(drain=not supervisor.failed.is_set())
+            finally:
+                ahead.join()
             for fn in unsubscribe:
                 fn()
+        if ahead_failed:
+            raise ahead_failed[0]
         result.duration_s = time.perf_counter() - t0
         result.focus_qc_s = qc.seconds if qc is not None else 0.0
         result.frames = result.stored * len(plan.channels)
         result.detected, result.detect_failed = stats["detected"], stats["failed"]
         result.max_detect_backlog = stats["max_backlog"]
-        error = watchdog.error or supervisor.error or truth_error
+        error = watchdog.error or supervisor.error or truth_error[0]
         result.canceled = self._cancel.is_set() or error is not None
         if error is None:
             try:
@@ -562,6 +579,7 @@ class Scan:
                     fmap_reused=reused,
                     acquisition_s=result.duration_s,
                     focus_qc_s=result.focus_qc_s,
+                    cache=cache,
                 )
                 self.log.emit(Written(files=folder.digests(*OUTPUT_FILES)))
             except OSError as e:
