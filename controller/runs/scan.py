@@ -34,6 +34,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import useq
+
 from analysis.pipeline import FieldJob
 from analysis.report import OUTPUT_FILES, Report
 from controller import __version__
@@ -94,6 +96,21 @@ _DISK_MARGIN_BYTES = 64 * 1024**2
 #: detector's results) each take could wait the whole interval: a 20 ms
 #: exposure's frame took 14 ms to simulate instead of 5 (9 ms at 0.5 ms).
 _SWITCH_INTERVAL_S = 0.0005
+
+
+class _NoEventLines(logging.Filter):
+    """Drops pymmcore-plus's line per MDA event (its runner logs every event's
+    full repr to its DEBUG log file: 0.4-1 ms an event on the acquisition
+    thread); the ledger records each field, and every other line passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "%s"
+            and isinstance(args, tuple)
+            and len(args) == 1
+            and isinstance(args[0], useq.MDAEvent)
+        )
 
 
 @contextlib.contextmanager
@@ -617,7 +634,7 @@ class Scan:
             truth = instrument.sample.ground_truth(
                 [(f.name, f.x_um, f.y_um) for f in plan.fields]
             )
-            folder.write_json(folder.ground_truth_json, truth)
+            folder.write_json(folder.ground_truth_json, truth, compact=True)
             self.log.emit(Written(files=folder.digests(folder.ground_truth_json.name)))
         except StorageError as e:
             logger.error("%s", e)
@@ -675,10 +692,13 @@ class Scan:
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
         self._core = core
+        mm_log, quiet = logging.getLogger("pymmcore-plus"), _NoEventLines()
+        mm_log.addFilter(quiet)
         thread = supervisor.spawn("ctcscan-mda", lambda: core.mda.run(sequence))
         try:
             self._wait(core, thread, supervisor, watchdog)
         finally:
+            mm_log.removeFilter(quiet)
             if thread.is_alive() and not watchdog.hung.is_set():
                 # leaving early (an error in this thread): never leave the
                 # acquisition running under whatever closes the instrument
