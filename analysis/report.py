@@ -33,6 +33,9 @@ __all__ = [
     "EVENT_COLUMNS",
     "Report",
     "ReportContext",
+    "event_columns",
+    "event_rows",
+    "events_csv_text",
     "focus_html",
     "object_id",
     "read_report",
@@ -147,12 +150,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _feature_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
+    seen: set[str] = set()
     for rec in records:
         for o in rec["objects"]:
-            for k in o:
-                if k not in EVENT_COLUMNS and k != "candidate":
-                    seen.setdefault(k, None)
+            seen.update(o)
+    seen.difference_update(EVENT_COLUMNS)
+    seen.discard("candidate")
     return sorted(seen)
 
 
@@ -161,27 +164,60 @@ def _or_unknown(v: Any) -> str:
     return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
+def _row_col(o: Mapping[str, Any]) -> tuple[Any, Any]:
+    return (o["row"], o["col"])
+
+
+def event_columns(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The columns of events.csv for these records."""
+    return (*EVENT_COLUMNS, *_feature_columns(records), "candidate")
+
+
+def event_rows(
+    rec: Mapping[str, Any], cols: Sequence[str], drop: frozenset[str] = frozenset()
+) -> str:
+    """The rows of events.csv of one field's record (objects by row, then
+    column), under the columns `cols` (`event_columns` of all the records):
+    an object's missing columns and NaN values empty; the objects whose ids
+    are in `drop` (counted in another field) left out."""
+    at_id = list(cols).index("object_id")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    field = rec["field"]
+    for k, o in enumerate(sorted(rec["objects"], key=_row_col)):
+        get = o.get
+        # v != v: NaN only (None, strings and numbers equal themselves)
+        row = [("" if v != v else v) for v in [get(c, "") for c in cols]]
+        row[at_id] = oid = object_id(field, k)
+        if oid not in drop:
+            writer.writerow(row)
+    return buf.getvalue()
+
+
+def events_csv_text(
+    records: Sequence[Mapping[str, Any]],
+    cols: Sequence[str],
+    rows: Mapping[str, str] | None = None,
+    drop: frozenset[str] = frozenset(),
+) -> str:
+    """events.csv: a header, then each record's `event_rows` under `cols`
+    (`event_columns` of all the records) less the objects in `drop`, taken
+    from `rows` (by field, made without a drop) where they were made already
+    and the field loses nothing."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(cols)
+    parts = [buf.getvalue()]
+    cut = {oid.rsplit("-", 1)[0] for oid in drop}
+    for rec in records:
+        made = rows.get(rec["field"]) if rows and rec["field"] not in cut else None
+        parts.append(made if made is not None else event_rows(rec, cols, drop))
+    return "".join(parts)
+
+
 def _events_csv(
     records: Sequence[Mapping[str, Any]], drop: frozenset[str] = frozenset()
 ) -> str:
-    cols = [*EVENT_COLUMNS, *_feature_columns(records), "candidate"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(
-        buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n"
-    )
-    writer.writeheader()
-    for rec in records:
-        for k, o in enumerate(
-            sorted(rec["objects"], key=lambda o: (o["row"], o["col"]))
-        ):
-            row = {
-                kk: ("" if isinstance(v, float) and math.isnan(v) else v)
-                for kk, v in o.items()
-            }
-            row["object_id"] = oid = object_id(rec["field"], k)
-            if oid not in drop:
-                writer.writerow(row)
-    return buf.getvalue()
+    return events_csv_text(records, event_columns(records), drop=drop)
 
 
 def object_id(field: str, k: int) -> str:
@@ -559,10 +595,15 @@ OUTPUT_FILES = ("events.csv", "report.json", "report.html")
 
 
 def write_outputs(
-    out_dir: str | Path, records: Sequence[Mapping[str, Any]], ctx: ReportContext
+    out_dir: str | Path,
+    records: Sequence[Mapping[str, Any]],
+    ctx: ReportContext,
+    *,
+    events_csv: str | None = None,
 ) -> Report:
     """Write events.csv, report.json and report.html into `out_dir`; return
-    the report (`ctx`: what it needs beyond the detections)."""
+    the report (`ctx`: what it needs beyond the detections; `events_csv`:
+    the file's text when the caller made it already, by `events_csv_text`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["field"])
@@ -573,7 +614,10 @@ def write_outputs(
         drop, stitching = joined.dropped, joined.summary()
     counted = _without(records, drop)
     report = summarize(counted, ctx).model_copy(update={"stitching": stitching})
-    _atomic_write(out / "events.csv", _events_csv(records, drop))
+    # text made ahead knows nothing of the stitching: used only when it drops
+    # nothing
+    text = events_csv if events_csv is not None and not drop else None
+    _atomic_write(out / "events.csv", text or _events_csv(records, drop))
     _write_report(out, report, counted)
     return report
 

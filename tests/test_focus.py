@@ -529,8 +529,9 @@ def test_a_refocus_that_fails_leaves_the_field_at_its_planned_z(
         for a in json.loads((clean.run_dir / "focus_map.json").read_text())["anchors"]
     )
     # the map's snaps, the engine's dark frame, 4 frames per earlier field, the
-    # field's DAPI frame: the next snap is the re-focus search's first
-    search = map_snaps + 1 + 4 * k + 1
+    # field's DAPI frame and its FITC frame (taken while the DAPI frame is
+    # judged): the next snap is the re-focus search's first
+    search = map_snaps + 1 + 4 * k + 2
     # every try of the search's first snap fails: the re-focus gives up
     inst = sim_instrument(
         surface=surface, focus=focus, fail_snaps=[search, search + 1, search + 2]
@@ -557,6 +558,35 @@ def test_a_refocus_that_fails_leaves_the_field_at_its_planned_z(
         assert np.array_equal(data[c], expected), c
     # the field after it is unharmed
     assert bad.complete and not bad.failed
+
+
+def test_a_refocused_field_stores_every_channel_at_the_kept_z(
+    bowed: ScanResult,
+) -> None:
+    """The focus frame is judged while the next channel is taken; a field
+    re-focused to another z has that channel taken again there: the stored
+    frames are those of a field imaged at the kept z from its first channel."""
+    run = bowed.run_dir
+    planned = {
+        f["name"]: f for f in json.loads((run / "scan.json").read_text())["fields"]
+    }
+    again = {r["field"]: r for r in ledger(run) if r["event"] == "refocused"}
+    moved = [n for n, r in again.items() if r["kept"] == "second"]
+    assert moved
+    world = World(
+        WorldConfig(seed=34, surface=BOWED),
+        STRIP,
+        width=1384,
+        height=1036,
+        pixel_size_um=0.64,
+    )
+    for name in moved[:2]:
+        z = again[name]["second"]["z_um"]
+        x, y = planned[name]["x_um"], planned[name]["y_um"]
+        data = tifffile.imread(run / "fields" / f"{name}.ome.tif")
+        for c, exposure in enumerate((20.0, 150.0, 100.0, 150.0)):
+            expected = world.renderer.frame(x, y, z, c, exposure)
+            assert np.array_equal(data[c], expected), (name, c)
 
 
 def test_stopping_during_the_focus_map_stops_between_anchors(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ number nor damages what it did not create.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +17,13 @@ import pytest
 import tifffile
 
 from analysis.fieldio import MAX_FIELD_BYTES
+from analysis.report import _events_csv
+from controller.records import Detected
+from controller.runs.outputs import DetectionCache, load_records
 from controller.runs.queue import _folder_name
 from controller.runs.scan import ScanResult
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import LedgerState
 from tests.conftest import invoke, one_line_error
 from tests.test_analyze import FILE_NAMES, MAP, _write
 from tests.test_detect import Canvas
@@ -307,3 +313,78 @@ def test_verify_finds_a_removed_or_inserted_log_line(
         (run / name).write_bytes(b"".join(change(lines)))
         code, text = _verify(run)
         assert code == 1 and f"problem: {name}: line" in text, (name, text)
+
+
+def test_outputs_read_ahead_only_what_the_ledger_calls_current(tmp_path: Path) -> None:
+    """A detection file read as it was recorded is used by the outputs only
+    while the ledger's current record names the sha256 of the bytes read."""
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    folder.detections_dir.mkdir(parents=True, exist_ok=True)
+
+    def detect(name: str, objects: list[dict[str, object]]) -> Detected:
+        data = json.dumps({"field": name, "objects": objects}).encode()
+        folder.detection_path(name).write_bytes(data)
+        return Detected(field=name, sha256=hashlib.sha256(data).hexdigest())
+
+    ctc = {"label": "CTC", "row": 1, "col": 2, "score": 0.9, "area": 3}
+    wbc = {"label": "WBC", "row": 5, "col": 1, "score": 0.1, "area": 4}
+    cache = DetectionCache(folder)
+    first = [detect("field_000", [ctc, wbc]), detect("field_001", [wbc])]
+    for r in first:
+        cache.on_record(r)
+    state = LedgerState.from_records(first)
+    current = {r.field: r.sha256 for r in first}
+    folder.detection_path("field_000").write_text("not json")  # read already
+    got = load_records(folder, ["field_000"], state, cache=cache, current=current)
+    assert got[0]["objects"][0] == ctc  # CTC objects whole, others their label
+    assert got[0]["objects"][1] == {"label": "WBC"}
+    # detected again: the ledger's sha256 is the new file's, the cache's is not
+    again = detect("field_001", [wbc, wbc])
+    current["field_001"] = again.sha256
+    got = load_records(folder, ["field_001"], state, cache=cache, current=current)
+    assert got[0]["objects"] == [wbc, wbc]
+    # a file that does not hash as its record says is not read ahead
+    folder.detection_path("field_002").write_text("{}")
+    cache.on_record(Detected(field="field_002", sha256="0" * 64))
+    assert cache.get("field_002", "0" * 64) is None
+
+
+def test_events_csv_from_rows_made_ahead_is_the_same_file(tmp_path: Path) -> None:
+    """Rows made as the detections were recorded give the events.csv of the
+    whole records; when a later field brings a new column, the cache says so
+    (None) and the outputs read the files again."""
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    folder.detections_dir.mkdir(parents=True, exist_ok=True)
+    recs = [
+        {
+            "field": f"field_{i:03d}",
+            "objects": [
+                {"label": "CTC", "row": 3, "col": 1, "score": 0.5, "area": 2.5},
+                {"label": "WBC", "row": 1, "col": 9, "score": float("nan")},
+            ],
+        }
+        for i in range(3)
+    ]
+    cache = DetectionCache(folder)
+    ledger = []
+    for rec in recs:
+        data = json.dumps(rec).encode()
+        folder.detection_path(rec["field"]).write_bytes(data)
+        ledger.append(
+            Detected(field=rec["field"], sha256=hashlib.sha256(data).hexdigest())
+        )
+        cache.on_record(ledger[-1])
+    state = LedgerState.from_records(ledger)
+    current = {r.field: r.sha256 for r in ledger}
+    names = [r["field"] for r in recs]
+    got = load_records(folder, names, state, cache=cache, current=current)
+    whole = load_records(folder, names, state)
+    assert cache.events_csv(got) == _events_csv(whole)
+    # a field outside the cache with a new column: rows made ahead are stale
+    extra = {
+        "field": "field_009",
+        "objects": [{"label": "WBC", "row": 0, "col": 0, "new": 1}],
+    }
+    assert cache.events_csv([*got, extra]) is None

@@ -1,8 +1,10 @@
 """Field assembly: channel frames from the acquisition thread -> whole fields.
 
 `FieldAssembler.frame_ready` is connected synchronously to the runner's
-``frameReady`` signal. It copies the frame into the field's (C, Y, X) buffer and,
-when the last channel arrives, hands the field to `deliver` (a bounded enqueue).
+``frameReady`` signal. It keeps the frame (a camera's frames are new arrays:
+no 2.8 MB copy on the acquisition thread) in the field's channel slot and,
+when the last channel arrives, hands the field to `deliver` (a bounded enqueue;
+the storage thread stacks the frames).
 Frames are placed by their event index, so a missing frame can never shift later
 frames into the wrong slot.
 """
@@ -29,7 +31,7 @@ __all__ = ["FieldAssembler"]
 class _Partial:
     """A field being assembled: its buffer and, per channel, what its frame said."""
 
-    buf: np.ndarray
+    frames: list[np.ndarray | None]
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     have: list[bool] = field(default_factory=list)
     exposure_ms: list[float | None] = field(default_factory=list)
@@ -86,12 +88,12 @@ class FieldAssembler:
             if (part := self._partial.get(p)) is None:
                 n = len(self.channel_names)
                 part = self._partial[p] = _Partial(
-                    np.empty((n, *img.shape), img.dtype),
+                    [None] * n,
                     have=[False] * n,
                     exposure_ms=[None] * n,
                     stage=[stage] * n,
                 )
-            part.buf[c] = img
+            part.frames[c] = img
             part.have[c] = True
             part.exposure_ms[c] = (
                 float(exposure) if isinstance(exposure, int | float) else None
@@ -104,7 +106,7 @@ class FieldAssembler:
             self.deliver(
                 AssembledField(
                     spec.name,
-                    part.buf,
+                    tuple(f for f in part.frames if f is not None),
                     self.channel_names,
                     stage,
                     focus=meta.get("ctcscan_focus"),

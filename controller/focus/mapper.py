@@ -19,6 +19,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -206,6 +207,10 @@ class FocusMapper:
         self.should_stop = should_stop
         self.fallbacks = 0
         self._focuser: Focuser | None = None
+        #: anchor index -> its sharpness, measured on a helper thread while the
+        #: stage goes on to the next anchor (needed only once the map is fitted)
+        self._sharpness: dict[int, Future[float | None]] = {}
+        self._judge: ThreadPoolExecutor | None = None
 
     @property
     def focuser(self) -> Focuser:
@@ -230,6 +235,15 @@ class FocusMapper:
         return fmap
 
     def _build(self) -> FocusMap:
+        self._sharpness.clear()
+        self._judge = ThreadPoolExecutor(1, thread_name_prefix="ctcscan-anchor-qc")
+        try:
+            return self._build_map()
+        finally:
+            self._judge.shutdown(wait=True, cancel_futures=True)
+            self._judge = None
+
+    def _build_map(self) -> FocusMap:
         s = self.settings
         t0 = time.perf_counter()
         positions = anchor_positions(self.layout, *self.fov, s)
@@ -278,6 +292,9 @@ class FocusMapper:
             self._measure(a, (first + predicted) / 2, half, hardware=False)
 
         fit = fit_anchors(anchors, s, center, scale, remeasure)  # type: ignore[arg-type]
+        for a in anchors:
+            if (judged := self._sharpness.get(a.index)) is not None:
+                a.sharpness = judged.result()
         used = [a for a in anchors if a.usable]
         res = np.array([a.residual_um or 0.0 for a in used])
         rms = float(np.sqrt(np.mean(res * res))) if len(used) else 0.0
@@ -342,6 +359,7 @@ class FocusMapper:
         s, fz = self.settings, self.focuser
         t0, snaps0 = time.perf_counter(), fz.snaps
         a.z_um, a.sharpness, a.reason = None, None, ""
+        self._sharpness.pop(a.index, None)
         near: tuple[float, np.ndarray] | None = None  # a full frame near focus
         try:
             fz.move_xy(a.x_um, a.y_um)
@@ -368,7 +386,7 @@ class FocusMapper:
                 # within the depth of field a frame this close is as sharp
                 if near is None or abs(near[0] - z) > s.fine_step_um:
                     near = (z, fz.snap_at(z))
-                a.sharpness = field_sharpness(near[1]).sharpness
+                self._judge_later(a, near[1])
                 a.status = "ok" if a.status == "pending" else a.status
             else:
                 a.status = "failed"
@@ -376,6 +394,16 @@ class FocusMapper:
             a.status, a.reason = "failed", f"{type(e).__name__}: {e}"
         a.snaps += fz.snaps - snaps0
         a.seconds = round(a.seconds + time.perf_counter() - t0, 3)
+
+    def _judge_later(self, a: Anchor, image: np.ndarray) -> None:
+        """The anchor's sharpness (the per-field QC's reference), measured on
+        the helper thread; at once when there is none."""
+        if self._judge is None:
+            a.sharpness = field_sharpness(image).sharpness
+            return
+        self._sharpness[a.index] = self._judge.submit(
+            lambda: field_sharpness(image).sharpness
+        )
 
     def _hardware(self, center: float, half_range: float) -> float | None:
         """Hardware full focus with retries; None when unavailable or failing."""

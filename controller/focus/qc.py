@@ -5,7 +5,9 @@
 field below ``qc_min_relative`` of it is searched locally (`Focuser.search`)
 and its frame re-taken at the found z, through the run's `Hardware`. The engine
 (`controller.acquisition.engine`) calls it and takes the field's other channels
-at the kept z.
+at the kept z. `FocusQC.judge` is the score alone (pure, thread-safe): the
+engine computes it while the camera takes the field's next channel and hands
+it to `check`.
 """
 
 from __future__ import annotations
@@ -66,16 +68,37 @@ class FocusQC:
     def threshold(self) -> float:
         return self.settings.qc_min_relative * self.reference
 
-    def check(self, image: np.ndarray, z: float) -> tuple[np.ndarray, FieldFocus]:
+    def judge(self, image: np.ndarray) -> tuple[FieldSharpness, float]:
+        """The sharpness of a focus-channel frame and the seconds it took to
+        measure; no device is touched (safe on any thread)."""
+        t0 = time.perf_counter()
+        return field_sharpness(image), time.perf_counter() - t0
+
+    def poor(self, judged: FieldSharpness) -> bool:
+        """Whether a frame so judged is re-focused."""
+        return judged.sharpness is not None and judged.sharpness < self.threshold()
+
+    def check(
+        self,
+        image: np.ndarray,
+        z: float,
+        judged: tuple[FieldSharpness, float] | None = None,
+    ) -> tuple[np.ndarray, FieldFocus]:
         """Judge `image` (taken at `z`); re-focus and re-acquire if it is poor.
 
-        Returns the frame to keep and what was done; the focus drive is left at
-        the kept frame's z.
+        `judged`: what `judge` said of `image`, if it was already asked (the
+        camera may since have taken other channels: the focus channel is then
+        selected again before a re-focus). Returns the frame to keep and what
+        was done; the focus drive is left at the kept frame's z.
         """
         t0 = time.perf_counter()
-        first = field_sharpness(image)
+        if judged is None:
+            first, _ = self.judge(image)
+        else:  # measured elsewhere: its time counts too
+            first, spent = judged
+            t0 -= spent
         info = FieldFocus(z, z, first.sharpness, first.sharpness)
-        if first.sharpness is None or first.sharpness >= self.threshold():
+        if not self.poor(first):
             info.reason = "no content" if first.sharpness is None else ""
             self.seconds += time.perf_counter() - t0
             info.seconds = round(time.perf_counter() - t0, 4)
@@ -84,6 +107,8 @@ class FocusQC:
         snaps0 = fz.snaps
         keep, kept = image, first
         try:
+            if judged is not None:
+                fz.select_channel()
             search = fz.search(z, self.settings.refocus_range_um)
             if search.z is None:
                 info.reason = f"re-focus found no focus: {search.reason}"

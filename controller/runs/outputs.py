@@ -7,33 +7,149 @@ writes the same outputs as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from analysis.report import Report, ReportContext, read_report, write_outputs
+from analysis.detect import CUT_REASON
+from analysis.report import (
+    Report,
+    ReportContext,
+    event_columns,
+    event_rows,
+    events_csv_text,
+    read_report,
+    write_outputs,
+)
+from analysis.stitch import stitch
 from controller.acquisition.plan import ScanPlan
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import StorageError
 from controller.focus.surface import FocusMap
+from controller.records import Detected, Record
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
 from controller.runstore.review import signed_off
 
 logger = logging.getLogger("ctcscan.outputs")
 
-__all__ = ["focus_report", "load_records", "write_scan_outputs"]
+__all__ = ["DetectionCache", "focus_report", "load_records", "write_scan_outputs"]
+
+
+class DetectionCache:
+    """Detection files read as the detector records them, so the outputs at
+    the end of a scan need not read them again.
+
+    Per field it keeps the sha256 of the bytes it read, the record without
+    its non-CTC objects' features (what the report needs: the counts, the
+    CTC objects, the per-field values; a few MB for a cartridge, not the
+    40 MB of whole records) and the field's events.csv rows (`event_rows`)
+    under the columns of every field read so far. `load_records` takes a
+    field from here only when the ledger's current `Detected` record names
+    that sha256, and `events_csv` reuses rows only when their columns are the
+    final ones: the outputs are those of reading the folder at the end.
+
+    Subscribe `on_record` to the run's events: it reads each file on the
+    thread that recorded it (the detector's, not the acquisition's).
+    """
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        self._slim: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._rows: dict[str, tuple[tuple[str, ...], str]] = {}
+        self._keys: dict[str, frozenset[str]] = {}
+        self._features: set[str] = set()
+        self._lock = threading.Lock()
+
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, Detected) and record.sha256:
+            self.take(record.field, record.sha256)
+
+    def take(self, name: str, sha256: str) -> None:
+        """Read one field's detection file; a file that cannot be read, does
+        not hash to `sha256` or is not a detection record is left to
+        `load_records` (which says what is wrong with it)."""
+        try:
+            data = self.folder.detection_path(name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                return
+            rec = json.loads(data)
+            objects = rec["objects"]
+            keys = frozenset(k for o in objects for k in o)
+            with self._lock:
+                features = self._features | keys
+            cols = event_columns([{"objects": [dict.fromkeys(features)]}])
+            rows = event_rows(rec, cols)
+        except Exception:  # an optimisation only: the file is read again later
+            return
+        slim = {**rec, "objects": [_slim(o) for o in objects]}
+        with self._lock:
+            self._features |= keys
+            self._slim[name] = (sha256, slim)
+            self._rows[name] = (cols, rows)
+            self._keys[name] = keys
+
+    def get(self, name: str, sha256: str | None) -> dict[str, Any] | None:
+        with self._lock:
+            hit = self._slim.get(name)
+        return hit[1] if hit is not None and sha256 and hit[0] == sha256 else None
+
+    def events_csv(self, records: Sequence[dict[str, Any]]) -> str | None:
+        """events.csv of `records` (as `load_records` returned them, some
+        from here) with the rows made ahead; None when the columns grew after
+        a field's rows were made here (its whole record is not kept: the
+        caller reads the files again)."""
+        with self._lock:
+            here = {id(slim): n for n, (_, slim) in self._slim.items()}
+            rows, keys = dict(self._rows), dict(self._keys)
+        feats: set[str] = set()
+        mine: dict[str, tuple[tuple[str, ...], str]] = {}
+        for r in records:
+            name = here.get(id(r))
+            if name is not None:
+                feats |= keys[name]
+                mine[name] = rows[name]
+            else:
+                feats.update(k for o in r["objects"] for k in o)
+        cols = event_columns([{"objects": [dict.fromkeys(feats)]}])
+        if any(c != cols for c, _ in mine.values()):
+            return None
+        return events_csv_text(
+            sorted(records, key=lambda r: r["field"]),
+            cols,
+            {n: text for n, (_, text) in mine.items()},
+        )
+
+
+def _slim(o: dict[str, Any]) -> dict[str, Any]:
+    """An object as the report and the stitching need it: a CTC whole, any
+    other its label, place and (for the stitching) the edge rule's reason."""
+    if o.get("label") == "CTC":
+        return o
+    out = {"label": o.get("label"), "row": o.get("row"), "col": o.get("col")}
+    if o.get("reason") == CUT_REASON:
+        out["reason"] = CUT_REASON
+    return out
 
 
 def load_records(
-    folder: RunFolder, names: Iterable[str], state: LedgerState
+    folder: RunFolder,
+    names: Iterable[str],
+    state: LedgerState,
+    *,
+    cache: DetectionCache | None = None,
+    current: Mapping[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """The detection records of the given fields that the ledger says are
     current (`LedgerState.detected`): a file left by an earlier acquisition of
     the field, or by an earlier analysis, is not one of them.
 
     A missing file leaves its field unanalysed (a resume detects it again).
+    With a `cache`, a field whose `current` sha256 (of its latest `Detected`
+    record) is the cached file's is not read again.
 
     Raises
     ------
@@ -44,6 +160,11 @@ def load_records(
     for name in names:
         if name not in state.detected:
             continue
+        if cache is not None and current is not None:
+            hit = cache.get(name, current.get(name))
+            if hit is not None:
+                out.append(hit)
+                continue
         path = folder.detection_path(name)
         try:
             out.append(json.loads(path.read_bytes()))
@@ -70,9 +191,11 @@ def write_scan_outputs(
     fmap_reused: bool,
     acquisition_s: float,
     focus_qc_s: float,
+    cache: DetectionCache | None = None,
 ) -> Report:
-    """events.csv, report.json, report.html from the fields' detections; a
-    cell that overlapping fields saw twice counts once (`analysis.stitch`).
+    """events.csv, report.json, report.html from the fields' detections
+    (those already read by `cache` taken from it); a cell that overlapping
+    fields saw twice counts once (`analysis.stitch`).
 
     A run whose review is signed keeps the outputs that were signed: they are
     read back, never written again.
@@ -86,16 +209,26 @@ def write_scan_outputs(
         )
         return read_report(folder.root / "report.json")
     names = [f.name for f in plan.fields]
-    state = LedgerState.from_records(folder.ledger.read())
+    ledger = list(folder.ledger.read())
+    state = LedgerState.from_records(ledger)
+    current = {r.field: r.sha256 for r in ledger if isinstance(r, Detected)}
     failed = {
         n: r.reason
         for n, r in state.failed.items()
         if n in names and n not in state.stored
     }
     map_s = 0.0 if fmap is None or fmap_reused else fmap.seconds
+    records = load_records(folder, names, state, cache=cache, current=current)
+    events = None
+    if cache is not None:
+        # rows made ahead hold every object: only when the stitching drops none
+        if not stitch(records, assay.stitch).dropped:
+            events = cache.events_csv(records)
+        if events is None:  # read the whole records again
+            records = load_records(folder, names, state)
     return write_outputs(
         folder.root,
-        load_records(folder, names, state),
+        records,
         ReportContext(
             cartridge_id=cartridge_id,
             indication=assay.indication,
@@ -112,6 +245,7 @@ def write_scan_outputs(
             focus=focus_report(plan, state, fmap, fmap_reused, instrument, focus_qc_s),
             stitch=assay.stitch,
         ),
+        events_csv=events,
     )
 
 

@@ -25,13 +25,16 @@ import logging
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import useq
 
 from analysis.pipeline import FieldJob
 from analysis.report import OUTPUT_FILES, Report
@@ -71,7 +74,7 @@ from controller.records import (
 )
 from controller.runs.detector import OnlineDetector
 from controller.runs.focusmap import FocusMapStep
-from controller.runs.outputs import write_scan_outputs
+from controller.runs.outputs import DetectionCache, write_scan_outputs
 from controller.runs.watchdog import Watchdog
 from controller.runstore.audit import AuditLog, AuditTrail, config_hash
 from controller.runstore.fieldstore import AssembledField, FieldStore, StoreWorker
@@ -87,6 +90,40 @@ logger = logging.getLogger("ctcscan.scan")
 
 #: Extra room asked of the disk beyond the raw pixels (metadata, ledger, results).
 _DISK_MARGIN_BYTES = 64 * 1024**2
+
+#: How long a thread may hold the GIL while another waits for it, during a scan
+#: (CPython's default is 5 ms). The device thread's every numpy call gives the
+#: GIL up and takes it back; behind a thread running Python (storage, the
+#: detector's results) each take could wait the whole interval: a 20 ms
+#: exposure's frame took 14 ms to simulate instead of 5 (9 ms at 0.5 ms).
+_SWITCH_INTERVAL_S = 0.0005
+
+
+class _NoEventLines(logging.Filter):
+    """Drops pymmcore-plus's line per MDA event (its runner logs every event's
+    full repr to its DEBUG log file: 0.4-1 ms an event on the acquisition
+    thread); the ledger records each field, and every other line passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "%s"
+            and isinstance(args, tuple)
+            and len(args) == 1
+            and isinstance(args[0], useq.MDAEvent)
+        )
+
+
+@contextlib.contextmanager
+def _device_thread_first() -> Iterator[None]:
+    """The GIL's switch interval at `_SWITCH_INTERVAL_S` (never longer than it
+    was) for the block; the process's own setting afterwards."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, _SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @dataclass(frozen=True)
@@ -248,7 +285,7 @@ class Scan:
             Bad input, or the run stopped with an error (a `Stopped` record
             holds it; the run is resumable).
         """
-        with self.lock:
+        with self.lock, _device_thread_first():
             self.folder.prepare()
             audit = self.events.subscribe(AuditTrail(self.audit))
             try:
@@ -459,14 +496,7 @@ class Scan:
         by_name = plan.by_name()
         remaining = [by_name[f.name] for f in remaining]
         self._write_scan_json(plan, instrument)
-        if instrument.sample is not None:
-            truth = instrument.sample.ground_truth(
-                [(f.name, f.x_um, f.y_um) for f in plan.fields]
-            )
-            folder.write_json(folder.ground_truth_json, truth)
-        self.log.emit(
-            Written(files=folder.digests("scan.json", folder.ground_truth_json.name))
-        )
+        self.log.emit(Written(files=folder.digests("scan.json")))
         if done:
             self.log.emit(
                 Resumed(skipped=len(done), remaining=[f.name for f in remaining])
@@ -490,6 +520,9 @@ class Scan:
         if fmap.enabled and req.instrument.focus.qc and fmap.reference_sharpness:
             qc = FocusQC(Focuser(hw, req.instrument), fmap.reference_sharpness)
         unsubscribe = [self.events.subscribe(result.tally)]
+        cache = DetectionCache(folder)
+        unsubscribe.append(self.events.subscribe(cache.on_record))
+        ahead_failed: list[BaseException] = []
         writer: StoreWorker | None = None
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -524,16 +557,33 @@ class Scan:
         finally:
             if writer is not None:
                 writer.close()
-            # a failed run leaves detection to resume
-            stats = detector.close(drain=not supervisor.failed.is_set())
+            # while the detector finishes the last fields: the simulator's
+            # truth (0.3-0.5 s; not between the focus map and the first field)
+            truth_error: list[StorageError | None] = [None]
+
+            def meanwhile() -> None:
+                try:
+                    truth_error[0] = self._write_ground_truth(instrument, plan)
+                except BaseException as e:  # raised below, on the run's thread
+                    ahead_failed.append(e)
+
+            ahead = threading.Thread(target=meanwhile, name="ctcscan-outputs-ahead")
+            ahead.start()
+            try:
+                # a failed run leaves detection to resume
+                stats = detector.close(drain=not supervisor.failed.is_set())
+            finally:
+                ahead.join()
             for fn in unsubscribe:
                 fn()
+        if ahead_failed:
+            raise ahead_failed[0]
         result.duration_s = time.perf_counter() - t0
         result.focus_qc_s = qc.seconds if qc is not None else 0.0
         result.frames = result.stored * len(plan.channels)
         result.detected, result.detect_failed = stats["detected"], stats["failed"]
         result.max_detect_backlog = stats["max_backlog"]
-        error = watchdog.error or supervisor.error
+        error = watchdog.error or supervisor.error or truth_error[0]
         result.canceled = self._cancel.is_set() or error is not None
         if error is None:
             try:
@@ -547,6 +597,7 @@ class Scan:
                     fmap_reused=reused,
                     acquisition_s=result.duration_s,
                     focus_qc_s=result.focus_qc_s,
+                    cache=cache,
                 )
                 self.log.emit(Written(files=folder.digests(*OUTPUT_FILES)))
             except OSError as e:
@@ -571,6 +622,25 @@ class Scan:
                 raise error
             raise ScannerError(f"scan stopped: {error}") from error
         return result
+
+    def _write_ground_truth(
+        self, instrument: Instrument, plan: ScanPlan
+    ) -> StorageError | None:
+        """ground_truth.json of a simulated instrument, and its `Written`
+        record; the error if it cannot be written."""
+        if instrument.sample is None:
+            return None
+        folder = self.folder
+        try:
+            truth = instrument.sample.ground_truth(
+                [(f.name, f.x_um, f.y_um) for f in plan.fields]
+            )
+            folder.write_json(folder.ground_truth_json, truth, compact=True)
+            self.log.emit(Written(files=folder.digests(folder.ground_truth_json.name)))
+        except StorageError as e:
+            logger.error("%s", e)
+            return e
+        return None
 
     def _end(self, record: Finished | Stopped) -> None:
         """The run's last record; if even the ledger cannot take it (a
@@ -624,10 +694,13 @@ class Scan:
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
         self._core = core
+        mm_log, quiet = logging.getLogger("pymmcore-plus"), _NoEventLines()
+        mm_log.addFilter(quiet)
         thread = supervisor.spawn("ctcscan-mda", lambda: core.mda.run(sequence))
         try:
             self._wait(core, thread, supervisor, watchdog)
         finally:
+            mm_log.removeFilter(quiet)
             if thread.is_alive() and not watchdog.hung.is_set():
                 # leaving early (an error in this thread): never leave the
                 # acquisition running under whatever closes the instrument

@@ -40,8 +40,9 @@ class AssembledField:
     ----------
     name : str
         The field's name (``field_NNN``).
-    data : ndarray, shape (C, Y, X)
-        Pixels, channel order as in `channel_names`.
+    data : ndarray, shape (C, Y, X), or a tuple of C (Y, X) frames
+        Pixels, channel order as in `channel_names` (`pixels` stacks frames,
+        on the storage thread rather than the acquisition's).
     stage : dict
         Stage position of the field: ``x_um``, ``y_um``, ``z_um`` (read back
         at acquisition where the engine could).
@@ -58,13 +59,19 @@ class AssembledField:
     """
 
     name: str
-    data: np.ndarray
+    data: np.ndarray | tuple[np.ndarray, ...]
     channel_names: tuple[str, ...]
     stage: dict[str, float]
     focus: dict[str, Any] | None = None
     acquired_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     exposure_ms: tuple[float | None, ...] = ()
     plane_stage: tuple[dict[str, float], ...] = ()
+
+    def pixels(self) -> np.ndarray:
+        """The (C, Y, X) pixels (frames stacked once, when first asked)."""
+        if isinstance(self.data, tuple):
+            self.data = np.stack(self.data)
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -119,10 +126,11 @@ class FieldStore:
 
     def metadata(self, field: AssembledField) -> str:
         """The OME-XML of one field."""
+        data = field.pixels()
         return self.ome.xml(
             name=field.name,
-            shape=field.data.shape,
-            dtype=field.data.dtype,
+            shape=data.shape,
+            dtype=data.dtype,
             channel_names=field.channel_names,
             acquired_at=field.acquired_at,
             planes=self.planes(field),
@@ -140,7 +148,7 @@ class FieldStore:
         """Encode the field (as `encode`) into an open, seekable file."""
         tifffile.imwrite(
             f,
-            field.data,
+            field.pixels(),
             photometric="minisblack",
             description=self.metadata(field).encode("utf-8"),
             metadata=None,  # no tifffile JSON description: the OME-XML says it all
