@@ -29,6 +29,7 @@ from controller.layouts import CartridgeLayout, get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from hardware_configs import CONFIG_DIR
 from tests.conftest import invoke, one_line_error
+from tests.test_focus import EMPTY
 
 PX = 0.64
 W, H = 1384, 1036
@@ -537,23 +538,10 @@ def test_the_simulated_stage_lands_near_its_target_and_says_where() -> None:
 def test_a_turned_camera_sees_a_cell_where_the_affine_says() -> None:
     from simulators import World, WorldConfig
 
-    none = {
-        k: 0
-        for k in (
-            "ctc",
-            "wbc_per_field",
-            "double_positive",
-            "ck_fragment",
-            "small_ck_dapi",
-            "nucleus_beside_ck",
-            "free_nucleus_per_field",
-            "debris",
-        )
-    }
     cell = (300.0, 200.0)  # stage um from the frame centre
     layout = CartridgeLayout(name="c", rows=3, cols=3)  # the centre field
     world = World(
-        WorldConfig(camera_rotation_deg=1.0, population={**none, "ctc_at": [cell]}),
+        WorldConfig(camera_rotation_deg=1.0, population={**EMPTY, "ctc_at": [cell]}),
         layout,
     )
     frame = world.renderer.frame(0.0, 0.0, world.surface_z(0, 0), 2, 100.0)
