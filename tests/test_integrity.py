@@ -337,8 +337,9 @@ def test_outputs_read_ahead_only_what_the_ledger_calls_current(tmp_path: Path) -
     current = {r.field: r.sha256 for r in first}
     folder.detection_path("field_000").write_text("not json")  # read already
     got = load_records(folder, ["field_000"], state, cache=cache, current=current)
-    assert got[0]["objects"][0] == ctc  # CTC objects whole, others their label
-    assert got[0]["objects"][1] == {"label": "WBC"}
+    # CTC objects whole, others their label and place (for the stitching)
+    assert got[0]["objects"][0] == ctc
+    assert got[0]["objects"][1] == {"label": "WBC", "row": 5, "col": 1}
     # detected again: the ledger's sha256 is the new file's, the cache's is not
     again = detect("field_001", [wbc, wbc])
     current["field_001"] = again.sha256
