@@ -504,8 +504,9 @@ def bowed_reference(tmp_path_factory: pytest.TempPathFactory, bowed_yaml: Path) 
 
 def snap_number(ref: Path, during: str) -> int:
     """The simulator's (0-based) snap count at the first snap of `during`:
-    the map's snaps, the dark frame, then per field its DAPI frame, any
-    re-focus search snaps, and its other three frames."""
+    the map's snaps, the dark frame, then per field its DAPI frame, its
+    FITC frame (taken while the DAPI frame is judged), any re-focus search
+    snaps, and its other frames."""
     fmap = json.loads((ref / "focus_map.json").read_text())
     n = sum(a["snaps"] for a in fmap["anchors"])
     if during == "dark frame":
@@ -515,7 +516,7 @@ def snap_number(ref: Path, during: str) -> int:
     refocused = {r["field"] for r in ledger(ref) if r["event"] == "refocused"}
     for f in json.loads((ref / "scan.json").read_text())["fields"]:
         if f["name"] in refocused:
-            return n + 1  # after its DAPI frame
+            return n + 2  # after its DAPI and FITC frames
         n += 4 + stored[f["name"]]["focus"]["search_snaps"]
     raise AssertionError("no field was re-focused")
 
