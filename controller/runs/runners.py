@@ -30,7 +30,12 @@ from typing import Any, Protocol, TypeVar
 
 from analysis.pipeline import FieldJob, analyze_field_file
 from controller.errors import ClusterError
-from controller.runs.detector import DetectionWriter, OnlineDetector, failure_reason
+from controller.runs.detector import (
+    DetectionWriter,
+    OnlineDetector,
+    failure_reason,
+    prepare_worker,
+)
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
 from controller.supervise import Supervisor
@@ -86,19 +91,11 @@ def run_local(
         finished(cart)
 
 
-_LIMITS: Any = None
-
-
 def analyze_one_thread(job: FieldJob) -> Mapping[str, Any]:
-    """A Dask task: one field, with numpy's thread pools held to one thread
-    in this worker process from its first field on (a worker runs one task per
-    thread already; setting the limit per task costs a scan of the loaded
-    libraries every time)."""
-    global _LIMITS
-    if _LIMITS is None:
-        from threadpoolctl import threadpool_limits
-
-        _LIMITS = threadpool_limits(limits=1)
+    """A Dask task: one field, in a worker process that has done the local
+    pool's worker start-up (`prepare_worker`: one BLAS thread, freed frames
+    kept in the heap, the blur model's tables) from its first field on."""
+    prepare_worker()
     return analyze_field_file(job)
 
 
