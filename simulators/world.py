@@ -548,28 +548,36 @@ class World:
         """
         o = self.objects
         out_fields = []
-        totals = dict.fromkeys(KINDS, 0)
+        counts = np.zeros(len(KINDS), dtype=np.int64)
+        diameter = 2 * np.maximum(o.cell_r, o.nuc_r)
         for name, fx, fy in fields:
             idx = self.objects_in(fx, fy)
             rows, cols = self.to_pixel(fx, fy, o.x[idx], o.y[idx])
-            objs = []
-            for j, i in enumerate(idx):
-                kind = KINDS[o.kind[i]]
-                totals[kind] += 1
-                objs.append(
-                    {
-                        "id": int(i),
-                        "kind": kind,
-                        "row": round(float(rows[j]), 1),
-                        "col": round(float(cols[j]), 1),
-                        "diameter_um": round(
-                            float(2 * max(o.cell_r[i], o.nuc_r[i])), 2
-                        ),
-                        "cluster": int(o.cluster[i]),
-                        "dim": bool(o.dim[i]),
-                        "marker_positive": bool(o.marker[i]),
-                    }
+            kinds = o.kind[idx]
+            counts += np.bincount(kinds, minlength=len(KINDS))
+            objs = [
+                {
+                    "id": i,
+                    "kind": KINDS[k],
+                    "row": round(r, 1),
+                    "col": round(c, 1),
+                    "diameter_um": round(d, 2),
+                    "cluster": cl,
+                    "dim": dim,
+                    "marker_positive": marker,
+                }
+                for i, k, r, c, d, cl, dim, marker in zip(
+                    np.asarray(idx).tolist(),
+                    kinds.tolist(),
+                    np.asarray(rows, dtype=float).tolist(),
+                    np.asarray(cols, dtype=float).tolist(),
+                    diameter[idx].astype(float).tolist(),
+                    o.cluster[idx].astype(int).tolist(),
+                    o.dim[idx].astype(bool).tolist(),
+                    o.marker[idx].astype(bool).tolist(),
+                    strict=True,
                 )
+            ]
             out_fields.append(
                 {
                     "name": name,
@@ -585,7 +593,7 @@ class World:
             "world": self.config.model_dump(mode="json"),
             "stains": list(STAINS),
             "pixel_size_um": self.pixel_size_um,
-            "totals": totals,
+            "totals": dict(zip(KINDS, counts.tolist(), strict=True)),
             "fields": out_fields,
         }
 
