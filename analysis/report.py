@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis.detect import LABELS
 from analysis.settings import StitchSettings
-from analysis.stitch import object_key, stitch
+from analysis.stitch import Stitching, object_key, stitch
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -600,17 +600,19 @@ def write_outputs(
     ctx: ReportContext,
     *,
     events_csv: str | None = None,
+    stitched: Stitching | None = None,
 ) -> Report:
     """Write events.csv, report.json and report.html into `out_dir`; return
     the report (`ctx`: what it needs beyond the detections; `events_csv`:
-    the file's text when the caller made it already, by `events_csv_text`)."""
+    the file's text when the caller made it already, by `events_csv_text`;
+    `stitched`: `stitch(records, ctx.stitch)` when the caller has it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["field"])
     drop: frozenset[str] = frozenset()
     stitching = None
     if ctx.stitch is not None:
-        joined = stitch(records, ctx.stitch)
+        joined = stitched if stitched is not None else stitch(records, ctx.stitch)
         drop, stitching = joined.dropped, joined.summary()
     counted = _without(records, drop)
     report = summarize(counted, ctx).model_copy(update={"stitching": stitching})

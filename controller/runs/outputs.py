@@ -219,13 +219,14 @@ def write_scan_outputs(
     }
     map_s = 0.0 if fmap is None or fmap_reused else fmap.seconds
     records = load_records(folder, names, state, cache=cache, current=current)
-    events = None
+    events = stitched = None
     if cache is not None:
         # rows made ahead hold every object: only when the stitching drops none
-        if not stitch(records, assay.stitch).dropped:
+        stitched = stitch(records, assay.stitch)
+        if not stitched.dropped:
             events = cache.events_csv(records)
         if events is None:  # read the whole records again
-            records = load_records(folder, names, state)
+            records, stitched = load_records(folder, names, state), None
     return write_outputs(
         folder.root,
         records,
@@ -246,6 +247,7 @@ def write_scan_outputs(
             stitch=assay.stitch,
         ),
         events_csv=events,
+        stitched=stitched,
     )
 
 

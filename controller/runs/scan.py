@@ -114,6 +114,38 @@ class _NoEventLines(logging.Filter):
         )
 
 
+class _Ahead:
+    """A piece of the run's end done on its own thread, started once by
+    whichever comes first (`start` is safe from any thread); `join` waits
+    and returns its result; what it raised is kept in `error`."""
+
+    def __init__(self, work: Callable[[], StorageError | None]) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._result: StorageError | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="ctcscan-ahead")
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._work()
+        except BaseException as e:  # raised on the run's thread
+            self.error = e
+
+    def join(self) -> StorageError | None:
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
+        return self._result
+
+
 @contextlib.contextmanager
 def _device_thread_first() -> Iterator[None]:
     """The GIL's switch interval at `_SWITCH_INTERVAL_S` (never longer than it
@@ -522,7 +554,7 @@ class Scan:
         unsubscribe = [self.events.subscribe(result.tally)]
         cache = DetectionCache(folder)
         unsubscribe.append(self.events.subscribe(cache.on_record))
-        ahead_failed: list[BaseException] = []
+        ahead = _Ahead(lambda: self._write_ground_truth(instrument, plan))
         writer: StoreWorker | None = None
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -551,39 +583,42 @@ class Scan:
             )
             instrument.core.mda.set_engine(engine)
             if remaining and not self._cancel.is_set() and supervisor.error is None:
+                # the simulator's truth (0.1-0.3 s) while the last field is
+                # taken, stored and detected: not on the way to the report
+                last = len(remaining) - 1
+
+                def near_end(_img: Any, event: Any, _meta: Any) -> None:
+                    if event.index.get("p", 0) == last:
+                        ahead.start()
+
                 self._acquire(
-                    instrument.core, plan, remaining, assembler, supervisor, watchdog
+                    instrument.core,
+                    plan,
+                    remaining,
+                    assembler,
+                    supervisor,
+                    watchdog,
+                    near_end=near_end,
                 )
         finally:
             if writer is not None:
                 writer.close()
-            # while the detector finishes the last fields: the simulator's
-            # truth (0.3-0.5 s; not between the focus map and the first field)
-            truth_error: list[StorageError | None] = [None]
-
-            def meanwhile() -> None:
-                try:
-                    truth_error[0] = self._write_ground_truth(instrument, plan)
-                except BaseException as e:  # raised below, on the run's thread
-                    ahead_failed.append(e)
-
-            ahead = threading.Thread(target=meanwhile, name="ctcscan-outputs-ahead")
-            ahead.start()
+            ahead.start()  # if the last field never came
             try:
                 # a failed run leaves detection to resume
                 stats = detector.close(drain=not supervisor.failed.is_set())
             finally:
-                ahead.join()
+                truth_error = ahead.join()
             for fn in unsubscribe:
                 fn()
-        if ahead_failed:
-            raise ahead_failed[0]
+        if ahead.error is not None:
+            raise ahead.error
         result.duration_s = time.perf_counter() - t0
         result.focus_qc_s = qc.seconds if qc is not None else 0.0
         result.frames = result.stored * len(plan.channels)
         result.detected, result.detect_failed = stats["detected"], stats["failed"]
         result.max_detect_backlog = stats["max_backlog"]
-        error = watchdog.error or supervisor.error or truth_error[0]
+        error = watchdog.error or supervisor.error or truth_error
         result.canceled = self._cancel.is_set() or error is not None
         if error is None:
             try:
@@ -687,12 +722,16 @@ class Scan:
         assembler: FieldAssembler,
         supervisor: Supervisor,
         watchdog: Watchdog,
+        near_end: Callable[[Any, Any, Any], None] | None = None,
     ) -> None:
         """Run the MDA on a supervised thread until it ends, is canceled, a
         thread of the run dies, or a hardware call hangs (then stop waiting:
-        the call cannot be interrupted)."""
+        the call cannot be interrupted). `near_end` is connected to
+        ``frameReady`` for the run, after the assembler."""
         sequence = plan.to_sequence(remaining)
         core.mda.events.frameReady.connect(assembler.frame_ready)
+        if near_end is not None:
+            core.mda.events.frameReady.connect(near_end)
         self._core = core
         mm_log, quiet = logging.getLogger("pymmcore-plus"), _NoEventLines()
         mm_log.addFilter(quiet)
@@ -707,6 +746,8 @@ class Scan:
                 core.mda.cancel()
                 thread.join()
             core.mda.events.frameReady.disconnect(assembler.frame_ready)
+            if near_end is not None:
+                core.mda.events.frameReady.disconnect(near_end)
             self._core = None
 
     def _wait(
