@@ -22,9 +22,11 @@ stage position read back when it was stored (the ledger's ``stored`` line, the
 position ``events.csv`` uses; the planned one for a field never stored) and the
 pixel size. Where fields overlap (a planned overlap, a stage landing a few um
 off) the first field of the plan shows; a field whose file is missing is zeros,
-and so are gaps. Fields are not turned by the camera's rotation to the stage (a
-fraction of a degree), so near a field's corners a point may sit a few um off
-its cell.
+and so are gaps. A camera turned against the stage (``scan.json``'s
+``pixel_affine``, Micro-Manager's pixel-size affine) turns the whole mosaic
+with it: its layers then carry napari's ``affine`` (world from mosaic pixel)
+instead of ``scale`` and ``translate``, each field placed to the nearest whole
+pixel, so a point sits on its cell's pixels whatever the rotation.
 
 Each layer's data is a multiscale pyramid (a list of dask arrays, factor 4 per
 level, until the longest side is at most `PYRAMID_MAX_PX`), so napari reads only
@@ -52,6 +54,7 @@ import numpy as np
 import tifffile
 
 from analysis.fieldio import FieldFile, FieldReadError, read_field_file
+from analysis.stitch import Affine, check_affine, default_affine
 
 __all__ = [
     "CHANNEL_COLORMAPS",
@@ -314,6 +317,10 @@ class _Mosaic:
     fields: list[_Placed]
     shape: tuple[int, int]
     translate: tuple[float, float]
+    #: world ``(-y, x)`` from a pixel offset ``(row, col)``; None: ``pixel_size_um``
+    #: times the identity (an unturned camera)
+    linear: tuple[tuple[float, float], tuple[float, float]] | None
+    affine: Affine
 
     @classmethod
     def open(cls, run_dir: Path) -> _Mosaic:
@@ -354,22 +361,38 @@ class _Mosaic:
             CHANNEL_COLORMAPS.get(c, ROLE_COLORMAPS.get(roles.get(c, ""), "gray"))
             for c in channels
         ]
+        affine = _affine(scan, scan_json, float(px))
+        a, b, tx, c, d, ty_ = affine
+        # world (-y, x) of a pixel offset (row, col) from the frame centre
+        lin = np.array([[-d, -c], [b, a]])
+        turned = not (b == 0 and c == 0 and a == px and d == -px)
         # world position of each field's first pixel centre (row 0, col 0)
+        centre = np.array([(h - 1) / 2, (w - 1) / 2])
         corners = [
-            (-f.y_um - (h - 1) / 2 * px, f.x_um - (w - 1) / 2 * px) for f in planned
+            np.array([-f.y_um - ty_, f.x_um + tx]) - lin @ centre for f in planned
         ]
-        ty = min(c[0] for c in corners)
-        tx = min(c[1] for c in corners)
+        if not turned:
+            origin = (min(cw[0] for cw in corners), min(cw[1] for cw in corners))
+            at = [
+                ((cw[0] - origin[0]) / px, (cw[1] - origin[1]) / px) for cw in corners
+            ]
+        else:  # in the camera's pixel axes, the mosaic turned as a whole
+            inv = np.linalg.inv(lin)
+            q = [inv @ cw for cw in corners]
+            q0 = np.array([min(v[0] for v in q), min(v[1] for v in q)])
+            world0 = lin @ q0
+            origin = (float(world0[0]), float(world0[1]))
+            at = [(v[0] - q0[0], v[1] - q0[1]) for v in q]
         placed = [
             _Placed(
                 name=f.name,
                 path=f.path,
-                row0=round((cy - ty) / px),
-                col0=round((cx - tx) / px),
+                row0=round(r),
+                col0=round(cl),
                 x_um=f.x_um,
                 y_um=f.y_um,
             )
-            for f, (cy, cx) in zip(planned, corners, strict=True)
+            for f, (r, cl) in zip(planned, at, strict=True)
         ]
         shape = (max(p.row0 for p in placed) + h, max(p.col0 for p in placed) + w)
         cartridge = scan.get("request", {}).get("cartridge_id") or run_dir.name
@@ -384,7 +407,9 @@ class _Mosaic:
             contrast=contrast,
             fields=placed,
             shape=shape,
-            translate=(ty, tx),
+            translate=(float(origin[0]), float(origin[1])),
+            linear=((lin[0, 0], lin[0, 1]), (lin[1, 0], lin[1, 1])) if turned else None,
+            affine=affine,
         )
 
     def levels(self) -> list[int]:
@@ -427,6 +452,12 @@ class _Mosaic:
             "fields": {f.name: (f.row0, f.col0) for f in self.fields},
         }
         factors = self.levels()
+        place: dict[str, Any] = {"scale": (px, px), "translate": self.translate}
+        if self.linear is not None:
+            (l00, l01), (l10, l11) = self.linear
+            ty, tx = self.translate
+            place = {"affine": [[l00, l01, ty], [l10, l11, tx], [0.0, 0.0, 1.0]]}
+            meta["pixel_affine"] = list(self.affine)
         return [
             (
                 [self.level(i, k) for k in factors],
@@ -435,8 +466,7 @@ class _Mosaic:
                     "colormap": cmap,
                     "blending": "additive",
                     "contrast_limits": list(limits),
-                    "scale": (px, px),
-                    "translate": self.translate,
+                    **place,
                     "multiscale": True,
                     "metadata": {**meta, "channel": name},
                 },
@@ -446,6 +476,19 @@ class _Mosaic:
                 zip(self.channels, self.colormaps, self.contrast, strict=True)
             )
         ]
+
+
+def _affine(scan: dict[str, Any], scan_json: Path, px: float) -> Affine:
+    """The run's pixel-size affine (``scan.json``; an unturned camera when it
+    names none)."""
+    inst = scan.get("instrument")
+    given = inst.get("pixel_affine") if isinstance(inst, dict) else None
+    if given is None:
+        return default_affine(px)
+    try:
+        return check_affine(given, px)
+    except ValueError as e:
+        raise RunFolderError(f"{scan_json}: {e}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -664,7 +707,7 @@ def _points_layer(path: Path, mosaic: _Mosaic) -> LayerData:
     ]
     if missing:
         raise RunFolderError(f"{path}: no column {', '.join(missing)}")
-    px = mosaic.pixel_size_um
+    a, b, tx, c, d, ty = mosaic.affine
     h, w = mosaic.field_shape
     where = {f.name: f for f in mosaic.fields}
     xs, ys = [], []
@@ -672,9 +715,11 @@ def _points_layer(path: Path, mosaic: _Mosaic) -> LayerData:
         x, y = _number(r.get("stage_x_um")), _number(r.get("stage_y_um"))
         fld = where.get(r["field"])
         if not (math.isfinite(x) and math.isfinite(y)) and fld is not None:
-            # no stage position in the file: from the field's planned one
-            x = fld.x_um + (_number(r.get("col")) - (w - 1) / 2) * px
-            y = fld.y_um - (_number(r.get("row")) - (h - 1) / 2) * px
+            # no stage position in the file: from the field's position
+            dc = _number(r.get("col")) - (w - 1) / 2
+            dr = _number(r.get("row")) - (h - 1) / 2
+            x = fld.x_um + a * dc + b * dr + tx
+            y = fld.y_um + c * dc + d * dr + ty
         xs.append(x)
         ys.append(y)
     placed = [
