@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from analysis.detect import CUT_REASON
 from analysis.napari_reader import read_run, world_from_stage
-from analysis.report import ReportContext, write_outputs
+from analysis.report import OUTPUT_FILES, ReportContext, write_outputs
 from analysis.settings import StitchSettings
 from analysis.stitch import FieldGeometry, default_affine, stitch
 from controller.acquisition.plan import ScanPlan, plan_fields
@@ -27,6 +28,7 @@ from controller.errors import ConfigError, StorageError
 from controller.hardware.instrument import open_instrument
 from controller.layouts import CartridgeLayout, get_layout
 from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.station.live import Station
 from hardware_configs import CONFIG_DIR
 from tests.conftest import invoke, one_line_error
 from tests.test_focus import EMPTY
@@ -204,6 +206,17 @@ def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> No
     # the run resumes only with the geometry its fields were taken with
     with pytest.raises(StorageError, match=r"another field geometry.*field_overlap_um"):
         scan_cells(run, layout, cells, stage_error_um=5.0, rotation_deg=1.0)
+    # the station's live list (before events.csv) leaves out what the
+    # stitching drops: the same CTCs, with the same ids, as the outputs
+    root = tmp_path / "station"
+    live = root / "live"
+    shutil.copytree(run, live)
+    for name in OUTPUT_FILES:
+        (live / name).unlink()
+    cands = Station(root).candidates("live", None)
+    assert cands["state"] != "reviewing" and cands["machine_count"] == len(cells)
+    got = sorted(c["object_id"] for c in cands["candidates"] if c["label"] == "CTC")
+    assert got == sorted(e["object_id"] for e in ctc)
     # napari's mosaic places the fields where the stage went, turned with the
     # camera: each event's point falls on its object's pixel of its field
     kw = read_run(str(run))[0][1]

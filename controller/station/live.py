@@ -8,6 +8,7 @@ import logging
 import stat
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,8 @@ import tifffile
 
 from analysis.detect import DEFAULT_ROLES
 from analysis.report import object_id as make_object_id
+from analysis.settings import StitchSettings
+from analysis.stitch import stitch
 from controller.runstore.review import FEATURES, ReviewError
 from controller.station.pictures import (
     Thumbnails,
@@ -29,6 +32,18 @@ from controller.station.review import RunReview, read_events, regular_file
 from controller.station.runs import Catalog, NoSuchRun, RunView
 
 __all__ = ["Station"]
+
+#: what the stitching needs of a detection record besides its objects
+_GEOMETRY = ("stage", "shape", "pixel_size_um", "pixel_affine")
+
+
+@dataclass(frozen=True)
+class _Live:
+    """One detection file as the live candidate list needs it."""
+
+    rows: list[dict[str, Any]]  # CTC calls and flagged objects, with their ids
+    where: dict[str, Any]  # field, geometry and objects' places (`stitch`)
+
 
 logger = logging.getLogger("ctcscan.station")
 
@@ -45,7 +60,7 @@ class Station:
         self.root = self.catalog.root
         self.thumbs = Thumbnails()
         self._json_cache: OrderedDict[Path, tuple[int, int, Any]] = OrderedDict()
-        self._cand_cache: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+        self._cand_cache: dict[Path, tuple[tuple[int, int], _Live]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
@@ -141,27 +156,44 @@ class Station:
 
     def _live_rows(self, view: RunView) -> list[dict[str, Any]]:
         """Candidates from the detection files while there is no events.csv:
-        the same objects and ids events.csv will have."""
-        rows = []
-        for name in sorted(view.detected_fields()):
-            rows += self._field_candidates(view.folder / "detections", name)
+        the same objects and ids events.csv will have, without those the
+        stitching leaves to another field or merges (overlapping fields)."""
+        lives = [
+            self._field_candidates(view.folder / "detections", name)
+            for name in sorted(view.detected_fields())
+        ]
+        rows = [r for live in lives for r in live.rows]
+        if rows:
+            settings = self._stitch_settings(view)
+            dropped = stitch([live.where for live in lives], settings).dropped
+            rows = [r for r in rows if r["object_id"] not in dropped]
         return rows
 
-    def _field_candidates(self, folder: Path, name: str) -> list[dict[str, Any]]:
+    def _stitch_settings(self, view: RunView) -> StitchSettings:
+        """The run's stitch settings (``scan.json``'s assay; the defaults when
+        it names none or unreadable ones)."""
+        given = (self._scan(view).get("assay") or {}).get("stitch")
+        try:
+            return StitchSettings.model_validate(given or {})
+        except ValueError:
+            return StitchSettings()
+
+    def _field_candidates(self, folder: Path, name: str) -> _Live:
         """The CTC calls and flagged objects of one detection file, with their
-        ids, kept per file version (not the file's hundreds of other objects)."""
+        ids, and where its objects lie (for the stitching), kept per file
+        version (not the file's hundreds of other objects' features)."""
         path = folder / f"{name}.json"
         try:
             st = path.lstat()
         except OSError:
-            return []
+            return _Live([], {"field": name})
         key = (st.st_size, st.st_mtime_ns)
         with self._lock:
             hit = self._cand_cache.get(path)
             if hit is not None and hit[0] == key:
                 return hit[1]
         rec = self._json(path, keep=False)
-        rows: list[dict[str, Any]] = []
+        live = _Live([], {"field": name})
         if isinstance(rec, dict):
             objs = sorted(rec.get("objects", []), key=lambda o: (o["row"], o["col"]))
             rows = [
@@ -169,9 +201,16 @@ class Station:
                 for k, o in enumerate(objs)
                 if o.get("label") == "CTC" or o.get("review")
             ]
+            where = {k: rec[k] for k in _GEOMETRY if k in rec}
+            where["field"] = name
+            where["objects"] = [
+                {"row": o["row"], "col": o["col"], "reason": o.get("reason")}
+                for o in objs
+            ]
+            live = _Live(rows, where)
         with self._lock:
-            self._cand_cache[path] = (key, rows)
-        return rows
+            self._cand_cache[path] = (key, live)
+        return live
 
     def candidates(self, run: str, reviewer: str | None) -> dict[str, Any]:
         view = self._run(run)
