@@ -217,6 +217,12 @@ def test_cells_on_field_borders_count_once_on_a_real_stage(tmp_path: Path) -> No
     assert cands["state"] != "reviewing" and cands["machine_count"] == len(cells)
     got = sorted(c["object_id"] for c in cands["candidates"] if c["label"] == "CTC")
     assert got == sorted(e["object_id"] for e in ctc)
+    # a damaged detection file gives no candidates, and the rest still show
+    bad = sorted((live / "detections").glob("*.json"))[0]
+    bad.write_text(json.dumps({"field": bad.stem, "objects": [{"label": "CTC"}, 7]}))
+    cands = Station(root).candidates("live", None)
+    assert 0 < cands["machine_count"] <= len(cells)
+    assert all(c["field"] != bad.stem for c in cands["candidates"])
     # napari's mosaic places the fields where the stage went, turned with the
     # camera: each event's point falls on its object's pixel of its field
     kw = read_run(str(run))[0][1]

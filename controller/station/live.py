@@ -165,7 +165,11 @@ class Station:
         rows = [r for live in lives for r in live.rows]
         if rows:
             settings = self._stitch_settings(view)
-            dropped = stitch([live.where for live in lives], settings).dropped
+            try:
+                dropped = stitch([live.where for live in lives], settings).dropped
+            except (KeyError, TypeError, ValueError) as e:  # a damaged record
+                logger.warning("%s: candidates not stitched (%s)", view.folder, e)
+                dropped = frozenset()
             rows = [r for r in rows if r["object_id"] not in dropped]
         return rows
 
@@ -194,6 +198,16 @@ class Station:
                 return hit[1]
         rec = self._json(path, keep=False)
         live = _Live([], {"field": name})
+        try:
+            live = self._parse_candidates(name, rec) or live
+        except (KeyError, TypeError, AttributeError, ValueError):
+            logger.warning("%s: not a detection record; no candidates from it", path)
+        with self._lock:
+            self._cand_cache[path] = (key, live)
+        return live
+
+    @staticmethod
+    def _parse_candidates(name: str, rec: Any) -> _Live | None:
         if isinstance(rec, dict):
             objs = sorted(rec.get("objects", []), key=lambda o: (o["row"], o["col"]))
             rows = [
@@ -207,10 +221,8 @@ class Station:
                 {"row": o["row"], "col": o["col"], "reason": o.get("reason")}
                 for o in objs
             ]
-            live = _Live(rows, where)
-        with self._lock:
-            self._cand_cache[path] = (key, live)
-        return live
+            return _Live(rows, where)
+        return None
 
     def candidates(self, run: str, reviewer: str | None) -> dict[str, Any]:
         view = self._run(run)
