@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import threading
@@ -83,6 +84,12 @@ def reset_hwm() -> bool:
         return False
 
 
+def cpu_faults() -> tuple[float, int]:
+    """CPU seconds (user + system) and minor page faults of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
 def sample(t0: float) -> dict[str, float]:
     me = os.getpid()
     kids = children(me)
@@ -124,6 +131,10 @@ def main() -> None:
     # but its last second)
     worker_peak = [0.0]
     peaks: list[tuple[float, float]] = []
+    # per cartridge: CPU seconds and minor page faults of this process (what
+    # the heap's settings cost, in counts a loaded machine does not blur)
+    work: list[tuple[float, int]] = []
+    at_start = [cpu_faults()]
     resets = reset_hwm()
 
     def watch() -> None:
@@ -136,6 +147,9 @@ def main() -> None:
         s = sample(t0)
         peaks.append((s["hwm_mb"], max(worker_peak[0], s["children_hwm_mb"])))
         worker_peak[0] = 0.0
+        cpu, faults = cpu_faults()
+        work.append((cpu - at_start[0][0], faults - at_start[0][1]))
+        at_start[0] = (cpu, faults)
         reset_hwm()
 
     def on_record(record: Record) -> None:
@@ -144,6 +158,7 @@ def main() -> None:
             if marks:
                 close_peak()
             else:
+                at_start[0] = cpu_faults()
                 reset_hwm()
             marks.append({"start": record.barcode, **sample(t0)})
 
@@ -168,15 +183,17 @@ def main() -> None:
     print(f"{len(outcomes)} cartridges in {time.monotonic() - t0:.0f} s")
     print(
         "cartridge  status    CTC  duration_s  | at its start: "
-        "RSS MB  worker MB  threads  fds  | peak: scan MB  worker MB  sum MB"
+        "RSS MB  worker MB  threads  fds  | peak: scan MB  worker MB  sum MB  "
+        "| scan CPU s  faults k"
     )
     for k, (o, m) in enumerate(zip(outcomes, marks, strict=False)):
         scan_peak, worker = peaks[k] if k < len(peaks) else (0.0, 0.0)
+        cpu, faults = work[k] if k < len(work) else (0.0, 0)
         print(
             f"{o.barcode:10} {o.status:9} {o.ctc_count!s:>4} {o.duration_s:10.1f}  | "
             f"{m['rss_mb']:16.0f} {m['children_rss_mb']:10.0f} {m['os_threads']:8} "
             f"{m['fds']:4}  | {scan_peak:13.0f} {worker:10.0f} "
-            f"{scan_peak + worker:7.0f}"
+            f"{scan_peak + worker:7.0f}  | {cpu:10.1f} {faults / 1000:9.1f}"
         )
     if not resets:
         print("(this kernel cannot reset VmHWM: the scan peaks are cumulative)")
@@ -200,6 +217,7 @@ def main() -> None:
                 "cartridges": [o.__dict__ for o in outcomes],
                 "marks": marks,
                 "peaks_mb": [{"scan": a, "worker": b} for a, b in peaks],
+                "scan_cpu_s_faults": work,
                 "samples": samples,
                 "machine": platform.platform(),
                 "cpus": os.cpu_count(),

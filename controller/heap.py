@@ -5,8 +5,15 @@ A scan allocates whole frames and fields (5-11 MB each) on several threads
 contention an arena of its own, and a freed 11 MB block stays in the arena that
 made it, so a run's peak RSS grew with the threads by tens of MB (measured,
 60 fields of the simulated cartridge: 320 MB peak with the default arenas,
-270 MB with two, the same CPU time and 60 % fewer page faults).
-`limit_arenas` caps them at two. glibc settles the limit the first time the
+270 MB with two, the same CPU time and 60 % fewer page faults). One is better
+still: a second arena's heaps are 64 MB mappings, which the 11-33 MB blocks
+of frames, fields and the simulator's drawings fragment, and which glibc
+shrinks and grows again as blocks come and go (bench_soak, 3 full cartridges,
+peak RSS of the scanning process 249-265 MB with one arena against 271-293 MB
+with two; 13-22 thousand page faults a cartridge against 15-27 thousand, and
+no more CPU time: the threads' small blocks come from their own caches, only
+the large ones share the arena's lock). `limit_arenas` caps them at one
+(``ARENA_MAX``). glibc settles the limit the first time the
 process needs more than a handful of arenas and never again, so it must be
 called before the process has threads: importing `controller` calls it.
 `release_free_memory` hands free pages back between cartridges. Both do
@@ -26,8 +33,8 @@ __all__ = ["ARENA_MAX", "keep_freed_blocks", "limit_arenas", "release_free_memor
 
 logger = logging.getLogger("ctcscan.memory")
 
-#: malloc arenas of a scanning process: the main one and one for its threads
-ARENA_MAX = 2
+#: malloc arenas of a scanning process: the main one, shared by its threads
+ARENA_MAX = 1
 
 _M_ARENA_MAX = -8  # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1

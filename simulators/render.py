@@ -250,6 +250,8 @@ class Renderer:
             if box != (0, h, 0, w):  # part of the frame: room for other blurs
                 m = _ROI_MARGIN_PX
                 box = (max(r0 - m, 0), min(r1 + m, h), max(c0 - m, 0), min(c1 + m, w))
+            with self._lock:  # not two fields' planes at once (33 MB each)
+                self._cache_key, self._cache = None, None
             cached = (box, self._draw_objects(x, y, box), *self._wall(x, y, box))
             with self._lock:
                 self._cache_key, self._cache = key, cached

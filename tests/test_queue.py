@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from controller.config import InstrumentConfig
 from controller.layouts import get_layout
@@ -168,3 +170,27 @@ def test_a_multi_cartridge_holder_is_scanned_without_a_loader(tmp_path: Path) ->
     holder.write_text("cartridges: []\n")
     bad = invoke("queue", "--out", str(tmp_path / "q2"), "--cartridges", str(holder))
     assert bad.exit_code == 2 and "holder.yaml" in bad.output
+
+
+def test_the_next_cartridge_is_on_the_stage_before_the_heap_is_trimmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the previous cartridge's drawing is freed before the trim, not in the scan
+    from controller.runs import queue as queue_module
+    from controller.runs.scan import ScanRequest
+
+    calls: list[object] = []
+
+    class Sample:
+        def load_cartridge(self, seed: int, layout: object) -> None:
+            calls.append(("load", seed))
+
+    monkeypatch.setattr(queue_module, "release_free_memory", lambda: calls.append(0))
+    request = ScanRequest(
+        instrument=instrument(), layout=get_layout("test-3x4"), out=tmp_path, seed=7
+    )
+    queue_module._on_stage(SimpleNamespace(sample=Sample()), request)  # type: ignore[arg-type]
+    assert calls == [("load", 7), 0]
+    calls.clear()
+    queue_module._on_stage(SimpleNamespace(sample=None), request)  # type: ignore[arg-type]
+    assert calls == [0]  # a real instrument: the trim only

@@ -13,6 +13,11 @@ interrupted: bleed-through a field is too sparse to measure comes from the
 assay's configured calibration (`DetectionSettings.spillover`), not from other
 fields.
 
+A worker imports what detection needs and nothing of the scanning process's
+main script (`_WorkerContext`): started the usual way, a spawned process first
+runs its parent's ``__main__`` (the ``ctcscan`` script: the command line, the
+queue, pymmcore-plus, the web station's imports), 21-26 MB of its peak RSS.
+
 Each result is written durably as ``detections/<field>.json`` and then recorded
 with a ``detected`` ledger line; a field whose analysis fails gets a
 ``detect_failed`` line with the reason. A worker process that dies is replaced
@@ -27,8 +32,11 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
+import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -114,6 +122,62 @@ def _worker_start(parent: int) -> None:
     threading.Thread(target=watch, name="ctcscan-parent-watch", daemon=True).start()
 
 
+#: taken while a worker starts with the parent's main module hidden
+_MAIN_HIDDEN = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parent_main_hidden() -> Iterator[None]:
+    """While a process starts: the parent's ``__main__`` names no file or module.
+
+    `multiprocessing` tells a spawned child to run its parent's main script (or
+    import its main module) so that functions defined there can be unpickled;
+    it reads ``__main__.__spec__`` and ``__main__.__file__`` when the process
+    starts. A detection worker needs no function of the main script (see
+    `_needs_main`), only the analysis, so for the start they are hidden, under
+    a lock (two starts at once restore what was there), and put back.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _MAIN_HIDDEN:
+        spec, has_file = main.__spec__, "__file__" in main.__dict__
+        path = main.__file__ if has_file else None
+        main.__spec__ = None
+        if has_file:
+            del main.__file__
+        try:
+            yield
+        finally:
+            main.__spec__ = spec
+            if has_file:
+                main.__file__ = path
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker that does not run its parent's main script."""
+
+    def start(self) -> None:
+        with _parent_main_hidden():
+            super().start()
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    """Spawn, without the parent's main script in the worker (`_WorkerProcess`)."""
+
+    Process = _WorkerProcess
+
+
+def _needs_main(fn: Callable[..., Any]) -> bool:
+    """Whether a worker must import the parent's main module to unpickle `fn`
+    (a function defined in the script that was run, as benchmarks do)."""
+    try:
+        return b"__main__" in pickle.dumps(fn)
+    except Exception:  # not picklable here: the pool will say so, as before
+        return True
+
+
 @contextlib.contextmanager
 def _signals_ignored() -> Iterator[None]:
     """Ignore the terminal's stop signals for the block (main thread only)."""
@@ -169,6 +233,12 @@ class OnlineDetector:
         self.workers = workers
         self.run_job = run_job
         self.writer = DetectionWriter(folder, sink)
+        #: the workers start without the main script unless `run_job` lives there
+        self._context: multiprocessing.context.SpawnContext = (
+            multiprocessing.get_context("spawn")
+            if _needs_main(run_job)
+            else _WorkerContext()
+        )
         self.max_in_flight = max(1, 2 * workers)
         self.stats = {
             "offered": 0,
@@ -236,7 +306,7 @@ class OnlineDetector:
         # copy them half-alive into the worker
         return ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=self._context,
             initializer=_worker_start,
             initargs=(os.getpid(),),
         )
