@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from analysis.pipeline import FieldJob, analyze_field_file
-from controller.records import Record
-from controller.runs.detector import OnlineDetector, _needs_main, _WorkerContext
-from controller.runstore.folder import RunFolder
-from controller.supervise import Supervisor
+from controller.runs.detector import (
+    _needs_main,
+    _spawn_context,
+    _WorkerContext,
+)
 
 
 @pytest.fixture
@@ -61,28 +62,13 @@ def _in_main(job: FieldJob) -> dict[str, Any]:
     return {}
 
 
-class _Sink:
-    def emit(self, record: Record) -> None:
-        pass
-
-
 def test_a_job_defined_in_the_main_script_keeps_it_in_the_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     main = sys.modules["__main__"]
     monkeypatch.setattr(_in_main, "__module__", "__main__")
     monkeypatch.setattr(main, "_in_main", _in_main, raising=False)
     assert _needs_main(_in_main)
     assert not _needs_main(analyze_field_file)
-    sup = Supervisor()
     for run_job, lean in ((analyze_field_file, True), (_in_main, False)):
-        det = OnlineDetector(
-            RunFolder(tmp_path / "run"),
-            lambda name: None,  # type: ignore[arg-type,return-value]
-            _Sink(),
-            sup,
-            workers=0,
-            run_job=run_job,
-        )
-        det.close()
-        assert isinstance(det._context, _WorkerContext) is lean
+        assert isinstance(_spawn_context(run_job), _WorkerContext) is lean

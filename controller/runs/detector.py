@@ -59,7 +59,7 @@ from controller.records import Detected, DetectFailed, Record, Stored
 from controller.runstore.folder import RunFolder, write_durably
 from controller.supervise import Supervisor
 
-__all__ = ["DetectionWriter", "OnlineDetector", "failure_reason"]
+__all__ = ["DetectionWriter", "OnlineDetector", "WorkerPool", "failure_reason"]
 
 logger = logging.getLogger("ctcscan.detector")
 
@@ -169,6 +169,16 @@ class _WorkerContext(multiprocessing.context.SpawnContext):
     Process = _WorkerProcess
 
 
+def _spawn_context(
+    run_job: Callable[..., Any],
+) -> multiprocessing.context.SpawnContext:
+    """How workers for `run_job` start: without the main script, unless
+    `run_job` lives there."""
+    if _needs_main(run_job):
+        return multiprocessing.get_context("spawn")
+    return _WorkerContext()
+
+
 def _needs_main(fn: Callable[..., Any]) -> bool:
     """Whether a worker must import the parent's main module to unpickle `fn`
     (a function defined in the script that was run, as benchmarks do)."""
@@ -192,6 +202,87 @@ def _signals_ignored() -> Iterator[None]:
             # None: a handler installed outside Python; the default is the
             # closest Python can restore
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+class WorkerPool:
+    """Detection worker processes, started now, that may serve one detector
+    after another (`run_local`: the cartridges of an analysis share one pool,
+    so none pays the workers' start-up again).
+
+    A worker that dies breaks its executor: `broken` replaces it once, for
+    whichever detector saw it first; later submissions go to the new one.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        run_job: Callable[[FieldJob], Mapping[str, Any]] = analyze_field_file,
+    ) -> None:
+        self.workers = workers
+        self._context = _spawn_context(run_job)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor: ProcessPoolExecutor | None = self._start()
+
+    def submit(
+        self, fn: Callable[[FieldJob], Mapping[str, Any]], job: FieldJob
+    ) -> tuple[Future, ProcessPoolExecutor]:
+        """`fn(job)` on a worker; the future and the executor it went to."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the detection workers were stopped")
+            if self._executor is None:
+                self._executor = self._new()
+            try:
+                return self._executor.submit(fn, job), self._executor
+            except BrokenProcessPool:  # a worker died since the last result
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new()
+                return self._executor.submit(fn, job), self._executor
+
+    def broken(self, executor: ProcessPoolExecutor) -> None:
+        """A job of `executor` lost its worker: shut it down, unless it was
+        already replaced (the next submission starts a new one)."""
+        with self._lock:
+            if executor is self._executor:
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+    def close(self) -> None:
+        """Stop the workers (after the jobs they have)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+            self._closed = True
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _new(self) -> ProcessPoolExecutor:
+        # spawn: the scanning process has threads and a C++ core; fork would
+        # copy them half-alive into the worker
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=self._context,
+            initializer=_worker_start,
+            initargs=(os.getpid(),),
+        )
+
+    def _start(self) -> ProcessPoolExecutor:
+        """The executor, its processes started now with the terminal's
+        signals ignored.
+
+        Ctrl-C (and SIGTERM, SIGHUP) to the process group reach every process.
+        An ignored signal stays ignored across exec, and a Python started so
+        never installs its KeyboardInterrupt handler; a worker that is still
+        importing therefore cannot die of a Ctrl-C with a traceback (measured:
+        a 39-line traceback before). Signal dispositions can be changed on the
+        main thread only; elsewhere the workers ignore them from their
+        initializer on.
+        """
+        with _signals_ignored():
+            pool = self._new()
+            for _ in range(self.workers):  # one start-up per worker, now
+                pool.submit(os.getpid)
+        return pool
 
 
 class OnlineDetector:
@@ -226,20 +317,15 @@ class OnlineDetector:
         *,
         workers: int = 1,
         run_job: Callable[[FieldJob], Mapping[str, Any]] = analyze_field_file,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.folder = folder
         self.make_job = make_job
         self.sink = sink
-        self.workers = workers
+        self.workers = pool.workers if pool is not None else workers
         self.run_job = run_job
         self.writer = DetectionWriter(folder, sink)
-        #: the workers start without the main script unless `run_job` lives there
-        self._context: multiprocessing.context.SpawnContext = (
-            multiprocessing.get_context("spawn")
-            if _needs_main(run_job)
-            else _WorkerContext()
-        )
-        self.max_in_flight = max(1, 2 * workers)
+        self.max_in_flight = max(1, 2 * self.workers)
         self.stats = {
             "offered": 0,
             "detected": 0,
@@ -252,12 +338,12 @@ class OnlineDetector:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
-        self._pool: ProcessPoolExecutor | None = None
-        #: the pool each job went to: a broken pool is shut down once, never
-        #: the one that replaced it
+        #: the workers: a pool of this detector's own, closed with it, or one
+        #: that outlives it (`WorkerPool`, given)
+        self._own_pool = pool is None and self.workers > 0
+        self._pool = WorkerPool(self.workers, run_job) if self._own_pool else pool
+        #: the executor each job went to: a broken one is replaced once
         self._pool_of: dict[Future, ProcessPoolExecutor] = {}
-        if workers > 0:
-            self._pool = self._start_pool()
         self._thread = supervisor.spawn("ctcscan-detect", self._run)
 
     def on_record(self, record: Record) -> None:
@@ -282,6 +368,16 @@ class OnlineDetector:
         for name in names:
             self.offer(name)
 
+    def wait_dispatched(self) -> None:
+        """Wait until every field offered so far has gone to a worker (or the
+        detector stopped): what is offered to another detector on the same
+        `WorkerPool` after this comes after these fields."""
+        while self._thread.is_alive():
+            with self._lock:
+                if not self._backlog:
+                    return
+            time.sleep(0.02)
+
     @property
     def closed(self) -> bool:
         """`close` was called."""
@@ -301,34 +397,6 @@ class OnlineDetector:
 
     # ------------------------------------------------------------------ worker
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: the scanning process has threads and a C++ core; fork would
-        # copy them half-alive into the worker
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=self._context,
-            initializer=_worker_start,
-            initargs=(os.getpid(),),
-        )
-
-    def _start_pool(self) -> ProcessPoolExecutor:
-        """The worker pool, its processes started now with the terminal's
-        signals ignored.
-
-        Ctrl-C (and SIGTERM, SIGHUP) to the process group reach every process.
-        An ignored signal stays ignored across exec, and a Python started so
-        never installs its KeyboardInterrupt handler; a worker that is still
-        importing therefore cannot die of a Ctrl-C with a traceback (measured:
-        a 39-line traceback before). Signal dispositions can be changed on the
-        main thread only; elsewhere the workers ignore them from their
-        initializer on.
-        """
-        with _signals_ignored():
-            pool = self._new_pool()
-            for _ in range(self.workers):  # one start-up per worker, now
-                pool.submit(os.getpid)
-        return pool
-
     def _submit(self, name: str) -> Future:
         job = self.make_job(name)
         if self.workers == 0:
@@ -338,15 +406,9 @@ class OnlineDetector:
             except Exception as e:  # reported through the future, like a worker
                 fut.set_exception(e)
             return fut
-        if self._pool is None:
-            self._pool = self._new_pool()
-        try:
-            fut = self._pool.submit(self.run_job, job)
-        except BrokenProcessPool:  # a worker died since the last result: renew
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-            fut = self._pool.submit(self.run_job, job)
-        self._pool_of[fut] = self._pool
+        assert self._pool is not None
+        fut, executor = self._pool.submit(self.run_job, job)
+        self._pool_of[fut] = executor
         return fut
 
     def _run(self) -> None:
@@ -377,8 +439,8 @@ class OnlineDetector:
                 for fut in done:
                     self._finish(in_flight.pop(fut), fut)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._own_pool and self._pool is not None:
+                self._pool.close()
 
     def _finish(self, name: str, fut: Future) -> None:
         pool = self._pool_of.pop(fut, None)
@@ -390,9 +452,8 @@ class OnlineDetector:
             if isinstance(e, BrokenProcessPool):
                 self._crashes[name] += 1
                 self.stats["restarts"] += 1
-                if pool is not None and pool is self._pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = None
+                if pool is not None and self._pool is not None:
+                    self._pool.broken(pool)
             if self._crashes[name] <= _MAX_CRASHES:
                 logger.warning("detection worker died on %s; retrying", name)
                 with self._lock:

@@ -8,9 +8,10 @@ never does, and call ``finished(cartridge)`` as soon as a cartridge's last
 field is in: its outputs are written while the other cartridges' fields are
 still being analysed.
 
-- `run_local`: the on-line detector's pool (`OnlineDetector`), one cartridge
-  after another: bounded in-flight fields, a dead worker replaced and its
-  field retried.
+- `run_local`: the on-line detector (`OnlineDetector`) per cartridge, all on
+  one `WorkerPool` started once; a cartridge's fields are queued as soon as
+  the previous one's are: bounded in-flight fields, a dead worker replaced
+  and its field retried.
 - `run_dask`: one task per field over all cartridges on a Dask cluster (an
   existing scheduler, or a `LocalCluster`), the workers reading the field files
   themselves: no pixels pass through the scheduler. A worker that dies has its
@@ -33,6 +34,7 @@ from controller.errors import ClusterError
 from controller.runs.detector import (
     DetectionWriter,
     OnlineDetector,
+    WorkerPool,
     failure_reason,
     prepare_worker,
 )
@@ -78,17 +80,47 @@ CONNECT_TIMEOUT_S = 10.0
 def run_local(
     carts: Sequence[C], job_maker: JobMaker, workers: int, finished: Finished[C]
 ) -> None:
-    """Analyse the cartridges' pending fields in local worker processes."""
-    for cart in carts:
-        assert cart.log is not None
-        supervisor = Supervisor()
-        detector = OnlineDetector(
-            cart.out, job_maker(cart), cart.log, supervisor, workers=workers
-        )
-        detector.add_backlog(cart.pending)
-        detector.close()
-        supervisor.raise_error()
-        finished(cart)
+    """Analyse the cartridges' pending fields in local worker processes.
+
+    One pool of workers serves every cartridge (started once). A cartridge's
+    fields go to it as soon as all the previous cartridge's have, so the
+    workers go on with them while that one's last fields finish and its
+    outputs are written; the cartridges finish in order.
+    """
+    pool = WorkerPool(workers) if workers > 0 else None
+    running: list[tuple[C, OnlineDetector, Supervisor]] = []
+    try:
+        for cart in carts:
+            assert cart.log is not None
+            supervisor = Supervisor()
+            detector = OnlineDetector(
+                cart.out,
+                job_maker(cart),
+                cart.log,
+                supervisor,
+                workers=workers,
+                pool=pool,
+            )
+            detector.add_backlog(cart.pending)
+            running.append((cart, detector, supervisor))
+            if len(running) > 1:
+                _finish_local(*running.pop(0), finished)
+            detector.wait_dispatched()  # the next cartridge's fields after these
+        while running:
+            _finish_local(*running.pop(0), finished)
+    finally:
+        for _, detector, _ in running:  # an error: stop those still running
+            detector.close(drain=False)
+        if pool is not None:
+            pool.close()
+
+
+def _finish_local(
+    cart: C, detector: OnlineDetector, supervisor: Supervisor, finished: Finished[C]
+) -> None:
+    detector.close()
+    supervisor.raise_error()
+    finished(cart)
 
 
 def analyze_one_thread(job: FieldJob) -> Mapping[str, Any]:
