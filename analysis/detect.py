@@ -36,9 +36,8 @@ Pipeline (every threshold in `DetectionSettings`):
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
-   its bleed-through; or surrounding the nucleus, where a leukocyte under a CK
-   fragment has it, while a leukocyte lying beside the nucleus covers only
-   part of the ring) -> not round to oval -> CTC;
+   its bleed-through; or around the nucleus, where a leukocyte under a CK
+   fragment has it) -> not round to oval -> CTC;
    for a CTC the marker channel (FITC) is reported positive or not. The size
    is the object's, not the blur's: the half-maximum radius of its CK profile
    deconvolved with the field's blur (`analysis.psf.object_radius`; reported as
@@ -88,10 +87,6 @@ _MAX_CLUSTER_NUCLEI = 20
 #: Smoothing (Gaussian sigma, px) of a dim object's cytokeratin before its size
 #: is measured (and then deconvolved with the blur).
 _DIM_SMOOTH_PX = 1.5
-
-#: CD45 "around the nucleus" is this quantile of the CD45 over a ring around it:
-#: present on three quarters of the ring at least, i.e. surrounding it.
-_RING_QUANTILE = 0.25
 
 #: Pixels of a cell this bright in cytokeratin (noise units) measure its own
 #: bleed-through into CD45 when the field cannot.
@@ -1036,11 +1031,7 @@ class _Field:
         # area, where the band does not look
         if nucleus is not None and nucleus.any():
             ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
-            # surrounds it: the lower quartile over the ring (a leukocyte lying
-            # beside or on the cell's own nucleus covers only part of it)
-            f["cd45_nucleus_snr"] = round(
-                float(np.quantile(excess[ring], _RING_QUANTILE)) / lk_noise, 2
-            )
+            f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
         else:
             f["cd45_nucleus_snr"] = float("nan")
         if self.m is not None:
