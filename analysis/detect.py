@@ -10,30 +10,34 @@ Pipeline (every threshold in `DetectionSettings`):
    cytokeratin) as a low quantile of the ratio, with a configured default when a
    field has too few, and subtracted (after segmentation, which uses only the
    DAPI and PE channels);
-3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`,
+3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`;
+   the field's blur (Gaussian sigma, px) is fitted to the radial profiles of
+   its single nuclei (`analysis.psf.field_blur`, median over up to
+   `blur_max_nuclei`; `default_blur_px` when fewer than `blur_min_nuclei`);
    cytokeratin (CK) where the smoothed PE SNR exceeds `ck_snr`; cytokeratin a
    few times the noise, which that per-pixel threshold breaks into grains, is
    added where PE averaged over 6 x 6 px exceeds `ck_smooth_snr` around a
-   nucleus (regions peaking below `ck_dim_peak_snr` only); connected
-   components; specks below `min_object_area_um2` dropped;
-3a. the field's blur (Gaussian sigma, px) is fitted to the radial profiles of
-   its single nuclei (`analysis.psf.field_blur`, median over up to
-   `blur_max_nuclei`; `default_blur_px` when fewer than `blur_min_nuclei`);
+   nucleus, below `ck_dim_peak_snr` and beyond the blurred halo of anything
+   brighter (so also a dim cell touching a bright one in a cluster);
+   connected components; specks below `min_object_area_um2` dropped;
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
    distance-map peaks first;
 5. candidates are classified in the order of the definition: debris (saturated in
    two channels, or bright in every channel: also the cartridge rim; or a faint
-   glow in every non-DNA channel about as strong as its cytokeratin, the halo
-   of debris or of the rim: `debris_halo_snr`, `debris_halo_fraction`) -> nucleus
+   glow across the object in every non-DNA channel (medians) about as strong
+   as its cytokeratin, the halo of debris or of the rim: `debris_halo_snr`,
+   `debris_halo_fraction`) -> nucleus
    cut by the field's top or left edge (abutting fields: a cell is counted in
    the field holding its nucleus, and a nucleus cut by an edge in the field it
    leaves by the bottom or right edge, so each cell counts once; overlapping
    fields are joined by `analysis.stitch`) -> no nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
-   CD45-positive (double positive: on the membrane band, or around the nucleus,
-   where a leukocyte under a CK fragment has it) -> not round to oval -> CTC;
+   CD45-positive (double positive: on the membrane band; or there at
+   `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
+   its bleed-through; or around the nucleus, where a leukocyte under a CK
+   fragment has it) -> not round to oval -> CTC;
    for a CTC the marker channel (FITC) is reported positive or not. The size
    is the object's, not the blur's: the half-maximum radius of its CK profile
    deconvolved with the field's blur (`analysis.psf.object_radius`; reported as
@@ -588,16 +592,17 @@ class _Field:
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
         ck_mask = _box2_above(self.full[self.e], st.ck_snr * self.noise[self.e])
-        self._add_dim_ck(ck_mask, nuc_mask)
         nuc_lab, n_nuc = ndimage.label(nuc_mask)
-        ck_lab, n_ck = ndimage.label(ck_mask)
         # the labelled pixels, grouped by label once: areas and bounding boxes
         # without a pass over every pixel
-        nuc_idx, ck_idx = np.flatnonzero(nuc_mask), np.flatnonzero(ck_mask)
+        nuc_idx = np.flatnonzero(nuc_mask)
         nuc_pixels = _by_label(nuc_lab, nuc_idx)
         nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
         nuc_area[0] = nuc_lab.size - nuc_idx.size
         self._measure_blur(nuc_lab, nuc_area, _boxes(*nuc_pixels, n_nuc, self.w))
+        self._add_dim_ck(ck_mask, nuc_mask)
+        ck_lab, n_ck = ndimage.label(ck_mask)
+        ck_idx = np.flatnonzero(ck_mask)
         self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx)
         ck_boxes = _boxes(*_by_label(ck_lab, ck_idx), n_ck, self.w)
         del ck_idx
@@ -646,9 +651,9 @@ class _Field:
         its bright grains, which fall apart into fragments with no nucleus and
         nuclei mostly outside them. Averaged over 6 x 6 px (2 x 2 bins, then 3 x 3
         bins) the noise is a sixth, so `ck_smooth_snr` noise units there find
-        the whole cell. A region of that mask whose smoothed peak stays below
-        `ck_dim_peak_snr` (a dim cell; brighter cells keep their sharper 2 x 2
-        outline) and that holds a nucleus becomes part of the CK mask.
+        the whole cell. A region of that mask below `ck_dim_peak_snr` and
+        beyond the halo of anything brighter (brighter cells keep their sharper
+        2 x 2 outline) that holds a nucleus becomes part of the CK mask.
         """
         st = self.st
         h2, w2 = self.h // 2, self.w // 2
@@ -657,18 +662,27 @@ class _Field:
         sm = self._binned_signal(self.e, h2, w2)
         sm = ndimage.uniform_filter(sm, 3)
         noise = float(self.noise[self.e])
+        # brighter cytokeratin and its halo: an edge blurred by the field's blur
+        # and the 6 x 6 px average falls from the dim peak to `ck_smooth_snr`
+        # within about 1.3 of their widths (in 2 x 2 bins). What lies beyond it
+        # is dim cytokeratin of its own, also where a dim cell touches a bright
+        # one (a cluster) and shares its region of the mask
+        halo = sm >= st.ck_dim_peak_snr * noise
+        for _ in range(
+            max(1, round(1.3 * math.hypot(self.blur, 6 / math.sqrt(12)) / 2))
+        ):
+            halo = _max3(halo)  # 3 x 3 dilation
         low = sm > st.ck_smooth_snr * noise
+        low &= ~halo
         lab, n = ndimage.label(low)
         if not n:
             return
-        bright = np.bincount(lab[sm >= st.ck_dim_peak_snr * noise], minlength=n + 1)
         nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
-        has_nuc = np.bincount(lab[nuc2], minlength=n + 1) > 0
-        sel = has_nuc & (bright == 0)
+        sel = np.bincount(lab[nuc2], minlength=n + 1) > 0
         sel[0] = False
-        if not sel.any():
-            return
         dim = sel[lab]
+        if not dim.any():
+            return
         # each bin's 2 x 2 pixels, through a view (never a copy): no full-frame
         # temporary
         pixels = ck_mask[0 : 2 * h2, 0 : 2 * w2].reshape(h2, 2, w2, 2, copy=False)
@@ -917,7 +931,30 @@ class _Field:
         f["_all_bright"] = (
             float(np.count_nonzero(dimmest >= self.st.debris_all_channel_snr)) / area
         )
+        # the halo of debris or of the rim glows evenly across the object in every
+        # stain's channel; a neighbour's CD45 ring or a cell's own marker membrane
+        # lights only part of it: the glow is judged on the medians, computed only
+        # where the means already suggest it
+        glow = self._glow(f, {c: None for c in range(len(self.names))})
+        if (
+            glow >= self.st.debris_halo_snr
+            and glow >= self.st.debris_halo_fraction * (f["ck_snr"])
+        ):
+            glow = self._glow(
+                f, {c: float(np.median(sig[c][mask])) for c in range(len(self.names))}
+            )
+        f["_glow"] = glow
         return f, sig
+
+    def _glow(self, f: Mapping[str, Any], median: Mapping[int, float | None]) -> float:
+        """The weakest non-DNA channel's signal over an object, in noise units:
+        its mean (`f`), or its median where given."""
+        return min(
+            (f[f"{name}_mean"] if (v := median[c]) is None else v)
+            / float(self.noise[c])
+            for c, name in enumerate(self.names)
+            if c != self.n
+        )
 
     def _measure(
         self,
@@ -1014,11 +1051,7 @@ class _Field:
         # channel about as much as in cytokeratin; a cell has no CD45 (only a
         # few percent of bleed-through) and any marker on its membrane only
         ck = f[f"{self.names[self.e]}_mean"] / float(self.noise[self.e])
-        glow = min(
-            f[f"{name}_mean"] / float(self.noise[c])
-            for c, name in enumerate(self.names)
-            if c != self.n
-        )
+        glow = f.pop("_glow")
         if glow >= st.debris_halo_snr and glow >= st.debris_halo_fraction * ck:
             return "DEBRIS", "faint glow in every channel (debris or rim halo)"
         if f.pop("_cut"):
@@ -1039,6 +1072,13 @@ class _Field:
             or f["cd45_excess_snr"] >= st.max_cd45_snr
         ):
             return "DOUBLE_POSITIVE", "CD45 positive"
+        if (
+            f["cd45_excess_snr"] >= st.max_cd45_dim_snr
+            and f["cd45_ck_ratio"] >= st.min_cd45_ratio
+        ):
+            # a dim cell bleeds a few percent of its cytokeratin into CD45, not
+            # a CD45 signal comparable to it
+            return "DOUBLE_POSITIVE", "CD45 positive, comparable to its cytokeratin"
         if f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr:
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
@@ -1061,6 +1101,7 @@ class _Field:
         st = self.st
         f.pop("_sat2")
         f.pop("_all_bright")
+        f.pop("_glow", None)
         f["label"] = label
         f["reason"] = reason
         f["marker_positive"] = bool(label == "CTC" and f["marker_snr"] >= st.marker_snr)

@@ -87,6 +87,15 @@ class DetectionSettings(BaseModel):
         gt=0,
         description="CD45-negative: CD45 signal on the cell below this",
     )
+    max_cd45_dim_snr: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "CD45-positive also when the CD45 on the membrane (less the "
+            "cytokeratin dye's bleed-through) reaches this and is at least "
+            "min_cd45_ratio of the cell's cytokeratin there: a dim cell"
+        ),
+    )
     max_cd45_nucleus_snr: float = Field(
         default=15.0,
         gt=0,

@@ -459,11 +459,12 @@ def cartridge_table(carts: Sequence[Cartridge]) -> str:
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
-    seeds = _seeds(args.seeds)
+    seeds = _seeds(args.seeds, tuning=args.tuning)
     diffs = _difficulties(args.difficulties)
     n_label = "all" if args.fields is None else str(args.fields)
+    kind = "TUNING seeds (not a result)" if args.tuning else "held-out seeds"
     print(
-        f"ctcscan detection bench: held-out seeds {','.join(map(str, seeds))} "
+        f"ctcscan detection bench: {kind} {','.join(map(str, seeds))} "
         f"(tuned on {min(TUNING_SEEDS)}-{max(TUNING_SEEDS)}), difficulties "
         f"{','.join(d.name for d in diffs)}, {n_label} fields per cartridge "
         f"(layout cellsearch-5x35), match within {MATCH_UM:g} um"
@@ -549,6 +550,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
         "mode": "accuracy",
         "command": [sys.executable, *sys.argv],
         "seeds": seeds,
+        "tuning_seeds": bool(args.tuning),
         "fields_per_cartridge": args.fields,
         "match_um": MATCH_UM,
         "targets": {
@@ -598,7 +600,7 @@ def _pick(items: Sequence[Any], n: int) -> list[Any]:
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    seed = _seeds(args.seeds)[0]
+    seed = _seeds(args.seeds, tuning=args.tuning)[0]
     pinned = _pin_one_core()
     world_cfg = {"population": {"ctc": 60, "wbc_per_field": args.speed_wbc}}
     w = make_world(seed, world_cfg)
@@ -771,10 +773,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON: {type(o).__name__}")
 
 
-def _seeds(text: str) -> list[int]:
+def _seeds(text: str, *, tuning: bool = False) -> list[int]:
     seeds = [int(s) for s in text.split(",") if s.strip()]
     tuned = sorted(set(seeds) & TUNING_SEEDS)
-    if tuned:
+    if tuning:
+        held_out = sorted(set(seeds) - TUNING_SEEDS)
+        if held_out:
+            raise SystemExit(
+                f"--tuning takes tuning seeds only ({min(TUNING_SEEDS)}-"
+                f"{max(TUNING_SEEDS)}); {held_out} are held out"
+            )
+    elif tuned:
         raise SystemExit(
             f"seeds {tuned} were used to tune the detector; pick held-out seeds"
         )
@@ -802,6 +811,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--seeds",
         default=",".join(map(str, DEFAULT_SEEDS)),
         help="comma-separated world seeds (100-105 are the tuning seeds: refused)",
+    )
+    p.add_argument(
+        "--tuning",
+        action="store_true",
+        help="score on tuning seeds (--seeds from 100-105 only), for tuning: "
+        "never a result",
     )
     p.add_argument(
         "--difficulties",

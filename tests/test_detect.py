@@ -426,3 +426,35 @@ def test_missing_channel_is_named() -> None:
         resolve_roles(["DAPI", "FITC", "PE"], DEFAULT_ROLES)
     with pytest.raises(ValueError, match="shape"):
         detect_field(np.zeros((3, 64, 64), np.uint16), NAMES, pixel_size_um=PX)
+
+
+def test_a_dim_ctc_touching_a_bright_one_in_a_cluster() -> None:
+    # the dim cell's smoothed cytokeratin joins the bright cell's; beyond the
+    # bright cell's blurred halo it is the dim cell's own
+    cv = Canvas(seed=5)
+    cv.cell(128, 117, diam_um=12, nucleus_um=6.5)
+    cv.cell(128, 136, diam_um=12, nucleus_um=6.5, ck=30)  # ~4 x the noise
+    objs = _detect(cv.field())
+    assert _at(objs, 128, 117)["label"] == "CTC"
+    dim = _at(objs, 128, 136)
+    assert dim["label"] == "CTC", dim
+
+
+def test_a_dim_ctc_beside_leukocytes_is_no_debris_halo() -> None:
+    # a leukocyte's CD45 ring and the cell's own marker light part of a dim
+    # cell in every channel; a debris halo glows evenly across it
+    cv = Canvas(seed=6)
+    cv.cell(128, 128, diam_um=12, ck=60, fitc=900)
+    cv.leukocyte(128, 144, cd45=900)
+    cv.leukocyte(144, 128, cd45=900)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == "CTC", obj
+
+
+def test_a_dim_double_positive_is_not_a_ctc() -> None:
+    # CD45 below the bright-cell limit, but comparable to a dim cytokeratin:
+    # far more than the few percent its dye bleeds through
+    cv = Canvas(seed=7)
+    cv.cell(128, 128, diam_um=10, ck=60, cd45=160)
+    obj = _at(_detect(cv.field()), 128, 128)
+    assert obj["label"] == "DOUBLE_POSITIVE", obj
