@@ -254,6 +254,20 @@ def test_missing_and_unreadable_fields_are_zeros(
     np.testing.assert_array_equal(region("field_005"), kept)
 
 
+def test_a_damaged_camera_affine_is_named_not_drawn(
+    small_scan: ScanResult, tmp_path: Path
+) -> None:
+    run = copy_run(small_scan.run_dir, tmp_path / "run")
+    scan_json = run / "scan.json"
+    meta = json.loads(scan_json.read_text())
+    px = meta["instrument"]["pixel_size_um"]
+    for bad in ("abc", [px, 0, 0, 0, px, 0], [px, 0, 0, 0, -px]):  # mirrored, short
+        meta["instrument"]["pixel_affine"] = bad
+        scan_json.write_text(json.dumps(meta))
+        with pytest.raises(napari_reader.RunFolderError, match=r"scan\.json.*affine"):
+            read_run(str(run))
+
+
 def test_an_analysis_folder_shows_its_run_and_its_events(
     small_scan: ScanResult, tmp_path: Path
 ) -> None:
