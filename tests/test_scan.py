@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import useq
+from pymmcore_plus.mda.events import MDASignaler
 
 from controller.acquisition.plan import ScanPlan
 from controller.config import InstrumentConfig
 from controller.errors import StorageError
 from controller.layouts import get_layout
 from controller.records import Record, Stored
-from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.runs.scan import Scan, ScanRequest, ScanResult, _once_at_position
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
 from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
@@ -278,6 +280,47 @@ def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:
     # the demo stage's read-back position lands in the ledger
     assert stored[0]["stage"]["x_um"] == pytest.approx(plan.fields[0].x_um, abs=0.1)
     assert not (tmp_path / "demo" / "ground_truth.json").exists()
+
+
+def test_the_last_fields_hook_fires_once_then_leaves_the_frames() -> None:
+    """The scan's near-end slot (the simulator's truth written while the last
+    field is taken) on pymmcore-plus's own frameReady signal: its action runs
+    once, at the last position's first frame, and the slot disconnects itself
+    there; the slot connected after it still gets that frame and every other."""
+    frame_ready = MDASignaler().frameReady
+    img = np.zeros((2, 2), np.uint16)
+
+    def frame(p: int, c: int) -> None:
+        frame_ready.emit(img, useq.MDAEvent(index={"p": p, "c": c}), {})
+
+    fired: list[int] = []
+    seen: list[tuple[int, int]] = []
+    drop = _once_at_position(frame_ready, 2, lambda: fired.append(len(seen)))
+
+    def after(_img: np.ndarray, event: useq.MDAEvent, _meta: dict) -> None:
+        seen.append((event.index["p"], event.index["c"]))
+
+    frame_ready.connect(after)
+    assert len(frame_ready) == 2
+    for p in range(3):
+        for c in range(4):
+            frame(p, c)
+            # connected until the last position's first frame, gone after it
+            assert len(frame_ready) == (2 if (p, c) < (2, 0) else 1)
+    frame(2, 0)  # the last position again (a re-taken frame): nothing more
+    assert fired == [8]  # before the slot after it had the 9th frame
+    assert seen == [(p, c) for p in range(3) for c in range(4)] + [(2, 0)]
+    drop()  # the run's end: already gone, nothing to do
+    assert len(frame_ready) == 1
+    # a run that ends before its last field: the end disconnects it
+    early: list[int] = []
+    drop = _once_at_position(frame_ready, 2, lambda: early.append(1))
+    assert len(frame_ready) == 2
+    drop()
+    drop()
+    assert len(frame_ready) == 1
+    frame(2, 0)
+    assert early == [] and fired == [8]
 
 
 def test_run_folder_checks(tmp_path: Path) -> None:

@@ -146,6 +146,36 @@ class _Ahead:
         return self._result
 
 
+def _once_at_position(
+    signal: Any, position: int, action: Callable[[], None]
+) -> Callable[[], None]:
+    """Connect to `signal` (``frameReady``) a slot that calls `action` at the
+    first frame of position `position` and disconnects itself first, so the
+    frames after it pass through no check of it. Returns the disconnect, for
+    the end of the run: done once, whoever comes first, and never while
+    holding a lock of ours (the slot runs inside the emission).
+
+    psygnal emits to a copy of its slots under a reentrant lock: a slot may
+    disconnect itself while it is called, and the slots after it still get
+    that frame."""
+    lock = threading.Lock()
+    connected = [True]
+
+    def disconnect() -> None:
+        with lock:
+            first, connected[0] = connected[0], False
+        if first:
+            signal.disconnect(slot)
+
+    def slot(_img: Any, event: Any, _meta: Any) -> None:
+        if event.index.get("p", 0) == position:
+            disconnect()
+            action()
+
+    signal.connect(slot)
+    return disconnect
+
+
 @contextlib.contextmanager
 def _device_thread_first() -> Iterator[None]:
     """The GIL's switch interval at `_SWITCH_INTERVAL_S` (never longer than it
@@ -585,12 +615,6 @@ class Scan:
             if remaining and not self._cancel.is_set() and supervisor.error is None:
                 # the simulator's truth (0.1-0.3 s) while the last field is
                 # taken, stored and detected: not on the way to the report
-                last = len(remaining) - 1
-
-                def near_end(_img: Any, event: Any, _meta: Any) -> None:
-                    if event.index.get("p", 0) == last:
-                        ahead.start()
-
                 self._acquire(
                     instrument.core,
                     plan,
@@ -598,7 +622,7 @@ class Scan:
                     assembler,
                     supervisor,
                     watchdog,
-                    near_end=near_end,
+                    near_end=ahead.start,
                 )
         finally:
             if writer is not None:
@@ -722,16 +746,19 @@ class Scan:
         assembler: FieldAssembler,
         supervisor: Supervisor,
         watchdog: Watchdog,
-        near_end: Callable[[Any, Any, Any], None] | None = None,
+        near_end: Callable[[], None] | None = None,
     ) -> None:
         """Run the MDA on a supervised thread until it ends, is canceled, a
         thread of the run dies, or a hardware call hangs (then stop waiting:
-        the call cannot be interrupted). `near_end` is connected to
-        ``frameReady`` for the run, after the assembler."""
+        the call cannot be interrupted). `near_end` is called once, at the
+        last field's first frame (after the assembler has it), and costs the
+        frames after that nothing (`_once_at_position`)."""
         sequence = plan.to_sequence(remaining)
-        core.mda.events.frameReady.connect(assembler.frame_ready)
+        frame_ready = core.mda.events.frameReady
+        frame_ready.connect(assembler.frame_ready)
+        drop_near_end = None
         if near_end is not None:
-            core.mda.events.frameReady.connect(near_end)
+            drop_near_end = _once_at_position(frame_ready, len(remaining) - 1, near_end)
         self._core = core
         mm_log, quiet = logging.getLogger("pymmcore-plus"), _NoEventLines()
         mm_log.addFilter(quiet)
@@ -745,9 +772,9 @@ class Scan:
                 # acquisition running under whatever closes the instrument
                 core.mda.cancel()
                 thread.join()
-            core.mda.events.frameReady.disconnect(assembler.frame_ready)
-            if near_end is not None:
-                core.mda.events.frameReady.disconnect(near_end)
+            frame_ready.disconnect(assembler.frame_ready)
+            if drop_near_end is not None:
+                drop_near_end()  # a no-op once it has fired
             self._core = None
 
     def _wait(
