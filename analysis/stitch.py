@@ -46,6 +46,7 @@ __all__ = [
     "check_affine",
     "default_affine",
     "object_key",
+    "object_place",
     "stitch",
 ]
 
@@ -62,6 +63,17 @@ def object_key(field_name: str, k: int) -> str:
     """The id of the `k`-th object (by row, then column) of a field; the same
     as `analysis.report.object_id`."""
     return f"{field_name}-{k:04d}"
+
+
+def object_place(o: Mapping[str, Any]) -> dict[str, Any]:
+    """What `stitch` reads of a detected object: its place (``row``, ``col``)
+    and, only when the detector's edge rule left it next door, that
+    ``reason``. The slim stand-in for an object wherever a record is kept for
+    the stitching (the scan's outputs, the station's live candidates)."""
+    out = {"row": o.get("row"), "col": o.get("col")}
+    if o.get("reason") == CUT_REASON:
+        out["reason"] = CUT_REASON
+    return out
 
 
 #: the largest camera rotation a plan along the stage axes tiles (degrees)

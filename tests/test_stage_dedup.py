@@ -21,7 +21,7 @@ from analysis.detect import CUT_REASON
 from analysis.napari_reader import read_run, world_from_stage
 from analysis.report import OUTPUT_FILES, ReportContext, write_outputs
 from analysis.settings import StitchSettings
-from analysis.stitch import FieldGeometry, default_affine, stitch
+from analysis.stitch import FieldGeometry, default_affine, object_place, stitch
 from controller.acquisition.plan import ScanPlan, plan_fields
 from controller.config import InstrumentConfig, load_yaml
 from controller.errors import ConfigError, StorageError
@@ -339,6 +339,10 @@ def test_a_cell_the_edge_rule_leaves_next_door_stays_there() -> None:
     b = record("field_001", 0, -pitch, [(50, top - 6.0, CUT_REASON)])
     got = stitch([a, b], StitchSettings())
     assert got.dropped == {"field_001-0000"}
+    # the slim objects kept for the stitching keep the edge rule's reason
+    slim = [dict(r, objects=[object_place(o) for o in r["objects"]]) for r in (a, b)]
+    assert [o.get("reason") for r in slim for o in r["objects"]] == [None, CUT_REASON]
+    assert stitch(slim, StitchSettings()).dropped == got.dropped
 
 
 def test_abutting_fields_lose_nothing() -> None:
@@ -466,6 +470,12 @@ def test_every_cell_counts_once_whatever_the_order(
     rng.shuffle(shuffled)
     again = stitch(shuffled, StitchSettings())
     assert again.left == got.left and again.merged == got.merged
+    # and the same from the slim objects kept for it (the scan's outputs, the
+    # station's live list): their places and the edge rule's reason only
+    slim = [dict(r, objects=[object_place(o) for o in r["objects"]]) for r in recs]
+    assert all(set(o) <= {"row", "col", "reason"} for r in slim for o in r["objects"])
+    kept_slim = stitch(slim, StitchSettings())
+    assert kept_slim.left == got.left and kept_slim.merged == got.merged
 
 
 # ---------------------------------------------------------------- plan, config

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from analysis.detect import CUT_REASON
 from analysis.report import (
     Report,
     ReportContext,
@@ -24,7 +23,7 @@ from analysis.report import (
     read_report,
     write_outputs,
 )
-from analysis.stitch import stitch
+from analysis.stitch import object_place, stitch
 from controller.acquisition.plan import ScanPlan
 from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import StorageError
@@ -126,13 +125,10 @@ class DetectionCache:
 
 def _slim(o: dict[str, Any]) -> dict[str, Any]:
     """An object as the report and the stitching need it: a CTC whole, any
-    other its label, place and (for the stitching) the edge rule's reason."""
+    other its label and what the stitching reads of it (`object_place`)."""
     if o.get("label") == "CTC":
         return o
-    out = {"label": o.get("label"), "row": o.get("row"), "col": o.get("col")}
-    if o.get("reason") == CUT_REASON:
-        out["reason"] = CUT_REASON
-    return out
+    return {"label": o.get("label"), **object_place(o)}
 
 
 def load_records(

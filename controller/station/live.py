@@ -19,7 +19,7 @@ import tifffile
 from analysis.detect import DEFAULT_ROLES
 from analysis.report import object_id as make_object_id
 from analysis.settings import StitchSettings
-from analysis.stitch import stitch
+from analysis.stitch import object_place, stitch
 from controller.runstore.review import FEATURES, ReviewError
 from controller.station.pictures import (
     Thumbnails,
@@ -217,10 +217,7 @@ class Station:
             ]
             where = {k: rec[k] for k in _GEOMETRY if k in rec}
             where["field"] = name
-            where["objects"] = [
-                {"row": o["row"], "col": o["col"], "reason": o.get("reason")}
-                for o in objs
-            ]
+            where["objects"] = [object_place(o) for o in objs]
             return _Live(rows, where)
         return None
 
