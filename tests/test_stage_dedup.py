@@ -27,7 +27,9 @@ from controller.config import InstrumentConfig, load_yaml
 from controller.errors import ConfigError, StorageError
 from controller.hardware.instrument import open_instrument
 from controller.layouts import CartridgeLayout, get_layout
+from controller.records import Detected, Started
 from controller.runs.scan import Scan, ScanRequest, ScanResult
+from controller.runstore.folder import RunFolder
 from controller.station.live import Station
 from hardware_configs import CONFIG_DIR
 from tests.conftest import invoke, one_line_error
@@ -343,6 +345,49 @@ def test_a_cell_the_edge_rule_leaves_next_door_stays_there() -> None:
     slim = [dict(r, objects=[object_place(o) for o in r["objects"]]) for r in (a, b)]
     assert [o.get("reason") for r in slim for o in r["objects"]] == [None, CUT_REASON]
     assert stitch(slim, StitchSettings()).dropped == got.dropped
+
+
+def test_the_live_list_is_stitched_again_when_a_detection_file_comes_or_changes(
+    tmp_path: Path,
+) -> None:
+    """The station keeps the live list stitched while the run folder's
+    detection files stay as they were; a new file, or one written again,
+    is stitched with the others."""
+    folder = RunFolder(tmp_path / "station" / "live")
+    folder.prepare()
+    folder.ledger.append(Started(cartridge_id="c", planned=2))
+    station = Station(tmp_path / "station")
+
+    def write(rec: dict[str, Any]) -> None:
+        objs = [{**o, "field": rec["field"]} for o in rec["objects"]]
+        folder.detection_path(rec["field"]).write_text(
+            json.dumps(rec | {"objects": objs})
+        )
+
+    def detected(rec: dict[str, Any]) -> None:
+        write(rec)
+        folder.ledger.append(Detected(field=rec["field"]))
+
+    def ctc() -> list[str]:
+        got = station.candidates("live", None)["candidates"]
+        return sorted(c["object_id"] for c in got if c["label"] == "CTC")
+
+    # one cell about 10 um inside both fields, deeper in field_000
+    pitch = FOV_W - 20
+    a = record("field_000", 0, 0, [(pitch / 2 - 1, 5, "x")])
+    b = record("field_001", pitch, 0, [(pitch / 2 - 0.5, 5.3, "x")])
+    detected(b)
+    assert ctc() == ["field_001-0000"]
+    view = station.catalog.view("live")
+    kept = station._live_rows(view)
+    assert station._live_rows(view) is kept  # nothing changed: not stitched again
+    # a new file: the cell is field_000's, so field_001's view of it leaves
+    detected(a)
+    assert ctc() == ["field_000-0000"]
+    # field_000's file written again (no new ledger line): its objects elsewhere
+    a = record("field_000", 0, 0, [(-100, 0, "x"), (-200, 0, "x")])
+    write(a)
+    assert ctc() == ["field_000-0000", "field_000-0001", "field_001-0000"]
 
 
 def test_abutting_fields_lose_nothing() -> None:

@@ -43,6 +43,7 @@ class _Live:
 
     rows: list[dict[str, Any]]  # CTC calls and flagged objects, with their ids
     where: dict[str, Any]  # field, geometry and objects' places (`stitch`)
+    version: tuple[int, int] | None = None  # the file's size and mtime_ns
 
 
 logger = logging.getLogger("ctcscan.station")
@@ -61,6 +62,9 @@ class Station:
         self.thumbs = Thumbnails()
         self._json_cache: OrderedDict[Path, tuple[int, int, Any]] = OrderedDict()
         self._cand_cache: dict[Path, tuple[tuple[int, int], _Live]] = {}
+        #: per run folder, its live candidates stitched, and what of: the
+        #: detected fields' file versions and the stitch settings
+        self._live_cache: dict[Path, tuple[Any, list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
@@ -157,20 +161,32 @@ class Station:
     def _live_rows(self, view: RunView) -> list[dict[str, Any]]:
         """Candidates from the detection files while there is no events.csv:
         the same objects and ids events.csv will have, without those the
-        stitching leaves to another field or merges (overlapping fields)."""
+        stitching leaves to another field or merges (overlapping fields).
+
+        Stitched again only when a detected field or the version (size,
+        mtime) of its detection file changed, or the stitch settings did:
+        otherwise the list of the last call (shared: not to be changed)."""
+        names = sorted(view.detected_fields())
         lives = [
-            self._field_candidates(view.folder / "detections", name)
-            for name in sorted(view.detected_fields())
+            self._field_candidates(view.folder / "detections", name) for name in names
         ]
+        settings = self._stitch_settings(view)
+        versions = tuple(zip(names, (live.version for live in lives), strict=True))
+        key = (versions, settings)
+        with self._lock:
+            hit = self._live_cache.get(view.folder)
+            if hit is not None and hit[0] == key:
+                return hit[1]
         rows = [r for live in lives for r in live.rows]
         if rows:
-            settings = self._stitch_settings(view)
             try:
                 dropped = stitch([live.where for live in lives], settings).dropped
             except (KeyError, TypeError, ValueError) as e:  # a damaged record
                 logger.warning("%s: candidates not stitched (%s)", view.folder, e)
                 dropped = frozenset()
             rows = [r for r in rows if r["object_id"] not in dropped]
+        with self._lock:
+            self._live_cache[view.folder] = (key, rows)
         return rows
 
     def _stitch_settings(self, view: RunView) -> StitchSettings:
@@ -197,9 +213,9 @@ class Station:
             if hit is not None and hit[0] == key:
                 return hit[1]
         rec = self._json(path, keep=False)
-        live = _Live([], {"field": name})
+        live = _Live([], {"field": name}, key)
         try:
-            live = self._parse_candidates(name, rec) or live
+            live = self._parse_candidates(name, rec, key) or live
         except (KeyError, TypeError, AttributeError, ValueError):
             logger.warning("%s: not a detection record; no candidates from it", path)
         with self._lock:
@@ -207,7 +223,9 @@ class Station:
         return live
 
     @staticmethod
-    def _parse_candidates(name: str, rec: Any) -> _Live | None:
+    def _parse_candidates(
+        name: str, rec: Any, version: tuple[int, int]
+    ) -> _Live | None:
         if isinstance(rec, dict):
             objs = sorted(rec.get("objects", []), key=lambda o: (o["row"], o["col"]))
             rows = [
@@ -218,7 +236,7 @@ class Station:
             where = {k: rec[k] for k in _GEOMETRY if k in rec}
             where["field"] = name
             where["objects"] = [object_place(o) for o in objs]
-            return _Live(rows, where)
+            return _Live(rows, where, version)
         return None
 
     def candidates(self, run: str, reviewer: str | None) -> dict[str, Any]:
