@@ -1,10 +1,14 @@
-"""The on-line detector's worker processes: what they import at start-up."""
+"""The on-line detector: what its worker processes import at start-up, and
+waiting until what was offered to it has been dispatched."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,11 +16,16 @@ from typing import Any
 import pytest
 
 from analysis.pipeline import FieldJob, analyze_field_file
+from controller.records import Detected
 from controller.runs.detector import (
+    OnlineDetector,
     _needs_main,
     _spawn_context,
     _WorkerContext,
 )
+from controller.runstore.folder import RunFolder
+from controller.runstore.ledger import RunLog
+from controller.supervise import Supervisor
 
 
 @pytest.fixture
@@ -72,3 +81,105 @@ def test_a_job_defined_in_the_main_script_keeps_it_in_the_worker(
     assert not _needs_main(analyze_field_file)
     for run_job, lean in ((analyze_field_file, True), (_in_main, False)):
         assert isinstance(_spawn_context(run_job), _WorkerContext) is lean
+
+
+# ------------------------------------------------------------ wait_dispatched
+
+
+class _Gated:
+    """Detection on the dispatcher's own thread (``workers=0``: one field at a
+    time) that holds field `held` until `gate` is set."""
+
+    def __init__(self, tmp_path: Path, held: str) -> None:
+        self.folder = RunFolder(tmp_path / "run")
+        self.folder.prepare()
+        self.held = held
+        self.gate = threading.Event()
+        self.started = threading.Event()  # `held` has been taken
+        self.ran: list[str] = []
+        self.at_return: list[str] | None = None
+        self.supervisor = Supervisor()
+        self.detector = OnlineDetector(
+            self.folder,
+            lambda name: name,  # type: ignore[arg-type,return-value]
+            RunLog(self.folder.ledger),
+            self.supervisor,
+            workers=0,
+            run_job=self.run,  # type: ignore[arg-type]
+        )
+
+    def run(self, name: str) -> dict[str, Any]:
+        if name == self.held:
+            self.started.set()
+            assert self.gate.wait(60)
+        self.ran.append(name)
+        return {"field": name, "counts": {"CTC": 0}, "objects": []}
+
+    def detected(self) -> list[str]:
+        return [r.field for r in self.folder.ledger.read() if isinstance(r, Detected)]
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[threading.Event]:
+        """`wait_dispatched` on a thread of its own; the event is set when it
+        returns, with what had run by then in `self.at_return`."""
+        returned = threading.Event()
+
+        def wait() -> None:
+            self.detector.wait_dispatched()
+            self.at_return = list(self.ran)
+            returned.set()
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        try:
+            yield returned
+        finally:
+            self.gate.set()
+            waiter.join(60)
+            assert not waiter.is_alive(), "wait_dispatched never returned"
+
+
+def test_wait_dispatched_returns_once_every_field_offered_has_gone(
+    tmp_path: Path,
+) -> None:
+    g = _Gated(tmp_path, held="b")
+    g.detector.add_backlog(["a", "b", "c"])
+    with g.waiting() as returned:
+        # "c" is taken only after "b", held, is done
+        assert not returned.wait(0.2)
+        g.gate.set()
+        assert returned.wait(60)
+    assert g.at_return[:2] == ["a", "b"]
+    # nothing offered since: it returns at once
+    g.detector.wait_dispatched()
+    assert g.detector.close()["detected"] == 3
+    assert sorted(g.detected()) == ["a", "b", "c"]
+    assert g.supervisor.error is None
+
+
+def test_wait_dispatched_returns_when_the_detector_stops_with_fields_left(
+    tmp_path: Path,
+) -> None:
+    # a run stopping: close(drain=False) drops what was not dispatched
+    g = _Gated(tmp_path / "stop", held="a")
+    g.detector.add_backlog(["a", "b", "c"])
+    with g.waiting() as returned:
+        assert g.started.wait(60)
+        closing = threading.Thread(target=g.detector.close, kwargs={"drain": False})
+        closing.start()
+        assert returned.wait(60)  # while "a" is still held
+        assert g.at_return == []
+    closing.join(60)
+    assert g.detected() == ["a"]
+    # the dispatcher dies (the results cannot be written), fields still waiting
+    g = _Gated(tmp_path / "dead", held="a")
+    g.folder.detections_dir.rmdir()
+    g.folder.detections_dir.write_text("not a folder")
+    g.detector.add_backlog(["a", "b", "c"])
+    with g.waiting() as returned:
+        g.gate.set()
+        assert returned.wait(60)
+    assert isinstance(g.supervisor.error, OSError)
+    assert g.at_return == ["a"] and g.detected() == []
+    g.detector.wait_dispatched()  # after the end, too
+    g.detector.close()

@@ -338,6 +338,9 @@ class OnlineDetector:
         self._backlog: collections.deque[str] = collections.deque()
         self._crashes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
+        #: notified (under `_lock`) when the backlog empties or the dispatcher ends
+        self._dispatched = threading.Condition(self._lock)
+        self._ended = False  # the dispatcher's loop is over, however it ended
         self._wake = threading.Event()
         self._closing = threading.Event()
         #: the workers: a pool of this detector's own, closed with it, or one
@@ -374,11 +377,8 @@ class OnlineDetector:
         """Wait until every field offered so far has gone to a worker (or the
         detector stopped): what is offered to another detector on the same
         `WorkerPool` after this comes after these fields."""
-        while self._thread.is_alive():
-            with self._lock:
-                if not self._backlog:
-                    return
-            time.sleep(0.02)
+        with self._dispatched:
+            self._dispatched.wait_for(lambda: not self._backlog or self._ended)
 
     @property
     def closed(self) -> bool:
@@ -392,6 +392,7 @@ class OnlineDetector:
         if not drain:
             with self._lock:
                 self._backlog.clear()
+                self._dispatched.notify_all()
         self._closing.set()
         self._wake.set()
         self._thread.join()
@@ -423,6 +424,8 @@ class OnlineDetector:
                         self.max_in_flight
                     ):
                         start.append(self._backlog.popleft())
+                    if start and not self._backlog:
+                        self._dispatched.notify_all()
                     idle = not self._backlog and not in_flight and not start
                 for name in start:
                     try:
@@ -441,9 +444,14 @@ class OnlineDetector:
                 for fut in done:
                     self._finish(in_flight.pop(fut), fut)
         finally:
-            if self._own_pool and self._pool is not None:
-                # every result is in: the run need not wait for the exit
-                self._pool.close(wait=bool(in_flight))
+            try:
+                if self._own_pool and self._pool is not None:
+                    # every result is in: the run need not wait for the exit
+                    self._pool.close(wait=bool(in_flight))
+            finally:
+                with self._lock:  # nothing more is dispatched: no one waits
+                    self._ended = True
+                    self._dispatched.notify_all()
 
     def _finish(self, name: str, fut: Future) -> None:
         pool = self._pool_of.pop(fut, None)
