@@ -362,6 +362,44 @@ def _split_nucleus(mask: np.ndarray, min_dist_px: int) -> np.ndarray:
     return watershed(-dist, markers, mask=mask)
 
 
+def _split_dna(
+    mask: np.ndarray, dna: np.ndarray, min_dist_px: int, depth: float, min_px: float
+) -> tuple[np.ndarray, int]:
+    """Pieces of a nucleus blob at its DNA peaks: ``(labels, n)``, n = 0 when
+    it is one nucleus.
+
+    The peaks of the lightly smoothed DNA signal at least `min_dist_px` apart
+    seed a watershed of the blob. It counts as several nuclei only when every
+    piece has at least `min_px` pixels and the signal between each two
+    touching pieces dips below `depth` times the lower of their peaks: blur
+    merges two nuclei with a valley between them, while the texture of one
+    nucleus makes only shallow peaks.
+    """
+    smooth = ndimage.gaussian_filter(dna, 1.0)
+    peaks = peak_local_max(
+        smooth,
+        min_distance=min_dist_px,
+        labels=mask.astype(np.int32),
+        exclude_border=False,
+    )
+    if len(peaks) < 2:
+        return mask.astype(np.int32), 0
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    pieces = watershed(-smooth, markers, mask=mask)
+    n = len(peaks)
+    if np.bincount(pieces.ravel(), minlength=n + 1)[1:].min() < min_px:
+        return mask.astype(np.int32), 0
+    top = smooth[tuple(peaks.T)]
+    for a in range(1, n + 1):
+        edge = ndimage.binary_dilation(pieces == a) & (pieces > a)
+        for b in np.unique(pieces[edge]).tolist():
+            saddle = float(smooth[edge & (pieces == b)].max())
+            if saddle > depth * min(top[a - 1], top[b - 1]):
+                return mask.astype(np.int32), 0
+    return pieces, n
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -457,6 +495,8 @@ class _Field:
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
         ) = None
+        #: labels given to pieces of merged nuclei (`_split_merged`)
+        self._pieces: list[int] = []
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -599,7 +639,9 @@ class _Field:
         nuc_pixels = _by_label(nuc_lab, nuc_idx)
         nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
         nuc_area[0] = nuc_lab.size - nuc_idx.size
-        self._measure_blur(nuc_lab, nuc_area, _boxes(*nuc_pixels, n_nuc, self.w))
+        self.nuc_lab, self.n_nuc = nuc_lab, n_nuc
+        self.nuc_boxes = _boxes(*nuc_pixels, n_nuc, self.w)
+        self._measure_blur(nuc_lab, nuc_area, self.nuc_boxes)
         self._add_dim_ck(ck_mask, nuc_mask)
         ck_lab, n_ck = ndimage.label(ck_mask)
         ck_idx = np.flatnonzero(ck_mask)
@@ -638,7 +680,9 @@ class _Field:
                 for sub, nuclei in parts:
                     self._add_region(crop, sub, local, nuclei, areas, set())
                 continue
-            self._add_region(crop, region, nuc_lab[crop], near, nuc_area, claimed)
+            self._add_region(
+                crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
+            )
         self._region = None
         self.result.objects.extend(self._nuclei_table(nuc_pixels, claimed))
         return self.result
@@ -721,17 +765,78 @@ class _Field:
         near: list[tuple[int, int]],
         nuc_area: np.ndarray,
         claimed: set[int],
+        *,
+        split: bool = False,
     ) -> None:
-        """Classify one CK region, given the nuclei overlapping it."""
+        """Classify one CK region, given the nuclei overlapping it (`nl`: the
+        field's nucleus labels over `crop` when `split`, whose merged nuclei
+        may then be split: `_split_merged`)."""
         inside = [
             nid
             for nid, cnt in near
             if cnt >= self.st.min_nucleus_inside * nuc_area[nid]
         ]
         claimed.update(inside)
-        self.result.objects.extend(
-            self._ck_region(crop, region, nl, inside, [nid for nid, _ in near])
-        )
+        touching = [nid for nid, _ in near]
+        if split and len(inside) < len(near):
+            nl, pieces = self._split_merged(crop, region, nl, near, set(inside))
+            inside += pieces
+            touching += pieces
+        self.result.objects.extend(self._ck_region(crop, region, nl, inside, touching))
+
+    def _split_merged(
+        self,
+        crop: tuple[slice, slice],
+        region: np.ndarray,
+        nl: np.ndarray,
+        near: list[tuple[int, int]],
+        inside: set[int],
+    ) -> tuple[np.ndarray, list[int]]:
+        """Nuclei that blur merged into one blob, split where one of them lies
+        inside the CK region.
+
+        Two touching nuclei (a cell and a leukocyte beside it) blurred together
+        pass the threshold as one blob, mostly outside the cell's cytokeratin,
+        though the cell's own nucleus lies inside it. A blob overlapping the
+        region is split at its DNA peaks (`_split_dna`); a piece of nucleus
+        size with at least `min_nucleus_inside` of it inside the region gets a
+        label of its own in a copy of `nl` (returned with the new labels). A
+        single nucleus beside cytokeratin has one peak and stays whole.
+        """
+        st = self.st
+        out, new = nl, list[int]()
+        min_piece = st.min_nucleus_area_um2 / self.px**2
+        for nid, cnt in near:
+            if nid in inside or cnt < min_piece * st.min_nucleus_inside:
+                continue
+            box = self.nuc_boxes[nid - 1]
+            if box is None:
+                continue
+            nmask = self.nuc_lab[box] == nid
+            pieces, n = _split_dna(
+                nmask,
+                self.full[self.n][box],
+                max(2, round(st.nucleus_split_um / self.px)),
+                st.nucleus_split_depth,
+                min_piece,
+            )
+            for p in range(1, n + 1):
+                # the piece in the crop's coordinates (parts beyond it: outside)
+                piece = np.zeros(nl.shape, bool)
+                r0, c0 = box[0].start - crop[0].start, box[1].start - crop[1].start
+                pr, pc = np.nonzero(pieces == p)
+                pr, pc = pr + r0, pc + c0
+                ok = (pr >= 0) & (pr < nl.shape[0]) & (pc >= 0) & (pc < nl.shape[1])
+                piece[pr[ok], pc[ok]] = True
+                if np.count_nonzero(piece & region) < st.min_nucleus_inside * pr.size:
+                    continue
+                if out is nl:
+                    out = nl.copy()
+                label = self.n_nuc + 1 + len(new) + len(self._pieces)
+                out[piece] = label
+                new.append(label)
+        self._pieces += new
+        return out, new
 
     def _peel(
         self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
@@ -829,8 +934,16 @@ class _Field:
             if box is None:
                 continue
             nmask = nl[box] == nid
-            merged = _shape(nmask)[2] < 0.88  # two touching nuclei, one blob
-            pieces = _split_nucleus(nmask, min_dist) if merged else nmask.astype(int)
+            if _shape(nmask)[2] < 0.88:  # two touching nuclei, one blob
+                pieces = _split_nucleus(nmask, min_dist)
+            else:  # or blurred into a convex one: apart where their DNA dips
+                pieces, _ = _split_dna(
+                    nmask,
+                    self.full[self.n][crop][box],
+                    max(2, round(self.st.nucleus_split_um / self.px)),
+                    self.st.nucleus_split_depth,
+                    self.st.min_nucleus_area_um2 / self.px**2,
+                )
             for p in range(1, int(pieces.max()) + 1):
                 n_mark += 1
                 markers[box][pieces == p] = n_mark

@@ -82,6 +82,28 @@ class DetectionSettings(BaseModel):
         le=1,
         description="fraction of the nucleus that must lie inside the CK area",
     )
+    min_nucleus_area_um2: float = Field(
+        default=12.0,
+        gt=0,
+        description=(
+            "a piece of a blurred-together nucleus blob counts as a nucleus of "
+            "its own only from this area (about 4 um across)"
+        ),
+    )
+    nucleus_split_um: float = Field(
+        default=3.0,
+        gt=0,
+        description="DNA peaks of two merged nuclei lie at least this far apart",
+    )
+    nucleus_split_depth: float = Field(
+        default=0.75,
+        gt=0,
+        le=1,
+        description=(
+            "two merged nuclei: the DNA signal between their peaks falls below "
+            "this fraction of the lower peak"
+        ),
+    )
     max_cd45_snr: float = Field(
         default=10.0,
         gt=0,

@@ -458,3 +458,23 @@ def test_a_dim_double_positive_is_not_a_ctc() -> None:
     cv.cell(128, 128, diam_um=10, ck=60, cd45=160)
     obj = _at(_detect(cv.field()), 128, 128)
     assert obj["label"] == "DOUBLE_POSITIVE", obj
+
+
+@pytest.mark.parametrize("blur", [1.0, 2.4])
+def test_a_nucleus_beside_cytokeratin_stays_one_nucleus(blur: float) -> None:
+    # one nucleus, one DNA peak: however blurred, it is not split to put a
+    # piece of it inside the cytokeratin
+    cv = Canvas(seed=5)
+    cv.cell(128, 128, diam_um=12, nucleus_um=9, nucleus_at=(0, 7.5))
+    objs = _detect(cv.field(blur=blur))
+    assert not _ctcs(objs), [(o["label"], o["reason"]) for o in objs]
+
+
+@pytest.mark.parametrize("blur", [1.8, 2.4])
+def test_touching_ctcs_whose_nuclei_blur_merged_count_twice(blur: float) -> None:
+    cv = Canvas(seed=2)
+    # pressed together, their nuclei 2.5 um apart: one blob once blurred
+    cv.cell(128, 120, diam_um=10, nucleus_um=6, nucleus_at=(0, 1.2))
+    cv.cell(128, 136, diam_um=10, nucleus_um=6, nucleus_at=(0, -1.2))
+    objs = _detect(cv.field(blur=blur))
+    assert len(_ctcs(objs)) == 2, [(o["label"], o["reason"]) for o in objs]
