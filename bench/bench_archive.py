@@ -10,7 +10,9 @@ side by side in one run:
 ``dask-2``    ``--scheduler local --workers 2``: a LocalCluster of 2 processes
 
 Wall time includes starting the pool or the cluster (a real cost of the
-command). It prints wall time, fields per second, the speed-up of 2 Dask workers
+command). It prints wall time, the CPU time of the command and its processes
+(less sensitive than wall time to other work on a shared machine), fields
+per second, the speed-up of 2 Dask workers
 over 1, and Dask's overhead against the local pool (``dask-2 / local-2 - 1``;
 target <= 10 %), and checks that every mode gives the same events.csv. It
 also times Dask's fixed cost alone (import, start and close a LocalCluster of
@@ -22,12 +24,19 @@ Usage::
     python bench/bench_archive.py                        # 4 cartridges x 24 fields
     python bench/bench_archive.py --cartridges 8 --fields 40
     python bench/bench_archive.py --inputs /tmp/runs     # run folders already there
+    python bench/bench_archive.py --before /tmp/old-tree # + dask-2 of another tree
+
+``--before DIR`` adds a mode ``dask-2-before``: ``dask-2`` with ``DIR`` (a copy
+of an older tree, e.g. ``git archive COMMIT | tar -x -C DIR``) first on
+``PYTHONPATH``, in turns with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,11 +69,16 @@ def _scan(out: Path, seed: int, fields: int) -> None:
     )  # fmt: skip
 
 
+def _cpu(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cartridges", type=int, default=4)
     p.add_argument("--fields", type=int, default=24)
     p.add_argument("--inputs", type=Path, help="a folder of run folders to reuse")
+    p.add_argument("--before", type=Path, help="a tree to run dask-2 of as well")
     p.add_argument(
         "--repeat", type=int, default=1, help="runs per mode, in turns (best kept)"
     )
@@ -80,32 +94,55 @@ def main(argv: list[str] | None = None) -> int:
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
-        inputs = sorted(p for p in root.iterdir() if (p / "scan.json").is_file())
+        inputs = sorted(
+            p.absolute() for p in root.iterdir() if (p / "scan.json").is_file()
+        )
         n_fields = sum(len(list((p / "fields").glob("*.ome.tif"))) for p in inputs)
-        rows = dict.fromkeys(MODES, float("inf"))
+        modes = {m: (opts, None) for m, opts in MODES.items()}
+        if args.before is not None:
+            modes["dask-2-before"] = (MODES["dask-2"], args.before.resolve())
+        rows = dict.fromkeys(modes, float("inf"))
+        cpu = dict.fromkeys(modes, float("inf"))
+        faults = dict.fromkeys(modes, 0)
         events: dict[str, dict[str, bytes]] = {}
         # the modes in turns, so a drift of the machine's load hits them alike
         for rep in range(args.repeat):
-            for mode, opts in MODES.items():
+            for mode, (opts, tree) in modes.items():
                 out = Path(tmp) / f"out-{mode}-{rep}"
+                env, cwd = dict(os.environ), None
+                if tree is not None:  # `python -m` puts the working folder first
+                    cwd = tree
+                    env["PYTHONPATH"] = os.pathsep.join(
+                        [str(tree), *filter(None, [env.get("PYTHONPATH")])]
+                    )
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
                 subprocess.run(
                     [sys.executable, "-m", "controller", "analyze",
                      *map(str, inputs), "--out", str(out), *opts],
                     check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=env, cwd=cwd,
                 )  # fmt: skip
                 took = time.perf_counter() - t0
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                used = _cpu(after) - _cpu(before)
+                faults[mode] = after.ru_minflt - before.ru_minflt
                 rows[mode] = min(rows[mode], took)
+                cpu[mode] = min(cpu[mode], used)
                 events[mode] = {
                     p.name: (p / "events.csv").read_bytes() for p in out.iterdir()
                 }
                 print(
-                    f"{mode:<8} run {rep + 1}: {took:7.1f} s  "
+                    f"{mode:<13} run {rep + 1}: {took:7.1f} s  CPU {used:6.1f} s  "
+                    f"{faults[mode] / n_fields:6.0f} page faults a field  "
                     f"{n_fields / took:6.2f} fields/s",
                     flush=True,
                 )
         for mode, best in rows.items():
-            print(f"{mode:<8} best {best:7.1f} s  {n_fields / best:6.2f} fields/s")
+            print(
+                f"{mode:<13} best {best:7.1f} s  CPU {cpu[mode]:6.1f} s  "
+                f"{n_fields / best:6.2f} fields/s"
+            )
         # the fixed part of Dask's cost: importing it, starting a LocalCluster
         # of 2 workers (each importing the analysis) and closing it, no fields
         t0 = time.perf_counter()
@@ -114,14 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", _IDLE_PROCESS], check=True)
         fixed -= time.perf_counter() - t0
-        same = all(events[m] == events["local-2"] for m in MODES)
+        same = all(events[m] == events["local-2"] for m in modes)
         speedup = rows["dask-1"] / rows["dask-2"]
         overhead = rows["dask-2"] / rows["local-2"] - 1
         print(
             f"{len(inputs)} cartridges, {n_fields} fields: 2 Dask workers "
             f"{speedup:.2f}x faster than 1; Dask overhead against the local pool "
-            f"{overhead:+.1%} (target <= +10%); identical events.csv: {same}"
+            f"{overhead:+.1%} (target <= +10%), in CPU time "
+            f"{cpu['dask-2'] / cpu['local-2'] - 1:+.1%}; identical events.csv: {same}"
         )
+        if args.before is not None:
+            print(
+                f"dask-2 against dask-2 of {args.before}: wall "
+                f"{rows['dask-2'] / rows['dask-2-before'] - 1:+.1%}, CPU "
+                f"{cpu['dask-2'] / cpu['dask-2-before'] - 1:+.1%}; the tree before "
+                f"against the local pool: "
+                f"{rows['dask-2-before'] / rows['local-2'] - 1:+.1%}"
+            )
         print(
             f"Dask's fixed cost (import, start and close a 2-worker LocalCluster, "
             f"beyond a bare process): {fixed:.1f} s; overhead beyond it "
@@ -133,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                     "cartridges": len(inputs),
                     "fields": n_fields,
                     "seconds": rows,
+                    "cpu_seconds": {m: round(c, 2) for m, c in cpu.items()},
+                    "page_faults_per_field": {
+                        m: round(f / n_fields) for m, f in faults.items()
+                    },
                     "speedup_2_over_1": round(speedup, 3),
                     "dask_overhead": round(overhead, 4),
                     "identical": same,

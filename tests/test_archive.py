@@ -148,6 +148,28 @@ def test_reanalyses_are_versioned_beside_the_online_one_and_compared(
 # ---------------------------------------------------------------- a real cluster
 
 
+def test_a_local_clusters_workers_run_with_the_local_pools_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A field runs on a Dask worker's thread: one malloc arena and a trim
+    threshold the nanny does not lower to 64 kB, or every field faults its
+    pages in again (`controller.heap`)."""
+    from controller.runs.runners import dask_client
+
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    with dask_client("local", 1) as client:
+        (arenas,) = client.run(os.getenv, "MALLOC_ARENA_MAX").values()
+        (trim,) = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()
+        (limit,) = client.run(_memory_limit).values()
+    assert (arenas, trim) == ("1", str(256 * 2**20))
+    assert limit is None  # nothing polls the worker's memory
+
+
+def _memory_limit(dask_worker: object) -> object:
+    return dask_worker.memory_manager.memory_limit  # type: ignore[attr-defined]
+
+
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
