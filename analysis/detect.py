@@ -495,8 +495,6 @@ class _Field:
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
         ) = None
-        #: labels given to pieces of merged nuclei (`_split_merged`)
-        self._pieces: list[int] = []
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -832,10 +830,9 @@ class _Field:
                     continue
                 if out is nl:
                     out = nl.copy()
-                label = self.n_nuc + 1 + len(new) + len(self._pieces)
+                label = self.n_nuc + 1 + len(new)  # above every label in `nl`
                 out[piece] = label
                 new.append(label)
-        self._pieces += new
         return out, new
 
     def _peel(
