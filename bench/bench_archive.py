@@ -26,9 +26,10 @@ Usage::
     python bench/bench_archive.py --inputs /tmp/runs     # run folders already there
     python bench/bench_archive.py --before /tmp/old-tree # + dask-2 of another tree
 
-``--before DIR`` adds a mode ``dask-2-before``: ``dask-2`` with ``DIR`` (a copy
-of an older tree, e.g. ``git archive COMMIT | tar -x -C DIR``) first on
-``PYTHONPATH``, in turns with the others.
+``--before DIR`` adds the modes ``local-2-before`` and ``dask-2-before``:
+``local-2`` and ``dask-2`` with ``DIR`` (a copy of an older tree, e.g. ``git
+archive COMMIT | tar -x -C DIR``) first on ``PYTHONPATH``, in turns with the
+others.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         n_fields = sum(len(list((p / "fields").glob("*.ome.tif"))) for p in inputs)
         modes = {m: (opts, None) for m, opts in MODES.items()}
         if args.before is not None:
-            modes["dask-2-before"] = (MODES["dask-2"], args.before.resolve())
+            for mode in ("local-2", "dask-2"):
+                modes[f"{mode}-before"] = (MODES[mode], args.before.resolve())
         rows = dict.fromkeys(modes, float("inf"))
         cpu = dict.fromkeys(modes, float("inf"))
         faults = dict.fromkeys(modes, 0)
@@ -164,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"dask-2 against dask-2 of {args.before}: wall "
                 f"{rows['dask-2'] / rows['dask-2-before'] - 1:+.1%}, CPU "
-                f"{cpu['dask-2'] / cpu['dask-2-before'] - 1:+.1%}; the tree before "
-                f"against the local pool: "
-                f"{rows['dask-2-before'] / rows['local-2'] - 1:+.1%}"
+                f"{cpu['dask-2'] / cpu['dask-2-before'] - 1:+.1%}; local-2 against "
+                f"local-2 of it: wall "
+                f"{rows['local-2'] / rows['local-2-before'] - 1:+.1%}"
+                f", CPU {cpu['local-2'] / cpu['local-2-before'] - 1:+.1%}; Dask "
+                f"overhead of the tree before against its own local pool: "
+                f"{rows['dask-2-before'] / rows['local-2-before'] - 1:+.1%}"
             )
         print(
             f"Dask's fixed cost (import, start and close a 2-worker LocalCluster, "

@@ -4,6 +4,8 @@ waiting until what was offered to it has been dispatched."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -25,6 +27,7 @@ from controller.runs.detector import (
 )
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
+from controller.runstore.results import ResultWriteError, encode_result
 from controller.supervise import Supervisor
 
 
@@ -183,3 +186,68 @@ def test_wait_dispatched_returns_when_the_detector_stops_with_fields_left(
     assert g.at_return == ["a"] and g.detected() == []
     g.detector.wait_dispatched()  # after the end, too
     g.detector.close()
+
+
+# ------------------------------------------------- results written by workers
+
+
+def _small_result(job: str) -> dict[str, Any]:
+    """A field's record, computed in a worker process (whose pid it keeps)."""
+    return {
+        "field": job,
+        "counts": {"CTC": 1, "leukocyte": 2},
+        "seconds": 0.25,
+        "source": "10:20",
+        "pid": os.getpid(),
+        "objects": [{"x": 1.5, "label": "CTC"}],
+    }
+
+
+def _detector(
+    tmp_path: Path, workers: int
+) -> tuple[OnlineDetector, RunFolder, Supervisor]:
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    supervisor = Supervisor()
+    detector = OnlineDetector(
+        folder,
+        lambda name: name,  # type: ignore[arg-type,return-value]
+        RunLog(folder.ledger),
+        supervisor,
+        workers=workers,
+        run_job=_small_result,  # type: ignore[arg-type]
+    )
+    return detector, folder, supervisor
+
+
+def test_a_worker_writes_the_detection_file_the_ledger_records(
+    tmp_path: Path,
+) -> None:
+    detector, folder, supervisor = _detector(tmp_path, workers=1)
+    detector.add_backlog(["f1", "f2"])
+    assert detector.close()["detected"] == 2 and supervisor.error is None
+    records = [r for r in folder.ledger.read() if isinstance(r, Detected)]
+    assert sorted(r.field for r in records) == ["f1", "f2"]
+    for r in records:
+        data = folder.detection_path(r.field).read_bytes()
+        result = json.loads(data)
+        assert result["field"] == r.field and result["pid"] != os.getpid()
+        assert data == encode_result(result)  # strict, compact JSON
+        assert r.sha256 == hashlib.sha256(data).hexdigest()
+        assert (r.counts, r.seconds, r.source) == (result["counts"], 0.25, "10:20")
+
+
+def test_a_result_a_worker_cannot_write_stops_the_run_not_the_field(
+    tmp_path: Path,
+) -> None:
+    # the disk's error is the run's: no field is recorded as failed
+    detector, folder, supervisor = _detector(tmp_path, workers=1)
+    folder.detections_dir.rmdir()
+    folder.detections_dir.write_text("not a folder")
+    detector.add_backlog(["f1", "f2"])
+    detector.close()
+    error = supervisor.error
+    assert isinstance(error, ResultWriteError), error
+    assert "f1" in str(error) or "f2" in str(error)
+    events = [r.event for r in folder.ledger.read()]
+    assert "detected" not in events and "detect_failed" not in events

@@ -18,18 +18,18 @@ main script (`_WorkerContext`): started the usual way, a spawned process first
 runs its parent's ``__main__`` (the ``ctcscan`` script: the command line, the
 queue, pymmcore-plus, the web station's imports), 21-26 MB of its peak RSS.
 
-Each result is written durably as ``detections/<field>.json`` and then recorded
-with a ``detected`` ledger line; a field whose analysis fails gets a
-``detect_failed`` line with the reason. A worker process that dies is replaced
-and its fields retried (twice at most).
+Each result is written durably as ``detections/<field>.json`` by the worker
+that computed it (`controller.runstore.results`: only its hash and counts come
+back) and then recorded with a ``detected`` ledger line; a field whose
+analysis fails gets a ``detect_failed`` line with the reason. A worker
+process that dies is replaced and its fields retried (twice at most).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
-import json
+import functools
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -56,7 +56,13 @@ from analysis.psf import prepare as prepare_blur_model
 from controller.events import RecordSink
 from controller.heap import keep_freed_blocks
 from controller.records import Detected, DetectFailed, Record, Stored
-from controller.runstore.folder import RunFolder, write_durably
+from controller.runstore.folder import RunFolder
+from controller.runstore.results import (
+    ResultWriteError,
+    StoredResult,
+    analyze_and_store,
+    store_result,
+)
 from controller.supervise import Supervisor
 
 __all__ = ["DetectionWriter", "OnlineDetector", "WorkerPool", "failure_reason"]
@@ -225,7 +231,7 @@ class WorkerPool:
         self._executor: ProcessPoolExecutor | None = self._start()
 
     def submit(
-        self, fn: Callable[[FieldJob], Mapping[str, Any]], job: FieldJob
+        self, fn: Callable[[FieldJob], Any], job: FieldJob
     ) -> tuple[Future, ProcessPoolExecutor]:
         """`fn(job)` on a worker; the future and the executor it went to."""
         with self._lock:
@@ -402,15 +408,19 @@ class OnlineDetector:
 
     def _submit(self, name: str) -> Future:
         job = self.make_job(name)
+        # the worker writes the result itself; only its summary comes back
+        task = functools.partial(
+            analyze_and_store, self.run_job, str(self.folder.root), name
+        )
         if self.workers == 0:
             fut: Future = Future()
             try:
-                fut.set_result(self.run_job(job))
+                fut.set_result(task(job))
             except Exception as e:  # reported through the future, like a worker
                 fut.set_exception(e)
             return fut
         assert self._pool is not None
-        fut, executor = self._pool.submit(self.run_job, job)
+        fut, executor = self._pool.submit(task, job)
         self._pool_of[fut] = executor
         return fut
 
@@ -456,7 +466,11 @@ class OnlineDetector:
     def _finish(self, name: str, fut: Future) -> None:
         pool = self._pool_of.pop(fut, None)
         try:
-            record = fut.result()
+            stored = fut.result()
+        except ResultWriteError:
+            # the run's disk, not the field: the dispatcher dies with it and
+            # the supervisor stops the run
+            raise
         except (BrokenProcessPool, CancelledError) as e:
             # a job of a pool that broke under another field was canceled
             # with it: try again, it is not this field's crash
@@ -477,7 +491,7 @@ class OnlineDetector:
             return
         # an error here is the run's, not the field's: the dispatcher dies
         # with it and the supervisor stops the run
-        self.writer.done(name, record)
+        self.writer.recorded(name, stored)
         self.stats["detected"] += 1
 
     def _failed(self, name: str, reason: str) -> None:
@@ -495,8 +509,9 @@ def failure_reason(e: BaseException) -> str:
 
 class DetectionWriter:
     """Where a field's detection result goes: ``detections/<field>.json``
-    written durably (strict JSON), then a `Detected` record with its sha256
-    and the stamp of the field file it came from; or a `DetectFailed` record.
+    written durably (strict JSON, `controller.runstore.results`, by the
+    process that computed it), then a `Detected` record with its sha256 and
+    the stamp of the field file it came from; or a `DetectFailed` record.
     Shared by the on-line detector and the analysis of stored fields, local
     or on a cluster."""
 
@@ -505,17 +520,20 @@ class DetectionWriter:
         self.sink = sink
 
     def done(self, name: str, record: Mapping[str, Any]) -> None:
-        """Raises `OSError` when the file cannot be written (the caller's
-        run stops: that is no one field's failure)."""
-        data = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
-        write_durably(self.folder.detection_path(name), data)
+        """Write field `name`'s `record` here and record it. Raises
+        `ResultWriteError` when the file cannot be written (the caller's run
+        stops: that is no one field's failure)."""
+        self.recorded(name, store_result(self.folder.root, name, record))
+
+    def recorded(self, name: str, stored: StoredResult) -> None:
+        """Field `name`'s result is durable (written by a worker): record it."""
         self.sink.emit(
             Detected(
                 field=name,
-                counts=record.get("counts"),
-                seconds=record.get("seconds"),
-                sha256=hashlib.sha256(data).hexdigest(),
-                source=record.get("source"),
+                counts=stored.counts,
+                seconds=stored.seconds,
+                sha256=stored.sha256,
+                source=stored.source,
             )
         )
 

@@ -27,7 +27,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from typing import Any, Protocol, TypeVar
 
 from analysis.pipeline import FieldJob, analyze_field_file
@@ -43,6 +44,11 @@ from controller.runs.detector import (
 )
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
+from controller.runstore.results import (
+    ResultWriteError,
+    StoredResult,
+    analyze_and_store,
+)
 from controller.supervise import Supervisor
 
 __all__ = [
@@ -78,6 +84,9 @@ Finished = Callable[[C], None]
 LOST_AFTER_S = 20.0
 #: how long connecting to a scheduler may take
 CONNECT_TIMEOUT_S = 10.0
+#: how long a reachable scheduler may take to have a worker: a cluster's
+#: workers may still be starting (a batch queue's jobs, a loaded machine)
+WORKERS_WAIT_S = 60.0
 
 
 def run_local(
@@ -126,12 +135,14 @@ def _finish_local(
     finished(cart)
 
 
-def analyze_one_thread(job: FieldJob) -> Mapping[str, Any]:
-    """A Dask task: one field, in a worker process that has done the local
+def analyze_one_thread(root: str, name: str, job: FieldJob) -> StoredResult:
+    """A Dask task: one field, its result written by the worker into the
+    run folder at `root` (`analyze_and_store`: only its hash and counts go
+    back through the scheduler), in a worker process that has done the local
     pool's worker start-up (`prepare_worker`: one BLAS thread, freed frames
     kept in the heap, the blur model's tables) from its first field on."""
     prepare_worker()
-    return analyze_field_file(job)
+    return analyze_and_store(analyze_field_file, root, name, job)
 
 
 @contextlib.contextmanager
@@ -199,12 +210,12 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
             f"cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}"
         ) from None
     try:
-        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
     except (OSError, TimeoutError):
         client.close()
         raise ClusterError(
             f"the Dask scheduler at {scheduler} has no workers (waited "
-            f"{CONNECT_TIMEOUT_S:.0f} s); start some with: dask worker {scheduler}"
+            f"{WORKERS_WAIT_S:.0f} s); start some with: dask worker {scheduler}"
         ) from None
     return client, None
 
@@ -262,6 +273,8 @@ def _run(
     owner: dict[str, tuple[int, DetectionWriter, str]] = {}
     left = [len(cart.pending) for cart in carts]
     jobs: list[FieldJob] = []
+    roots: list[str] = []
+    names: list[str] = []
     for i, cart in enumerate(carts):
         assert cart.log is not None
         writer = DetectionWriter(cart.out, cart.log)
@@ -269,19 +282,35 @@ def _run(
         for name in cart.pending:
             owner[f"ctcscan-{token}-{i}-{name}"] = (i, writer, name)
             jobs.append(make_job(name))
+            roots.append(str(cart.out.root))
+            names.append(name)
     # one message to the scheduler for all the tasks, not one per field
-    futures = client.map(analyze_one_thread, jobs, key=list(owner), pure=False)
+    futures = client.map(
+        analyze_one_thread, roots, names, jobs, key=list(owner), pure=False
+    )
     pending = as_completed(futures)
-    del futures, jobs
+    del futures, jobs, roots, names
     lost_since: float | None = None
     while not pending.is_empty():
         batch = pending.next_batch(block=False)
+        # the finished fields' summaries in one round trip, not one a field
+        finished_now = [fut for fut in batch if fut.status == "finished"]
+        stored = dict(
+            zip(
+                [fut.key for fut in finished_now],
+                _gather(client, finished_now, where),
+                strict=True,
+            )
+        )
         for fut in batch:
             i, writer, name = owner.pop(fut.key)
-            if fut.status == "finished":
-                writer.done(name, fut.result())
+            if fut.key in stored:
+                writer.recorded(name, stored[fut.key])
             elif fut.status == "error":
-                writer.failed(name, failure_reason(fut.exception()))
+                error = fut.exception()
+                if isinstance(error, ResultWriteError):
+                    raise error  # the output folder's disk: no field's fault
+                writer.failed(name, failure_reason(error))
             else:  # cancelled or lost with the scheduler: resume does it
                 raise ClusterError(
                     f"lost the Dask scheduler at {where} (the task of {name} was "
@@ -305,6 +334,18 @@ def _run(
                     "command again to resume"
                 )
         time.sleep(0.05)
+
+
+def _gather(client: Any, futures: list[Any], where: str) -> list[StoredResult]:
+    if not futures:
+        return []
+    try:
+        return list(client.gather(futures))
+    except (OSError, TimeoutError, CancelledError) as e:
+        raise ClusterError(
+            f"lost the Dask scheduler at {where} ({_one_line(e)}); every field "
+            "finished so far is kept: run the same command again to resume"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:

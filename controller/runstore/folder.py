@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
-import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from controller.errors import DiskSpaceError, StorageError
+from controller.runstore.durable import write_durably, write_durably_from
 from controller.runstore.ledger import Ledger
+from controller.runstore.results import DETECTIONS_DIR, detection_file
 
 __all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably", "write_durably_from"]
 
 FIELD_SUFFIX = ".ome.tif"
-TMP_SUFFIX = ".tmp"
 
 #: files of the folder's top level that the program writes through a temporary
 _OWN_TOP = frozenset(
@@ -49,48 +47,6 @@ _OWN_FIELD = re.compile(r"field_\d+\.ome\.tif\.tmp")
 _OWN_DETECTION = re.compile(r"[^/]+\.json\.tmp")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a crash leaves either nothing or all of it."""
-    write_durably_from(path, lambda f: f.write(data))
-
-
-def write_durably_from(
-    path: Path,
-    write: Callable[[BinaryIO], object],
-    *,
-    hasher: Callable[[], Any] | None = None,
-) -> tuple[str, int]:
-    """As `write_durably`, the bytes written by ``write(file)`` (which may
-    seek). With `hasher` (``hashlib.sha256``), the digest of the file as
-    written is taken before it is renamed into place (read back from the page
-    cache through a memory map: no copy). Returns ``(hex digest or "", size)``.
-    """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    digest = ""
-    with open(tmp, "w+b") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-        size = os.fstat(f.fileno()).st_size
-        if hasher is not None:
-            h = hasher()
-            if size:
-                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-                    h.update(m)
-            digest = h.hexdigest()
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return digest, size
-
-
 class RunFolder:
     """Paths and housekeeping of one run folder."""
 
@@ -100,14 +56,14 @@ class RunFolder:
         self.scan_json = self.root / "scan.json"
         self.ground_truth_json = self.root / "ground_truth.json"
         self.focus_map_json = self.root / "focus_map.json"
-        self.detections_dir = self.root / "detections"
+        self.detections_dir = self.root / DETECTIONS_DIR
         self.ledger = Ledger(self.root / "ledger.jsonl")
 
     def field_path(self, name: str) -> Path:
         return self.fields_dir / f"{name}{FIELD_SUFFIX}"
 
     def detection_path(self, name: str) -> Path:
-        return self.detections_dir / f"{name}.json"
+        return detection_file(self.root, name)
 
     def prepare(self, *, fields: bool = True) -> None:
         """Create the folder and prove it is writable; remove torn temp files.

@@ -1,0 +1,60 @@
+"""Durable writes: a crash leaves either nothing or the whole file.
+
+Kept free of the run folder's other modules (its ledger's records): the
+detection workers write their results with it and import only this.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = ["TMP_SUFFIX", "write_durably", "write_durably_from"]
+
+#: what a file is called while it is being written
+TMP_SUFFIX = ".tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so that a crash leaves either nothing or all of it."""
+    write_durably_from(path, lambda f: f.write(data))
+
+
+def write_durably_from(
+    path: Path,
+    write: Callable[[BinaryIO], object],
+    *,
+    hasher: Callable[[], Any] | None = None,
+) -> tuple[str, int]:
+    """As `write_durably`, the bytes written by ``write(file)`` (which may
+    seek). With `hasher` (``hashlib.sha256``), the digest of the file as
+    written is taken before it is renamed into place (read back from the page
+    cache through a memory map: no copy). Returns ``(hex digest or "", size)``.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    digest = ""
+    with open(tmp, "w+b") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+        if hasher is not None:
+            h = hasher()
+            if size:
+                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+                    h.update(m)
+            digest = h.hexdigest()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest, size
