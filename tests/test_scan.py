@@ -21,7 +21,13 @@ from controller.records import Record, Stored
 from controller.runs.scan import Scan, ScanRequest, ScanResult, _once_at_position
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
-from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
+from tests.conftest import (
+    DEMO_YAML,
+    read_back_only,
+    read_field,
+    run_scan,
+    sim_instrument,
+)
 
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
 NO_FOCUS = {"enabled": False}
@@ -267,8 +273,10 @@ def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:
         n_fields=2,
         instrument_file=str(DEMO_YAML),
     )
-    result = Scan(req).run()
+    result = Scan(req, detector_workers=1, run_job=read_back_only).run()
     assert result.complete and result.stored == 2
+    # each stored field was read back by the detector worker
+    assert result.detected == 2 and not result.detect_failed
     plan = ScanPlan.build(get_layout("test-3x4"), cfg)
     for f in plan.fields[:2]:
         data, names, _px = read_field(
