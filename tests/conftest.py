@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from analysis.fieldio import read_field_file
+from analysis.pipeline import FieldJob
 from controller.cli import app
 from controller.config import InstrumentConfig, load_yaml
 from controller.layouts import get_layout
@@ -55,6 +56,17 @@ def read_field(path: Path) -> tuple[Any, list[str], float | None]:
     """Pixels, channel names and pixel size of a stored field file."""
     ff = read_field_file(path)
     return ff.data, ff.channel_names, ff.pixel_size_um
+
+
+def read_back_only(job: FieldJob) -> dict[str, Any]:
+    """A detection job that reads the stored field back and finds nothing.
+
+    For scans on the C++ demo adapters: the demo camera's pattern holds no
+    cells, and detecting on it takes minutes a field while asserting nothing.
+    Module level, so a detector worker process can run it too."""
+    data, names, _px = read_field(Path(job.path))
+    assert data.ndim == 3 and names == ["DAPI", "FITC", "PE", "APC"], names
+    return {"field": job.name, "counts": {}, "objects": []}
 
 
 @pytest.fixture(scope="session")

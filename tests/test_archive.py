@@ -281,7 +281,13 @@ def test_a_worker_killed_mid_run_and_a_lost_scheduler_on_a_real_cluster(
         _same_outputs(out / name, out2 / name)
 
 
-def test_a_scheduler_that_cannot_be_reached_is_one_line(tmp_path: Path) -> None:
+def test_a_scheduler_that_cannot_be_reached_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.runs import runners
+
+    # the client retries a refused connection until its timeout: 1 s, not 10
+    monkeypatch.setattr(runners, "CONNECT_TIMEOUT_S", 1.0)
     src = tmp_path / "ome"
     src.mkdir()
     _write(src / "f_000.ome.tif", Canvas(size=128).field(), FILE_NAMES, 0.64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -254,11 +255,28 @@ def test_loader_slots_that_do_not_exist_or_repeat_are_refused(
 
 
 def _flip(path: Path, at: float = 0.5) -> None:
-    """Change one byte of a file, a fraction `at` into it."""
+    """Change one byte of a file, a fraction `at` into it (written as a new
+    file: `path` may be a hard link into another run folder)."""
     data = bytearray(path.read_bytes())
     i = min(len(data) - 2, int(len(data) * at))
     data[i] ^= 0x01
-    path.write_bytes(bytes(data))
+    _rewrite(path, bytes(data))
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace the file at `path`, leaving any other link to it as it was."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def _linked_copy(run: Path, dest: Path) -> Path:
+    """A copy of a run folder whose files are hard links to the original's
+    (130 MB of fields not copied again per case): change files in it only
+    with `_rewrite`."""
+    shutil.copytree(
+        run, dest, ignore=shutil.ignore_patterns(".lock"), copy_function=os.link
+    )
+    return dest
 
 
 def _verify(folder: Path) -> tuple[int, str]:
@@ -289,13 +307,13 @@ def test_verify_finds_one_changed_byte_in_each_kind_of_file(
     for kind in KINDS:
         for at in (0.5, 0.999):  # a middle line, and the last line of a log
             run = tmp_path / f"{kind.replace('/', '_')}-{at}"
-            shutil.copytree(
-                small_scan.run_dir, run, ignore=shutil.ignore_patterns(".lock")
-            )
+            _linked_copy(small_scan.run_dir, run)
             _flip(run / kind, at)
             code, text = _verify(run)
             assert code == 1, (kind, at, text)
             assert f"problem: {kind}" in text, (kind, at, text)
+    # the changes stayed in the copies
+    assert _verify(small_scan.run_dir)[0] == 0
 
 
 def test_verify_finds_a_removed_or_inserted_log_line(
@@ -308,11 +326,13 @@ def test_verify_finds_a_removed_or_inserted_log_line(
         ("audit.log", lambda lines: [lines[0], b'{"t":"x","text":"forged"}\n']),
     ]:
         run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(small_scan.run_dir, run, ignore=shutil.ignore_patterns(".lock"))
+        _linked_copy(small_scan.run_dir, run)
         lines = (run / name).read_bytes().splitlines(keepends=True)
-        (run / name).write_bytes(b"".join(change(lines)))
+        _rewrite(run / name, b"".join(change(lines)))
         code, text = _verify(run)
         assert code == 1 and f"problem: {name}: line" in text, (name, text)
+    # the changes stayed in the copies
+    assert _verify(small_scan.run_dir)[0] == 0
 
 
 def test_outputs_read_ahead_only_what_the_ledger_calls_current(tmp_path: Path) -> None:

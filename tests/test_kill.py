@@ -1,11 +1,11 @@
 """kill -9 at random moments of a scan, then the same command again.
 
 Each run is the real CLI in its own process, killed with SIGKILL at a seeded
-random moment (start-up, focus map, acquisition, detection or report), then
-resumed by the same command. The finished run must equal an uninterrupted one:
-the same fields with identical pixels, every field stored once (a file that
-verifies is never acquired again), no temporary files left, every field
-detected, and the same events.
+random moment (start-up, focus map, acquisition, detection or report; one in
+each twelfth of an uninterrupted run), then resumed by the same command. The
+finished run must equal an uninterrupted one: the same fields with identical
+pixels, every field stored once (a file that verifies is never acquired
+again), no temporary files left, every field detected, and the same events.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 from hardware_configs import CONFIG_DIR
 from tests.conftest import read_field
 
-KILLS = 22
+KILLS = 12
 FIELDS = 5
 
 
@@ -123,7 +123,10 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(
 ) -> None:
     ref, duration = reference
     rng = random.Random(20261124)
-    moments = sorted(rng.uniform(0.3, duration) for _ in range(KILLS))
+    # one seeded moment in each of KILLS equal slices of the run: every part of
+    # it is interrupted, whatever the draw
+    step = (duration - 0.3) / KILLS
+    moments = [0.3 + (i + rng.random()) * step for i in range(KILLS)]
 
     def one(i: int) -> tuple[float, bool]:
         out = tmp_path / f"run-{i:02d}"
@@ -136,7 +139,7 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(
         results = list(pool.map(one, range(KILLS)))
     killed = [t for t, k in results if k]
     # the moments really interrupted runs, spread over the whole run
-    assert len(killed) >= 20
+    assert len(killed) >= KILLS - 2
     assert min(killed) < 0.25 * duration and max(killed) > 0.75 * duration
 
 
@@ -174,9 +177,11 @@ def test_kill_9_of_a_queue_then_resume_matches_an_uninterrupted_queue(
     duration = time.monotonic() - t0
     ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
     rng = random.Random(7)
-    for i, moment in enumerate(sorted(rng.uniform(0.5, duration) for _ in range(4))):
+    moments = sorted(rng.uniform(0.5, duration) for _ in range(4))
+
+    def one(i: int) -> None:
         out = tmp_path / f"q{i}"
-        run_queue(out, instrument_yaml, kill_after=moment)
+        run_queue(out, instrument_yaml, kill_after=moments[i])
         assert run_queue(out, instrument_yaml) == 0
         got = json.loads((out / "summary.json").read_text())
         key = ("slot", "barcode", "status", "ctc_count")
@@ -190,6 +195,9 @@ def test_kill_9_of_a_queue_then_resume_matches_an_uninterrupted_queue(
         ]
         # a cartridge is loaded again only if the kill came before it was done
         assert sorted(set(loads)) == ["SIM-0001", "SIM-0002"]
+
+    with ThreadPoolExecutor(2) as pool:  # two queues at a time, as above
+        list(pool.map(one, range(len(moments))))
 
 
 @pytest.mark.parametrize("during", ["focus map", "acquisition"])

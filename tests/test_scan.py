@@ -21,7 +21,13 @@ from controller.records import Record, Stored
 from controller.runs.scan import Scan, ScanRequest, ScanResult, _once_at_position
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
-from tests.conftest import DEMO_YAML, read_field, run_scan, sim_instrument
+from tests.conftest import (
+    DEMO_YAML,
+    read_back_only,
+    read_field,
+    run_scan,
+    sim_instrument,
+)
 
 CHANNELS = ["DAPI", "FITC", "PE", "APC"]
 NO_FOCUS = {"enabled": False}
@@ -158,14 +164,20 @@ def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
         run_scan(run, n_fields=1, seed=3)
 
 
-def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
-    # focus off: the injected snap numbers then count field frames only
-    clean = run_scan(
-        tmp_path / "clean",
-        n_fields=3,
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """4 fields of seed 4 with focus off and no fault: the pixels the faulty
+    scans below must reproduce (read only)."""
+    return run_scan(
+        tmp_path_factory.mktemp("clean") / "clean",
+        n_fields=4,
         seed=4,
         instrument=sim_instrument(focus=NO_FOCUS),
     )
+
+
+def test_a_failed_snap_is_retried(tmp_path: Path, clean: ScanResult) -> None:
+    # focus off: the injected snap numbers then count field frames only
     flaky = run_scan(
         tmp_path / "flaky",
         n_fields=3,
@@ -181,14 +193,8 @@ def test_a_failed_snap_is_retried(tmp_path: Path) -> None:
 
 
 def test_a_field_that_keeps_failing_is_recorded_and_shifts_nothing(
-    tmp_path: Path,
+    tmp_path: Path, clean: ScanResult
 ) -> None:
-    clean = run_scan(
-        tmp_path / "clean",
-        n_fields=4,
-        seed=4,
-        instrument=sim_instrument(focus=NO_FOCUS),
-    )
     # snaps 5, 6, 7 fail: field_001's FITC frame fails three times (2 retries)
     bad = run_scan(
         tmp_path / "bad",
@@ -267,8 +273,10 @@ def test_small_scan_on_cpp_demo_adapters(tmp_path: Path) -> None:
         n_fields=2,
         instrument_file=str(DEMO_YAML),
     )
-    result = Scan(req).run()
+    result = Scan(req, detector_workers=1, run_job=read_back_only).run()
     assert result.complete and result.stored == 2
+    # each stored field was read back by the detector worker
+    assert result.detected == 2 and not result.detect_failed
     plan = ScanPlan.build(get_layout("test-3x4"), cfg)
     for f in plan.fields[:2]:
         data, names, _px = read_field(

@@ -1,9 +1,9 @@
 """The bench station (`ctcscan serve`): a real uvicorn server on loopback over
 real run folders, asked over HTTP.
 
-A scan of the 12-field test layout is made once; tests that write (decisions,
-sign-offs) work on a copy of it without its field files, except where pictures
-or a resumed scan need them.
+The session's scan of the 12-field test layout (`small_scan`) is shared; tests
+that write (decisions, sign-offs) work on a copy of it without its field files,
+except where pictures or a resumed scan need them.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def copy_run(src: Path, dst: Path, *, fields: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scanned(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
-    return run_scan(tmp_path_factory.mktemp("station") / "cart-S", seed=11)
+def scanned(small_scan: ScanResult) -> ScanResult:
+    """The session's scan of the 12-field layout (read only: tests copy it)."""
+    return small_scan
 
 
 @pytest.fixture
@@ -302,7 +303,7 @@ def test_a_signed_result_survives_a_resumed_scan_and_a_reanalysis(
     signed = {p: (run / p).read_bytes() for p in ("events.csv", "report.json")}
     assert read_report(run / "report.json").review["reviewed_count"] == 0
     # the scan again (every field already stored): the outputs stay as signed
-    run_scan(run, seed=11)
+    run_scan(run, seed=3, cartridge_id=scanned.cartridge_id)  # the folder's copy
     assert {p: (run / p).read_bytes() for p in signed} == signed
     # a re-analysis lands beside it
     result = invoke("analyze", str(run), "--workers", "0")
