@@ -47,7 +47,8 @@ class FieldJob:
     name : str
         The field's name in outputs.
     out_dir : str
-        Folder whose ``candidates/`` receives the review images.
+        The run (or analysis) folder: its ``candidates/`` receives the review
+        images, and a Dask task writes the result into its ``detections/``.
     roles : dict
         Assay channel name -> role.
     rename : dict, optional

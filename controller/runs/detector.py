@@ -61,7 +61,6 @@ from controller.runstore.results import (
     ResultWriteError,
     StoredResult,
     analyze_and_store,
-    store_result,
 )
 from controller.supervise import Supervisor
 
@@ -518,12 +517,6 @@ class DetectionWriter:
     def __init__(self, folder: RunFolder, sink: RecordSink) -> None:
         self.folder = folder
         self.sink = sink
-
-    def done(self, name: str, record: Mapping[str, Any]) -> None:
-        """Write field `name`'s `record` here and record it. Raises
-        `ResultWriteError` when the file cannot be written (the caller's run
-        stops: that is no one field's failure)."""
-        self.recorded(name, store_result(self.folder.root, name, record))
 
     def recorded(self, name: str, stored: StoredResult) -> None:
         """Field `name`'s result is durable (written by a worker): record it."""

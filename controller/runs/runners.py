@@ -135,14 +135,14 @@ def _finish_local(
     finished(cart)
 
 
-def analyze_one_thread(root: str, name: str, job: FieldJob) -> StoredResult:
+def analyze_one_thread(job: FieldJob) -> StoredResult:
     """A Dask task: one field, its result written by the worker into the
-    run folder at `root` (`analyze_and_store`: only its hash and counts go
+    job's output folder (`analyze_and_store`: only its hash and counts go
     back through the scheduler), in a worker process that has done the local
     pool's worker start-up (`prepare_worker`: one BLAS thread, freed frames
     kept in the heap, the blur model's tables) from its first field on."""
     prepare_worker()
-    return analyze_and_store(analyze_field_file, root, name, job)
+    return analyze_and_store(analyze_field_file, job.out_dir, job.name, job)
 
 
 @contextlib.contextmanager
@@ -273,8 +273,6 @@ def _run(
     owner: dict[str, tuple[int, DetectionWriter, str]] = {}
     left = [len(cart.pending) for cart in carts]
     jobs: list[FieldJob] = []
-    roots: list[str] = []
-    names: list[str] = []
     for i, cart in enumerate(carts):
         assert cart.log is not None
         writer = DetectionWriter(cart.out, cart.log)
@@ -282,14 +280,10 @@ def _run(
         for name in cart.pending:
             owner[f"ctcscan-{token}-{i}-{name}"] = (i, writer, name)
             jobs.append(make_job(name))
-            roots.append(str(cart.out.root))
-            names.append(name)
     # one message to the scheduler for all the tasks, not one per field
-    futures = client.map(
-        analyze_one_thread, roots, names, jobs, key=list(owner), pure=False
-    )
+    futures = client.map(analyze_one_thread, jobs, key=list(owner), pure=False)
     pending = as_completed(futures)
-    del futures, jobs, roots, names
+    del futures, jobs
     lost_since: float | None = None
     while not pending.is_empty():
         batch = pending.next_batch(block=False)
