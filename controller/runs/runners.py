@@ -32,7 +32,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Protocol, TypeVar
 
 from analysis.pipeline import FieldJob, analyze_field_file
-from controller.errors import ClusterError
+from controller.errors import ClusterError, StorageError
 from controller.heap import ARENA_MAX
 from controller.runs.detector import (
     DetectionWriter,
@@ -303,7 +303,11 @@ def _run(
             elif fut.status == "error":
                 error = fut.exception()
                 if isinstance(error, ResultWriteError):
-                    raise error  # the output folder's disk: no field's fault
+                    # the output folder's disk, no field's fault: one line
+                    raise StorageError(
+                        f"{error}; every field finished so far is kept: run "
+                        "the same command again to resume"
+                    ) from None
                 writer.failed(name, failure_reason(error))
             else:  # cancelled or lost with the scheduler: resume does it
                 raise ClusterError(
