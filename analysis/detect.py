@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
@@ -362,6 +362,44 @@ def _split_nucleus(mask: np.ndarray, min_dist_px: int) -> np.ndarray:
     return watershed(-dist, markers, mask=mask)
 
 
+def _dna_peaks(image: np.ndarray, mask: np.ndarray, min_dist: int) -> np.ndarray:
+    """The peaks of `image` within `mask` at least `min_dist` px apart (Chebyshev),
+    highest first: ``peak_local_max(image, min_distance=min_dist, labels=mask,
+    exclude_border=False)``, except that a flat top counts once.
+
+    Every pixel of a plateau (a saturated or featureless blob) is a candidate
+    of the local-maximum test; spacing them out one by one costs seconds to
+    minutes on a large blob. Here each 8-connected set of candidates (equal
+    values, as each lies in the others' windows) is reduced first to its
+    first pixel in raster order, the one the spacing step would keep.
+    Candidates closer than `min_dist` are always tied (each is the maximum of
+    the other's window), so this only changes plateaus wider than `min_dist`.
+    """
+    img = np.where(mask, image, np.finfo(image.dtype).min)
+    top = ndimage.maximum_filter(img, size=2 * min_dist + 1, mode="nearest")
+    cand = (img == top) & mask
+    if cand[mask].all():  # a featureless blob: no peak but its isolated pixels
+        cand = mask & ~ndimage.binary_opening(mask)
+    cand &= img > image.min()
+    lab, n = ndimage.label(cand, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.empty((0, 2), np.intp)
+    flat = lab.ravel()
+    idx = np.flatnonzero(flat)
+    _, first = np.unique(flat[idx], return_index=True)
+    at = idx[first]  # one pixel a plateau, in raster order
+    at = at[np.argsort(-img.ravel()[at], kind="stable")]
+    pts = np.column_stack(np.unravel_index(at, img.shape))
+    if len(pts) < 2:
+        return pts
+    near = cKDTree(pts).query_ball_point(pts, r=min_dist - 0.5, p=np.inf)
+    rejected = np.zeros(len(pts), bool)
+    for i, others in enumerate(near):
+        if not rejected[i]:
+            rejected[[j for j in others if j != i]] = True
+    return pts[~rejected]
+
+
 def _split_dna(
     mask: np.ndarray, dna: np.ndarray, min_dist_px: int, depth: float, min_px: float
 ) -> tuple[np.ndarray, int]:
@@ -376,12 +414,7 @@ def _split_dna(
     nucleus makes only shallow peaks.
     """
     smooth = ndimage.gaussian_filter(dna, 1.0)
-    peaks = peak_local_max(
-        smooth,
-        min_distance=min_dist_px,
-        labels=mask.astype(np.int32),
-        exclude_border=False,
-    )
+    peaks = _dna_peaks(smooth, mask, min_dist_px)
     if len(peaks) < 2:
         return mask.astype(np.int32), 0
     markers = np.zeros(mask.shape, np.int32)
@@ -491,6 +524,8 @@ class _Field:
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
         )
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
+        #: `_split_dna` of each nucleus blob near a CK region, by nucleus label
+        self._dna_pieces: dict[int, tuple[np.ndarray, int]] = {}
         #: the CK region being measured: its crop, signals and saturation counts
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
@@ -804,20 +839,28 @@ class _Field:
         st = self.st
         out, new = nl, list[int]()
         min_piece = st.min_nucleus_area_um2 / self.px**2
+        # a blob larger than any cell cluster is no set of merged nuclei
+        max_blob = st.max_cluster_area_um2 / self.px**2
         for nid, cnt in near:
             if nid in inside or cnt < min_piece * st.min_nucleus_inside:
                 continue
             box = self.nuc_boxes[nid - 1]
             if box is None:
                 continue
-            nmask = self.nuc_lab[box] == nid
-            pieces, n = _split_dna(
-                nmask,
-                self.full[self.n][box],
-                max(2, round(st.nucleus_split_um / self.px)),
-                st.nucleus_split_depth,
-                min_piece,
-            )
+            if nid not in self._dna_pieces:  # one blob may lie near several regions
+                nmask = self.nuc_lab[box] == nid
+                self._dna_pieces[nid] = (
+                    (nmask.astype(np.int32), 0)
+                    if np.count_nonzero(nmask) > max_blob
+                    else _split_dna(
+                        nmask,
+                        self.full[self.n][box],
+                        max(2, round(st.nucleus_split_um / self.px)),
+                        st.nucleus_split_depth,
+                        min_piece,
+                    )
+                )
+            pieces, n = self._dna_pieces[nid]
             for p in range(1, n + 1):
                 # the piece in the crop's coordinates (parts beyond it: outside)
                 piece = np.zeros(nl.shape, bool)

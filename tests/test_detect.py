@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.feature import peak_local_max
 
-from analysis.detect import DEFAULT_ROLES, detect_field, resolve_roles
+import analysis.detect as detect_mod
+from analysis.detect import DEFAULT_ROLES, _dna_peaks, detect_field, resolve_roles
 from analysis.settings import DetectionSettings
 
 PX = 0.64  # um per pixel
@@ -478,3 +480,56 @@ def test_touching_ctcs_whose_nuclei_blur_merged_count_twice(blur: float) -> None
     cv.cell(128, 136, diam_um=10, nucleus_um=6, nucleus_at=(0, -1.2))
     objs = _detect(cv.field(blur=blur))
     assert len(_ctcs(objs)) == 2, [(o["label"], o["reason"]) for o in objs]
+
+
+# ------------------------------------------------------- flat tops, large blobs
+
+
+def test_dna_peaks_are_skimages_peaks_where_nothing_is_flat() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        h, w = rng.integers(8, 60, 2)
+        img = ndimage.gaussian_filter(
+            rng.random((h, w)).astype(np.float32), rng.uniform(0.5, 3)
+        )
+        mask = ndimage.gaussian_filter(rng.random((h, w)), 3) > 0.5
+        if not mask.any():
+            continue
+        d = int(rng.integers(2, 7))
+        want = peak_local_max(
+            img, min_distance=d, labels=mask.astype(np.int32), exclude_border=False
+        )
+        np.testing.assert_array_equal(_dna_peaks(img, mask, d), want)
+
+
+def test_a_flat_top_is_one_peak() -> None:
+    # a saturated blob: every pixel of its 40-px top is a local maximum
+    yy, xx = np.mgrid[0:80, 0:80]
+    img = np.clip(30 - np.hypot(yy - 40, xx - 40), 0, 10).astype(np.float32)
+    mask = img > 0
+    peaks = _dna_peaks(img, mask, 4)
+    assert len(peaks) == 1
+    assert img[tuple(peaks[0])] == img.max()
+
+
+def test_a_field_sized_bright_blob_is_not_split_into_nuclei(monkeypatch) -> None:
+    # debris or a defocused smear bright in DAPI and CK across much of the
+    # field: it is no set of merged nuclei, and a CTC beside it is still found
+    cv = Canvas(size=320, seed=3)
+    cv.blob(150, 150, 120, (3000, 0, 0, 0))
+    cv.cell(150, 240, dapi=0)  # cytokeratin over the blob's edge
+    cv.cell(290, 290)
+    sizes: list[int] = []
+    real = detect_mod._split_dna
+
+    def counting(mask, *a, **kw):
+        sizes.append(int(mask.sum()))
+        return real(mask, *a, **kw)
+
+    monkeypatch.setattr(detect_mod, "_split_dna", counting)
+    objs = _detect(cv.field())
+    biggest = DetectionSettings().max_cluster_area_um2 / PX**2
+    assert all(s <= biggest for s in sizes), sizes
+    assert len(sizes) == len(set(sizes))  # each blob at most once
+    assert len(_ctcs(objs)) == 1
+    _at(_ctcs(objs), 290, 290)
