@@ -63,7 +63,7 @@ from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
 from analysis.psf import field_blur, object_radius
-from analysis.settings import DetectionSettings
+from analysis.settings import CUT_REASON, DetectionSettings
 
 __all__ = [
     "CUT_REASON",
@@ -76,10 +76,6 @@ __all__ = [
 
 #: Labels an object can get.
 LABELS = ("CTC", "WBC", "CK_FRAGMENT", "DOUBLE_POSITIVE", "DEBRIS", "OTHER")
-
-#: The reason of an object whose nucleus the field's top or left edge cuts: it
-#: is counted in the neighbouring field (`analysis.stitch` knows it by this).
-CUT_REASON = "nucleus cut by the top or left edge (counted next door)"
 
 #: More nuclei than this in one cytokeratin region is no cluster of cells.
 _MAX_CLUSTER_NUCLEI = 20

@@ -12,7 +12,11 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DetectionSettings", "StitchSettings"]
+__all__ = ["CUT_REASON", "DetectionSettings", "StitchSettings"]
+
+#: The reason of an object whose nucleus the field's top or left edge cuts: it
+#: is counted in the neighbouring field (`analysis.stitch` knows it by this).
+CUT_REASON = "nucleus cut by the top or left edge (counted next door)"
 
 
 class DetectionSettings(BaseModel):
