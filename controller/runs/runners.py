@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -203,6 +204,11 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
                 memory_limit=0,
             )
         return Client(cluster), cluster
+    if _refused(scheduler):  # the client would retry it for the whole timeout
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {scheduler}: connection refused "
+            "(is a scheduler running there?)"
+        )
     try:
         client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
     except (OSError, TimeoutError, ValueError) as e:
@@ -218,6 +224,25 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
             f"{WORKERS_WAIT_S:.0f} s); start some with: dask worker {scheduler}"
         ) from None
     return client, None
+
+
+def _refused(scheduler: str) -> bool:
+    """Whether a ``tcp://`` scheduler's host refuses connections to its port:
+    nothing listens there. Anything else (no answer, another protocol) is
+    left to the client and its timeout."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler)
+        if scheme != "tcp":
+            return False
+        host, port = parse_host_port(location)
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 #: the heap's trim threshold of an analysing process (`keep_freed_blocks`)
