@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def candidate_png(
     if title:
         draw.text((canvas.width - 7 * len(title) - 2, 1), title, fill=(200, 200, 200))
     draw.text((4, label_h + side - 18), "10 um", fill=(255, 255, 255))
-    tmp = path.with_name(path.name + ".tmp")
+    # a name of this writer's own: a Dask worker that outlived its scheduler
+    # may still be writing the picture that a resumed run writes
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     canvas.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

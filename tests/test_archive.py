@@ -301,3 +301,43 @@ def test_a_scheduler_that_cannot_be_reached_is_one_line(
         invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--scheduler", "x"),
         "--scheduler takes tcp://HOST:PORT or 'local'",
     )
+
+
+def test_a_result_the_cluster_cannot_write_is_one_line_and_resumes(
+    tmp_path: Path,
+) -> None:
+    # the workers write the results: a disk that refuses one stops the
+    # analysis with the disk's error (no field is failed) and the resume hint
+    src = tmp_path / "ome"
+    src.mkdir()
+    for k in range(2):
+        cv = Canvas(size=192, seed=k)
+        cv.cell(90, 90)
+        _write(src / f"f_{k:03d}.ome.tif", cv.field(), FILE_NAMES, 0.64)
+    out = tmp_path / "o"
+    args = ["analyze", str(src), "--out", str(out), "--channels", MAP,
+            "--scheduler", "local", "--workers", "1"]  # fmt: skip
+    assert invoke(*args).exit_code == 0
+    cart = out  # one input: the output folder is its analysis
+    ledger = cart / "ledger.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    last = max(i for i, x in enumerate(lines) if json.loads(x)["event"] == "detected")
+    field = json.loads(lines[last])["field"]
+    ledger.write_text("".join(lines[:last]))  # as if stopped before that field
+    result = cart / "detections" / f"{field}.json"
+    result.unlink()
+    result.mkdir()  # the result's name cannot be written
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    error = r.stderr.strip().splitlines()[-1]  # after the progress bar's last state
+    assert error == (
+        f"error: cannot write {result}: Is a directory; every field finished so "
+        "far is kept: run the same command again to resume"
+    )
+    events = [json.loads(x)["event"] for x in ledger.read_text().splitlines()]
+    assert "detect_failed" not in events
+    result.rmdir()
+    assert invoke(*args).exit_code == 0
+    assert (
+        set(_detected(ledger).values()) == {1} and sum(_detected(ledger).values()) == 2
+    )

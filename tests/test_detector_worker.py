@@ -27,7 +27,7 @@ from controller.runs.detector import (
 )
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
-from controller.runstore.results import ResultWriteError, encode_result
+from controller.runstore.results import ResultWriteError, encode_result, store_result
 from controller.supervise import Supervisor
 
 
@@ -251,3 +251,27 @@ def test_a_result_a_worker_cannot_write_stops_the_run_not_the_field(
     assert "f1" in str(error) or "f2" in str(error)
     events = [r.event for r in folder.ledger.read()]
     assert "detected" not in events and "detect_failed" not in events
+
+
+def test_a_result_written_twice_at_once_leaves_the_other_writer_alone(
+    tmp_path: Path,
+) -> None:
+    # a Dask worker that outlived its scheduler may be mid-way through the
+    # result a resumed run writes: each writes through a temporary of its own
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    path = folder.detection_path("f1")
+    others = [
+        path.with_name(path.name + ".tmp"),  # the name every writer once shared
+        path.with_name(path.name + ".5eed5eed.tmp"),
+    ]
+    for other in others:
+        other.write_bytes(b'{"half": ')
+    record = _small_result("f1")
+    stored = store_result(folder.root, "f1", record)
+    assert path.read_bytes() == encode_result(record)
+    assert stored.sha256 == hashlib.sha256(encode_result(record)).hexdigest()
+    assert all(o.read_bytes() == b'{"half": ' for o in others)
+    assert sorted(p.name for p in folder.detections_dir.iterdir()) == sorted(
+        [path.name] + [o.name for o in others]
+    )

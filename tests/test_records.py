@@ -132,9 +132,16 @@ def test_preparing_a_folder_removes_only_the_programs_own_temporaries(
     mine = [
         run.fields_dir / "field_003.ome.tif.tmp",
         run.detections_dir / "field_003.json.tmp",
+        run.detections_dir / "field_004.json.0a1b2c3d.tmp",  # a worker's own
+        run.root / "candidates" / "field_004_000.png.9f8e7d6c.tmp",
         run.root / "report.json.tmp",
     ]
-    theirs = [run.root / "thesis.tmp", run.fields_dir / "notes.tmp"]
+    theirs = [
+        run.root / "thesis.tmp",
+        run.fields_dir / "notes.tmp",
+        run.root / "candidates" / "notes.tmp",
+    ]
+    (run.root / "candidates").mkdir()
     for p in mine + theirs:
         p.write_text("x")
     run.prepare()

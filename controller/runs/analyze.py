@@ -68,6 +68,7 @@ from controller.runs.runners import dask_client, run_dask, run_local
 from controller.runstore.folder import RunFolder, folder_name
 from controller.runstore.ledger import LedgerState, RunLog
 from controller.runstore.lock import FolderLock
+from controller.runstore.results import CANDIDATES_DIR, DETECTIONS_DIR
 
 __all__ = [
     "ANALYSES_DIR",
@@ -343,7 +344,7 @@ def _check_out(src: Path, out: RunFolder, aid: str) -> None:
             p.name in (".lock", ".owner.json", out.ledger.path.name)
             or (
                 p.is_dir()
-                and p.name in ("detections", "candidates")
+                and p.name in (DETECTIONS_DIR, CANDIDATES_DIR)
                 and not any(p.iterdir())
             )
         )

@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["TMP_SUFFIX", "write_durably", "write_durably_from"]
+__all__ = ["TMP_SUFFIX", "temporary_name", "write_durably", "write_durably_from"]
 
 #: what a file is called while it is being written
 TMP_SUFFIX = ".tmp"
+
+
+def temporary_name(path: Path, *, unique: bool = False) -> Path:
+    """Where `path` is written before it is renamed into place:
+    ``NAME.tmp``, or with `unique` ``NAME.<8 hex digits>.tmp``, a name of this
+    writer's own. A file two processes may write at once (a field's result:
+    a Dask worker that outlived its scheduler, and the resumed run) takes a
+    unique one, so that neither truncates the other's half-written file."""
+    tag = f".{secrets.token_hex(4)}" if unique else ""
+    return path.with_name(f"{path.name}{tag}{TMP_SUFFIX}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -26,9 +37,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a crash leaves either nothing or all of it."""
-    write_durably_from(path, lambda f: f.write(data))
+def write_durably(
+    path: Path, data: bytes | memoryview, *, unique: bool = False
+) -> None:
+    """Write `data` to `path` so that a crash leaves either nothing or all of it
+    (`unique`: through a temporary of this writer's own, `temporary_name`)."""
+    write_durably_from(path, lambda f: f.write(data), unique=unique)
 
 
 def write_durably_from(
@@ -36,13 +50,14 @@ def write_durably_from(
     write: Callable[[BinaryIO], object],
     *,
     hasher: Callable[[], Any] | None = None,
+    unique: bool = False,
 ) -> tuple[str, int]:
     """As `write_durably`, the bytes written by ``write(file)`` (which may
     seek). With `hasher` (``hashlib.sha256``), the digest of the file as
     written is taken before it is renamed into place (read back from the page
     cache through a memory map: no copy). Returns ``(hex digest or "", size)``.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temporary_name(path, unique=unique)
     digest = ""
     with open(tmp, "w+b") as f:
         write(f)

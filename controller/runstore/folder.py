@@ -25,7 +25,11 @@ from typing import Any
 from controller.errors import DiskSpaceError, StorageError
 from controller.runstore.durable import write_durably, write_durably_from
 from controller.runstore.ledger import Ledger
-from controller.runstore.results import DETECTIONS_DIR, detection_file
+from controller.runstore.results import (
+    CANDIDATES_DIR,
+    DETECTIONS_DIR,
+    detection_file,
+)
 
 __all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably", "write_durably_from"]
 
@@ -44,7 +48,9 @@ _OWN_TOP = frozenset(
     }
 )
 _OWN_FIELD = re.compile(r"field_\d+\.ome\.tif\.tmp")
-_OWN_DETECTION = re.compile(r"[^/]+\.json\.tmp")
+#: `temporary_name`, unique or not
+_OWN_DETECTION = re.compile(r"[^/]+\.json(\.[0-9a-f]{8})?\.tmp")
+_OWN_CANDIDATE = re.compile(r"[^/]+_\d{3}\.png(\.[0-9a-f]{8})?\.tmp")
 
 
 class RunFolder:
@@ -95,6 +101,11 @@ class RunFolder:
             p
             for p in self.detections_dir.glob("*.tmp")
             if _OWN_DETECTION.fullmatch(p.name)
+        ]
+        torn += [
+            p
+            for p in (self.root / CANDIDATES_DIR).glob("*.tmp")
+            if _OWN_CANDIDATE.fullmatch(p.name)
         ]
         for tmp in torn:
             tmp.unlink(missing_ok=True)

@@ -34,6 +34,8 @@ __all__ = [
 
 #: the run folder's folder of detection results
 DETECTIONS_DIR = "detections"
+#: the folder the analysis (`analysis.pipeline`) puts its CTC pictures in
+CANDIDATES_DIR = "candidates"
 
 
 class ResultWriteError(OSError):
@@ -69,9 +71,9 @@ def store_result(
     data = encode_result(record)
     path = detection_file(root, name)
     try:
-        write_durably(path, data)
+        write_durably(path, data, unique=True)  # see `temporary_name`
     except OSError as e:
-        raise ResultWriteError(f"cannot write {path}: {e}") from None
+        raise ResultWriteError(f"cannot write {path}: {e.strerror or e}") from None
     return StoredResult(
         sha256=hashlib.sha256(data).hexdigest(),
         counts=record.get("counts"),
