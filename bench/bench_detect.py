@@ -196,6 +196,7 @@ class Cartridge:
     seconds: list[float]
     wall_s: float
     detector: str = ""
+    fn_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def count_error(self) -> int:
@@ -222,6 +223,7 @@ class Row:
     mean_count_error: float = float("nan")
     fp_kinds: dict[str, int] = field(default_factory=dict)
     fn_kinds: dict[str, int] = field(default_factory=dict)
+    fn_reasons: dict[str, int] = field(default_factory=dict)
     ms_mean: float = float("nan")
     ms_median: float = float("nan")
     ms_p95: float = float("nan")
@@ -249,6 +251,7 @@ def pool(name: str, carts: Sequence[Cartridge]) -> Row:
                 fp=c.fp,
                 fp_kinds=Counter(c.fp_kinds),
                 fn_kinds=Counter(c.fn_kinds),
+                fn_reasons=Counter(c.fn_reasons),
                 true_ctc=c.true_ctc,
                 called_ctc=c.called_ctc,
                 fields=c.fields,
@@ -274,6 +277,7 @@ def pool(name: str, carts: Sequence[Cartridge]) -> Row:
         mean_count_error=float(errs.mean()) if len(errs) else np.nan,
         fp_kinds=dict(t.fp_kinds.most_common()),
         fn_kinds=dict(t.fn_kinds.most_common()),
+        fn_reasons=dict(t.fn_reasons.most_common()),
         **_ms_stats(ms),
     )
 
@@ -391,6 +395,17 @@ def kinds_table(rows: Sequence[Row]) -> str:
     )
 
 
+def reasons_table(rows: Sequence[Row]) -> str:
+    """Missed CTCs by what the detector made of them (the nearest object it
+    found within the match distance: label and reason)."""
+    out = [
+        [r.name if k == 0 else "", str(n), why]
+        for r in rows
+        for k, (why, n) in enumerate(r.fn_reasons.items())
+    ]
+    return render_table(("difficulty", "FN", "what the detector made of it"), out)
+
+
 def compare_table(rows: Sequence[Row], names: Sequence[str]) -> str:
     """One line per difficulty: the before and after numbers side by side."""
     by = {r.name: r for r in rows}
@@ -500,6 +515,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                     called_ctc=t.called_ctc,
                     fp_kinds=dict(t.fp_kinds),
                     fn_kinds=dict(t.fn_kinds),
+                    fn_reasons=dict(t.fn_reasons),
                     seconds=[round(s, 6) for s in t.seconds],
                     wall_s=wall,
                     detector=name,
@@ -527,6 +543,8 @@ def run_accuracy(args: argparse.Namespace) -> int:
     print(accuracy_table(every))
     print()
     print(kinds_table(every))
+    print()
+    print(reasons_table(rows))
     if len(detectors) > 1:
         print()
         print("before -> after:")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ class Tally:
     fp: int = 0
     fp_kinds: Counter = field(default_factory=Counter)
     fn_kinds: Counter = field(default_factory=Counter)  # missed CTCs by subtype
+    #: missed CTCs by what the detector made of them: the label and reason of
+    #: the nearest object it found within the match distance
+    fn_reasons: Counter = field(default_factory=Counter)
     true_ctc: int = 0
     called_ctc: int = 0
     fields: int = 0
@@ -67,6 +71,7 @@ class Tally:
         self.fp += other.fp
         self.fp_kinds.update(other.fp_kinds)
         self.fn_kinds.update(other.fn_kinds)
+        self.fn_reasons.update(other.fn_reasons)
         self.true_ctc += other.true_ctc
         self.called_ctc += other.called_ctc
         self.fields += other.fields
@@ -134,6 +139,7 @@ def evaluate_many(
     px = w.pixel_size_um
     totals = {name: Tally(fields=len(fields)) for name in detectors}
     calls: dict[str, list[tuple[float, float]]] = {name: [] for name in detectors}
+    found: dict[str, list[tuple[float, float, str]]] = {n: [] for n in detectors}
     truth_idx: list[int] = []
     base = settings or DetectionSettings()
     for f in fields:
@@ -150,18 +156,27 @@ def evaluate_many(
                 for d in det.objects
                 if d["label"] == "CTC"
             ]
+            found[name] += [
+                (x0 + d["col"] * px, y0 - d["row"] * px, f"{d['label']}: {d['reason']}")
+                for d in det.objects
+                if d["label"] != "CTC"
+            ]
         truth_idx += [
             int(i)
             for i in w.objects_in(f.x_um, f.y_um)
             if o.kind[i] == KINDS.index("CTC")
         ]
     for name in detectors:
-        _match(w, calls[name], truth_idx, totals[name])
+        _match(w, calls[name], truth_idx, totals[name], found[name])
     return totals
 
 
 def _match(
-    w: World, calls: list[tuple[float, float]], truth_idx: list[int], total: Tally
+    w: World,
+    calls: list[tuple[float, float]],
+    truth_idx: list[int],
+    total: Tally,
+    others: Sequence[tuple[float, float, str]] = (),
 ) -> None:
     from scipy.optimize import linear_sum_assignment
 
@@ -188,6 +203,13 @@ def _match(
                 f"{'dim' if o.dim[i] else 'bright'}"
                 f"/{'cluster' if o.cluster[i] >= 0 else 'single'}"
             ] += 1
+            near = [
+                (math.hypot(x - o.x[i], y - o.y[i]), why)
+                for x, y, why in others
+                if abs(x - o.x[i]) <= MATCH_UM and abs(y - o.y[i]) <= MATCH_UM
+            ]
+            near = [n for n in near if n[0] <= MATCH_UM]
+            total.fn_reasons[min(near)[1] if near else "nothing found"] += 1
     matched = {a for a, _ in pairs}
     for a, (x, y) in enumerate(calls):
         if a in matched:
