@@ -1178,8 +1178,12 @@ class _Field:
         # a leukocyte under a cytokeratin fragment has its CD45 membrane just
         # around its nucleus (`nucleus`: its half-maximum core), inside the CK
         # area, where the band does not look
+        # (only there: in a crowded field the ring reaches past the CK area into
+        # the membranes of the leukocytes beside the cell)
+        ring = None
         if nucleus is not None and nucleus.any():
-            ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
+            ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus & mask
+        if ring is not None and ring.any():
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
         else:
             f["cd45_nucleus_snr"] = float("nan")

@@ -126,8 +126,9 @@ class DetectionSettings(BaseModel):
         default=15.0,
         gt=0,
         description=(
-            "CD45-positive also when the CD45 just around the nucleus (less "
-            "bleed-through) reaches this: a leukocyte under a CK fragment"
+            "CD45-positive also when the CD45 just around the nucleus, inside "
+            "the CK area (less bleed-through), reaches this: a leukocyte under "
+            "a CK fragment"
         ),
     )
     min_cd45_ratio: float = Field(

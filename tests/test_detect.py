@@ -533,3 +533,17 @@ def test_a_field_sized_bright_blob_is_not_split_into_nuclei(monkeypatch) -> None
     assert len(sizes) == len(set(sizes))  # each blob at most once
     assert len(_ctcs(objs)) == 1
     _at(_ctcs(objs), 290, 290)
+
+
+@pytest.mark.parametrize("blur", [1.0, 2.0])
+def test_a_leukocyte_pressed_against_a_ctc_does_not_make_it_cd45_positive(
+    blur: float,
+) -> None:
+    # the CD45 around the nucleus is looked for inside the cytokeratin only: the
+    # ring around a nucleus near the cell's edge reaches the neighbour's membrane
+    cv = Canvas(seed=11)
+    cv.cell(128, 128, diam_um=10, ck=200, nucleus_um=6.5, nucleus_at=(0, 2.5))
+    cv.leukocyte(128, 128 + 8.0 / PX, cd45=2000)
+    objs = _detect(cv.field(blur=blur))
+    assert _at(objs, 128, 128)["label"] == "CTC"
+    assert len(_ctcs(objs)) == 1
