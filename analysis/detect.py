@@ -369,9 +369,13 @@ def _dna_peaks(image: np.ndarray, mask: np.ndarray, min_dist: int) -> np.ndarray
     values, as each lies in the others' windows) is reduced first to its
     first pixel in raster order, the one the spacing step would keep.
     Candidates closer than `min_dist` are always tied (each is the maximum of
-    the other's window), so this only changes plateaus wider than `min_dist`.
+    the other's window), so the result differs from skimage's only where
+    values are tied: plateaus, and equal values near one.
     """
-    img = np.where(mask, image, np.finfo(image.dtype).min)
+    mask = mask.astype(bool, copy=False)
+    if image.dtype.kind != "f":
+        image = image.astype(np.float64)
+    img = np.where(mask, image, -np.inf).astype(image.dtype, copy=False)
     top = ndimage.maximum_filter(img, size=2 * min_dist + 1, mode="nearest")
     cand = (img == top) & mask
     if cand[mask].all():  # a featureless blob: no peak but its isolated pixels
@@ -521,7 +525,7 @@ class _Field:
         )
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
         #: `_split_dna` of each nucleus blob near a CK region, by nucleus label
-        self._dna_pieces: dict[int, tuple[np.ndarray, int]] = {}
+        self._dna_pieces: dict[int, tuple[np.ndarray | None, int]] = {}
         #: the CK region being measured: its crop, signals and saturation counts
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
@@ -845,8 +849,8 @@ class _Field:
                 continue
             if nid not in self._dna_pieces:  # one blob may lie near several regions
                 nmask = self.nuc_lab[box] == nid
-                self._dna_pieces[nid] = (
-                    (nmask.astype(np.int32), 0)
+                pieces, n = (
+                    (None, 0)
                     if np.count_nonzero(nmask) > max_blob
                     else _split_dna(
                         nmask,
@@ -856,7 +860,10 @@ class _Field:
                         min_piece,
                     )
                 )
+                self._dna_pieces[nid] = (pieces if n else None, n)
             pieces, n = self._dna_pieces[nid]
+            if pieces is None:  # one nucleus
+                continue
             for p in range(1, n + 1):
                 # the piece in the crop's coordinates (parts beyond it: outside)
                 piece = np.zeros(nl.shape, bool)

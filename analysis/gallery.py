@@ -92,8 +92,12 @@ def candidate_png(
     # a name of this writer's own: a Dask worker that outlived its scheduler
     # may still be writing the picture that a resumed run writes
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -78,7 +78,10 @@ class DetectionSettings(BaseModel):
     max_cluster_area_um2: float = Field(
         default=5000.0,
         gt=0,
-        description="a cytokeratin region larger than this is no cell or cluster",
+        description=(
+            "a cytokeratin region larger than this is no cell or cluster, and a "
+            "nucleus blob larger than this no set of nuclei merged by blur"
+        ),
     )
     min_nucleus_inside: float = Field(
         default=0.5,

@@ -336,6 +336,7 @@ def test_a_result_the_cluster_cannot_write_is_one_line_and_resumes(
     )
     events = [json.loads(x)["event"] for x in ledger.read_text().splitlines()]
     assert "detect_failed" not in events
+    assert not list(cart.rglob("*.tmp"))  # the failed write left nothing behind
     result.rmdir()
     assert invoke(*args).exit_code == 0
     assert (

@@ -275,3 +275,13 @@ def test_a_result_written_twice_at_once_leaves_the_other_writer_alone(
     assert sorted(p.name for p in folder.detections_dir.iterdir()) == sorted(
         [path.name] + [o.name for o in others]
     )
+
+
+def test_a_result_that_cannot_be_written_leaves_no_temporary(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    folder.detection_path("f1").mkdir()  # the rename into place fails
+    for _ in range(3):
+        with pytest.raises(ResultWriteError, match="Is a directory"):
+            store_result(folder.root, "f1", _small_result("f1"))
+    assert [p.name for p in folder.detections_dir.iterdir()] == ["f1.json"]

@@ -226,6 +226,10 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
     return client, None
 
 
+#: how long the probe of `_refused` waits for an answer
+_PROBE_TIMEOUT_S = 2.0
+
+
 def _refused(scheduler: str) -> bool:
     """Whether a ``tcp://`` scheduler's host refuses connections to its port:
     nothing listens there. Anything else (no answer, another protocol) is
@@ -237,7 +241,7 @@ def _refused(scheduler: str) -> bool:
         if scheme != "tcp":
             return False
         host, port = parse_host_port(location)
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
     except ConnectionRefusedError:
         return True
     except (OSError, ValueError):

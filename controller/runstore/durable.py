@@ -59,17 +59,21 @@ def write_durably_from(
     """
     tmp = temporary_name(path, unique=unique)
     digest = ""
-    with open(tmp, "w+b") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-        size = os.fstat(f.fileno()).st_size
-        if hasher is not None:
-            h = hasher()
-            if size:
-                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-                    h.update(m)
-            digest = h.hexdigest()
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+            if hasher is not None:
+                h = hasher()
+                if size:
+                    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+                        h.update(m)
+                digest = h.hexdigest()
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     return digest, size
