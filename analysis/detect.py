@@ -29,10 +29,10 @@ Pipeline (every threshold in `DetectionSettings`):
    glow across the object in every non-DNA channel (medians) about as strong
    as its cytokeratin, the halo of debris or of the rim: `debris_halo_snr`,
    `debris_halo_fraction`) -> nucleus
-   cut by the field's top or left edge (abutting fields: a cell is counted in
-   the field holding its nucleus, and a nucleus cut by an edge in the field it
-   leaves by the bottom or right edge, so each cell counts once; overlapping
-   fields are joined by `analysis.stitch`) -> no nucleus
+   cut by the field's edge with its centre beyond it (abutting fields: a cell
+   is counted in the field holding its nucleus' centre, which sees most of it,
+   so each cell counts once: `_centre_beyond_edge`; overlapping fields are
+   joined by `analysis.stitch`) -> no nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
@@ -331,6 +331,57 @@ def _box2_above(a: np.ndarray, threshold: np.float32) -> np.ndarray:
     out[-1, :-1] = out[-2, :-1]
     out[:, -1] = out[:, -2]
     return out
+
+
+#: a nucleus cut by a field's top or left edge is counted there when its depth
+#: in the field exceeds half its chord on the edge by at least the first (px),
+#: one cut by the bottom or right edge when by at least the second. The two
+#: fields' depths add up to the nucleus' height, which exceeds the chord by
+#: 0-1 px (a digital, thresholded disk), so of two abutting fields one keeps it.
+_EDGE_KEEP_PX = (1.5, -0.5)
+
+
+def _centre_beyond_edge(
+    nucleus: np.ndarray, sub: tuple[slice, slice], frame: tuple[int, int]
+) -> bool:
+    """Whether the centre of a nucleus cut by the frame's edge lies beyond it:
+    the cell is then counted in the field next door, which sees more of it.
+
+    Both fields see the same chord `c` of the nucleus along their common edge
+    and each its own depth `h` of it (for a round nucleus of radius R whose
+    centre lies d inside: h = R + d and c = 2 sqrt(R^2 - d^2), so h >= c / 2
+    exactly on the centre's side). A field keeps the nucleus when its depth
+    exceeds half the chord by `_EDGE_KEEP_PX` (the first at its top or left
+    edge, the second at its bottom or right edge): of two abutting fields one
+    keeps it, the one that sees most of it, except within about a pixel of
+    the centre lying on their common edge, where the two masks' rounding may
+    make both or neither keep it. `nucleus`: the mask over the frame's
+    region `sub`.
+    """
+    rows = np.flatnonzero(nucleus.any(axis=1))
+    cols = np.flatnonzero(nucleus.any(axis=0))
+    h, w = frame
+    first, last = _EDGE_KEEP_PX
+    sides = (  # (touches the edge, depth, chord, keep from)
+        (sub[0].start == 0 and rows[0] == 0, rows[-1] + 1, nucleus[0], first),
+        (sub[1].start == 0 and cols[0] == 0, cols[-1] + 1, nucleus[:, 0], first),
+        (
+            sub[0].stop == h and rows[-1] == nucleus.shape[0] - 1,
+            nucleus.shape[0] - rows[0],
+            nucleus[-1],
+            last,
+        ),
+        (
+            sub[1].stop == w and cols[-1] == nucleus.shape[1] - 1,
+            nucleus.shape[1] - cols[0],
+            nucleus[:, -1],
+            last,
+        ),
+    )
+    return any(
+        touches and depth - np.count_nonzero(chord) / 2 < keep
+        for touches, depth, chord, keep in sides
+    )
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -1022,11 +1073,9 @@ class _Field:
             nuc_core = None if nucleus is None else _core(nucleus, dapi)
             f, core = self._measure(sub, cell, others, nuc_core)
             # a cell on the edge of abutting fields is seen in two; it is counted
-            # where its nucleus is, and a nucleus cut by the edge belongs to the
-            # field it leaves by the bottom or right edge (overlaps: stitch.py)
-            f["_cut"] = nucleus is not None and bool(
-                (sub[0].start == 0 and nucleus[0].any())
-                or (sub[1].start == 0 and nucleus[:, 0].any())
+            # in the field holding its nucleus' centre (overlaps: stitch.py)
+            f["_cut"] = nucleus is not None and _centre_beyond_edge(
+                nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
             # the nucleus at half its maximum; the CK area is its half-maximum

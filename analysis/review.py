@@ -14,7 +14,7 @@ rule's threshold:
   `min_axis_ratio`.
 
 Debris, fragments without a nucleus and objects counted in the next field
-(their nucleus cut by the top or left edge) are never borderline: no reader
+(their nucleus' centre beyond the field's edge) are never borderline: no reader
 decision changes what they are. `review_flag` works on a finished object row
 (its features), so it is the same wherever a record is read.
 """

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["CUT_REASON", "DetectionSettings", "StitchSettings"]
 
-#: The reason of an object whose nucleus the field's top or left edge cuts: it
-#: is counted in the neighbouring field (`analysis.stitch` knows it by this).
-CUT_REASON = "nucleus cut by the top or left edge (counted next door)"
+#: The reason of an object whose nucleus the field's edge cuts with its centre
+#: beyond that edge: it is counted in the neighbouring field (`analysis.stitch`
+#: knows it by this).
+CUT_REASON = "nucleus centre beyond the field's edge (counted next door)"
 
 
 class DetectionSettings(BaseModel):

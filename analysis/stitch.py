@@ -13,7 +13,7 @@ stage), and two rules make each cell count once:
    deeper inside (farther from all its edges) by more than `margin_um` is that
    field's. A cell cut by an edge is thus counted where it is whole, whichever
    edge cuts it. An object the detector already left to the field next door
-   (`analysis.settings.CUT_REASON`: its nucleus cut by the top or left edge)
+   (`analysis.settings.CUT_REASON`: its nucleus' centre beyond the edge)
    claims no depth of its own, and its field claims nothing within
    `tolerance_um` of it: the view next door stays even where the overlap is too
    thin for that view to be the deeper one.

@@ -415,7 +415,7 @@ def _views(
 ) -> list[dict[str, Any]]:
     """What each field's detector reports of `cells` (x, y, radius): a whole
     cell at its centre (within 0.2 um), a cut one at its visible part's centre
-    (moved inward by half the part cut off), a nucleus cut by the top or left
+    (moved inward by half the part cut off), one whose centre lies beyond the
     edge as left next door."""
     out = []
     for name, fx, fy in fields:
@@ -452,7 +452,7 @@ def _views(
                 "bottom": (0, -step),
             }[side]
             sx, sy = a * ndc + b * ndr, c * ndc + d * ndr
-            cut = side in ("left", "top") and depth < 0.5 * r
+            cut = depth < 0  # its centre beyond the edge: counted next door
             objs.append((x + sx, y + sy, CUT_REASON if cut else "x"))
         out.append(record(name, fx, fy, objs, affine))
     return out
