@@ -512,13 +512,9 @@ def test_a_flat_top_is_one_peak() -> None:
     assert img[tuple(peaks[0])] == img.max()
 
 
-def test_a_field_sized_bright_blob_is_not_split_into_nuclei(monkeypatch) -> None:
-    # debris or a defocused smear bright in DAPI and CK across much of the
-    # field: it is no set of merged nuclei, and a CTC beside it is still found
-    cv = Canvas(size=320, seed=3)
-    cv.blob(150, 150, 120, (3000, 0, 0, 0))
-    cv.cell(150, 240, dapi=0)  # cytokeratin over the blob's edge
-    cv.cell(290, 290)
+def _split_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size (px) of each blob the detector tries to split at its DNA peaks
+    from now on, in call order."""
     sizes: list[int] = []
     real = detect_mod._split_dna
 
@@ -527,6 +523,17 @@ def test_a_field_sized_bright_blob_is_not_split_into_nuclei(monkeypatch) -> None
         return real(mask, *a, **kw)
 
     monkeypatch.setattr(detect_mod, "_split_dna", counting)
+    return sizes
+
+
+def test_a_field_sized_bright_blob_is_not_split_into_nuclei(monkeypatch) -> None:
+    # debris or a defocused smear bright in DAPI and CK across much of the
+    # field: it is no set of merged nuclei, and a CTC beside it is still found
+    cv = Canvas(size=320, seed=3)
+    cv.blob(150, 150, 120, (3000, 0, 0, 0))
+    cv.cell(150, 240, dapi=0)  # cytokeratin over the blob's edge
+    cv.cell(290, 290)
+    sizes = _split_sizes(monkeypatch)
     objs = _detect(cv.field())
     biggest = DetectionSettings().max_cluster_area_um2 / PX**2
     assert all(s <= biggest for s in sizes), sizes
@@ -554,16 +561,9 @@ def test_a_nucleus_blob_near_two_ck_regions_is_split_once(monkeypatch) -> None:
     cv.blob(128, 128, 30, (3000, 0, 0, 0))
     cv.cell(128, 128 - 13 / PX, dapi=0)
     cv.cell(128, 128 + 13 / PX, dapi=0)
-    calls: list[int] = []
-    real = detect_mod._split_dna
-
-    def counting(mask, *a, **kw):
-        calls.append(int(mask.sum()))
-        return real(mask, *a, **kw)
-
-    monkeypatch.setattr(detect_mod, "_split_dna", counting)
+    sizes = _split_sizes(monkeypatch)
     _detect(cv.field())
-    assert len(calls) == 1, calls
+    assert len(sizes) == 1, sizes
 
 
 @pytest.mark.parametrize("axis", [0, 1])
