@@ -297,6 +297,9 @@ def test_a_scheduler_that_cannot_be_reached_is_one_line(
     one_line_error(
         r, "cannot reach the Dask scheduler at tcp://127.0.0.1:9: connection refused"
     )
+    r = invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP,
+               "--scheduler", "tcp://scheduler.invalid:8786")  # fmt: skip
+    one_line_error(r, "unknown host 'scheduler.invalid'")
     one_line_error(
         invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--scheduler", "x"),
         "--scheduler takes tcp://HOST:PORT or 'local'",

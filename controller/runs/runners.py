@@ -204,11 +204,8 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
                 memory_limit=0,
             )
         return Client(cluster), cluster
-    if _refused(scheduler):  # the client would retry it for the whole timeout
-        raise ClusterError(
-            f"cannot reach the Dask scheduler at {scheduler}: connection refused "
-            "(is a scheduler running there?)"
-        )
+    if why := _unreachable(scheduler):  # the client would retry the whole timeout
+        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {why}")
     try:
         client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
     except (OSError, TimeoutError, ValueError) as e:
@@ -226,27 +223,30 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
     return client, None
 
 
-#: how long the probe of `_refused` waits for an answer
+#: how long the probe of `_unreachable` waits for an answer
 _PROBE_TIMEOUT_S = 2.0
 
 
-def _refused(scheduler: str) -> bool:
-    """Whether a ``tcp://`` scheduler's host refuses connections to its port:
-    nothing listens there. Anything else (no answer, another protocol) is
-    left to the client and its timeout."""
+def _unreachable(scheduler: str) -> str | None:
+    """Why a ``tcp://`` scheduler cannot be reached, when that is plain at
+    once: its host name does not resolve, or the host refuses connections to
+    its port (nothing listens there). Anything else (no answer, another
+    protocol) is left to the client and its timeout: None."""
     from distributed.comm.addressing import parse_address, parse_host_port
 
     try:
         scheme, location = parse_address(scheduler)
         if scheme != "tcp":
-            return False
+            return None
         host, port = parse_host_port(location)
         socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+    except socket.gaierror:
+        return f"unknown host {host!r}"
     except ConnectionRefusedError:
-        return True
+        return "connection refused (is a scheduler running there?)"
     except (OSError, ValueError):
-        return False
-    return False
+        return None
+    return None
 
 
 #: the heap's trim threshold of an analysing process (`keep_freed_blocks`)
