@@ -358,9 +358,14 @@ def _centre_beyond_edge(
     make both or neither keep it. `nucleus`: the mask over the frame's
     region `sub`.
     """
+    h, w = frame
+    on_edge = (sub[0].start == 0, sub[1].start == 0, sub[0].stop == h, sub[1].stop == w)
+    if not any(on_edge):
+        return False
     rows = np.flatnonzero(nucleus.any(axis=1))
     cols = np.flatnonzero(nucleus.any(axis=0))
-    h, w = frame
+    if not rows.size:
+        return False
     first, last = _EDGE_KEEP_PX
     sides = (  # (touches the edge, depth, chord, keep from)
         (sub[0].start == 0 and rows[0] == 0, rows[-1] + 1, nucleus[0], first),

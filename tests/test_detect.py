@@ -12,7 +12,13 @@ from scipy import ndimage
 from skimage.feature import peak_local_max
 
 import analysis.detect as detect_mod
-from analysis.detect import DEFAULT_ROLES, _dna_peaks, detect_field, resolve_roles
+from analysis.detect import (
+    DEFAULT_ROLES,
+    _centre_beyond_edge,
+    _dna_peaks,
+    detect_field,
+    resolve_roles,
+)
 from analysis.settings import DetectionSettings
 
 PX = 0.64  # um per pixel
@@ -587,3 +593,13 @@ def test_a_ctc_across_the_edge_of_abutting_fields_counts_once(
         if n != 1:
             missed.append((float(off_um), n))
     assert not missed
+
+
+def test_the_edge_rule_reads_only_a_nucleus_on_the_frames_edge() -> None:
+    frame = (100, 100)
+    disk = np.hypot(*np.mgrid[-5:6, -5:6]) <= 5
+    top = (slice(0, 11), slice(40, 51))
+    assert not _centre_beyond_edge(disk, top, frame)  # centre 5 px inside
+    assert _centre_beyond_edge(disk[8:], (slice(0, 3), slice(40, 51)), frame)
+    assert not _centre_beyond_edge(disk, (slice(40, 51), slice(40, 51)), frame)
+    assert not _centre_beyond_edge(np.zeros((3, 3), bool), (slice(0, 3),) * 2, frame)
