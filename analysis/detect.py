@@ -55,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
@@ -389,11 +390,28 @@ def _centre_beyond_edge(
     )
 
 
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndimage.label(mask)`` of a 2-D mask (4-connected): the same int32
+    labels, numbered in raster order, from cc3d (3 times faster on a full
+    frame). 4-connected only: cc3d 4.1.1's 8-connected 2-D labelling marks
+    some background pixels (`test_labels_are_scipys_labels` compares them)."""
+    if mask.size == 0:
+        return np.zeros(mask.shape, np.int32), 0
+    lab, n = cc3d.connected_components(
+        mask,
+        connectivity=4,
+        binary_image=True,
+        return_N=True,
+        out_dtype=np.uint32,
+    )
+    return lab.view(np.int32), int(n)
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``ndimage.binary_fill_holes(mask)``: the background components (4-connected)
     that do not touch the border are holes. One labelling instead of dilating
     the border inwards until nothing changes (2-4x faster on large regions)."""
-    bg, n = ndimage.label(~mask)
+    bg, n = _label(~mask)
     filled = np.ones(n + 1, bool)
     for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
         filled[edge] = False
@@ -721,7 +739,7 @@ class _Field:
         # nuclei are bright and smooth; only textured cytokeratin needs smoothing
         nuc_mask = self.full[self.n] > st.nucleus_snr * self.noise[self.n]
         ck_mask = _box2_above(self.full[self.e], st.ck_snr * self.noise[self.e])
-        nuc_lab, n_nuc = ndimage.label(nuc_mask)
+        nuc_lab, n_nuc = _label(nuc_mask)
         # the labelled pixels, grouped by label once: areas and bounding boxes
         # without a pass over every pixel
         nuc_idx = np.flatnonzero(nuc_mask)
@@ -732,7 +750,7 @@ class _Field:
         self.nuc_boxes = _boxes(*nuc_pixels, n_nuc, self.w)
         self._measure_blur(nuc_lab, nuc_area, self.nuc_boxes)
         self._add_dim_ck(ck_mask, nuc_mask)
-        ck_lab, n_ck = ndimage.label(ck_mask)
+        ck_lab, n_ck = _label(ck_mask)
         ck_idx = np.flatnonzero(ck_mask)
         self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx)
         ck_boxes = _boxes(*_by_label(ck_lab, ck_idx), n_ck, self.w)
@@ -807,7 +825,7 @@ class _Field:
             halo = _max3(halo)  # 3 x 3 dilation
         low = sm > st.ck_smooth_snr * noise
         low &= ~halo
-        lab, n = ndimage.label(low)
+        lab, n = _label(low)
         if not n:
             return
         nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
@@ -954,8 +972,8 @@ class _Field:
         junk = (dimmest >= self.st.debris_all_channel_snr) | (sat >= 2)
         del dimmest
         junk = ndimage.binary_dilation(junk & region, iterations=4)
-        rest, n = ndimage.label(region & ~junk)
-        local, _ = ndimage.label((nl > 0) & ~junk)
+        rest, n = _label(region & ~junk)
+        local, _ = _label((nl > 0) & ~junk)
         size = np.bincount(rest.ravel(), minlength=n + 1)
         out = []
         for k in np.flatnonzero(size >= self.min_px).tolist():

@@ -16,6 +16,7 @@ from analysis.detect import (
     DEFAULT_ROLES,
     _centre_beyond_edge,
     _dna_peaks,
+    _label,
     detect_field,
     resolve_roles,
 )
@@ -506,6 +507,26 @@ def test_dna_peaks_are_skimages_peaks_where_nothing_is_flat() -> None:
             img, min_distance=d, labels=mask.astype(np.int32), exclude_border=False
         )
         np.testing.assert_array_equal(_dna_peaks(img, mask, d), want)
+
+
+def test_labels_are_scipys_labels() -> None:
+    # the detector's ids, areas and boxes follow the labels' numbering: the
+    # faster labelling must find and number every component as scipy does, on
+    # masks of every density, a strided view and edge cases
+    rng = np.random.default_rng(11)
+    masks = [np.zeros((0, 5), bool), np.zeros((4, 4), bool), np.ones((3, 7), bool)]
+    for _ in range(300):
+        h, w = rng.integers(1, 80, 2)
+        smooth = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0, 2))
+        masks.append(smooth > rng.uniform(0.3, 0.7))
+    masks.append(rng.random((300, 400)) > 0.5)  # speckle: thousands of pieces
+    masks.append(masks[-1][::2, 1::3])  # not contiguous
+    for mask in masks:
+        want, n_want = ndimage.label(mask)
+        got, n = _label(mask)
+        assert n == n_want
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_flat_top_is_one_peak() -> None:
