@@ -61,6 +61,31 @@ with dask_client("local", 2) as client:
 #: the same process without the cluster
 _IDLE_PROCESS = "import controller.runs.runners"
 
+#: Dask's own cost per task, apart from ctcscan's: N tasks that only compute
+#: (``sum(range(size))``, a C loop holding the GIL, sized to a field's mean
+#: analysis time) on a local process pool of 2 and on the 2-worker
+#: LocalCluster ``analyze --scheduler local`` starts; start and close included
+_FLOOR = r"""
+import json, sys, time
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+if __name__ == "__main__":
+    n_tasks, per_task = int(sys.argv[1]), float(sys.argv[2])
+    t = time.perf_counter(); sum(range(4_000_000))
+    size = int(4_000_000 / (time.perf_counter() - t) * per_task)
+    out = {}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(sum, [range(size)] * n_tasks))
+    out["pool"] = time.perf_counter() - t0
+    from controller.runs.runners import dask_client
+    t0 = time.perf_counter()
+    with dask_client("local", 2) as client:
+        client.gather(client.map(sum, [range(size)] * n_tasks, pure=False))
+    out["dask"] = time.perf_counter() - t0
+    print(json.dumps(out))
+"""
+
 
 def _scan(out: Path, seed: int, fields: int) -> None:
     subprocess.run(
@@ -68,6 +93,17 @@ def _scan(out: Path, seed: int, fields: int) -> None:
          "--seed", str(seed), "--fields", str(fields)],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def _mean_seconds(out: Path) -> float:
+    """Mean analysis time of a field (the ledgers' ``detected`` lines)."""
+    secs = [
+        rec["seconds"]
+        for ledger in out.glob("*/ledger.jsonl")
+        for rec in map(json.loads, ledger.read_text().splitlines())
+        if rec.get("event") == "detected"
+    ]
+    return sum(secs) / len(secs)
 
 
 def _cpu(usage: resource.struct_rusage) -> float:
@@ -178,6 +214,21 @@ def main(argv: list[str] | None = None) -> int:
             f"beyond a bare process): {fixed:.1f} s; overhead beyond it "
             f"{(rows['dask-2'] - fixed) / rows['local-2'] - 1:+.1%}"
         )
+        # the same number of tasks as fields, each as long as a field's mean
+        # analysis, with nothing of ctcscan in them: Dask's own share
+        per_field = _mean_seconds(Path(tmp) / "out-local-2-0")
+        floor = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _FLOOR, str(n_fields), str(per_field)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        )  # fmt: skip
+        print(
+            f"Dask alone: {n_fields} compute-only tasks of {per_field * 1e3:.0f} ms "
+            f"(a field's mean analysis): process pool {floor['pool']:.1f} s, "
+            f"LocalCluster {floor['dask']:.1f} s: "
+            f"{floor['dask'] / floor['pool'] - 1:+.1%}"
+        )
         print(
             json.dumps(
                 {
@@ -192,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     "dask_overhead": round(overhead, 4),
                     "identical": same,
                     "dask_fixed_s": round(fixed, 2),
+                    "compute_only_tasks_s": floor,
                 }
             )
         )
