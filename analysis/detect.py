@@ -584,11 +584,20 @@ class _Field:
             estimate_background(raw[c], block=st.background_block_px)
             for c in range(n_ch)
         ]
-        self.levels = [b.level for b in bgs]
+        levels = [b.level for b in bgs]
         self.noise = np.array([b.noise for b in bgs], np.float32)
         self.e, self.n, self.lk = idx["epithelial"], idx["nucleus"], idx["leukocyte"]
         self.m = idx.get("marker")
-        self.full = {c: _minus(raw[c], self.levels[c]) for c in (self.n, self.e)}
+        self.full = {c: _minus(raw[c], levels[c]) for c in (self.n, self.e)}
+        # the mask channels' maps are read again only 2 x 2-sampled
+        # (`_binned_signal`): keep that quarter, not two full frames of float32
+        self._level_quarter = {
+            c: levels[c][0 : self.h // 2 * 2 : 2, 0 : self.w // 2 * 2 : 2].copy()
+            for c in self.full
+        }
+        #: the other channels' background maps (read in crops and at pixels)
+        self.levels = {c: lv for c, lv in enumerate(levels) if c not in self.full}
+        del levels
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
@@ -642,7 +651,10 @@ class _Field:
             return out
 
         v = bin2(self.raw[c])
-        v -= self.levels[c][0 : 2 * h2 : 2, 0 : 2 * w2 : 2]  # smooth: sample it
+        if c in self._level_quarter:  # a mask channel's: kept sampled only
+            v -= self._level_quarter[c][:h2, :w2]
+        else:
+            v -= self.levels[c][0 : 2 * h2 : 2, 0 : 2 * w2 : 2]  # smooth: sample it
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src]), 0)
