@@ -390,6 +390,34 @@ def _centre_beyond_edge(
     )
 
 
+#: the sectors of `_ring_cover`, and the ring pixels a sector needs to count
+_RING_SECTORS, _RING_SECTOR_MIN_PX = 8, 3
+
+
+def _ring_cover(
+    ring: np.ndarray, nucleus: np.ndarray, snr: np.ndarray, level: float
+) -> float:
+    """The fraction of the angular sectors around the nucleus (about its
+    centroid) whose ring pixels' median `snr` reaches `level`, over the
+    sectors holding at least a few ring pixels; nan when none does.
+
+    A leukocyte's CD45 membrane encircles its own nucleus; the membrane of a
+    leukocyte pressed against a cell lights the ring on that side only."""
+    nr, nc = np.nonzero(nucleus)
+    rr, cc = np.nonzero(ring)
+    angle = np.arctan2(rr - nr.mean(), cc - nc.mean())
+    sector = ((angle + np.pi) / (2 * np.pi) * _RING_SECTORS).astype(int)
+    sector = np.minimum(sector, _RING_SECTORS - 1)
+    values = snr[rr, cc]
+    lit = counted = 0
+    for k in range(_RING_SECTORS):
+        v = values[sector == k]
+        if v.size >= _RING_SECTOR_MIN_PX:
+            counted += 1
+            lit += float(np.median(v)) >= level
+    return round(lit / counted, 3) if counted else float("nan")
+
+
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """``ndimage.label(mask)`` of a 2-D mask (4-connected): the same int32
     labels, numbered in raster order, from cc3d (3 times faster on a full
@@ -1012,6 +1040,7 @@ class _Field:
             cd45_ck_ratio=nan,
             cd45_excess_snr=nan,
             cd45_nucleus_snr=nan,
+            cd45_nucleus_cover=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -1275,9 +1304,14 @@ class _Field:
         if nucleus is not None and nucleus.any():
             ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus & mask
         if ring is not None and ring.any():
+            assert nucleus is not None
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
+            f["cd45_nucleus_cover"] = _ring_cover(
+                ring, nucleus, excess / lk_noise, self.st.max_cd45_nucleus_snr
+            )
         else:
             f["cd45_nucleus_snr"] = float("nan")
+            f["cd45_nucleus_cover"] = float("nan")
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
@@ -1323,7 +1357,10 @@ class _Field:
             # a dim cell bleeds a few percent of its cytokeratin into CD45, not
             # a CD45 signal comparable to it
             return "DOUBLE_POSITIVE", "CD45 positive, comparable to its cytokeratin"
-        if f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr:
+        if (
+            f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr
+            and f["cd45_nucleus_cover"] >= st.min_cd45_nucleus_cover
+        ):
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
@@ -1448,6 +1485,7 @@ class _Field:
             "cd45_ck_ratio": nan,
             "cd45_excess_snr": nan,
             "cd45_nucleus_snr": nan,
+            "cd45_nucleus_cover": nan,
             "diameter_halfmax_um": nan,
             "blur_px": round(self.blur, 2),
             "cluster_size": 1,

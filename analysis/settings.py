@@ -135,6 +135,16 @@ class DetectionSettings(BaseModel):
             "a CK fragment"
         ),
     )
+    min_cd45_nucleus_cover: float = Field(
+        default=0.75,
+        ge=0,
+        le=1,
+        description=(
+            "...and when it does so all around the nucleus: in at least this "
+            "fraction of 8 sectors about it (a leukocyte's membrane encircles "
+            "its own nucleus; one pressed against a cell lights one side)"
+        ),
+    )
     min_cd45_ratio: float = Field(
         default=0.2,
         ge=0,

@@ -582,6 +582,39 @@ def test_a_leukocyte_pressed_against_a_ctc_does_not_make_it_cd45_positive(
     assert len(_ctcs(objs)) == 1
 
 
+@pytest.mark.parametrize(
+    ("dist_um", "cd45", "blur"), [(5.0, 1000, 1.0), (5.0, 1000, 2.0), (5.5, 2000, 2.0)]
+)
+def test_a_leukocyte_lying_over_one_side_of_a_ctc_leaves_it_cd45_negative(
+    dist_um: float, cd45: float, blur: float
+) -> None:
+    # a crowded field: the leukocyte overlaps the cell, its membrane crosses the
+    # cytokeratin beside the nucleus and the ring there is bright (its median
+    # 24-32 times the noise), but on one side only; a leukocyte's own membrane
+    # encircles its nucleus (test_ck_fragment_over_a_leukocyte_is_not_a_ctc)
+    cv = Canvas(seed=11)
+    cv.cell(128, 128, diam_um=12, ck=150, nucleus_um=7)
+    cv.leukocyte(128, 128 + dist_um / PX, cd45=cd45)
+    obj = _at(_detect(cv.field(blur=blur)), 128, 128)
+    assert obj["cd45_nucleus_snr"] >= DetectionSettings().max_cd45_nucleus_snr
+    assert obj["label"] == "CTC", obj
+
+
+def test_ring_cover_counts_the_sectors_lit_around_the_nucleus() -> None:
+    yy, xx = np.mgrid[-12:13, -12:13]
+    d = np.hypot(yy, xx)
+    nucleus = d <= 6
+    ring = (d > 6) & (d <= 8)
+    around = np.full(d.shape, 30.0)
+    assert detect_mod._ring_cover(ring, nucleus, around, 15.0) == 1.0
+    one_side = np.where(xx > 2, 30.0, 0.0)  # a neighbour's membrane to the right
+    assert detect_mod._ring_cover(ring, nucleus, one_side, 15.0) <= 0.5
+    assert detect_mod._ring_cover(ring, nucleus, around, 31.0) == 0.0
+    half_ring = ring & (xx >= 0)  # the CK area covers half the ring: judged there
+    assert detect_mod._ring_cover(half_ring, nucleus, around, 15.0) == 1.0
+    assert np.isnan(detect_mod._ring_cover(ring & (d > 99), nucleus, around, 15.0))
+
+
 def test_a_nucleus_blob_near_two_ck_regions_is_split_once(monkeypatch) -> None:
     # each CK region looks at the nuclei near it; one blob's split serves both
     cv = Canvas(size=256, seed=4)
