@@ -1357,9 +1357,11 @@ class _Field:
             # a dim cell bleeds a few percent of its cytokeratin into CD45, not
             # a CD45 signal comparable to it
             return "DOUBLE_POSITIVE", "CD45 positive, comparable to its cytokeratin"
-        if (
-            f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr
-            and f["cd45_nucleus_cover"] >= st.min_cd45_nucleus_cover
+        # all around the nucleus; a ring too small to be cut into sectors
+        # (nan) is judged by its median alone
+        cover = f["cd45_nucleus_cover"]
+        if f["cd45_nucleus_snr"] >= st.max_cd45_nucleus_snr and not (
+            cover < st.min_cd45_nucleus_cover
         ):
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["diameter_um"] > st.max_ctc_diameter_um:
