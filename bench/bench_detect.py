@@ -129,6 +129,22 @@ _LOOKALIKES_3X = {
 #: blur that varies from field to field, up to 2.5 px sigma
 _BLUR = {"field_blur_px": (0.0, 2.5)}
 _DEFOCUS_UM = 2.5
+#: an instrument and a sample drawn unlike the defaults the rules were built on:
+#: dimmer PE and brighter APC dyes, twice the defaults' crosstalk, more
+#: background and vignetting, a noisier camera, smaller CTCs, more leukocytes
+_SHIFTED_OPTICS = {
+    "stain_rate": (80.0, 15.0, 12.0, 14.0),
+    "background_rate": (2.0, 1.0, 1.2, 0.8),
+    "crosstalk": (
+        (1.0, 0.0, 0.0, 0.0),
+        (0.02, 1.0, 0.06, 0.0),
+        (0.0, 0.16, 1.0, 0.02),
+        (0.0, 0.0, 0.08, 1.0),
+    ),
+    "vignetting": 0.45,
+    "read_noise_dn": 5.0,
+}
+_SHIFTED_CELLS = {"ctc_median_diameter_um": 10.0, "wbc_per_field": 200}
 
 DIFFICULTIES: dict[str, Difficulty] = {
     d.name: d
@@ -159,6 +175,12 @@ DIFFICULTIES: dict[str, Difficulty] = {
         ),
         Difficulty(
             "defocus", f"imaged {_DEFOCUS_UM} um off focus", {**_CTC}, _DEFOCUS_UM
+        ),
+        Difficulty(
+            "shifted",
+            "other dyes, 2x crosstalk, noisier, CTCs 10 um, 200 WBC",
+            {**_CTC, **_SHIFTED_CELLS},
+            optics=_SHIFTED_OPTICS,
         ),
         Difficulty(
             "all-hard",
@@ -492,7 +514,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     detectors: dict[str, Any] = {"": detect_field}
     if args.before:
         detectors = {"before": load_detector(args.before), "after": detect_field}
-        print(f"  before: analysis/detect.py at {args.before}; after: this tree")
+        print(f"  before: the analysis package at {args.before}; after: this tree")
     carts: list[Cartridge] = []
     t_all = time.perf_counter()
     for d in diffs:
@@ -874,7 +896,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--before",
         metavar="REV",
         default=None,
-        help="also run analysis/detect.py as of git revision REV on the same "
+        help="also run the analysis package as of git revision REV on the same "
         "fields and print before/after side by side",
     )
     p.add_argument(

@@ -226,24 +226,35 @@ def _match(
 
 
 def load_detector(rev: str) -> Callable[..., Any]:
-    """`detect_field` of `analysis/detect.py` as committed at git revision `rev`
-    (with today's other modules), for a before/after comparison in one run."""
-    import importlib.util
+    """`detect_field` of the `analysis` package as committed at git revision
+    `rev`, for a before/after comparison in one run. The whole package is
+    taken from `rev` (detect.py calls psf.py, background.py, settings.py),
+    under a package name of its own so that it sits beside today's."""
+    import importlib
+    import io
+    import re
     import subprocess
+    import tarfile
     import tempfile
 
-    src = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:analysis/detect.py"],
+    tag = "".join(ch if ch.isalnum() else "_" for ch in rev)[:24]
+    pkg = f"analysis_before_{tag}"
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "analysis"],
         check=True,
         capture_output=True,
-        text=True,
     ).stdout
-    tag = "".join(ch if ch.isalnum() else "_" for ch in rev)[:24]
-    path = Path(tempfile.mkdtemp(prefix="detect-")) / f"detect_before_{tag}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    root = Path(tempfile.mkdtemp(prefix="detect-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    (root / "analysis").rename(root / pkg)
+    for py in (root / pkg).glob("*.py"):
+        text = py.read_text()
+        text = re.sub(r"\b(from|import) analysis\b", rf"\1 {pkg}", text)
+        py.write_text(text)
+    sys.path.insert(0, str(root))
+    try:
+        mod = importlib.import_module(f"{pkg}.detect")
+    finally:
+        sys.path.remove(str(root))
     return mod.detect_field
