@@ -40,8 +40,9 @@ Pipeline (every threshold in `DetectionSettings`):
    fragment has it) -> not round to oval -> CTC;
    for a CTC the marker channel (FITC) is reported positive or not. The size
    is the object's, not the blur's: the half-maximum radius of its CK profile
-   deconvolved with the field's blur (`analysis.psf.object_radius`; reported as
-   ``diameter_um``, the raw half-maximum size as ``diameter_halfmax_um``);
+   (its last fall below half within the mask's reach) deconvolved with the
+   field's blur (`analysis.psf.object_radius`; reported as ``diameter_um``,
+   the raw half-maximum size as ``diameter_halfmax_um``);
 6. nuclei outside CK regions (hundreds per field) are measured in one vectorised
    pass: leukocytes when CD45 is present on them, else OTHER.
 

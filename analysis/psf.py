@@ -189,6 +189,26 @@ class ProfileRadii(tuple[float, float, float, float]):
         return (self[3] - self[1]) / self[2] if self[2] > 0 else float("nan")
 
 
+def _centroid(signal: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
+    """The signal-weighted centroid (row, col) over `mask`; None when the mask
+    is empty or holds no positive signal."""
+    rr, cc = np.nonzero(mask)
+    w = np.maximum(signal[rr, cc], 0).astype(np.float64)
+    tot = float(w.sum())
+    if rr.size == 0 or tot <= 0:
+        return None
+    return float((rr * w).sum() / tot), float((cc * w).sum() / tot)
+
+
+def _reach(signal: np.ndarray, mask: np.ndarray) -> float | None:
+    """How far (px) the mask reaches from the centroid `radial_profile` uses."""
+    centre = _centroid(signal, mask)
+    if centre is None:
+        return None
+    rr, cc = np.nonzero(mask)
+    return float(np.hypot(rr - centre[0], cc - centre[1]).max())
+
+
 def radial_profile(
     signal: np.ndarray,
     mask: np.ndarray,
@@ -201,13 +221,10 @@ def radial_profile(
     `bin_px` wide of the `allowed` pixels (default: all). Empty rings are left
     out; the centre ring counts as lying at `bin_px` / 2."""
     empty = np.zeros(0)
-    rr, cc = np.nonzero(mask)
-    w = np.maximum(signal[rr, cc], 0).astype(np.float64)
-    tot = float(w.sum())
-    if rr.size == 0 or tot <= 0:
+    centre = _centroid(signal, mask)
+    if centre is None:
         return empty, empty, empty
-    r0 = float((rr * w).sum() / tot)
-    c0 = float((cc * w).sum() / tot)
+    r0, c0 = centre
     ys, xs = np.indices(signal.shape)
     dist = np.hypot(ys - r0, xs - c0)
     ok = np.ones(signal.shape, bool) if allowed is None else allowed
@@ -233,7 +250,17 @@ def profile_radii(
     return _radii(*radial_profile(signal, mask, allowed=allowed, bin_px=bin_px))
 
 
-def _radii(radius: np.ndarray, prof: np.ndarray, n: np.ndarray) -> ProfileRadii:
+def _radii(
+    radius: np.ndarray,
+    prof: np.ndarray,
+    n: np.ndarray,
+    *,
+    extent: float | None = None,
+) -> ProfileRadii:
+    """`profile_radii` of a computed profile. With `extent` (px), each radius
+    is where the profile falls below its level for good inside that radius:
+    the crossing after the last ring within `extent` still at or above it (a
+    textured object, or one dimmer over its nucleus, dips below half inside)."""
     nan = float("nan")
     if prof.size == 0:
         return ProfileRadii((0.0, nan, nan, nan))
@@ -252,7 +279,12 @@ def _radii(radius: np.ndarray, prof: np.ndarray, n: np.ndarray) -> ProfileRadii:
     out = [peak]
     for level in (0.75, 0.5, 0.25):
         target = level * peak
-        below = np.flatnonzero(prof[k:] < target)
+        start = k
+        if extent is not None:
+            up = np.flatnonzero((prof[k:] >= target) & (radius[k:] <= extent))
+            if up.size:
+                start = k + int(up[-1])
+        below = start - k + np.flatnonzero(prof[start:] < target)
         if not below.size:
             out.append(nan)
             continue
@@ -284,7 +316,10 @@ def object_radius(
     quarter-maximum plus two sigma. nan if the profile never falls to half.
     """
     radius, prof, n = radial_profile(signal, mask, allowed=allowed)
-    pr = _radii(radius, prof, n)
+    # the half-maximum edge lies inside the detection mask (its threshold is
+    # below half of any object's peak): the last crossing within the mask's
+    # reach, not a dip of texture or over the nucleus inside the object
+    pr = _radii(radius, prof, n, extent=_reach(signal, mask))
     if not np.isfinite(pr.half):
         return float("nan"), float("nan")
     r = deconvolved_radius(pr.half, sigma_px)

@@ -259,6 +259,25 @@ def test_size_of_the_object_not_of_the_blur(blur: float) -> None:
         assert obj["diameter_um"] == pytest.approx(d, abs=0.5), (d, obj)
 
 
+@pytest.mark.parametrize("blur", [0.5, 1.0, 1.5])
+def test_a_cell_dimmer_over_its_nucleus_is_sized_by_its_outer_edge(
+    blur: float,
+) -> None:
+    # an 8.5 um cell whose cytokeratin is a third as bright over its nucleus,
+    # with a fleck at the middle 1.6 x as bright as the rest: its profile
+    # falls below half inside the cell and rises again; the first fall is no
+    # edge (it was measured 2-2.9 um across, a CK fragment, at blurs 0.5-1)
+    for seed in range(3):
+        cv = Canvas(size=96, seed=seed)
+        nuc = cv._disc(48, 48, 5.5)
+        cv.planes[P] += 500 * cv._disc(48, 48, 8.5) * (1 - 0.7 * nuc)
+        cv.planes[P] += 650 * cv._disc(48, 48, 1.9)
+        cv.planes[D] += 1500 * nuc
+        obj = _at(_detect(cv.field(blur=blur)), 48, 48)
+        assert obj["diameter_um"] == pytest.approx(8.5, abs=0.7), obj
+        assert obj["label"] == "CTC", obj["reason"]
+
+
 @pytest.mark.parametrize("blur", BLURS)
 def test_small_ck_dapi_objects_are_never_ctc_at_any_blur(blur: float) -> None:
     diameters = [2.0, 2.5, 3.0, 3.5, 2.0, 2.5, 3.0, 3.5]
