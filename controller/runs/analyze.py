@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import resource
 from collections.abc import Iterable, Sequence
@@ -68,7 +67,11 @@ from controller.runs.runners import dask_client, run_dask, run_local
 from controller.runstore.folder import RunFolder, folder_name
 from controller.runstore.ledger import LedgerState, RunLog
 from controller.runstore.lock import FolderLock
-from controller.runstore.results import CANDIDATES_DIR, DETECTIONS_DIR
+from controller.runstore.results import (
+    CANDIDATES_DIR,
+    DETECTIONS_DIR,
+    decode_result,
+)
 
 __all__ = [
     "ANALYSES_DIR",
@@ -473,7 +476,7 @@ def _same_affine(detection: Path, affine: tuple[float, ...] | None) -> bool:
     """The stored result placed its objects with `affine` (scan.json's, which
     a re-analysis into the same folder may see corrected): else it is redone."""
     try:
-        got = json.loads(detection.read_bytes()).get("pixel_affine")
+        got = decode_result(detection.read_bytes()).get("pixel_affine")
     except (OSError, ValueError, AttributeError):
         return False
     return (None if got is None else tuple(got)) == affine

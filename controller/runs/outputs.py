@@ -8,7 +8,6 @@ writes the same outputs as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +30,7 @@ from controller.focus.surface import FocusMap
 from controller.records import Detected, Record
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
+from controller.runstore.results import decode_result
 from controller.runstore.review import signed_off
 
 logger = logging.getLogger("ctcscan.outputs")
@@ -75,7 +75,7 @@ class DetectionCache:
             data = self.folder.detection_path(name).read_bytes()
             if hashlib.sha256(data).hexdigest() != sha256:
                 return
-            rec = json.loads(data)
+            rec = decode_result(data)
             objects = rec["objects"]
             keys = frozenset(k for o in objects for k in o)
             with self._lock:
@@ -163,7 +163,7 @@ def load_records(
                 continue
         path = folder.detection_path(name)
         try:
-            out.append(json.loads(path.read_bytes()))
+            out.append(decode_result(path.read_bytes()))
         except (
             FileNotFoundError
         ):  # not analysed: the report says so, a resume redoes it
