@@ -153,6 +153,32 @@ def test_empty_or_missing_folder(tmp_path: Path) -> None:
     )
 
 
+def test_a_refused_output_folder_keeps_nothing_of_the_command(
+    tmp_path: Path,
+) -> None:
+    src = _folder(tmp_path, n=1)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("a reader's notes")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for out, why in (
+        (theirs, "holds other files"),
+        (src, "is the input folder"),
+    ):
+        one_line_error(
+            invoke("analyze", str(src), "--out", str(out), "--channels", MAP), why
+        )
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    # an input that fails: the output folder it would have made is not made
+    (tmp_path / "empty").mkdir()
+    one_line_error(
+        invoke("analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "o")),
+        "no OME-TIFF field files",
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(

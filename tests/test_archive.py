@@ -143,6 +143,14 @@ def test_reanalyses_are_versioned_beside_the_online_one_and_compared(
     gained = [x for x in rows if x[4] != "CTC" and x[5] == "CTC"]
     assert len(lost) - len(gained) == n_before - n_after > 0
     assert f"{n_after - n_before:+d}" in r.stdout
+    # --csv never replaces a file that is there: the run's own events.csv stays
+    events = (run / "events.csv").read_bytes()
+    for there in (run / "events.csv", csv_path):
+        one_line_error(
+            invoke("compare", str(run), str(tight), "--csv", str(there)),
+            "exists already: not overwritten",
+        )
+    assert (run / "events.csv").read_bytes() == events
 
 
 # ---------------------------------------------------------------- a real cluster
@@ -304,6 +312,41 @@ def test_a_scheduler_that_cannot_be_reached_is_one_line(
         invoke("analyze", str(src), "--out", str(tmp_path / "o"), "--scheduler", "x"),
         "--scheduler takes tcp://HOST:PORT or 'local'",
     )
+
+
+def test_an_address_that_is_no_dask_scheduler_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web server (a scheduler's dashboard port, say) and a port that
+    accepts and never answers: one line each, in seconds, never a hang or a
+    traceback (the client read an HTTP answer as a message length)."""
+    import http.server
+    import socket
+    import threading
+
+    from controller.runs import runners
+
+    monkeypatch.setattr(runners, "CONNECT_TIMEOUT_S", 2.0)
+    src = tmp_path / "ome"
+    src.mkdir()
+    _write(src / "f_000.ome.tif", Canvas(size=128).field(), FILE_NAMES, 0.64)
+    web = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler
+    )
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        for port in (web.server_address[1], silent.getsockname()[1]):
+            t0 = time.monotonic()
+            address = f"tcp://127.0.0.1:{port}"
+            r = invoke("analyze", str(src), "--out", str(tmp_path / "o"),
+                       "--channels", MAP, "--scheduler", address)  # fmt: skip
+            one_line_error(r, f"Dask scheduler at tcp://127.0.0.1:{port}")
+            assert time.monotonic() - t0 < 30
+            assert not (tmp_path / "o").exists()  # nothing written
+    finally:
+        web.shutdown()
+        silent.close()
 
 
 def test_a_result_the_cluster_cannot_write_is_one_line_and_resumes(

@@ -618,10 +618,14 @@ def compare(
     ],
     csv_out: Annotated[
         Path | None,
-        typer.Option("--csv", help="write every changed object to this CSV file"),
+        typer.Option(
+            "--csv",
+            help="write every changed object to this new CSV file (an existing "
+            "file is never overwritten)",
+        ),
     ] = None,
     show: Annotated[
-        int, typer.Option(help="changed objects to print per cartridge")
+        int, typer.Option(min=0, help="changed objects to print per cartridge")
     ] = 20,
 ) -> None:
     """Compare two analyses of the same cartridges: CTC counts and the objects
@@ -670,11 +674,17 @@ def compare(
 def _write_changes(path: Path, changes: list[CartridgeChange]) -> None:
     rows = [o for c in changes for o in c.objects]
     try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
+        # "x": a file that is there already (a run's events.csv, a review, an
+        # earlier comparison) is the user's or another run's, never replaced
+        with open(path, "x", newline="", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["cartridge", "field", "row", "col", "label_a", "label_b"])
             for o in rows:
                 w.writerow([o.cartridge, o.field, o.row, o.col, o.label_a, o.label_b])
+    except FileExistsError:
+        raise StorageError(
+            f"{path} exists already: not overwritten (give --csv a new file name)"
+        ) from None
     except OSError as e:
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 

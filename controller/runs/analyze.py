@@ -64,9 +64,9 @@ from controller.records import (
 )
 from controller.runs.outputs import load_records
 from controller.runs.runners import dask_client, run_dask, run_local
-from controller.runstore.folder import RunFolder, folder_name
+from controller.runstore.folder import RunFolder, folder_name, no_folder
 from controller.runstore.ledger import LedgerState, RunLog
-from controller.runstore.lock import FolderLock
+from controller.runstore.lock import LOCK_FILE, OWNER_FILE, FolderLock
 from controller.runstore.results import (
     CANDIDATES_DIR,
     DETECTIONS_DIR,
@@ -201,7 +201,7 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
     found: dict[Path, Path] = {}  # resolved -> as given: each folder once
     for root in paths:
         if not root.is_dir():
-            raise StorageError(f"{root}: no such folder")
+            raise no_folder(root)
         if not recursive:
             found.setdefault(root.resolve(), root)
             continue
@@ -224,7 +224,7 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
 def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Field files of the input folder, and what is known of its run."""
     if not src.is_dir():
-        raise StorageError(f"{src}: no such folder")
+        raise no_folder(src)
     ctx: dict[str, Any] = {"cartridge_id": src.resolve().name, "source": str(src)}
     run = RunFolder(src)
     if _is_run(src):
@@ -396,10 +396,15 @@ def run_analyze(
         carts = []
         for src, out in zip(inputs, outs, strict=True):
             cart = Cartridge(input=src, out=RunFolder(out))
+            lock = FolderLock(out, "output folder")
+            made = _lock_files_to_make(out)
             try:
-                locks.enter_context(FolderLock(out, "output folder"))
+                locks.enter_context(lock)
                 _prepare(req, cart, aid)
             except (ScannerError, FieldReadError) as e:
+                # a refused folder keeps nothing of this command's
+                lock.release()
+                _remove_made(out, made)
                 if len(inputs) == 1:
                     raise
                 cart.error = str(e)
@@ -433,6 +438,20 @@ def run_analyze(
                 client, work, lambda c: _job_maker(req, c), req.scheduler, finished
             )
         return [results.get(id(c)) or _finish(req, c) for c in carts]
+
+
+def _lock_files_to_make(out: Path) -> list[Path]:
+    """What taking `out`'s lock will create there (the folder itself, when
+    it is not there yet, comes last)."""
+    made = [out / name for name in (LOCK_FILE, OWNER_FILE) if not (out / name).exists()]
+    return made if out.is_dir() else [*made, out]
+
+
+def _remove_made(out: Path, made: list[Path]) -> None:
+    """Remove what `_lock_files_to_make` listed; the folder only if empty."""
+    for path in made:
+        with contextlib.suppress(OSError):
+            path.rmdir() if path == out else path.unlink()
 
 
 def _raise_open_files_limit(n_folders: int) -> None:

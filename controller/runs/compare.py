@@ -17,6 +17,7 @@ from pathlib import Path
 
 from analysis.report import read_report
 from controller.errors import StorageError
+from controller.runstore.folder import no_folder
 
 __all__ = ["MATCH_PX", "CartridgeChange", "ObjectChange", "compare"]
 
@@ -56,7 +57,7 @@ class CartridgeChange:
 def _analyses(side: Path) -> dict[str, Path]:
     """cartridge id -> analysis folder, for a folder or a folder of them."""
     if not side.is_dir():
-        raise StorageError(f"{side}: no such folder")
+        raise no_folder(side)
     if (side / "report.json").is_file():
         candidates: Iterator[Path] = iter([side])
     else:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -206,12 +207,7 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
         return Client(cluster), cluster
     if why := _unreachable(scheduler):  # the client would retry the whole timeout
         raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {why}")
-    try:
-        client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
-    except (OSError, TimeoutError, ValueError) as e:
-        raise ClusterError(
-            f"cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}"
-        ) from None
+    client = _client_within(Client, scheduler)
     try:
         client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
     except (OSError, TimeoutError):
@@ -221,6 +217,37 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
             f"{WORKERS_WAIT_S:.0f} s); start some with: dask worker {scheduler}"
         ) from None
     return client, None
+
+
+def _client_within(client_type: Any, scheduler: str) -> Any:
+    """``Client(scheduler)``, or a one-line `ClusterError` within about
+    `CONNECT_TIMEOUT_S`. Something that is no Dask scheduler can make the
+    client hang (an HTTP server such as a dashboard: its timeout does not
+    cover the handshake) or fail in any way (it read an HTTP answer as a
+    message length: MemoryError), so it is made on a thread of its own,
+    left behind (a daemon) if it does not return."""
+    box: dict[str, Any] = {}
+
+    def make() -> None:
+        try:
+            box["client"] = client_type(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except BaseException as e:  # anything: said in one line below
+            box["error"] = e
+
+    t = threading.Thread(target=make, name="ctcscan-dask-connect", daemon=True)
+    t.start()
+    t.join(CONNECT_TIMEOUT_S + 5)
+    if t.is_alive():
+        raise ClusterError(
+            f"no answer from a Dask scheduler at {scheduler} within "
+            f"{CONNECT_TIMEOUT_S + 5:.0f} s: is it a scheduler's address (often "
+            "port 8786; 8787 is its dashboard)?"
+        )
+    if "error" in box:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {scheduler}: {_one_line(box['error'])}"
+        )
+    return box["client"]
 
 
 #: how long the probe of `_unreachable` waits for an answer
@@ -326,6 +353,11 @@ def _run(
             )
         )
         for fut in batch:
+            if fut.status == "lost" and client.status == "running":
+                # its result went with a worker that died after computing it:
+                # the scheduler computes it again; it comes back here then
+                pending.add(fut)
+                continue
             i, writer, name = owner.pop(fut.key)
             if fut.key in stored:
                 writer.recorded(name, stored[fut.key])

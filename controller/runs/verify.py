@@ -42,7 +42,7 @@ from controller.records import (
     parse_line,
 )
 from controller.runstore.chain import check_lines, unseal
-from controller.runstore.folder import RunFolder
+from controller.runstore.folder import RunFolder, no_folder
 from controller.runstore.ledger import LedgerState
 from controller.runstore.review import REVIEW_FILE, find_signoff
 
@@ -80,7 +80,7 @@ def verify_folder(root: str | Path) -> VerifyReport:
     """
     root = Path(root)
     if not root.is_dir():
-        raise StorageError(f"{root}: no such folder")
+        raise no_folder(root)
     rep = VerifyReport(root)
     if (root / "queue.jsonl").is_file():
         _queue(root, rep)

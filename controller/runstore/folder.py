@@ -31,7 +31,13 @@ from controller.runstore.results import (
     detection_file,
 )
 
-__all__ = ["FIELD_SUFFIX", "RunFolder", "write_durably", "write_durably_from"]
+__all__ = [
+    "FIELD_SUFFIX",
+    "RunFolder",
+    "no_folder",
+    "write_durably",
+    "write_durably_from",
+]
 
 FIELD_SUFFIX = ".ome.tif"
 
@@ -51,6 +57,14 @@ _OWN_FIELD = re.compile(r"field_\d+\.ome\.tif\.tmp")
 #: `temporary_name`, unique or not
 _OWN_DETECTION = re.compile(r"[^/]+\.json(\.[0-9a-f]{8})?\.tmp")
 _OWN_CANDIDATE = re.compile(r"[^/]+_\d{3}\.png(\.[0-9a-f]{8})?\.tmp")
+
+
+def no_folder(path: Path) -> StorageError:
+    """The error for a path given as a folder that is none: a file, or
+    nothing at all."""
+    if path.exists():
+        return StorageError(f"{path}: a file, not a folder")
+    return StorageError(f"{path}: no such folder")
 
 
 class RunFolder:
