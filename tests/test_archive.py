@@ -330,9 +330,12 @@ def test_an_address_that_is_no_dask_scheduler_is_one_line(
     src = tmp_path / "ome"
     src.mkdir()
     _write(src / "f_000.ome.tif", Canvas(size=128).field(), FILE_NAMES, 0.64)
-    web = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler
-    )
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     try:
