@@ -141,6 +141,22 @@ def test_corrupt_file_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_a_cartridge_refused_among_several_is_listed_with_its_fields(
+    tmp_path: Path,
+) -> None:
+    bad = _folder(tmp_path, n=2)
+    (bad / "scan_001.ome.tif").write_bytes(b"not a tiff at all")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "scan_000.ome.tif").write_bytes((bad / "scan_000.ome.tif").read_bytes())
+    r = invoke("analyze", str(bad), str(good), "--out", str(tmp_path / "o"),
+               "--channels", MAP, "--workers", "0")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    flat = " ".join(r.stdout.split())
+    assert "0/2" in flat and "1/1" in flat, r.stdout  # not "0/0"
+    assert "scan_001.ome.tif" in r.stderr
+
+
 def test_empty_or_missing_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     one_line_error(

@@ -467,6 +467,7 @@ def _raise_open_files_limit(n_folders: int) -> None:
 def _prepare(req: AnalyzeRequest, cart: Cartridge, aid: str) -> None:
     """Fields, context, checks and the fields already done of one input."""
     fields, cart.ctx = _inputs(cart.input)
+    cart.fields = dict(fields)  # its summary row counts them, also if refused
     _check_out(cart.input, cart.out, aid)
     required = [n for n, r in req.assay.channels.items() if r != "marker"]
     for _, path in fields:  # fail fast, by file name, before any work
@@ -475,7 +476,6 @@ def _prepare(req: AnalyzeRequest, cart: Cartridge, aid: str) -> None:
             raise FieldReadError(
                 f"{path}: no pixel size in the metadata; give one with --pixel-size"
             )
-    cart.fields = dict(fields)
     cart.out.prepare(fields=False)
     records = cart.out.ledger.read()
     state = LedgerState.from_records(records)
