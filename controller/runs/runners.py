@@ -199,6 +199,10 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
+                # the scheduler's own HTTP routes (health, metrics) start even
+                # without a dashboard, on the dashboard's port 8787 by default,
+                # with a warning when that is taken: any free loopback port
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
                 # no memory limit, as the local pool has none: neither the
                 # nanny nor the worker polls the worker's memory every 100 ms
