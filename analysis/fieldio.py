@@ -178,14 +178,6 @@ def _open(
     if len(names) != shape[0]:
         names = [f"C{i}" for i in range(shape[0])]
     if rename:
-        # a name the user gave that the file does not have is a typo, not a
-        # channel to do without
-        absent = [f"{a}={f}" for a, f in rename.items() if f not in names]
-        if absent:
-            raise FieldReadError(
-                f"{path}: --channels {', '.join(absent)}: no such channel in "
-                f"the file (it has {', '.join(names)})"
-            )
         back = {file_name: assay for assay, file_name in rename.items()}
         names = [back.get(n, n) for n in names]
     missing = [c for c in required if c not in names]

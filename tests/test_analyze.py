@@ -219,15 +219,3 @@ def test_bad_channel_map(tmp_path: Path) -> None:
         ),
         "'DNA' is not a channel of the assay",
     )
-    # a file name the field does not have is a typo: refused in one line
-    one_line_error(
-        invoke(
-            "analyze",
-            str(src),
-            "--out",
-            str(tmp_path / "o"),
-            "--channels",
-            f"{MAP},DAPI=Nope".replace("DAPI=Hoechst,", ""),
-        ),
-        "--channels DAPI=Nope: no such channel in the file",
-    )
