@@ -219,17 +219,3 @@ def test_bad_channel_map(tmp_path: Path) -> None:
         ),
         "'DNA' is not a channel of the assay",
     )
-    # a file channel name no input's fields have is a typo: refused in one
-    # line before any work, not ignored
-    one_line_error(
-        invoke(
-            "analyze",
-            str(src),
-            "--out",
-            str(tmp_path / "o"),
-            "--channels",
-            MAP.replace("FITC=HER2", "FITC=Nope"),
-        ),
-        "--channels FITC=Nope: no input's fields have such a channel",
-    )
-    assert not (tmp_path / "o").exists()

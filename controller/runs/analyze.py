@@ -387,7 +387,6 @@ def run_analyze(
         req.pixel_size_um,
         req.assay.stitch,
     )
-    _check_rename(req.rename, inputs)
     outs = _out_folders(req, inputs, aid)
     _raise_open_files_limit(len(outs))
     with contextlib.ExitStack() as locks:
@@ -439,30 +438,6 @@ def run_analyze(
                 client, work, lambda c: _job_maker(req, c), req.scheduler, finished
             )
         return [results.get(id(c)) or _finish(req, c) for c in carts]
-
-
-def _check_rename(rename: dict[str, str] | None, inputs: list[Path]) -> None:
-    """A file channel name in `--channels` that no input's fields have is a
-    typo: refused before any work. (One map serves mixed inputs, so a name
-    one input lacks is no error; each input's first field stands for it.)"""
-    if not rename:
-        return
-    seen: set[str] = set()
-    for src in inputs:
-        try:
-            fields, _ = _inputs(src)
-            if fields:
-                seen.update(inspect_field_file(fields[0][1]).channel_names)
-        except (ScannerError, FieldReadError):
-            continue  # that input's own error comes with its cartridge
-        if all(name in seen for name in rename.values()):
-            return
-    absent = [f"{a}={f}" for a, f in rename.items() if f not in seen]
-    if seen and absent:
-        raise StorageError(
-            f"--channels {', '.join(absent)}: no input's fields have such a "
-            f"channel (they have {', '.join(sorted(seen))})"
-        )
 
 
 def _lock_files_to_make(out: Path) -> list[Path]:
