@@ -141,7 +141,9 @@ def evaluate_many(
     calls: dict[str, list[tuple[float, float]]] = {name: [] for name in detectors}
     found: dict[str, list[tuple[float, float, str]]] = {n: [] for n in detectors}
     truth_idx: list[int] = []
-    base = settings or DetectionSettings()
+    # None: each detector with its own tree's default settings (a detector
+    # of another revision has its own `DetectionSettings`)
+    base = settings
     for f in fields:
         data = render_field(w, f.x_um, f.y_um, z_offset)
         x0, y0 = w.frame_origin(f.x_um, f.y_um)

@@ -676,16 +676,21 @@ def _write_changes(path: Path, changes: list[CartridgeChange]) -> None:
     try:
         # "x": a file that is there already (a run's events.csv, a review, an
         # earlier comparison) is the user's or another run's, never replaced
-        with open(path, "x", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["cartridge", "field", "row", "col", "label_a", "label_b"])
-            for o in rows:
-                w.writerow([o.cartridge, o.field, o.row, o.col, o.label_a, o.label_b])
+        f = open(path, "x", newline="", encoding="utf-8")  # noqa: SIM115
     except FileExistsError:
         raise StorageError(
             f"{path} exists already: not overwritten (give --csv a new file name)"
         ) from None
     except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["cartridge", "field", "row", "col", "label_a", "label_b"])
+            for o in rows:
+                w.writerow([o.cartridge, o.field, o.row, o.col, o.label_a, o.label_b])
+    except OSError as e:
+        path.unlink(missing_ok=True)  # this command's own, half written
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
 

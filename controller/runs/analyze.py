@@ -402,9 +402,12 @@ def run_analyze(
                 locks.enter_context(lock)
                 _prepare(req, cart, aid)
             except (ScannerError, FieldReadError) as e:
-                # a refused folder keeps nothing of this command's
+                # a refused folder keeps nothing of this command's: removed
+                # while the lock is held (not taken: the folder is another
+                # process's, whatever it holds), then the lock let go
+                if lock.held:
+                    _remove_made(out, made)
                 lock.release()
-                _remove_made(out, made)
                 if len(inputs) == 1:
                     raise
                 cart.error = str(e)
@@ -443,8 +446,12 @@ def run_analyze(
 def _lock_files_to_make(out: Path) -> list[Path]:
     """What taking `out`'s lock will create there (the folder itself, when
     it is not there yet, comes last)."""
-    made = [out / name for name in (LOCK_FILE, OWNER_FILE) if not (out / name).exists()]
-    return made if out.is_dir() else [*made, out]
+    made = [
+        out / name
+        for name in (LOCK_FILE, OWNER_FILE)
+        if not os.path.lexists(out / name)  # a link, even dangling, is someone's
+    ]
+    return made if os.path.lexists(out) else [*made, out]
 
 
 def _remove_made(out: Path, made: list[Path]) -> None:

@@ -357,15 +357,21 @@ def _run(
             )
         )
         for fut in batch:
-            if fut.status == "lost" and client.status == "running":
-                # its result went with a worker that died after computing it:
-                # the scheduler computes it again; it comes back here then
+            status = fut.status  # read once: it changes under us
+            if (
+                fut.key not in stored
+                and status in ("lost", "pending", "finished")
+                and client.status == "running"
+            ):
+                # its result went with a worker that died after computing it
+                # (the scheduler computes it again), or came back while the
+                # others were gathered: it comes back here then
                 pending.add(fut)
                 continue
             i, writer, name = owner.pop(fut.key)
             if fut.key in stored:
                 writer.recorded(name, stored[fut.key])
-            elif fut.status == "error":
+            elif status == "error":
                 error = fut.exception()
                 if isinstance(error, ResultWriteError):
                     # the output folder's disk, no field's fault: one line
@@ -377,7 +383,7 @@ def _run(
             else:  # cancelled or lost with the scheduler: resume does it
                 raise ClusterError(
                     f"lost the Dask scheduler at {where} (the task of {name} was "
-                    f"{fut.status}); every field finished so far is kept: run the "
+                    f"{status}); every field finished so far is kept: run the "
                     "same command again to resume"
                 )
             fut.release()
