@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -86,7 +85,9 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         ``field``, ``file``, ``pixel_size_um``, ``channels``, ``stage``,
         ``background``, ``noise``, ``spillover``, ``qc``, ``counts``, ``objects``
         (rows with ``field``, ``stage_x_um``, ``stage_y_um`` and a ``candidate``
-        image path for CTCs) and ``seconds``.
+        image path for CTCs) and ``seconds``. A feature that does not apply,
+        or a stage position that is unknown, is NaN; the detection file
+        (`controller.runstore.results.encode_result`) writes it as null.
 
     Raises
     ------
@@ -139,28 +140,24 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             title=f"{job.name} score {o['score']:.2f}",
         )
         o["candidate"] = f"candidates/{png.name}"
-    return _json_ready(
-        {
-            "field": job.name,
-            "file": str(job.path),
-            "pixel_size_um": px,
-            "channels": ff.channel_names,
-            "shape": [h, w],
-            "stage": stage,
-            "pixel_affine": None
-            if job.pixel_affine is None
-            else list(job.pixel_affine),
-            "background": det.background,
-            "noise": det.noise,
-            "spillover": det.spillover,
-            "spillover_measured": det.spillover_measured,
-            "qc": qc,
-            "counts": det.counts(),
-            "objects": det.objects,
-            "seconds": round(time.perf_counter() - t0, 4),
-            "source": source,
-        }
-    )
+    return {
+        "field": job.name,
+        "file": str(job.path),
+        "pixel_size_um": px,
+        "channels": ff.channel_names,
+        "shape": [h, w],
+        "stage": stage,
+        "pixel_affine": None if job.pixel_affine is None else list(job.pixel_affine),
+        "background": det.background,
+        "noise": det.noise,
+        "spillover": det.spillover,
+        "spillover_measured": det.spillover_measured,
+        "qc": qc,
+        "counts": det.counts(),
+        "objects": det.objects,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "source": source,
+    }
 
 
 def _stage_of(
@@ -205,36 +202,6 @@ def _check_finite(path: Path, data: np.ndarray, names: list[str]) -> None:
                 f"{path}: {bad} pixels of {name} are not numbers (NaN or "
                 "infinite); the field cannot be analysed"
             )
-
-
-def _json_ready(value: Any) -> Any:
-    """`value` with every float that is not finite (a feature that does not
-    apply, a stage position that is unknown) as None: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        if value and all(type(v) is dict for v in value):
-            return [_row_ready(v) for v in value]
-        return [_json_ready(v) for v in value]
-    return value
-
-
-_SCALARS = (str, int, bool, type(None))
-
-
-def _row_ready(row: dict[str, Any]) -> dict[str, Any]:
-    """`_json_ready` of one object row (hundreds per field, a few dozen
-    scalars each) without a call per value (13 ms a field before)."""
-    out = dict(row)
-    for k, v in row.items():
-        if type(v) is float:
-            if v - v != 0.0:  # nan or infinite
-                out[k] = None
-        elif type(v) not in _SCALARS:
-            out[k] = _json_ready(v)
-    return out
 
 
 #: the modules whose code decides a field's detection record

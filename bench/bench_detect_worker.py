@@ -106,6 +106,7 @@ def worker(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from analysis.pipeline import FieldJob, analyze_field_file
     from controller.runs.detector import _worker_start
+    from controller.runstore.results import encode_result
 
     _worker_start(os.getppid())
     import_s = time.perf_counter() - t0
@@ -143,9 +144,16 @@ def worker(args: argparse.Namespace) -> int:
             if prof is not None:
                 prof.disable()
             first_s.append(time.perf_counter() - t)
-            records[f"{Path(job.path).parent.parent.name}/{job.name}"] = {
-                k: v for k, v in rec.items() if k not in ("seconds", "source", "file")
-            }
+            # as the detection file holds it (strict JSON: NaN as null)
+            records[f"{Path(job.path).parent.parent.name}/{job.name}"] = json.loads(
+                encode_result(
+                    {
+                        k: v
+                        for k, v in rec.items()
+                        if k not in ("seconds", "source", "file")
+                    }
+                )
+            )
     rss_work = _rss_mb()
     if prof is not None:
         import io
