@@ -200,28 +200,21 @@ def _centroid(signal: np.ndarray, mask: np.ndarray) -> tuple[float, float] | Non
     return float((rr * w).sum() / tot), float((cc * w).sum() / tot)
 
 
-def _reach(signal: np.ndarray, mask: np.ndarray) -> float | None:
-    """How far (px) the mask reaches from the centroid `radial_profile` uses."""
-    centre = _centroid(signal, mask)
-    if centre is None:
-        return None
-    rr, cc = np.nonzero(mask)
-    return float(np.hypot(rr - centre[0], cc - centre[1]).max())
-
-
 def radial_profile(
     signal: np.ndarray,
     mask: np.ndarray,
     *,
     allowed: np.ndarray | None = None,
     bin_px: float = 0.5,
+    centre: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Azimuthally averaged profile of an object: ring radii (px), ring means and
     pixel counts, about the signal-weighted centroid over `mask`, over rings
     `bin_px` wide of the `allowed` pixels (default: all). Empty rings are left
-    out; the centre ring counts as lying at `bin_px` / 2."""
+    out; the centre ring counts as lying at `bin_px` / 2. `centre`: that
+    centroid, when the caller has it (`_centroid`)."""
     empty = np.zeros(0)
-    centre = _centroid(signal, mask)
+    centre = centre or _centroid(signal, mask)
     if centre is None:
         return empty, empty, empty
     r0, c0 = centre
@@ -315,11 +308,16 @@ def object_radius(
     radius of the blurred disk that best fits the whole profile out to its
     quarter-maximum plus two sigma. nan if the profile never falls to half.
     """
-    radius, prof, n = radial_profile(signal, mask, allowed=allowed)
+    centre = _centroid(signal, mask)
+    radius, prof, n = radial_profile(signal, mask, allowed=allowed, centre=centre)
     # the half-maximum edge lies inside the detection mask (its threshold is
     # below half of any object's peak): the last crossing within the mask's
-    # reach, not a dip of texture or over the nucleus inside the object
-    pr = _radii(radius, prof, n, extent=_reach(signal, mask))
+    # reach from the centre, not a dip of texture or over the nucleus inside
+    reach = None
+    if centre is not None:
+        rr, cc = np.nonzero(mask)
+        reach = float(np.hypot(rr - centre[0], cc - centre[1]).max())
+    pr = _radii(radius, prof, n, extent=reach)
     if not np.isfinite(pr.half):
         return float("nan"), float("nan")
     r = deconvolved_radius(pr.half, sigma_px)
