@@ -396,26 +396,41 @@ _RING_SECTORS, _RING_SECTOR_MIN_PX = 8, 3
 
 
 def _ring_cover(
-    ring: np.ndarray, nucleus: np.ndarray, snr: np.ndarray, level: float
+    ring: np.ndarray,
+    nucleus: np.ndarray,
+    snr: np.ndarray,
+    level: float,
+    *,
+    ck: np.ndarray | None = None,
+    ratio: float = 0.0,
 ) -> float:
     """The fraction of the angular sectors around the nucleus (about its
     centroid) whose ring pixels' median `snr` reaches `level`, over the
-    sectors holding at least a few ring pixels; nan when none does.
+    sectors holding at least a few ring pixels; nan when none does. With `ck`
+    (cytokeratin in the same units as `snr`) a sector counts only where its
+    median `snr` is also at least `ratio` times its median `ck`.
 
     A leukocyte's CD45 membrane encircles its own nucleus; the membrane of a
-    leukocyte pressed against a cell lights the ring on that side only."""
+    leukocyte pressed against a cell lights the ring on that side only. A
+    cell's cytokeratin bleeds a few percent of itself into CD45 all around its
+    nucleus: genuine CD45 is comparable to the cytokeratin where it lies."""
     nr, nc = np.nonzero(nucleus)
     rr, cc = np.nonzero(ring)
     angle = np.arctan2(rr - nr.mean(), cc - nc.mean())
     sector = ((angle + np.pi) / (2 * np.pi) * _RING_SECTORS).astype(int)
     sector = np.minimum(sector, _RING_SECTORS - 1)
     values = snr[rr, cc]
+    under = None if ck is None else ck[rr, cc]
     lit = counted = 0
     for k in range(_RING_SECTORS):
-        v = values[sector == k]
+        at = sector == k
+        v = values[at]
         if v.size >= _RING_SECTOR_MIN_PX:
             counted += 1
-            lit += float(np.median(v)) >= level
+            m = float(np.median(v))
+            lit += m >= level and (
+                under is None or m >= ratio * float(np.median(under[at]))
+            )
     return round(lit / counted, 3) if counted else float("nan")
 
 
@@ -1042,6 +1057,7 @@ class _Field:
             cd45_excess_snr=nan,
             cd45_nucleus_snr=nan,
             cd45_nucleus_cover=nan,
+            cd45_encircled=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -1313,6 +1329,21 @@ class _Field:
         else:
             f["cd45_nucleus_snr"] = float("nan")
             f["cd45_nucleus_cover"] = float("nan")
+        # ...and a leukocyte's own membrane rings its nucleus on every side,
+        # also where it reaches past a small CK fragment lying over it: the
+        # same ring, not cut to the CK area, lit at the level that makes a
+        # CK-negative nucleus a leukocyte's
+        f["cd45_encircled"] = float("nan")
+        if nucleus is not None and nucleus.any():
+            around = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
+            f["cd45_encircled"] = _ring_cover(
+                around,
+                nucleus,
+                excess / lk_noise,
+                self.st.wbc_cd45_snr,
+                ck=ndimage.uniform_filter(sig[self.e], 3) / lk_noise,
+                ratio=self.st.min_cd45_encircled_ratio,
+            )
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
@@ -1365,6 +1396,8 @@ class _Field:
             cover < st.min_cd45_nucleus_cover
         ):
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
+        if f["cd45_encircled"] >= st.min_cd45_encircled:
+            return "DOUBLE_POSITIVE", "CD45 all around the nucleus (a leukocyte's)"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
         # round to oval; a cell split from a cluster has an artificial border on
@@ -1489,6 +1522,7 @@ class _Field:
             "cd45_excess_snr": nan,
             "cd45_nucleus_snr": nan,
             "cd45_nucleus_cover": nan,
+            "cd45_encircled": nan,
             "diameter_halfmax_um": nan,
             "blur_px": round(self.blur, 2),
             "cluster_size": 1,

@@ -145,6 +145,27 @@ class DetectionSettings(BaseModel):
             "its own nucleus; one pressed against a cell lights one side)"
         ),
     )
+    min_cd45_encircled: float = Field(
+        default=0.875,
+        ge=0,
+        le=1,
+        description=(
+            "CD45-positive also when, in a 2 px ring around the nucleus (not cut "
+            "to the CK area), at least this fraction of 8 sectors about it reach "
+            "wbc_cd45_snr: the nucleus is a leukocyte's, its membrane ringing "
+            "it on every side, whatever cytokeratin lies over it"
+        ),
+    )
+    min_cd45_encircled_ratio: float = Field(
+        default=0.05,
+        ge=0,
+        description=(
+            "...counting a sector only where its CD45 is also at least this "
+            "fraction of the cytokeratin there: above the few percent that a "
+            "cell's own cytokeratin bleeds into CD45 all around its nucleus "
+            "when the field's measure of that bleed-through is off"
+        ),
+    )
     min_cd45_ratio: float = Field(
         default=0.2,
         ge=0,

@@ -330,6 +330,44 @@ def test_ck_fragment_over_a_leukocyte_is_not_a_ctc() -> None:
     assert obj["label"] == "DOUBLE_POSITIVE", obj
 
 
+@pytest.mark.parametrize(
+    ("cd45", "frag_um", "blur"),
+    [(150, 7.5, 1.0), (250, 6.5, 1.0), (250, 6.5, 2.0), (250, 7.5, 2.0)],
+)
+def test_a_small_ck_fragment_on_a_leukocyte_is_not_a_ctc(
+    cd45: float, frag_um: float, blur: float
+) -> None:
+    # a fragment smaller than the leukocyte it lies on: the leukocyte's membrane
+    # rings its nucleus outside the fragment, where the CD45 inside the CK area
+    # (`cd45_nucleus_snr`) and the membrane band across the fragment's edge do
+    # not look; the ring around the nucleus, on every side, does
+    cv = Canvas(seed=3)
+    cv.leukocyte(128, 128, cd45=cd45)
+    cv.cell(128, 129, diam_um=frag_um, ck=1200, dapi=0)
+    obj = _at(_detect(cv.field(blur=blur)), 128, 128)
+    assert obj["diameter_um"] > DetectionSettings().min_ctc_diameter_um
+    assert obj["cd45_encircled"] >= DetectionSettings().min_cd45_encircled
+    assert obj["label"] == "DOUBLE_POSITIVE", obj
+
+
+@pytest.mark.parametrize("bleed", [0.04, 0.06])
+def test_a_bright_ctcs_own_bleed_through_around_its_nucleus_is_no_leukocyte(
+    bleed: float,
+) -> None:
+    # the field's bleed-through known wrongly as none: the cell's cytokeratin
+    # lights CD45 all around its nucleus at a few percent of itself
+    cv = Canvas(seed=5)
+    cv.cell(128, 128, diam_um=12, ck=3000, nucleus_um=7, texture=False)
+    cv.planes[A] += bleed * cv.planes[P]
+    field = cv.field(blur=2.5)
+    st = DetectionSettings(spillover={"PE->APC": 0.0})
+    assert _at(_detect(field, settings=st), 128, 128)["label"] == "CTC"
+    # what the ratio to the cytokeratin there guards against
+    loose = st.model_copy(update={"min_cd45_encircled_ratio": 0.0})
+    obj = _at(_detect(field, settings=loose), 128, 128)
+    assert obj["label"] == "DOUBLE_POSITIVE", obj
+
+
 # ---------------------------------------------------------------- look-alikes
 
 
@@ -632,6 +670,11 @@ def test_ring_cover_counts_the_sectors_lit_around_the_nucleus() -> None:
     half_ring = ring & (xx >= 0)  # the CK area covers half the ring: judged there
     assert detect_mod._ring_cover(half_ring, nucleus, around, 15.0) == 1.0
     assert np.isnan(detect_mod._ring_cover(ring & (d > 99), nucleus, around, 15.0))
+    # with the cytokeratin there: lit only where CD45 is `ratio` of it or more
+    ck = np.where(xx > 2, 1000.0, 500.0)  # bright cytokeratin on the right
+    cover = detect_mod._ring_cover(ring, nucleus, around, 15.0, ck=ck, ratio=0.05)
+    assert 0 < cover < 1  # the right-hand sectors are not lit
+    assert detect_mod._ring_cover(ring, nucleus, around, 15.0, ck=ck, ratio=0.02) == 1
 
 
 def test_a_nucleus_blob_near_two_ck_regions_is_split_once(monkeypatch) -> None:
