@@ -403,12 +403,15 @@ def _ring_cover(
     *,
     ck: np.ndarray | None = None,
     ratio: float = 0.0,
+    every: bool = False,
 ) -> float:
     """The fraction of the angular sectors around the nucleus (about its
     centroid) whose ring pixels' median `snr` reaches `level`, over the
-    sectors holding at least a few ring pixels; nan when none does. With `ck`
-    (cytokeratin in the same units as `snr`) a sector counts only where its
-    median `snr` is also at least `ratio` times its median `ck`.
+    sectors holding at least a few ring pixels (with `every`: over all the
+    sectors, so a ring cut short, e.g. by the field's edge, cannot light
+    them all); nan when none holds them. With `ck` (cytokeratin in the same
+    units as `snr`) a sector counts only where its median `snr` is also at
+    least `ratio` times its median `ck`.
 
     A leukocyte's CD45 membrane encircles its own nucleus; the membrane of a
     leukocyte pressed against a cell lights the ring on that side only. A
@@ -431,7 +434,9 @@ def _ring_cover(
             lit += m >= level and (
                 under is None or m >= ratio * float(np.median(under[at]))
             )
-    return round(lit / counted, 3) if counted else float("nan")
+    if not counted:
+        return float("nan")
+    return round(lit / (_RING_SECTORS if every else counted), 3)
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -1331,8 +1336,9 @@ class _Field:
             f["cd45_nucleus_cover"] = float("nan")
         # ...and a leukocyte's own membrane rings its nucleus on every side,
         # also where it reaches past a small CK fragment lying over it: the
-        # same ring, not cut to the CK area, lit at the level that makes a
-        # CK-negative nucleus a leukocyte's
+        # same ring, not cut to the CK area, lit (CD45 less bleed-through) at
+        # the level that makes a CK-negative nucleus a leukocyte's, in nearly
+        # all of the 8 sectors (a ring cut by the field's edge lights fewer)
         f["cd45_encircled"] = float("nan")
         if nucleus is not None and nucleus.any():
             around = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
@@ -1343,6 +1349,7 @@ class _Field:
                 self.st.wbc_cd45_snr,
                 ck=ndimage.uniform_filter(sig[self.e], 3) / lk_noise,
                 ratio=self.st.min_cd45_encircled_ratio,
+                every=True,
             )
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]

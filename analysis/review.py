@@ -9,7 +9,8 @@ rule's threshold:
 - ``nucleus_inside``: the nucleus lies slightly less than `min_nucleus_inside`
   inside the cytokeratin area;
 - ``size``: the object is slightly too small (at most `min_ctc_diameter_um`);
-- ``cd45``: CD45 is slightly at or above `max_cd45_snr`;
+- ``cd45``: CD45 is slightly at or above `max_cd45_snr` (the membrane band's
+  rule; a double positive by another CD45 rule fails it outright);
 - ``shape``: solidity or axis ratio slightly below `min_solidity` /
   `min_axis_ratio`.
 
@@ -63,10 +64,16 @@ def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
         failed["size"] = diameter > st.min_ctc_diameter_um * (1 - m)
     elif diameter > st.max_ctc_diameter_um:
         failed["size"] = False  # far beyond any cell
-    if o.get("reason") == "CD45 positive" or (
-        not math.isnan(cd45) and cd45 >= st.max_cd45_snr
-    ):
-        failed["cd45"] = not math.isnan(cd45) and cd45 < st.max_cd45_snr * (1 + m)
+    double = o.get("label") == "DOUBLE_POSITIVE"
+    if double or (not math.isnan(cd45) and cd45 >= st.max_cd45_snr):
+        # only the membrane band's rule (`cd45_snr`) has a margin here; CD45
+        # found by the other rules (around the nucleus, against the cell's
+        # cytokeratin) fails the definition outright
+        failed["cd45"] = (
+            (not double or o.get("reason") == "CD45 positive")
+            and not math.isnan(cd45)
+            and cd45 < st.max_cd45_snr * (1 + m)
+        )
     single = _num(o, "cluster_size") in (1.0, math.nan) or o.get("cluster_size") == 1
     low_solid = single and not math.isnan(solidity) and solidity < st.min_solidity
     low_ratio = not math.isnan(ratio) and ratio < st.min_axis_ratio

@@ -151,9 +151,10 @@ class DetectionSettings(BaseModel):
         le=1,
         description=(
             "CD45-positive also when, in a 2 px ring around the nucleus (not cut "
-            "to the CK area), at least this fraction of 8 sectors about it reach "
-            "wbc_cd45_snr: the nucleus is a leukocyte's, its membrane ringing "
-            "it on every side, whatever cytokeratin lies over it"
+            "to the CK area), at least this fraction of all 8 sectors about it "
+            "reach wbc_cd45_snr (CD45 less bleed-through): the nucleus is a "
+            "leukocyte's, its membrane ringing it on every side, whatever "
+            "cytokeratin lies over it"
         ),
     )
     min_cd45_encircled_ratio: float = Field(
@@ -163,7 +164,8 @@ class DetectionSettings(BaseModel):
             "...counting a sector only where its CD45 is also at least this "
             "fraction of the cytokeratin there: above the few percent that a "
             "cell's own cytokeratin bleeds into CD45 all around its nucleus "
-            "when the field's measure of that bleed-through is off"
+            "when the field's measure of that bleed-through is off (it guards "
+            "against an error in that measure below this fraction)"
         ),
     )
     min_cd45_ratio: float = Field(

@@ -350,21 +350,24 @@ def test_a_small_ck_fragment_on_a_leukocyte_is_not_a_ctc(
     assert obj["label"] == "DOUBLE_POSITIVE", obj
 
 
-@pytest.mark.parametrize("bleed", [0.04, 0.06])
+@pytest.mark.parametrize(("bleed", "blur"), [(0.03, 1.5), (0.03, 2.5), (0.04, 2.5)])
 def test_a_bright_ctcs_own_bleed_through_around_its_nucleus_is_no_leukocyte(
-    bleed: float,
+    bleed: float, blur: float
 ) -> None:
-    # the field's bleed-through known wrongly as none: the cell's cytokeratin
-    # lights CD45 all around its nucleus at a few percent of itself
+    # the field's bleed-through into CD45 given wrongly as none: the cell's
+    # cytokeratin lights CD45 all around its nucleus at a few percent of itself
     cv = Canvas(seed=5)
     cv.cell(128, 128, diam_um=12, ck=3000, nucleus_um=7, texture=False)
     cv.planes[A] += bleed * cv.planes[P]
-    field = cv.field(blur=2.5)
-    st = DetectionSettings(spillover={"PE->APC": 0.0})
-    assert _at(_detect(field, settings=st), 128, 128)["label"] == "CTC"
+    field = cv.field(blur=blur)
+    st = DetectionSettings(spillover={"PE->APC": 0.0, "DAPI->APC": 0.0})
+    obj = _at(_detect(field, settings=st), 128, 128)
+    assert obj["cd45_encircled"] < st.min_cd45_encircled
+    assert obj["label"] == "CTC", obj
     # what the ratio to the cytokeratin there guards against
     loose = st.model_copy(update={"min_cd45_encircled_ratio": 0.0})
     obj = _at(_detect(field, settings=loose), 128, 128)
+    assert obj["cd45_encircled"] >= st.min_cd45_encircled
     assert obj["label"] == "DOUBLE_POSITIVE", obj
 
 
@@ -673,8 +676,11 @@ def test_ring_cover_counts_the_sectors_lit_around_the_nucleus() -> None:
     # with the cytokeratin there: lit only where CD45 is `ratio` of it or more
     ck = np.where(xx > 2, 1000.0, 500.0)  # bright cytokeratin on the right
     cover = detect_mod._ring_cover(ring, nucleus, around, 15.0, ck=ck, ratio=0.05)
-    assert 0 < cover < 1  # the right-hand sectors are not lit
-    assert detect_mod._ring_cover(ring, nucleus, around, 15.0, ck=ck, ratio=0.02) == 1
+    lit = detect_mod._ring_cover(ring, nucleus, around, 15.0, ck=ck, ratio=0.02)
+    assert lit == 1.0  # 30 >= 0.02 x 1000 on the right too
+    assert cover == 0.625  # the 3 sectors wholly right of x = 2 are not lit
+    # `every`: over all 8 sectors, so a ring cut short cannot light them all
+    assert detect_mod._ring_cover(half_ring, nucleus, around, 15.0, every=True) <= 0.625
 
 
 def test_a_nucleus_blob_near_two_ck_regions_is_split_once(monkeypatch) -> None:

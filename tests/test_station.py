@@ -111,6 +111,12 @@ def test_the_review_flag_marks_objects_failing_exactly_one_rule_narrowly() -> No
     dp = {**ctc, "label": "DOUBLE_POSITIVE", "reason": "CD45 positive"}
     assert review_flag({**dp, "cd45_snr": 11.0}, st) == "cd45"
     assert review_flag({**dp, "cd45_snr": 30.0}, st) == ""
+    # double positive by a rule without a margin (CD45 all around the nucleus,
+    # band CD45 low): it fails that rule outright, so a narrow miss of another
+    # rule does not make it borderline
+    ringed = {**dp, "reason": "CD45 all around the nucleus (a leukocyte's)"}
+    assert review_flag({**ringed, "cd45_snr": 3.0, "nucleus_inside": 0.45}, st) == ""
+    assert review_flag({**ringed, "cd45_snr": 3.0}, st) == ""
     assert review_flag({**other, "solidity": 0.75}, st) == "shape"
     # two rules failed: the machine is clearly right
     two = {**other, "nucleus_inside": 0.45, "diameter_um": 3.6}
