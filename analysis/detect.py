@@ -1295,7 +1295,8 @@ class _Field:
         if not band.any():
             band = mask
         apc = float(np.median(ndimage.uniform_filter(sig[self.lk], 3)[band]))
-        ck_band = float(np.median(ndimage.uniform_filter(sig[self.e], 3)[band]))
+        ck_smooth = ndimage.uniform_filter(sig[self.e], 3)
+        ck_band = float(np.median(ck_smooth[band]))
         f["cd45_snr"] = round(apc / float(self.noise[self.lk]), 2)
         # bleed-through of the cytokeratin dye is a few percent of it; genuine
         # CD45 staining is comparable to the cell's own cytokeratin signal
@@ -1322,14 +1323,16 @@ class _Field:
         # area, where the band does not look
         # (only there: in a crowded field the ring reaches past the CK area into
         # the membranes of the leukocytes beside the cell)
-        ring = None
+        ring = around = None
+        excess_snr = excess / lk_noise
         if nucleus is not None and nucleus.any():
-            ring = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus & mask
+            around = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
+            ring = around & mask
         if ring is not None and ring.any():
             assert nucleus is not None
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
             f["cd45_nucleus_cover"] = _ring_cover(
-                ring, nucleus, excess / lk_noise, self.st.max_cd45_nucleus_snr
+                ring, nucleus, excess_snr, self.st.max_cd45_nucleus_snr
             )
         else:
             f["cd45_nucleus_snr"] = float("nan")
@@ -1340,14 +1343,14 @@ class _Field:
         # the level that makes a CK-negative nucleus a leukocyte's, in nearly
         # all of the 8 sectors (a ring cut by the field's edge lights fewer)
         f["cd45_encircled"] = float("nan")
-        if nucleus is not None and nucleus.any():
-            around = ndimage.binary_dilation(nucleus, iterations=2) & ~nucleus
+        if around is not None:
+            assert nucleus is not None
             f["cd45_encircled"] = _ring_cover(
                 around,
                 nucleus,
-                excess / lk_noise,
+                excess_snr,
                 self.st.wbc_cd45_snr,
-                ck=ndimage.uniform_filter(sig[self.e], 3) / lk_noise,
+                ck=ck_smooth / lk_noise,
                 ratio=self.st.min_cd45_encircled_ratio,
                 every=True,
             )
