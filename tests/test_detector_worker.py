@@ -4,8 +4,10 @@ waiting until what was offered to it has been dispatched."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import sys
@@ -25,6 +27,7 @@ from controller.runs.detector import (
     _spawn_context,
     _WorkerContext,
 )
+from controller.runstore.durable import write_durably
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
 from controller.runstore.results import ResultWriteError, encode_result, store_result
@@ -285,3 +288,67 @@ def test_a_result_that_cannot_be_written_leaves_no_temporary(tmp_path: Path) -> 
         with pytest.raises(ResultWriteError, match="Is a directory"):
             store_result(folder.root, "f1", _small_result("f1"))
     assert [p.name for p in folder.detections_dir.iterdir()] == ["f1.json"]
+
+
+# ------------------------------------------------------------- the page cache
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache (``mincore(2)``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        start = ctypes.c_char.from_buffer(m)
+        try:
+            rc = libc.mincore(
+                ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec
+            )
+        finally:
+            del start
+            m.close()
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise") or not sys.platform.startswith("linux"),
+    reason="page-cache advice and mincore(2) are Linux's",
+)
+def test_a_field_leaves_the_page_cache_once_detected_or_failed(
+    tmp_path: Path,
+) -> None:
+    # a scan writes 2 GB of fields a cartridge and reads each back once: the
+    # detector lets the system drop a field's pages after its last reading,
+    # whether its detection succeeded or failed
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare()
+    names = ["ok", "bad"]
+    for name in names:
+        write_durably(folder.field_path(name), os.urandom(256 * 1024))
+        assert _resident_pages(folder.field_path(name)) > 0  # written, cached
+
+    def run_job(name: str) -> dict[str, Any]:
+        data = folder.field_path(name).read_bytes()
+        if name == "bad":
+            raise ValueError("not a field")
+        return {"field": name, "counts": {"CTC": 0}, "bytes": len(data)}
+
+    supervisor = Supervisor()
+    detector = OnlineDetector(
+        folder,
+        lambda name: name,  # type: ignore[arg-type,return-value]
+        RunLog(folder.ledger),
+        supervisor,
+        workers=0,
+        run_job=run_job,  # type: ignore[arg-type]
+    )
+    detector.add_backlog(names)
+    stats = detector.close()
+    assert (stats["detected"], stats["failed"]) == (1, 1)
+    assert supervisor.error is None
+    for name in names:
+        assert _resident_pages(folder.field_path(name)) == 0, name
+        assert folder.field_path(name).stat().st_size == 256 * 1024  # untouched

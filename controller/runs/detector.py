@@ -4,7 +4,8 @@
 appends the name to a backlog and returns. A dispatcher thread keeps at most
 `2 x workers` fields in flight in a worker process (the second core), each worker
 reading the field back from its stored file (from the page cache, cheaper than
-copying 11 MB between processes). So detection may lag but never blocks
+copying 11 MB between processes); once a field's result is in, its file's pages
+may leave the page cache (`forget_cached`). So detection may lag but never blocks
 acquisition, never drops a field, and holds no pixels in the scanning process.
 
 Each field's result depends on that field's file and the assay alone, never on
@@ -56,6 +57,7 @@ from analysis.psf import prepare as prepare_blur_model
 from controller.events import RecordSink
 from controller.heap import keep_freed_blocks
 from controller.records import Detected, DetectFailed, Record, Stored
+from controller.runstore.durable import forget_cached
 from controller.runstore.folder import RunFolder
 from controller.runstore.results import (
     ResultWriteError,
@@ -492,10 +494,17 @@ class OnlineDetector:
         # with it and the supervisor stops the run
         self.writer.recorded(name, stored)
         self.stats["detected"] += 1
+        self._done_with(name)
 
     def _failed(self, name: str, reason: str) -> None:
         self.stats["failed"] += 1
         self.writer.failed(name, reason)
+        self._done_with(name)
+
+    def _done_with(self, name: str) -> None:
+        """The field's file has been read for the last time in this run: its
+        pages may leave the page cache (`forget_cached`)."""
+        forget_cached(self.folder.field_path(name))
 
 
 def failure_reason(e: BaseException) -> str:

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["TMP_SUFFIX", "temporary_name", "write_durably", "write_durably_from"]
+__all__ = [
+    "TMP_SUFFIX",
+    "forget_cached",
+    "temporary_name",
+    "write_durably",
+    "write_durably_from",
+]
 
 #: what a file is called while it is being written
 TMP_SUFFIX = ".tmp"
@@ -77,3 +83,30 @@ def write_durably_from(
         raise
     _fsync_dir(path.parent)
     return digest, size
+
+
+def forget_cached(path: Path) -> None:
+    """Let the system drop `path`'s pages from its page cache: a file written
+    durably (so its pages are clean) that this process will not read again.
+
+    A scan writes 2 GB of fields a cartridge and reads each back once, to
+    detect it. Left cached, those pages crowd out everything else in memory
+    over a night's queue, and every field is written into pages the system
+    must find afresh; dropped, the next field's pages are the ones just
+    freed. Measured on a 2-core VM, 11 MB written and fsync'd: 100-170 ms
+    into fresh pages, 7-8 ms when each file's pages were dropped two files
+    later. Advice only: nothing where the system has no ``posix_fadvise``,
+    and no error if the file is gone.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
