@@ -94,6 +94,9 @@ BUDGET_CORES = 2
 #: >= 0.85 x the bare MDA's in the same run; scan + detector worker <= 500 MB
 BUDGET_RATIO = 0.85
 BUDGET_PAIR_RSS_MB = 500.0
+#: issue 12: on-line detection adds at most this to a zero-exposure scan's wall
+#: time (ctcscan against ctcscan-nodetect, same run)
+BUDGET_DETECTION_COST = 0.05
 
 
 # --------------------------------------------------------------------- results
@@ -703,6 +706,23 @@ def format_table(results: Sequence[ModeResult]) -> str:
     return "\n".join(lines)
 
 
+def _detection_cost_line(results: Sequence[ModeResult], full: bool) -> str | None:
+    """What on-line detection adds to the scan: ctcscan's wall time against
+    ctcscan-nodetect's in the same run (None unless both ran and succeeded)."""
+    by = {r.mode: r for r in results if r.ok}
+    on, off = by.get("ctcscan"), by.get("ctcscan-nodetect")
+    if on is None or off is None or not off.wall_s:
+        return None
+    extra = on.wall_s / off.wall_s - 1
+    ok = extra <= BUDGET_DETECTION_COST
+    scope = "" if full else "  (partial cartridge: not a budget verdict)"
+    return (
+        f"  on-line detection: +{extra * 100:.0f} % wall ({on.wall_s:.1f} s against "
+        f"{off.wall_s:.1f} s without detection) {'<=' if ok else '>'} "
+        f"{BUDGET_DETECTION_COST * 100:.0f} % [{'PASS' if ok else 'FAIL'}]{scope}"
+    )
+
+
 def _budget_line(r: ModeResult, full: bool, mda: ModeResult | None = None) -> str:
     if not r.ok:
         return f"  {r.mode}: no verdict (mode failed)"
@@ -823,6 +843,8 @@ def driver(args: argparse.Namespace) -> int:
     mda = next((r for r in results if r.mode == "mda"), None)
     for r in results:
         print(_budget_line(r, full, mda))
+    if (line := _detection_cost_line(results, full)) is not None:
+        print(line)
     print("notes:")
     for r in results:
         for note in r.notes:
