@@ -27,7 +27,7 @@ from controller.runs.detector import (
     _spawn_context,
     _WorkerContext,
 )
-from controller.runstore.durable import write_durably
+from controller.runstore.durable import forget_cached, write_durably
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
 from controller.runstore.results import ResultWriteError, encode_result, store_result
@@ -352,3 +352,22 @@ def test_a_field_leaves_the_page_cache_once_detected_or_failed(
     for name in names:
         assert _resident_pages(folder.field_path(name)) == 0, name
         assert folder.field_path(name).stat().st_size == 256 * 1024  # untouched
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_forgetting_a_file_replaced_by_a_pipe_or_gone_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    # a field's name taken by a named pipe (nothing writes to it) or removed:
+    # the advice is skipped, the dispatcher's thread is not held
+    pipe, gone = tmp_path / "field_001.ome.tif", tmp_path / "field_002.ome.tif"
+    os.mkfifo(pipe)
+    done = threading.Event()
+
+    def forget() -> None:
+        forget_cached(pipe)
+        forget_cached(gone)
+        done.set()
+
+    threading.Thread(target=forget, daemon=True).start()
+    assert done.wait(10)
