@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,9 @@ def _small_result(job: str) -> dict[str, Any]:
 
 
 def _detector(
-    tmp_path: Path, workers: int
+    tmp_path: Path,
+    workers: int,
+    run_job: Callable[[str], dict[str, Any]] = _small_result,
 ) -> tuple[OnlineDetector, RunFolder, Supervisor]:
     folder = RunFolder(tmp_path / "run")
     folder.prepare()
@@ -218,7 +220,7 @@ def _detector(
         RunLog(folder.ledger),
         supervisor,
         workers=workers,
-        run_job=_small_result,  # type: ignore[arg-type]
+        run_job=run_job,  # type: ignore[arg-type]
     )
     return detector, folder, supervisor
 
@@ -323,28 +325,17 @@ def test_a_field_leaves_the_page_cache_once_detected_or_failed(
     # a scan writes 2 GB of fields a cartridge and reads each back once: the
     # detector lets the system drop a field's pages after its last reading,
     # whether its detection succeeded or failed
-    folder = RunFolder(tmp_path / "run")
-    folder.prepare()
-    names = ["ok", "bad"]
-    for name in names:
-        write_durably(folder.field_path(name), os.urandom(256 * 1024))
-        assert _resident_pages(folder.field_path(name)) > 0  # written, cached
-
     def run_job(name: str) -> dict[str, Any]:
         data = folder.field_path(name).read_bytes()
         if name == "bad":
             raise ValueError("not a field")
         return {"field": name, "counts": {"CTC": 0}, "bytes": len(data)}
 
-    supervisor = Supervisor()
-    detector = OnlineDetector(
-        folder,
-        lambda name: name,  # type: ignore[arg-type,return-value]
-        RunLog(folder.ledger),
-        supervisor,
-        workers=0,
-        run_job=run_job,  # type: ignore[arg-type]
-    )
+    detector, folder, supervisor = _detector(tmp_path, workers=0, run_job=run_job)
+    names = ["ok", "bad"]
+    for name in names:
+        write_durably(folder.field_path(name), os.urandom(256 * 1024))
+        assert _resident_pages(folder.field_path(name)) > 0  # written, cached
     detector.add_backlog(names)
     stats = detector.close()
     assert (stats["detected"], stats["failed"]) == (1, 1)
