@@ -209,14 +209,15 @@ def _small_result(job: str) -> dict[str, Any]:
 def _detector(
     tmp_path: Path,
     workers: int,
-    run_job: Callable[[str], dict[str, Any]] = _small_result,
+    run_job: Callable[[Any], dict[str, Any]] = _small_result,
+    make_job: Callable[[str], Any] = str,
 ) -> tuple[OnlineDetector, RunFolder, Supervisor]:
     folder = RunFolder(tmp_path / "run")
     folder.prepare()
     supervisor = Supervisor()
     detector = OnlineDetector(
         folder,
-        lambda name: name,  # type: ignore[arg-type,return-value]
+        make_job,
         RunLog(folder.ledger),
         supervisor,
         workers=workers,
@@ -325,24 +326,38 @@ def test_a_field_leaves_the_page_cache_once_detected_or_failed(
     # a scan writes 2 GB of fields a cartridge and reads each back once: the
     # detector lets the system drop a field's pages after its last reading,
     # whether its detection succeeded or failed
-    def run_job(name: str) -> dict[str, Any]:
-        data = folder.field_path(name).read_bytes()
+    # ...and an analysis of stored fields, whose folder is not theirs: the
+    # file its job read ("stored", in another run's folder) leaves
+    stored = tmp_path / "other-run" / "fields" / "stored.ome.tif"
+    stored.parent.mkdir(parents=True)
+
+    def make_job(name: str) -> FieldJob | str:
+        if name == "stored":
+            return FieldJob(path=str(stored), name=name, out_dir=str(tmp_path))
+        return name
+
+    def run_job(job: FieldJob | str) -> dict[str, Any]:
+        name = job.name if isinstance(job, FieldJob) else job
+        path = Path(job.path) if isinstance(job, FieldJob) else folder.field_path(job)
+        data = path.read_bytes()
         if name == "bad":
             raise ValueError("not a field")
         return {"field": name, "counts": {"CTC": 0}, "bytes": len(data)}
 
-    detector, folder, supervisor = _detector(tmp_path, workers=0, run_job=run_job)
-    names = ["ok", "bad"]
-    for name in names:
-        write_durably(folder.field_path(name), os.urandom(256 * 1024))
-        assert _resident_pages(folder.field_path(name)) > 0  # written, cached
-    detector.add_backlog(names)
+    detector, folder, supervisor = _detector(
+        tmp_path, workers=0, run_job=run_job, make_job=make_job
+    )
+    files = {n: folder.field_path(n) for n in ("ok", "bad")} | {"stored": stored}
+    for path in files.values():
+        write_durably(path, os.urandom(256 * 1024))
+        assert _resident_pages(path) > 0  # written, cached
+    detector.add_backlog(list(files))
     stats = detector.close()
-    assert (stats["detected"], stats["failed"]) == (1, 1)
+    assert (stats["detected"], stats["failed"]) == (2, 1)
     assert supervisor.error is None
-    for name in names:
-        assert _resident_pages(folder.field_path(name)) == 0, name
-        assert folder.field_path(name).stat().st_size == 256 * 1024  # untouched
+    for name, path in files.items():
+        assert _resident_pages(path) == 0, name
+        assert path.stat().st_size == 256 * 1024  # untouched
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")

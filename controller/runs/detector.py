@@ -49,6 +49,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from analysis.fieldio import FieldReadError
@@ -356,6 +357,9 @@ class OnlineDetector:
         self._pool = WorkerPool(self.workers, run_job) if self._own_pool else pool
         #: the executor each job went to: a broken one is replaced once
         self._pool_of: dict[Future, ProcessPoolExecutor] = {}
+        #: the file each field's job reads (a run's own field, or a stored
+        #: field elsewhere when the folder is an analysis's), by field name
+        self._source: dict[str, Path] = {}
         self._thread = supervisor.spawn("ctcscan-detect", self._run)
 
     def on_record(self, record: Record) -> None:
@@ -409,6 +413,11 @@ class OnlineDetector:
 
     def _submit(self, name: str) -> Future:
         job = self.make_job(name)
+        self._source[name] = (
+            Path(job.path)
+            if isinstance(job, FieldJob)
+            else self.folder.field_path(name)
+        )
         # the worker writes the result itself; only its summary comes back
         task = functools.partial(
             analyze_and_store, self.run_job, str(self.folder.root), name
@@ -502,9 +511,11 @@ class OnlineDetector:
         self._done_with(name)
 
     def _done_with(self, name: str) -> None:
-        """The field's file has been read for the last time in this run: its
-        pages may leave the page cache (`forget_cached`)."""
-        forget_cached(self.folder.field_path(name))
+        """The file field `name`'s job read has been read for the last time in
+        this run: its pages may leave the page cache (`forget_cached`)."""
+        source = self._source.pop(name, None)
+        if source is not None:
+            forget_cached(source)
 
 
 def failure_reason(e: BaseException) -> str:
