@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from analysis.pipeline import FieldJob, analyze_field_file
@@ -44,6 +45,7 @@ from controller.runs.detector import (
     failure_reason,
     prepare_worker,
 )
+from controller.runstore.durable import forget_cached
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import RunLog
 from controller.runstore.results import (
@@ -142,9 +144,14 @@ def analyze_one_thread(job: FieldJob) -> StoredResult:
     job's output folder (`analyze_and_store`: only its hash and counts go
     back through the scheduler), in a worker process that has done the local
     pool's worker start-up (`prepare_worker`: one BLAS thread, freed frames
-    kept in the heap, the blur model's tables) from its first field on."""
+    kept in the heap, the blur model's tables) from its first field on. The
+    field's pages may then leave the page cache (`forget_cached`), as the
+    local pool's are."""
     prepare_worker()
-    return analyze_and_store(analyze_field_file, job.out_dir, job.name, job)
+    try:
+        return analyze_and_store(analyze_field_file, job.out_dir, job.name, job)
+    finally:  # its last reading in this analysis: the pages may go
+        forget_cached(Path(job.path))
 
 
 @contextlib.contextmanager
