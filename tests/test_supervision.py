@@ -252,6 +252,15 @@ def test_a_read_only_remount_mid_run_is_one_error_then_resumes(
     real, mnt = tmp_path / "disk", tmp_path / "mnt"
     real.mkdir()
     mnt.mkdir()
+    # a scan that keeps some real time (exposures, stage moves at a quarter
+    # of their hardware time: about 0.1 s a field), so that the remount
+    # lands while fields are still to be stored; with no waits at all the
+    # remaining 11 fields can be stored before the file system turns
+    paced = tmp_path / "paced.yaml"
+    text = quick_yaml.read_text()
+    assert "time_scale: 0.0" in text
+    paced.write_text(text.replace("time_scale: 0.0", "time_scale: 0.25"))
+    quick_yaml = paced
     scan = " ".join(command(mnt / "run", quick_yaml, fields=12))
     script = f"""
 set -u
