@@ -16,15 +16,18 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from controller.errors import ScannerError
 from controller.hardware.instrument import Instrument, open_instrument
@@ -32,6 +35,12 @@ from controller.layouts import get_layout
 from controller.records import Record, Stored
 from controller.runs.scan import Scan, ScanRequest
 from controller.runstore.folder import RunFolder
+from controller.runstore.lock import (
+    LOCK_FILE,
+    OWNER_FILE,
+    FolderLock,
+    FolderLockedError,
+)
 from hardware_configs import CONFIG_DIR
 from tests.conftest import SIM_YAML, read_back_only, read_field, sim_instrument
 
@@ -120,6 +129,46 @@ def test_two_scans_started_together_on_one_folder_one_refused(
     stored = [r["field"] for r in ledger(out) if r["event"] == "stored"]
     assert sorted(stored) == sorted(set(stored))  # every field stored once
     same_run(reference, out)
+
+
+def test_a_refused_process_waits_for_the_holders_note_to_name_it(
+    tmp_path: Path,
+) -> None:
+    # the holder writes its note just after taking the lock: a process refused
+    # in between finds none, or the note of an earlier holder that has ended
+    folder = tmp_path / "run"
+    folder.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert gone.wait() == 0
+    note = folder / OWNER_FILE
+    holding = FileLock(str(folder / LOCK_FILE), timeout=0, thread_local=False)
+    holding.acquire()
+    try:
+        # the ended holder's note, then the living holder's 0.3 s after
+        note.write_text(
+            json.dumps({"pid": gone.pid, "host": socket.gethostname(), "since": "t0"})
+        )
+        later = threading.Timer(
+            0.3,
+            note.write_text,
+            [
+                json.dumps(
+                    {"pid": os.getpid(), "host": socket.gethostname(), "since": "t1"}
+                )
+            ],
+        )
+        later.start()
+        with pytest.raises(FolderLockedError, match=f"in use by pid {os.getpid()} on "):
+            FolderLock(folder).acquire()
+        later.join()
+        # no note comes: after the wait, the refusal says what it can
+        note.unlink()
+        t0 = time.monotonic()
+        with pytest.raises(FolderLockedError, match="in use by another process"):
+            FolderLock(folder).acquire()
+        assert time.monotonic() - t0 < 10
+    finally:
+        holding.release()
 
 
 def test_two_queues_started_together_on_one_folder_one_refused(

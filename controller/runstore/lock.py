@@ -15,9 +15,10 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
@@ -28,6 +29,8 @@ __all__ = ["FolderLock", "FolderLockedError", "in_use"]
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".owner.json"
+#: how long a refused process waits for the holder's note to name it
+HOLDER_WAIT_S = 1.0
 
 
 class FolderLockedError(StorageError):
@@ -89,17 +92,33 @@ class FolderLock:
             "since": now(),
             "command": " ".join(sys.argv[:1] + sys.argv[1:])[:500],
         }
-        # the lock holds regardless; the note is a courtesy
-        with contextlib.suppress(OSError):
-            (self.folder / OWNER_FILE).write_text(json.dumps(owner) + "\n")
-
-    def holder(self) -> str:
-        """Who holds the lock, as far as its owner note says."""
+        # the lock holds regardless; the note is a courtesy, replaced whole
+        # so that no reader sees half of it
+        note = self.folder / OWNER_FILE
+        tmp = note.with_name(f"{OWNER_FILE}.{os.getpid()}.tmp")
         try:
-            o = json.loads((self.folder / OWNER_FILE).read_text())
-            return f"pid {o['pid']} on {o['host']} (since {o['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
+            tmp.write_text(json.dumps(owner) + "\n")
+            os.replace(tmp, note)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def holder(self, wait_s: float = HOLDER_WAIT_S) -> str:
+        """Who holds the lock, as far as its owner note says. The holder
+        writes its note just after taking the lock, so a process refused in
+        between finds no note, or the note of a holder that has since ended:
+        it waits up to `wait_s` for one from a living holder."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            o = _owner_note(self.folder / OWNER_FILE)
+            if o is not None and _may_hold(o):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if o is None:
             return "another process"
+        return f"pid {o['pid']} on {o['host']} (since {o['since']})"
 
     def release(self) -> None:
         if self.held:
@@ -116,6 +135,31 @@ class FolderLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _owner_note(path: Path) -> dict[str, Any] | None:
+    """The owner note at `path`, or None if there is none to read."""
+    try:
+        o = json.loads(path.read_text())
+        str(o["host"]), str(o["since"])
+        int(o["pid"])
+        return dict(o)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _may_hold(note: dict[str, Any]) -> bool:
+    """Whether the note's writer may still hold a lock: on another host,
+    or a process of this host that is still there."""
+    if note["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(note["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # there, but not ours to signal
+        return True
+    return True
 
 
 def in_use(folder: str | Path) -> bool | None:
