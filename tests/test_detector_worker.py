@@ -331,18 +331,15 @@ def test_a_field_leaves_the_page_cache_once_detected_or_failed(
     stored = tmp_path / "other-run" / "fields" / "stored.ome.tif"
     stored.parent.mkdir(parents=True)
 
-    def make_job(name: str) -> FieldJob | str:
-        if name == "stored":
-            return FieldJob(path=str(stored), name=name, out_dir=str(tmp_path))
-        return name
+    def make_job(name: str) -> FieldJob:
+        path = stored if name == "stored" else folder.field_path(name)
+        return FieldJob(path=str(path), name=name, out_dir=str(folder.root))
 
-    def run_job(job: FieldJob | str) -> dict[str, Any]:
-        name = job.name if isinstance(job, FieldJob) else job
-        path = Path(job.path) if isinstance(job, FieldJob) else folder.field_path(job)
-        data = path.read_bytes()
-        if name == "bad":
+    def run_job(job: FieldJob) -> dict[str, Any]:
+        data = Path(job.path).read_bytes()
+        if job.name == "bad":
             raise ValueError("not a field")
-        return {"field": name, "counts": {"CTC": 0}, "bytes": len(data)}
+        return {"field": job.name, "counts": {"CTC": 0}, "bytes": len(data)}
 
     detector, folder, supervisor = _detector(
         tmp_path, workers=0, run_job=run_job, make_job=make_job

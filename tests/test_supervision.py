@@ -309,8 +309,7 @@ def test_a_read_only_remount_mid_run_is_one_error_then_resumes(
     text = quick_yaml.read_text()
     assert "time_scale: 0.0" in text
     paced.write_text(text.replace("time_scale: 0.0", "time_scale: 0.25"))
-    quick_yaml = paced
-    scan = " ".join(command(mnt / "run", quick_yaml, fields=12))
+    scan = " ".join(command(mnt / "run", paced, fields=12))
     script = f"""
 set -u
 mount --bind {real} {mnt}
@@ -343,7 +342,7 @@ echo $? > {tmp_path}/code.txt
     assert not any(r["event"] == "finished" for r in records)
     # writable again (outside the namespace): the same command completes
     done = subprocess.run(
-        command(real / "run", quick_yaml, fields=12),
+        command(real / "run", paced, fields=12),
         capture_output=True,
         text=True,
         timeout=300,

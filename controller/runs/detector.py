@@ -357,8 +357,8 @@ class OnlineDetector:
         self._pool = WorkerPool(self.workers, run_job) if self._own_pool else pool
         #: the executor each job went to: a broken one is replaced once
         self._pool_of: dict[Future, ProcessPoolExecutor] = {}
-        #: the file each field's job reads (a run's own field, or a stored
-        #: field elsewhere when the folder is an analysis's), by field name
+        #: the file each field's job reads (the run's own field, or one of
+        #: another run folder when this folder is an analysis's)
         self._source: dict[str, Path] = {}
         self._thread = supervisor.spawn("ctcscan-detect", self._run)
 
@@ -413,11 +413,8 @@ class OnlineDetector:
 
     def _submit(self, name: str) -> Future:
         job = self.make_job(name)
-        self._source[name] = (
-            Path(job.path)
-            if isinstance(job, FieldJob)
-            else self.folder.field_path(name)
-        )
+        if isinstance(job, FieldJob):
+            self._source[name] = Path(job.path)
         # the worker writes the result itself; only its summary comes back
         task = functools.partial(
             analyze_and_store, self.run_job, str(self.folder.root), name

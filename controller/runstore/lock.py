@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from controller.errors import StorageError
 from controller.records import now
+from controller.runstore.durable import write_durably
 
 __all__ = ["FolderLock", "FolderLockedError", "in_use"]
 
@@ -94,14 +95,8 @@ class FolderLock:
         }
         # the lock holds regardless; the note is a courtesy, replaced whole
         # so that no reader sees half of it
-        note = self.folder / OWNER_FILE
-        tmp = note.with_name(f"{OWNER_FILE}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(owner) + "\n")
-            os.replace(tmp, note)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        with contextlib.suppress(OSError):
+            write_durably(self.folder / OWNER_FILE, (json.dumps(owner) + "\n").encode())
 
     def holder(self, wait_s: float = HOLDER_WAIT_S) -> str:
         """Who holds the lock, as far as its owner note says. The holder
@@ -141,9 +136,7 @@ def _owner_note(path: Path) -> dict[str, Any] | None:
     """The owner note at `path`, or None if there is none to read."""
     try:
         o = json.loads(path.read_text())
-        str(o["host"]), str(o["since"])
-        int(o["pid"])
-        return dict(o)
+        return {"pid": int(o["pid"]), "host": o["host"], "since": o["since"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -153,8 +146,10 @@ def _may_hold(note: dict[str, Any]) -> bool:
     or a process of this host that is still there."""
     if note["host"] != socket.gethostname():
         return True
+    if note["pid"] <= 0:  # 0 and below name process groups, not a process
+        return False
     try:
-        os.kill(int(note["pid"]), 0)
+        os.kill(note["pid"], 0)
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # there, but not ours to signal
