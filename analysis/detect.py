@@ -64,6 +64,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
+from analysis.fieldio import MIN_FIELD_PX
 from analysis.psf import field_blur, object_radius
 from analysis.settings import CUT_REASON, DetectionSettings
 
@@ -596,6 +597,11 @@ def detect_field(
             f"field must be (C, Y, X) with C = {len(channel_names)}, "
             f"got shape {field.shape}"
         )
+    if min(field.shape[1:]) < MIN_FIELD_PX:  # as a field file must be
+        raise ValueError(
+            f"a field must be at least {MIN_FIELD_PX} x {MIN_FIELD_PX} px, got "
+            f"{field.shape[1]} x {field.shape[2]}"
+        )
     if not pixel_size_um > 0:
         raise ValueError(f"pixel size must be positive, got {pixel_size_um}")
     idx = resolve_roles(channel_names, roles)
@@ -708,6 +714,52 @@ class _Field:
             if coef := self.spill.get((src, c), 0.0):
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src]), 0)
         return v
+
+    def _binned_at(self, c: int, bins: np.ndarray, w2: int) -> np.ndarray:
+        """``_binned_signal(c, h2, w2).ravel()[bins]``, the same values,
+        computed at those bins (flat indices) alone."""
+        w = self.w
+        p = bins // w2 * (2 * w) + bins % w2 * 2  # each bin's top-left pixel
+
+        def bin2(flat: np.ndarray) -> np.ndarray:
+            # the additions in `_binned_signal`'s order (small integers: exact)
+            out = flat[p].astype(np.float32)
+            out += flat[p + w]
+            out += flat[p + 1]
+            out += flat[p + w + 1]
+            out *= 0.25
+            return out
+
+        v = bin2(self.raw[c].ravel())
+        if c in self._level_quarter:
+            v -= self._level_quarter[c].ravel()[bins]
+        else:
+            v -= self.levels[c].ravel()[p]
+        for src in (self.e, self.n):
+            if coef := self.spill.get((src, c), 0.0):
+                v -= np.float32(coef) * np.maximum(bin2(self.full[src].ravel()), 0)
+        return v
+
+    def _near_max(self, c: int, bins: np.ndarray, h2: int, w2: int) -> np.ndarray:
+        """``_max3(_binned_signal(c, h2, w2)).ravel()[bins]``: the binned
+        signal's maximum over each bin's 3 x 3 bins, computed only at `bins`
+        and their neighbours (a field's nuclei cover a few percent of it)."""
+        at = np.zeros((h2, w2), bool)
+        at.ravel()[bins] = True
+        need = np.flatnonzero(_max3(at))
+        at = at.ravel()
+        grid = np.empty(h2 * w2, np.float32)  # read only where computed
+        grid[need] = self._binned_at(c, need, w2)
+        own = np.flatnonzero(at)
+        r, col = np.divmod(own, w2)
+        best = grid[own]
+        for dr in (-1, 0, 1):
+            rr = np.clip(r + dr, 0, h2 - 1) * w2
+            for dc in (-1, 0, 1):
+                if dr or dc:
+                    np.maximum(best, grid[rr + np.clip(col + dc, 0, w2 - 1)], out=best)
+        grid[own] = best
+        return grid[bins]
 
     def _signals(
         self, crop: tuple[slice, slice]
@@ -1472,10 +1524,10 @@ class _Field:
         # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
         # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
         h2, w2 = self.h // 2, self.w // 2
-        near = _max3(self._binned_signal(self.lk, h2, w2))
         rb = np.minimum(sel // self.w // 2, h2 - 1)
         cb = np.minimum(sel % self.w // 2, w2 - 1)
-        cd45 = np.maximum.reduceat(near[rb, cb], starts) / float(self.noise[self.lk])
+        near = self._near_max(self.lk, rb * w2 + cb, h2, w2)
+        cd45 = np.maximum.reduceat(near, starts) / float(self.noise[self.lk])
         sat = self.sat(sel, flat=True)
         sat2 = np.add.reduceat((sat >= 2).astype(np.float64), starts)
         sat_any = np.add.reduceat((sat > 0).astype(np.float64), starts)

@@ -497,6 +497,12 @@ def test_missing_channel_is_named() -> None:
         detect_field(np.zeros((3, 64, 64), np.uint16), NAMES, pixel_size_um=PX)
 
 
+def test_a_field_smaller_than_a_field_file_may_be_is_refused() -> None:
+    small = np.full((4, 40, 200), 100, np.uint16)
+    with pytest.raises(ValueError, match="at least 64 x 64 px, got 40 x 200"):
+        detect_field(small, NAMES, pixel_size_um=PX)
+
+
 def test_a_dim_ctc_touching_a_bright_one_in_a_cluster() -> None:
     # the dim cell's smoothed cytokeratin joins the bright cell's; beyond the
     # bright cell's blurred halo it is the dim cell's own
@@ -587,6 +593,32 @@ def test_labels_are_scipys_labels() -> None:
         assert n == n_want
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_cd45_near_each_nucleus_pixel_is_the_full_frames() -> None:
+    # `_nuclei_table` takes the binned CD45 signal's 3 x 3 maximum only at the
+    # nuclei's bins: the values at every bin (edges, corners, odd frame sizes,
+    # with bleed-through subtracted) must be those of the full-frame filter
+    rng = np.random.default_rng(5)
+    for h, w in ((64, 64), (77, 91), (130, 65)):
+        canvas = Canvas(size=max(h, w), seed=int(rng.integers(1000)))
+        canvas.cell(h / 2, w / 2, diam_um=14, cd45=300)
+        canvas.leukocyte(5, w - 6)
+        raw = canvas.field()[:, :h, :w]
+        ctx = detect_mod._Field(
+            raw, NAMES, resolve_roles(NAMES), DetectionSettings(), PX, 4095.0
+        )
+        ctx.spill = {(P, A): 0.05, (D, A): 0.02}  # both sources subtracted
+        for c in (A, P):  # a channel with its own map, a mask channel
+            h2, w2 = h // 2, w // 2
+            full = detect_mod._max3(ctx._binned_signal(c, h2, w2)).ravel()
+            bins = np.r_[
+                0, w2 - 1, h2 * w2 - 1, (h2 - 1) * w2, rng.integers(0, h2 * w2, 300)
+            ]
+            np.testing.assert_array_equal(ctx._near_max(c, bins, h2, w2), full[bins])
+            np.testing.assert_array_equal(
+                ctx._binned_at(c, bins, w2), ctx._binned_signal(c, h2, w2).ravel()[bins]
+            )
 
 
 def test_a_flat_top_is_one_peak() -> None:
