@@ -747,10 +747,9 @@ class _Field:
         at = np.zeros((h2, w2), bool)
         at.ravel()[bins] = True
         need = np.flatnonzero(_max3(at))
-        at = at.ravel()
+        own = np.flatnonzero(at)
         grid = np.empty(h2 * w2, np.float32)  # read only where computed
         grid[need] = self._binned_at(c, need, w2)
-        own = np.flatnonzero(at)
         r, col = np.divmod(own, w2)
         best = grid[own]
         for dr in (-1, 0, 1):
