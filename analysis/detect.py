@@ -32,7 +32,8 @@ Pipeline (every threshold in `DetectionSettings`):
    cut by the field's edge with its centre beyond it (abutting fields: a cell
    is counted in the field holding its nucleus' centre, which sees most of it,
    so each cell counts once: `_centre_beyond_edge`; overlapping fields are
-   joined by `analysis.stitch`) -> no nucleus
+   joined by `analysis.stitch`) -> less cytokeratin over the cell than
+   `ck_smooth_snr` (a part of a region split among its nuclei) -> no nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
@@ -1427,6 +1428,11 @@ class _Field:
             return "DEBRIS", "faint glow in every channel (debris or rim halo)"
         if f.pop("_cut"):
             return "OTHER", CUT_REASON
+        if f["ck_snr"] < st.ck_smooth_snr:
+            # cytokeratin-positive: a part of a region split among its nuclei
+            # (or a halo's slope) can hold less cytokeratin than the faintest
+            # the detector finds anywhere
+            return "OTHER", "no cytokeratin over the cell"
         if not has_nucleus:
             return "CK_FRAGMENT", "no nucleus"
         if f["nucleus_inside"] < st.min_nucleus_inside:

@@ -14,9 +14,10 @@ rule's threshold:
 - ``shape``: solidity or axis ratio slightly below `min_solidity` /
   `min_axis_ratio`.
 
-Debris, fragments without a nucleus and objects counted in the next field
-(their nucleus' centre beyond the field's edge) are never borderline: no reader
-decision changes what they are. `review_flag` works on a finished object row
+Debris, fragments without a nucleus, objects with less cytokeratin than the
+faintest the detector finds (`ck_smooth_snr`) and objects counted in the next
+field (their nucleus' centre beyond the field's edge) are never borderline: no
+reader decision changes what they are. `review_flag` works on a finished object row
 (its features), so it is the same wherever a record is read.
 """
 
@@ -48,6 +49,8 @@ def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
     if o.get("label") in _NEVER or o.get("reason") in {"no nucleus", ""}:
         return ""
     if str(o.get("reason", "")).startswith("nucleus cut"):
+        return ""
+    if _num(o, "ck_snr") < st.ck_smooth_snr:  # no cytokeratin: fails outright
         return ""
     m = st.review_margin
     inside = _num(o, "nucleus_inside")

@@ -20,6 +20,7 @@ from analysis.detect import (
     detect_field,
     resolve_roles,
 )
+from analysis.review import review_flag
 from analysis.settings import DetectionSettings
 
 PX = 0.64  # um per pixel
@@ -372,6 +373,35 @@ def test_a_bright_ctcs_own_bleed_through_around_its_nucleus_is_no_leukocyte(
 
 
 # ---------------------------------------------------------------- look-alikes
+
+
+def test_a_cell_without_cytokeratin_is_no_ctc() -> None:
+    # a part of a CK region split among its nuclei (seen at a defocused rim's
+    # corner: mean CK below zero) meets every other rule of the definition
+    cv = Canvas()
+    cv.cell(128, 128)
+    field = cv.field()
+    (row,) = _ctcs(_detect(field))
+    ctx = detect_mod._Field(
+        field, NAMES, resolve_roles(NAMES), DetectionSettings(), PX, 4095.0
+    )
+    ctx.blur = 1.0
+    st = DetectionSettings()
+    keep = ("label", "reason", "marker_positive", "score")
+    base = {k: v for k, v in row.items() if k not in keep}
+    base.update(_sat2=False, _all_bright=0.0, _glow=0.0, _cut=False)
+    assert ctx._classify(dict(base), has_nucleus=True) == (
+        "CTC",
+        "meets the CTC definition",
+    )
+    for ck in (-0.5, 0.0, st.ck_smooth_snr - 0.01):
+        label, reason = ctx._classify({**base, "ck_snr": ck}, has_nucleus=True)
+        assert (label, reason) == ("OTHER", "no cytokeratin over the cell")
+        flagged = {**row, "ck_snr": ck, "label": label, "reason": reason}
+        assert review_flag({**flagged, "solidity": st.min_solidity * 0.95}, st) == ""
+    # the dimmest cells the detector finds stay CTCs
+    dim = {**base, "ck_snr": st.ck_smooth_snr}
+    assert ctx._classify(dim, has_nucleus=True)[0] == "CTC"
 
 
 def test_debris_bright_in_every_channel() -> None:
