@@ -213,6 +213,7 @@ _DETECTOR_MODULES = (
     "pipeline.py",
     "psf.py",
     "qc.py",
+    "review.py",
     "settings.py",
 )
 

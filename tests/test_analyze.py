@@ -219,3 +219,28 @@ def test_bad_channel_map(tmp_path: Path) -> None:
         ),
         "'DNA' is not a channel of the assay",
     )
+
+
+def test_the_detector_version_covers_every_module_a_field_s_record_comes_from() -> None:
+    # a record written under one detector version must not change under the
+    # same version: every analysis module the pipeline imports is hashed into it
+    import subprocess
+    import sys
+
+    from analysis.pipeline import _DETECTOR_MODULES
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, analysis.pipeline; print(' '.join(sorted(m for m in "
+            "sys.modules if m.startswith('analysis.'))))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.split()
+    files = {m.removeprefix("analysis.") + ".py" for m in out}
+    assert "detect.py" in files
+    assert files <= set(_DETECTOR_MODULES), files - set(_DETECTOR_MODULES)
