@@ -77,10 +77,17 @@ def run(out: Path, yaml: Path, kill_after: float | None = None) -> int | None:
 def reference(
     tmp_path_factory: pytest.TempPathFactory, instrument_yaml: Path
 ) -> tuple[Path, float]:
-    out = tmp_path_factory.mktemp("ref") / "run"
+    base = tmp_path_factory.mktemp("ref")
+    out = base / "run"
     t0 = time.monotonic()
     assert run(out, instrument_yaml) == 0
-    return out, time.monotonic() - t0
+    first = time.monotonic() - t0
+    # the kill moments are spread over a run's duration: the module's first
+    # run can pay for cold caches, and moments past a warm run's end
+    # interrupt nothing (a fresh-clone CI run once killed only 9 of 12)
+    t0 = time.monotonic()
+    assert run(base / "again", instrument_yaml) == 0
+    return out, min(first, time.monotonic() - t0)
 
 
 def ledger(run_dir: Path) -> list[dict]:
