@@ -287,6 +287,19 @@ def _max3(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _mean4(
+    tl: np.ndarray, bl: np.ndarray, tr: np.ndarray, br: np.ndarray
+) -> np.ndarray:
+    """The mean of a 2 x 2 bin's four pixels as float32, added in this order
+    (the order fixes the rounding: both binnings use it)."""
+    out = tl.astype(np.float32)
+    out += bl
+    out += tr
+    out += br
+    out *= 0.25
+    return out
+
+
 def _at_least(a: np.ndarray, level: float) -> np.ndarray:
     """``a >= level``; integer pixels are compared in their own dtype with the
     smallest integer at or above `level` (not cast to float64 first)."""
@@ -699,12 +712,12 @@ class _Field:
                 out = pair[:, 0::2] + pair[:, 1::2]
                 out *= 0.25
                 return out
-            out = a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2].astype(np.float32)
-            out += a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2]
-            out += a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2]
-            out += a[1 : 2 * h2 : 2, 1 : 2 * w2 : 2]
-            out *= 0.25
-            return out
+            return _mean4(
+                a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2],
+                a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2],
+                a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2],
+                a[1 : 2 * h2 : 2, 1 : 2 * w2 : 2],
+            )
 
         v = bin2(self.raw[c])
         if c in self._level_quarter:  # a mask channel's: kept sampled only
@@ -723,13 +736,8 @@ class _Field:
         p = bins // w2 * (2 * w) + bins % w2 * 2  # each bin's top-left pixel
 
         def bin2(flat: np.ndarray) -> np.ndarray:
-            # the additions in `_binned_signal`'s order (small integers: exact)
-            out = flat[p].astype(np.float32)
-            out += flat[p + w]
-            out += flat[p + 1]
-            out += flat[p + w + 1]
-            out *= 0.25
-            return out
+            # `_binned_signal`'s additions (small integers: exact in any order)
+            return _mean4(flat[p], flat[p + w], flat[p + 1], flat[p + w + 1])
 
         v = bin2(self.raw[c].ravel())
         if c in self._level_quarter:
