@@ -3,37 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = ["Background", "estimate_background"]
-
-
-@dataclass(frozen=True)
-class Background:
-    """Background of one channel.
-
-    Attributes
-    ----------
-    grid : ndarray, shape (gy, gx)
-        Block-wise background level (DN), block centres spaced `block` px.
-    level : ndarray, shape (Y, X), float32
-        The grid interpolated bilinearly to every pixel.
-    noise : float
-        Robust standard deviation of the pixel noise on the background (DN).
-    """
-
-    grid: np.ndarray
-    level: np.ndarray
-    noise: float
-
-    def at(self, row: float, col: float) -> float:
-        """Background level at one (row, col)."""
-        r = min(max(int(row), 0), self.level.shape[0] - 1)
-        c = min(max(int(col), 0), self.level.shape[1] - 1)
-        return float(self.level[r, c])
 
 
 @lru_cache(maxsize=8)
@@ -44,12 +19,73 @@ def _interp_matrix(n_out: int, n_grid: int, block: int) -> np.ndarray:
     m = np.zeros((n_out, n_grid), np.float32)
     if n_grid == 1:
         m[:, 0] = 1
-        return m
-    j = np.clip(np.searchsorted(centres, pos) - 1, 0, n_grid - 2)
-    frac = (pos - centres[j]) / block
-    m[np.arange(n_out), j] = 1 - frac
-    m[np.arange(n_out), j + 1] = frac
+    else:
+        j = np.clip(np.searchsorted(centres, pos) - 1, 0, n_grid - 2)
+        frac = (pos - centres[j]) / block
+        m[np.arange(n_out), j] = 1 - frac
+        m[np.arange(n_out), j + 1] = frac
+    m.flags.writeable = False
     return m
+
+
+@dataclass(frozen=True)
+class Background:
+    """Background of one channel.
+
+    The level at every pixel is the bilinear interpolation of `grid` between
+    block centres, as matrix products: (rows x gy) @ grid @ (gx x cols).
+
+    Attributes
+    ----------
+    grid : ndarray, shape (gy, gx)
+        Block-wise background level (DN), block centres spaced `block` px.
+    noise : float
+        Robust standard deviation of the pixel noise on the background (DN).
+    shape : tuple of int
+        The image's (Y, X).
+    block : int
+        Tile size in pixels.
+    """
+
+    grid: np.ndarray
+    noise: float
+    shape: tuple[int, int]
+    block: int
+
+    @cached_property
+    def level(self) -> np.ndarray:
+        """The level at every pixel, shape (Y, X), float32."""
+        return self._map(self.grid, slice(None), slice(None))
+
+    def sampled(self, step: int) -> np.ndarray:
+        """The level at the top-left pixel of each whole `step` x `step` bin,
+        shape (Y // step, X // step), computed there alone (its own products:
+        ``level[: Y // step * step : step, : X // step * step : step]`` to
+        float32 rounding, not necessarily to the last bit)."""
+        h, w = self.shape
+        rows = slice(0, h // step * step, step)
+        return self._map(self.grid, rows, slice(0, w // step * step, step))
+
+    def subtract_from(self, image: np.ndarray) -> np.ndarray:
+        """``image - level`` as float32, shape (Y, X), without a level map: the
+        map of the negated grid with the image added in place (negation is
+        exact and addition commutes: the same values), one full-frame array
+        instead of three."""
+        out = self._map(-self.grid, slice(None), slice(None))
+        out += image
+        return out
+
+    def _map(self, grid: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+        (h, w), (gy, gx) = self.shape, grid.shape
+        # float32 @ float32 is float32 already: no copy of a full-frame map
+        across = grid @ _interp_matrix(w, gx, self.block)[cols].T
+        return _interp_matrix(h, gy, self.block)[rows] @ across
+
+    def at(self, row: float, col: float) -> float:
+        """Background level at one (row, col)."""
+        r = min(max(int(row), 0), self.shape[0] - 1)
+        c = min(max(int(col), 0), self.shape[1] - 1)
+        return float(self._map(self.grid, slice(r, r + 1), slice(c, c + 1))[0, 0])
 
 
 def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
@@ -80,18 +116,18 @@ def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
     grid = np.partition(tiles, half, axis=2)[:, :, half].astype(np.float32)
     if gy >= 3 and gx >= 3:
         grid = ndimage.median_filter(grid, size=3, mode="nearest")
-    # float32 @ float32 is float32 already: no copy of the full-frame map
-    level = (
-        _interp_matrix(h, gy, block) @ grid @ _interp_matrix(w, gx, block).T
-    ).astype(np.float32, copy=False)
+    grid.flags.writeable = False
     rows = image[::16].astype(np.float32)
     diff = np.abs(rows[:, 1:] - rows[:, :-1])
-    dark = diff[rows[:, 1:] <= level[::16, 1:]]
+    level = Background(grid, 1.0, (h, w), block)._map(
+        grid, slice(None, None, 16), slice(1, None)
+    )
+    dark = diff[rows[:, 1:] <= level]
     noise = 1.0
     if dark.size:
         small_ints = image.dtype.kind in "ui" and image.dtype.itemsize <= 2
         noise = _middle(dark, integers=small_ints) * 1.4826 / np.sqrt(2)
-    return Background(grid, level, max(noise, 1e-3))
+    return Background(grid, max(noise, 1e-3), (h, w), block)
 
 
 def _middle(a: np.ndarray, *, integers: bool) -> float:

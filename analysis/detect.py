@@ -653,20 +653,15 @@ class _Field:
             estimate_background(raw[c], block=st.background_block_px)
             for c in range(n_ch)
         ]
-        levels = [b.level for b in bgs]
         self.noise = np.array([b.noise for b in bgs], np.float32)
         self.e, self.n, self.lk = idx["epithelial"], idx["nucleus"], idx["leukocyte"]
         self.m = idx.get("marker")
-        self.full = {c: _minus(raw[c], levels[c]) for c in (self.n, self.e)}
-        # the mask channels' maps are read again only 2 x 2-sampled
-        # (`_binned_signal`): keep that quarter, not two full frames of float32
-        self._level_quarter = {
-            c: levels[c][0 : self.h // 2 * 2 : 2, 0 : self.w // 2 * 2 : 2].copy()
-            for c in self.full
-        }
+        self.full = {c: bgs[c].subtract_from(raw[c]) for c in (self.n, self.e)}
+        # the mask channels' levels are read again only 2 x 2-sampled
+        # (`_binned_signal`): that quarter, not full frames of float32
+        self._level_quarter = {c: bgs[c].sampled(2) for c in self.full}
         #: the other channels' background maps (read in crops and at pixels)
-        self.levels = {c: lv for c, lv in enumerate(levels) if c not in self.full}
-        del levels
+        self.levels = {c: b.level for c, b in enumerate(bgs) if c not in self.full}
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
