@@ -113,7 +113,15 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         roles=job.roles,
         saturation=job.saturation,
     )
-    qc = channel_qc(ff.data, ff.channel_names, saturation=job.saturation)
+    # the background and noise the detection's thresholds stood on, not a
+    # second estimate of them
+    qc = channel_qc(
+        ff.data,
+        ff.channel_names,
+        saturation=job.saturation,
+        background=det.background,
+        noise=det.noise,
+    )
     stage = dict(job.stage or ff.stage)
     _, h, w = ff.data.shape
     out = Path(job.out_dir) / "candidates"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,8 @@ def channel_qc(
     *,
     saturation: float | None = None,
     step: int = 4,
+    background: Mapping[str, float] | None = None,
+    noise: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Robust background, noise and saturation of each channel of a field.
 
@@ -31,13 +33,18 @@ def channel_qc(
     step : int
         Subsampling step for the background estimate (every `step`-th pixel in
         both axes), which keeps this cheap on full frames.
+    background, noise : mapping of str to float, optional
+        Each channel's background and noise as a caller has already estimated
+        them (`analysis.detect.FieldDetections`: what the detection's
+        thresholds stood on); given both, they are reported instead of
+        estimated again here.
 
     Returns
     -------
     dict
         ``{name: {"background", "noise", "saturated_fraction", "max"}}``; noise is
         the MAD of horizontal neighbour differences / sqrt(2), which ignores
-        vignetting and sparse objects.
+        vignetting and sparse objects (or the given `background` and `noise`).
     """
     if field.ndim != 3 or field.shape[0] != len(channel_names):
         raise ValueError(
@@ -49,25 +56,34 @@ def channel_qc(
         )
     out: dict[str, dict[str, Any]] = {}
     for name, plane in zip(channel_names, field, strict=True):
-        if plane.dtype.kind in "ui" and plane.dtype.itemsize <= 2:
-            background, mad = _integer_medians(plane[::step, ::step])
+        if background is not None and noise is not None:
+            background_, noise_ = float(background[name]), float(noise[name])
         else:
-            sub = plane[::step, ::step].astype(np.float32)
-            diff = np.diff(sub, axis=1) if sub.shape[1] > 1 else sub
-            background = float(np.median(sub))
-            mad = float(np.median(np.abs(diff - np.median(diff))))
-        noise = 1.4826 * mad / np.sqrt(2)
+            background_, noise_ = _estimate(plane[::step, ::step])
         top = float(plane.max())
         sat = saturation if saturation is not None else top
         # nothing reaches the level when the maximum stays below it: no count
         hits = 0 if top < sat else _count_at_least(plane, sat)
         out[name] = {
-            "background": background,
-            "noise": round(noise, 3),
+            "background": background_,
+            "noise": round(noise_, 3),
             "saturated_fraction": hits / plane.size,
             "max": top,
         }
     return out
+
+
+def _estimate(sub: np.ndarray) -> tuple[float, float]:
+    """``(background, noise)`` of a subsampled plane: its median, and the MAD
+    of horizontal neighbour differences / sqrt(2)."""
+    if sub.dtype.kind in "ui" and sub.dtype.itemsize <= 2:
+        background, mad = _integer_medians(sub)
+    else:
+        f = sub.astype(np.float32)
+        diff = np.diff(f, axis=1) if f.shape[1] > 1 else f
+        background = float(np.median(f))
+        mad = float(np.median(np.abs(diff - np.median(diff))))
+    return background, 1.4826 * mad / np.sqrt(2)
 
 
 def _integer_medians(sub: np.ndarray) -> tuple[float, float]:
