@@ -131,11 +131,22 @@ def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
 
 
 def _middle(a: np.ndarray, *, integers: bool) -> float:
-    """``np.partition(a, k)[k]`` for ``k = a.size // 2`` (the upper median); for
-    whole numbers below 2 ** 16 by counting them (3x faster than partitioning)."""
+    """The median of absolute differences `a` (all >= 0).
+
+    Whole numbers (the differences of integer pixels) are read as spread evenly
+    over the interval they were rounded from (0 over [0, 0.5), k over
+    [k - 0.5, k + 0.5)) and the median interpolated within its interval. The
+    middle value itself moves in whole steps: at a noise of 1-2 DN it is off by
+    up to half, at 3-10 DN by 5-12 %, field by field; interpolated, it is within
+    6 % from 0.7 DN up (`test_noise_is_measured_between_whole_numbers`). Other
+    values: ``np.partition(a, k)[k]``, ``k = a.size // 2``.
+    """
     k = a.size // 2
-    if integers and a.size:
-        lo = int(a.min())
-        counts = np.bincount((a - lo).astype(np.intp))
-        return float(lo + int(np.searchsorted(np.cumsum(counts), k, side="right")))
-    return float(np.partition(a, k)[k])
+    if not (integers and a.size):
+        return float(np.partition(a, k)[k])
+    cum = np.cumsum(np.bincount(a.astype(np.intp)))
+    half = a.size / 2
+    m = int(np.searchsorted(cum, half, side="right"))  # the interval holding it
+    below = int(cum[m - 1]) if m else 0
+    start, width = (m - 0.5, 1.0) if m else (0.0, 0.5)
+    return start + (half - below) / int(cum[m] - below) * width
