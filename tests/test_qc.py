@@ -40,9 +40,7 @@ def test_background_noise_and_saturation_are_estimated_from_the_pixels(
     assert qc["DAPI"]["saturated_fraction"] == 0
 
 
-def test_given_background_and_noise_are_reported_and_saturation_still_counted() -> (
-    None
-):
+def test_given_background_and_noise_are_reported_and_saturation_still_counted() -> None:
     f = _field()
     bg = {n: 1000.0 + k for k, n in enumerate(NAMES)}
     noise = {n: 2.34567 + k for k, n in enumerate(NAMES)}
