@@ -16,7 +16,9 @@ from analysis.detect import (
     DEFAULT_ROLES,
     _centre_beyond_edge,
     _dna_peaks,
+    _grow,
     _label,
+    _shrink,
     detect_field,
     resolve_roles,
 )
@@ -623,6 +625,40 @@ def test_labels_are_scipys_labels() -> None:
         assert n == n_want
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, want)
+
+
+def test_grown_and_shrunk_masks_are_scipys() -> None:
+    # the cross dilation and erosion (iterated, the border as background) and
+    # the opening made of them: the masks scipy gives, on every density, thin
+    # and empty arrays, strided views and integer masks
+    rng = np.random.default_rng(12)
+    masks = [
+        np.zeros((0, 5), bool),
+        np.zeros((4, 4), bool),
+        np.ones((3, 7), bool),
+        np.ones((1, 9), bool),
+        rng.random((9, 1)) > 0.4,
+        np.ones((6, 6), np.int32),
+    ]
+    for _ in range(200):
+        h, w = rng.integers(1, 60, 2)
+        smooth = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0, 2))
+        masks.append(smooth > rng.uniform(0.3, 0.7))
+    masks.append(rng.random((300, 400)) > 0.5)
+    masks.append(masks[-1][::2, 1::3])  # not contiguous
+    for mask in masks:
+        for n in (1, 2, 3, 4):
+            grown = _grow(mask, n)
+            assert grown.dtype == bool
+            np.testing.assert_array_equal(
+                grown, ndimage.binary_dilation(mask, iterations=n)
+            )
+            np.testing.assert_array_equal(
+                _shrink(mask, n), ndimage.binary_erosion(mask, iterations=n)
+            )
+        np.testing.assert_array_equal(
+            _grow(_shrink(mask)), ndimage.binary_opening(mask)
+        )
 
 
 def test_the_cd45_near_each_nucleus_pixel_is_the_full_frames() -> None:
