@@ -16,6 +16,7 @@ from analysis.detect import (
     DEFAULT_ROLES,
     _centre_beyond_edge,
     _dna_peaks,
+    _fill_holes,
     _grow,
     _label,
     _shrink,
@@ -628,9 +629,9 @@ def test_labels_are_scipys_labels() -> None:
 
 
 def test_grown_and_shrunk_masks_are_scipys() -> None:
-    # the cross dilation and erosion (iterated, the border as background) and
-    # the opening made of them: the masks scipy gives, on every density, thin
-    # and empty arrays, strided views and integer masks
+    # the cross dilation and erosion (iterated, the border as background), the
+    # opening made of them and the filled holes: the masks scipy gives, on
+    # every density, thin and empty arrays, strided views and integer masks
     rng = np.random.default_rng(12)
     masks = [
         np.zeros((0, 5), bool),
@@ -659,6 +660,10 @@ def test_grown_and_shrunk_masks_are_scipys() -> None:
         np.testing.assert_array_equal(
             _grow(_shrink(mask)), ndimage.binary_opening(mask)
         )
+        if mask.dtype == bool:
+            np.testing.assert_array_equal(
+                _fill_holes(mask), ndimage.binary_fill_holes(mask)
+            )
 
 
 def test_the_cd45_near_each_nucleus_pixel_is_the_full_frames() -> None:
