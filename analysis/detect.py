@@ -1293,11 +1293,17 @@ class _Field:
 
         Returns the features and the channel signals over `crop`.
         """
-        rr, cc = np.nonzero(mask)
-        area = int(rr.size)
+        # the centroid from the rows' and columns' pixel counts: the means of
+        # the pixels' indices (whole sums, exact either way) without listing
+        # them (a rim's region: 0.5 ms instead of 2)
+        per_row = np.count_nonzero(mask, axis=1)
+        area = int(per_row.sum())
+        rows = int(per_row @ np.arange(mask.shape[0]))
+        cols = int(np.count_nonzero(mask, axis=0) @ np.arange(mask.shape[1]))
+        nan = float("nan")
         f: dict[str, Any] = {
-            "row": round(float(rr.mean()) + crop[0].start, 1),
-            "col": round(float(cc.mean()) + crop[1].start, 1),
+            "row": round((rows / area if area else nan) + crop[0].start, 1),
+            "col": round((cols / area if area else nan) + crop[1].start, 1),
         }
         sig, sat_crop = self._signals(crop)
         dimmest = None  # per pixel: the lowest SNR over all channels
