@@ -159,8 +159,9 @@ def resolve_roles(
 
 
 def _grow(mask: np.ndarray, n: int = 1) -> np.ndarray:
-    """``ndimage.binary_dilation(mask, iterations=n)`` (the 4-neighbour cross,
-    nothing beyond the array) by shifted ORs: the same mask, 5-20x faster."""
+    """``ndimage.binary_dilation(mask, iterations=n)`` for n >= 1 (the
+    4-neighbour cross, nothing beyond the array) by shifted ORs: the same
+    mask, 5-20x faster."""
     mask = mask.astype(bool, copy=False)
     for _ in range(n):
         out = mask.copy()
@@ -173,9 +174,9 @@ def _grow(mask: np.ndarray, n: int = 1) -> np.ndarray:
 
 
 def _shrink(mask: np.ndarray, n: int = 1) -> np.ndarray:
-    """``ndimage.binary_erosion(mask, iterations=n)`` (the 4-neighbour cross;
-    beyond the array counts as background, so the border pixels go) by
-    shifted ANDs: the same mask, a fraction of the time."""
+    """``ndimage.binary_erosion(mask, iterations=n)`` for n >= 1 (the
+    4-neighbour cross; beyond the array counts as background, so the border
+    pixels go) by shifted ANDs: the same mask, a fraction of the time."""
     mask = mask.astype(bool, copy=False)
     if not mask.size:
         return mask.copy()

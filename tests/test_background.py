@@ -33,6 +33,23 @@ def test_the_level_follows_vignetting_under_dense_cells() -> None:
     assert bg.noise == pytest.approx(5, rel=0.05)
 
 
+@pytest.mark.parametrize(
+    "dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64]
+)
+def test_the_signal_is_the_image_less_the_map_to_the_last_bit(dtype: type) -> None:
+    rng = np.random.default_rng(2)
+    img = (rng.random((130, 201)) * 200).astype(dtype)
+    if dtype == np.int32:  # beyond float32's whole numbers: rounded first
+        img += 2**24 + 1
+    if dtype == np.float64:
+        img += rng.random(img.shape)  # not float32 values
+    bg = estimate_background(img)
+    want = img.astype(np.float32) - bg.level
+    assert np.array_equal(bg.subtract_from(img), want)
+    view = img[:, ::-1]  # not contiguous
+    assert np.array_equal(bg.subtract_from(view), view.astype(np.float32) - bg.level)
+
+
 def test_the_signal_and_the_sampled_level_agree_with_the_map() -> None:
     rng = np.random.default_rng(1)
     img = rng.integers(90, 4000, (300, 451)).astype(np.uint16)
