@@ -1126,12 +1126,14 @@ class _Field:
         pixels).
         """
         sig, sat = self._signals(crop)
-        dimmest = sig[0] / self.noise[0]
+        # debris-like pixels of the region, judged at its pixels alone
+        dimmest = sig[0][region] / self.noise[0]
         for c in range(1, len(self.names)):
-            np.minimum(dimmest, sig[c] / self.noise[c], out=dimmest)
-        junk = (dimmest >= self.st.debris_all_channel_snr) | (sat >= 2)
+            np.minimum(dimmest, sig[c][region] / self.noise[c], out=dimmest)
+        junk = np.zeros(region.shape, bool)
+        junk[region] = (dimmest >= self.st.debris_all_channel_snr) | (sat[region] >= 2)
         del dimmest
-        junk = _grow(junk & region, 4)
+        junk = _grow(junk, 4)
         rest, n = _label(region & ~junk)
         size = _areas(rest, region & ~junk, n)
         clear = (nl > 0) & ~junk
