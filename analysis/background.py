@@ -28,6 +28,17 @@ def _interp_matrix(n_out: int, n_grid: int, block: int) -> np.ndarray:
     return m
 
 
+def _bilinear(
+    grid: np.ndarray, shape: tuple[int, int], block: int, rows: slice, cols: slice
+) -> np.ndarray:
+    """`grid` interpolated to the pixels ``rows x cols`` of an image of `shape`:
+    (rows x gy) @ grid @ (gx x cols)."""
+    (h, w), (gy, gx) = shape, grid.shape
+    # float32 @ float32 is float32 already: no copy of a full-frame map
+    across = grid @ _interp_matrix(w, gx, block)[cols].T
+    return _interp_matrix(h, gy, block)[rows] @ across
+
+
 @dataclass(frozen=True)
 class Background:
     """Background of one channel.
@@ -80,10 +91,7 @@ class Background:
         return out
 
     def _map(self, grid: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
-        (h, w), (gy, gx) = self.shape, grid.shape
-        # float32 @ float32 is float32 already: no copy of a full-frame map
-        across = grid @ _interp_matrix(w, gx, self.block)[cols].T
-        return _interp_matrix(h, gy, self.block)[rows] @ across
+        return _bilinear(grid, self.shape, self.block, rows, cols)
 
     def at(self, row: float, col: float) -> float:
         """Background level at one (row, col)."""
@@ -123,9 +131,7 @@ def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:
     grid.flags.writeable = False
     rows = image[::16].astype(np.float32)
     diff = np.abs(rows[:, 1:] - rows[:, :-1])
-    level = Background(grid, 1.0, (h, w), block)._map(
-        grid, slice(None, None, 16), slice(1, None)
-    )
+    level = _bilinear(grid, (h, w), block, slice(None, None, 16), slice(1, None))
     dark = diff[rows[:, 1:] <= level]
     noise = 1.0
     if dark.size:

@@ -1134,8 +1134,9 @@ class _Field:
         junk[region] = (dimmest >= self.st.debris_all_channel_snr) | (sat[region] >= 2)
         del dimmest
         junk = _grow(junk, 4)
-        rest, n = _label(region & ~junk)
-        size = _areas(rest, region & ~junk, n)
+        free = region & ~junk
+        rest, n = _label(free)
+        size = _areas(rest, free, n)
         clear = (nl > 0) & ~junk
         local, n_local = _label(clear)
         out = []
