@@ -1560,7 +1560,16 @@ class _Field:
         if not sel.size:
             return []
         st, px = self.st, self.px
-        area = np.diff(np.r_[starts, sel.size]).astype(np.float64)
+        size = np.diff(np.r_[starts, sel.size])
+        # the rows are per nucleus: drop the others' pixels before measuring
+        # (claimed nuclei include the rim's, often most of the nucleus pixels)
+        keep = (size >= self.min_px) & ~np.isin(ids, list(claimed))
+        if not keep.any():
+            return []
+        if not keep.all():
+            sel, size = sel[np.repeat(keep, size)], size[keep]
+            starts = np.r_[0, np.cumsum(size[:-1])]
+        area = size.astype(np.float64)
         rr, cc = (sel // self.w).astype(np.float64), (sel % self.w).astype(np.float64)
         r0 = np.add.reduceat(rr, starts) / area
         c0 = np.add.reduceat(cc, starts) / area
@@ -1594,36 +1603,33 @@ class _Field:
         marker = None
         if self.m is not None:
             marker = stats[self.names[self.m]][1] / float(self.noise[self.m])
-        keep = np.flatnonzero((area >= self.min_px) & ~np.isin(ids, list(claimed)))
-        if not keep.size:
-            return []
         # round once, vectorised, then build the rows
         cols: dict[str, list[Any]] = {
-            "row": np.round(r0[keep], 1).tolist(),
-            "col": np.round(c0[keep], 1).tolist(),
-            "area_um2": np.round(area[keep] * px * px, 2).tolist(),
-            "diameter_um": np.round(2 * np.sqrt(area[keep] / np.pi) * px, 2).tolist(),
+            "row": np.round(r0, 1).tolist(),
+            "col": np.round(c0, 1).tolist(),
+            "area_um2": np.round(area * px * px, 2).tolist(),
+            "diameter_um": np.round(2 * np.sqrt(area / np.pi) * px, 2).tolist(),
         }
         for name in self.names:
             s_, mx = stats[name]
-            cols[f"{name}_mean"] = np.round(s_[keep] / area[keep], 1).tolist()
-            cols[f"{name}_max"] = np.round(mx[keep], 1).tolist()
-            cols[f"{name}_integrated"] = np.round(s_[keep], 0).tolist()
-        cols["saturated_fraction"] = np.round(sat_any[keep] / area[keep], 4).tolist()
-        ck_mean = stats[self.names[self.e]][0][keep] / area[keep]
+            cols[f"{name}_mean"] = np.round(s_ / area, 1).tolist()
+            cols[f"{name}_max"] = np.round(mx, 1).tolist()
+            cols[f"{name}_integrated"] = np.round(s_, 0).tolist()
+        cols["saturated_fraction"] = np.round(sat_any / area, 4).tolist()
+        ck_mean = stats[self.names[self.e]][0] / area
         cols["ck_snr"] = np.round(ck_mean / float(self.noise[self.e]), 2).tolist()
-        cols["cd45_snr"] = np.round(cd45[keep], 2).tolist()
+        cols["cd45_snr"] = np.round(cd45, 2).tolist()
         cols["marker_snr"] = (
-            np.round(marker[keep], 2).tolist()
+            np.round(marker, 2).tolist()
             if marker is not None
-            else [float("nan")] * keep.size
+            else [float("nan")] * area.size
         )
-        cols["eccentricity"] = np.round(ecc[keep], 3).tolist()
-        cols["axis_ratio"] = np.round(ratio[keep], 3).tolist()
+        cols["eccentricity"] = np.round(ecc, 3).tolist()
+        cols["axis_ratio"] = np.round(ratio, 3).tolist()
         # the rules of `_debris`, then CD45, on every row at once (the same
         # numbers the rows hold); rows built from the columns in one pass
-        sat2_hit = sat2[keep] > st.debris_saturated_fraction * area[keep]
-        bright = all_bright[keep] / area[keep]
+        sat2_hit = sat2 > st.debris_saturated_fraction * area
+        bright = all_bright / area
         verdict = np.select(
             [sat2_hit, bright >= st.debris_all_channel_fraction],
             [0, 1],
