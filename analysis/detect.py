@@ -34,7 +34,9 @@ Pipeline (every threshold in `DetectionSettings`):
    so each cell counts once: `_centre_beyond_edge`; overlapping fields are
    joined by `analysis.stitch`) -> less cytokeratin over the cell than
    `ck_smooth_snr` (a part of a region split among its nuclei) -> no nucleus
-   (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um ->
+   (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um
+   (a whole object: also with the field's blur taken `blur_uncertainty` larger,
+   ``diameter_low_um``) ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
    its bleed-through; or around the nucleus, where a leukocyte under a CK
@@ -1158,6 +1160,7 @@ class _Field:
             area_um2=round(n_px * self.px**2, 2),
             diameter_um=round(2 * math.sqrt(n_px / math.pi) * self.px, 2),
             diameter_halfmax_um=nan,
+            diameter_low_um=nan,
             blur_px=round(self.blur, 2),
             ck_texture=nan,
             cd45_snr=nan,
@@ -1260,7 +1263,7 @@ class _Field:
             if nucleus is not None:
                 others &= ~nucleus
             nuc_core = None if nucleus is None else _core(nucleus, dapi)
-            f, core = self._measure(sub, cell, others, nuc_core)
+            f, core = self._measure(sub, cell, others, nuc_core, single=len(parts) == 1)
             # a cell on the edge of abutting fields is seen in two; it is counted
             # in the field holding its nucleus' centre (overlaps: stitch.py)
             f["_cut"] = nucleus is not None and _centre_beyond_edge(
@@ -1362,14 +1365,17 @@ class _Field:
         mask: np.ndarray,
         others: np.ndarray | None = None,
         nucleus: np.ndarray | None = None,
+        *,
+        single: bool = True,
     ) -> tuple[dict[str, Any], np.ndarray]:
         """All features of one candidate cell (bool `mask` over `crop`; `others`:
-        pixels of neighbouring cells, left out of its profile).
+        pixels of neighbouring cells, left out of its profile; `single`: a whole
+        object, not a part of a cluster).
 
         Also returns the cell's half-maximum core: its cytokeratin area without
         the blur halo that the detection threshold includes.
         """
-        px = self.px
+        px, st = self.px, self.st
         f, sig = self._intensity(crop, mask)
         core = _core(mask, self.full[self.e][crop])
         size_px = max(int(np.count_nonzero(core)), 1)
@@ -1377,7 +1383,7 @@ class _Field:
         # cytokeratin profile, deconvolved with the field's blur (`analysis.psf`)
         allowed = None if others is None else ~others
         ck, blur = self.full[self.e][crop], self.blur
-        if f["ck_snr"] < self.st.ck_dim_peak_snr:
+        if f["ck_snr"] < st.ck_dim_peak_snr:
             # dim: its grains and noise would make the profile's peak; smoothing by
             # a known Gaussian adds to the blur in quadrature
             ck = ndimage.gaussian_filter(ck, _DIM_SMOOTH_PX)
@@ -1391,6 +1397,24 @@ class _Field:
             diam = 2 * half * px
         f["area_um2"] = round(size_px * scale * px * px, 2)
         f["diameter_um"] = round(diam, 2)
+        # the smallest it can be: a small object's deconvolved size moves several
+        # times as much as the blur's error (r dr = -2 sigma dsigma for a small
+        # blurred disk), so near the size limit a few percent of blur decide.
+        # For a whole object (a cluster's part is cut by an artificial border,
+        # not a disk's edge) of at most twice the limit, beyond which no error
+        # of the blur brings it near
+        low = float("nan")
+        if (
+            single
+            and math.isfinite(radius)
+            and diam <= 2 * st.min_ctc_diameter_um
+            and st.blur_uncertainty > 0
+        ):
+            r_low, _ = object_radius(
+                ck, mask, blur * (1 + st.blur_uncertainty), allowed=allowed
+            )
+            low = min(2 * r_low * px, diam) if math.isfinite(r_low) else 0.0
+        f["diameter_low_um"] = round(low, 2)
         f["diameter_halfmax_um"] = round(2 * half * px, 2)
         f["blur_px"] = round(self.blur, 2)
         ck = sig[self.e][mask]
@@ -1439,7 +1463,7 @@ class _Field:
             assert nucleus is not None
             f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
             f["cd45_nucleus_cover"] = _ring_cover(
-                ring, nucleus, excess_snr, self.st.max_cd45_nucleus_snr
+                ring, nucleus, excess_snr, st.max_cd45_nucleus_snr
             )
         else:
             f["cd45_nucleus_snr"] = float("nan")
@@ -1494,6 +1518,11 @@ class _Field:
             return "OTHER", "nucleus mostly outside the CK area"
         if f["diameter_um"] <= st.min_ctc_diameter_um:
             return "CK_FRAGMENT", f"not larger than {st.min_ctc_diameter_um:g} um"
+        if f["diameter_low_um"] <= st.min_ctc_diameter_um:
+            return "CK_FRAGMENT", (
+                f"not larger than {st.min_ctc_diameter_um:g} um within the "
+                "blur's uncertainty"
+            )
         # with bleed-through unknown (too few single-stain objects, no pooled or
         # configured value) CD45 must also be comparable to the cell's
         # cytokeratin, which bleed-through never is
@@ -1652,6 +1681,7 @@ class _Field:
             "cd45_nucleus_cover": nan,
             "cd45_encircled": nan,
             "diameter_halfmax_um": nan,
+            "diameter_low_um": nan,
             "blur_px": round(self.blur, 2),
             "cluster_size": 1,
             "nucleus_inside": 0.0,

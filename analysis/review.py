@@ -8,7 +8,8 @@ rule's threshold:
 
 - ``nucleus_inside``: the nucleus lies slightly less than `min_nucleus_inside`
   inside the cytokeratin area;
-- ``size``: the object is slightly too small (at most `min_ctc_diameter_um`);
+- ``size``: the object is slightly too small (at most `min_ctc_diameter_um`),
+  or larger but not within the blur's uncertainty (``diameter_low_um``);
 - ``cd45``: CD45 is slightly at or above `max_cd45_snr` (the membrane band's
   rule; a double positive by another CD45 rule fails it outright);
 - ``shape``: solidity or axis ratio slightly below `min_solidity` /
@@ -65,6 +66,8 @@ def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
         failed["nucleus_inside"] = inside >= st.min_nucleus_inside * (1 - m)
     if diameter <= st.min_ctc_diameter_um:
         failed["size"] = diameter > st.min_ctc_diameter_um * (1 - m)
+    elif _num(o, "diameter_low_um") <= st.min_ctc_diameter_um:
+        failed["size"] = True  # larger, but not within the blur's uncertainty
     elif diameter > st.max_ctc_diameter_um:
         failed["size"] = False  # far beyond any cell
     double = o.get("label") == "DOUBLE_POSITIVE"

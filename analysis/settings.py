@@ -55,6 +55,16 @@ class DetectionSettings(BaseModel):
         default=4.0, ge=0, description="a CTC is larger than this"
     )
     max_ctc_diameter_um: float = Field(default=40.0, gt=0)
+    blur_uncertainty: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        description=(
+            "relative error allowed on a field's measured blur: a single object "
+            "is larger than min_ctc_diameter_um only if it is so with the blur "
+            "taken this much larger (diameter_low_um)"
+        ),
+    )
     # the field's blur, measured on its nuclei, that object sizes are corrected for
     blur_nucleus_area_um2: tuple[float, float] = Field(
         default=(12.0, 120.0),
