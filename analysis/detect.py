@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import cc3d
@@ -239,13 +240,18 @@ def _core(mask: np.ndarray, signal: np.ndarray) -> np.ndarray:
     widened), and the peak is its 90th percentile, so texture does not punch
     holes into the extent.
     """
+    return _core_peak(mask, signal)[0]
+
+
+def _core_peak(mask: np.ndarray, signal: np.ndarray) -> tuple[np.ndarray, float]:
+    """`_core` and the peak it was cut at (0 for an empty mask)."""
     n = int(np.count_nonzero(mask))
     if not n:
-        return mask
+        return mask, 0.0
     sigma = min(2.0, max(0.5, 0.2 * math.sqrt(n / math.pi)))
     smooth = ndimage.gaussian_filter(signal, sigma)
     peak = float(np.percentile(smooth[mask], 90))
-    return _fill_holes(mask & (smooth >= 0.5 * peak))
+    return _fill_holes(mask & (smooth >= 0.5 * peak)), peak
 
 
 def _inside(part: np.ndarray, area: np.ndarray) -> float:
@@ -1263,18 +1269,16 @@ class _Field:
             if nucleus is not None:
                 others &= ~nucleus
             nuc_core = None if nucleus is None else _core(nucleus, dapi)
-            f, core = self._measure(sub, cell, others, nuc_core, single=len(parts) == 1)
+            f, ck_area = self._measure(
+                sub, cell, others, nuc_core, single=len(parts) == 1
+            )
             # a cell on the edge of abutting fields is seen in two; it is counted
             # in the field holding its nucleus' centre (overlaps: stitch.py)
             f["_cut"] = nucleus is not None and _centre_beyond_edge(
                 nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
-            # the nucleus at half its maximum; the CK area is its half-maximum
-            # core or the detection mask less its blur halo (2 px): cytokeratin
-            # over the nucleus is dimmer, and where the nucleus sits near the
-            # cell's edge that dim part is no enclosed hole for the core to fill
-            ck_area = core | _shrink(cell, 2)
+            # the nucleus at half its maximum, in the CK area (`_measure`)
             if nuc_core is not None:
                 f["nucleus_inside"] = _inside(nuc_core, ck_area)
             elif touching:
@@ -1372,12 +1376,15 @@ class _Field:
         pixels of neighbouring cells, left out of its profile; `single`: a whole
         object, not a part of a cluster).
 
-        Also returns the cell's half-maximum core: its cytokeratin area without
-        the blur halo that the detection threshold includes.
+        Also returns the cell's cytokeratin area, without the blur halo that the
+        detection threshold includes: its half-maximum core, or the detection
+        mask less that halo (`_halo_px`). Cytokeratin over the nucleus is
+        dimmer, and where the nucleus sits near the cell's edge that dim part
+        is no enclosed hole for the core to fill.
         """
         px, st = self.px, self.st
         f, sig = self._intensity(crop, mask)
-        core = _core(mask, self.full[self.e][crop])
+        core, peak = _core_peak(mask, self.full[self.e][crop])
         size_px = max(int(np.count_nonzero(core)), 1)
         # the size of the object, not of the blur: the half-maximum radius of its
         # cytokeratin profile, deconvolved with the field's blur (`analysis.psf`)
@@ -1492,7 +1499,18 @@ class _Field:
             )
         else:
             f["marker_snr"] = float("nan")
-        return f, core
+        return f, core | _shrink(mask, self._halo_px(peak, single))
+
+    def _halo_px(self, peak: float, single: bool) -> int:
+        """How far a whole object's detection mask reaches past its half-maximum
+        edge (px, at least 2): a straight edge of plateau `peak` blurred by the
+        field's blur sigma falls to the mask's threshold T at sigma *
+        Phi^-1(1 - T / peak) beyond it (1.6 sigma for a peak 20 T). A cluster's
+        part is cut by an artificial border, not a blurred edge: 2."""
+        t = self.st.ck_snr * float(self.noise[self.e])
+        if not single or not peak > 2 * t:
+            return 2
+        return max(2, round(self.blur * NormalDist().inv_cdf(1 - t / peak)))
 
     def _classify(self, f: dict[str, Any], *, has_nucleus: bool) -> tuple[str, str]:
         st = self.st

@@ -610,6 +610,29 @@ def test_a_nucleus_beside_cytokeratin_stays_one_nucleus(blur: float) -> None:
     assert not _ctcs(objs), [(o["label"], o["reason"]) for o in objs]
 
 
+def test_the_nucleus_inside_a_bright_cell_does_not_grow_with_the_blur() -> None:
+    # a bright 10 um cell (no DNA of its own) and a 6 um nucleus whose centre
+    # lies 0.4 of its radius inside the cell's edge, or on it, or beyond it:
+    # the detection mask of a bright cell reaches past its edge by more than
+    # 2 px once blurred (at 2.5 px: on-edge 0.71 inside, 0.3 beyond 0.55, both
+    # CTCs with a fixed 2 px halo); the share inside must not depend on the blur
+    inside: dict[tuple[float, float], float] = {}
+    for blur in BLURS:
+        for beyond in (-0.4, 0.0, 0.2, 0.3):
+            cv = Canvas(size=256, seed=3)
+            edge = 10 / 2 / PX + beyond * 6 / 2 / PX
+            cv.cell(100, 100, diam_um=10, ck=2000, dapi=0, texture=False)
+            cv.planes[D] += 1500 * cv._disc(100, 100 + edge, 6)
+            for k in range(8):  # their nuclei tell the field's blur
+                cv.leukocyte(200, 20 + 30 * k)
+            obj = _at(_detect(cv.field(blur=blur)), 100, 100)
+            inside[blur, beyond] = obj["nucleus_inside"]
+            assert (obj["label"] == "CTC") == (beyond < 0), (blur, beyond, obj)
+    for beyond in (-0.4, 0.0, 0.2, 0.3):
+        shares = [inside[b, beyond] for b in BLURS]
+        assert max(shares) - min(shares) <= 0.1, (beyond, shares)
+
+
 @pytest.mark.parametrize("blur", [1.8, 2.4])
 def test_touching_ctcs_whose_nuclei_blur_merged_count_twice(blur: float) -> None:
     cv = Canvas(seed=2)
