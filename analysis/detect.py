@@ -1510,7 +1510,9 @@ class _Field:
         t = self.st.ck_snr * float(self.noise[self.e])
         if not single or not peak > 2 * t:
             return 2
-        return max(2, round(self.blur * NormalDist().inv_cdf(1 - t / peak)))
+        # (a peak far beyond the threshold, say a float image's, stays a number)
+        z = NormalDist().inv_cdf(min(1 - t / peak, 1 - 1e-9))
+        return max(2, round(self.blur * z))
 
     def _classify(self, f: dict[str, Any], *, has_nucleus: bool) -> tuple[str, str]:
         st = self.st

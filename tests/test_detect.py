@@ -633,6 +633,19 @@ def test_the_nucleus_inside_a_bright_cell_does_not_grow_with_the_blur() -> None:
         assert max(shares) - min(shares) <= 0.1, (beyond, shares)
 
 
+def test_a_float_field_with_a_cytokeratin_peak_far_beyond_any_threshold() -> None:
+    # the halo's normal quantile of 1 - T / P, with T / P below float precision
+    cv = Canvas(size=256, seed=3)
+    cv.cell(100, 100, diam_um=10, ck=2000, dapi=1500, texture=False)
+    for k in range(8):
+        cv.leukocyte(200, 20 + 30 * k)
+    field = cv.field(blur=2.0, dtype=np.float32, top=1e12)
+    field[P] += np.float32(1e30) * (field[P] > 1000)
+    with np.errstate(over="ignore"):  # squares of 1e30 in float32 features
+        obj = _at(_detect(field, saturation=None), 100, 100)
+    assert obj["label"] == "CTC" and obj["nucleus_inside"] == 1.0, obj
+
+
 @pytest.mark.parametrize("blur", [1.8, 2.4])
 def test_touching_ctcs_whose_nuclei_blur_merged_count_twice(blur: float) -> None:
     cv = Canvas(seed=2)
