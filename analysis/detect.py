@@ -69,7 +69,7 @@ from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
 from analysis.fieldio import MIN_FIELD_PX
-from analysis.psf import field_blur, object_radius
+from analysis.psf import field_blur, object_radii
 from analysis.settings import CUT_REASON, DetectionSettings
 
 __all__ = [
@@ -1395,7 +1395,17 @@ class _Field:
             # a known Gaussian adds to the blur in quadrature
             ck = ndimage.gaussian_filter(ck, _DIM_SMOOTH_PX)
             blur = math.hypot(blur, _DIM_SMOOTH_PX)
-        radius, half = object_radius(ck, mask, blur, allowed=allowed)
+        # ...and the smallest it can be: a small object's deconvolved size moves
+        # several times as much as the blur's error (r dr = -2 sigma dsigma for
+        # a small blurred disk), so near the size limit a few percent of blur
+        # decide. For a whole object (a cluster's part is cut by an artificial
+        # border, not a disk's edge) of at most twice the limit, beyond which no
+        # error of the blur brings it near; from the same profile
+        sigmas = [blur]
+        if single and st.blur_uncertainty > 0:
+            sigmas.append(blur * (1 + st.blur_uncertainty))
+        radii, half = object_radii(ck, mask, sigmas, allowed=allowed)
+        radius = radii[0]
         if math.isfinite(radius) and half > 0:
             scale = (radius / half) ** 2
             diam = float(2 * radius * px)
@@ -1404,22 +1414,13 @@ class _Field:
             diam = 2 * half * px
         f["area_um2"] = round(size_px * scale * px * px, 2)
         f["diameter_um"] = round(diam, 2)
-        # the smallest it can be: a small object's deconvolved size moves several
-        # times as much as the blur's error (r dr = -2 sigma dsigma for a small
-        # blurred disk), so near the size limit a few percent of blur decide.
-        # For a whole object (a cluster's part is cut by an artificial border,
-        # not a disk's edge) of at most twice the limit, beyond which no error
-        # of the blur brings it near
         low = float("nan")
         if (
-            single
+            len(radii) > 1
             and math.isfinite(radius)
             and diam <= 2 * st.min_ctc_diameter_um
-            and st.blur_uncertainty > 0
         ):
-            r_low, _ = object_radius(
-                ck, mask, blur * (1 + st.blur_uncertainty), allowed=allowed
-            )
+            r_low = radii[1]
             low = min(2 * r_low * px, diam) if math.isfinite(r_low) else 0.0
         f["diameter_low_um"] = round(low, 2)
         f["diameter_halfmax_um"] = round(2 * half * px, 2)

@@ -39,6 +39,7 @@ __all__ = [
     "deconvolved_radius",
     "field_blur",
     "fit_disk_radius",
+    "object_radii",
     "object_radius",
     "prepare",
     "profile_radii",
@@ -308,6 +309,20 @@ def object_radius(
     radius of the blurred disk that best fits the whole profile out to its
     quarter-maximum plus two sigma. nan if the profile never falls to half.
     """
+    (r,), half = object_radii(signal, mask, [sigma_px], allowed=allowed)
+    return r, half
+
+
+def object_radii(
+    signal: np.ndarray,
+    mask: np.ndarray,
+    sigmas_px: Sequence[float],
+    *,
+    allowed: np.ndarray | None = None,
+) -> tuple[list[float], float]:
+    """`object_radius` under each of several blurs, from one profile: the
+    radii, and the half-maximum radius."""
+    nan = float("nan")
     centre = _centroid(signal, mask)
     radius, prof, n = radial_profile(signal, mask, allowed=allowed, centre=centre)
     # the half-maximum edge lies inside the detection mask (its threshold is
@@ -319,15 +334,18 @@ def object_radius(
         reach = float(np.hypot(rr - centre[0], cc - centre[1]).max())
     pr = _radii(radius, prof, n, extent=reach)
     if not np.isfinite(pr.half):
-        return float("nan"), float("nan")
-    r = deconvolved_radius(pr.half, sigma_px)
-    if sigma_px > 0 and r < 3 * sigma_px:
-        reach = (pr[3] if np.isfinite(pr[3]) else pr.half * 1.5) + 2 * sigma_px
-        use = radius <= reach
-        if np.count_nonzero(use) >= 4:
-            r = fit_disk_radius(radius[use], prof[use], n[use], sigma_px, 4.0)
-    # deconvolution only shrinks (bar the curvature of a large disk's edge)
-    return min(r, pr.half + 0.05 * sigma_px), pr.half
+        return [nan] * len(sigmas_px), nan
+    out = []
+    for sigma_px in sigmas_px:
+        r = deconvolved_radius(pr.half, sigma_px)
+        if sigma_px > 0 and r < 3 * sigma_px:
+            far = (pr[3] if np.isfinite(pr[3]) else pr.half * 1.5) + 2 * sigma_px
+            use = radius <= far
+            if np.count_nonzero(use) >= 4:
+                r = fit_disk_radius(radius[use], prof[use], n[use], sigma_px, 4.0)
+        # deconvolution only shrinks (bar the curvature of a large disk's edge)
+        out.append(min(r, pr.half + 0.05 * sigma_px))
+    return out, pr.half
 
 
 def field_blur(
