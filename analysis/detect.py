@@ -1175,6 +1175,7 @@ class _Field:
             cd45_nucleus_snr=nan,
             cd45_nucleus_cover=nan,
             cd45_encircled=nan,
+            cd45_membrane_cover=nan,
             marker_snr=nan,
             cluster_size=1,
             nucleus_inside=0.0,
@@ -1464,6 +1465,23 @@ class _Field:
         # the membranes of the leukocytes beside the cell)
         ring = around = None
         excess_snr = excess / lk_noise
+        # a CD45-positive cell's own membrane is stained all around it, however
+        # weakly; a neighbour's membrane touches one side. Counted per sector of
+        # the band about the cell's centre, where CD45 is also above the few
+        # percent of the cytokeratin there that a wrong measure of its
+        # bleed-through leaves (a ring cut by the field's edge lights fewer).
+        # With the bleed-through unmeasured, the cell's own low estimate of it
+        # leaves most of it: CD45 must then be comparable to the cytokeratin
+        unmeasured = self.lk in self.unknown_spill
+        f["cd45_membrane_cover"] = _ring_cover(
+            band,
+            core if core.any() else mask,
+            excess_snr,
+            st.min_cd45_membrane_snr,
+            ck=ck_smooth / lk_noise,
+            ratio=st.min_cd45_ratio if unmeasured else st.min_cd45_encircled_ratio,
+            every=True,
+        )
         if nucleus is not None and nucleus.any():
             around = _grow(nucleus, 2) & ~nucleus
             ring = around & mask
@@ -1570,6 +1588,8 @@ class _Field:
             return "DOUBLE_POSITIVE", "CD45 positive around the nucleus"
         if f["cd45_encircled"] >= st.min_cd45_encircled:
             return "DOUBLE_POSITIVE", "CD45 all around the nucleus (a leukocyte's)"
+        if f["cd45_membrane_cover"] >= st.min_cd45_membrane_cover:
+            return "DOUBLE_POSITIVE", "CD45 on the membrane all around the cell"
         if f["diameter_um"] > st.max_ctc_diameter_um:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
         # round to oval; a cell split from a cluster has an artificial border on
@@ -1701,6 +1721,7 @@ class _Field:
             "cd45_nucleus_snr": nan,
             "cd45_nucleus_cover": nan,
             "cd45_encircled": nan,
+            "cd45_membrane_cover": nan,
             "diameter_halfmax_um": nan,
             "diameter_low_um": nan,
             "blur_px": round(self.blur, 2),

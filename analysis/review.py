@@ -11,7 +11,9 @@ rule's threshold:
 - ``size``: the object is slightly too small (at most `min_ctc_diameter_um`),
   or larger but not within the blur's uncertainty (``diameter_low_um``);
 - ``cd45``: CD45 is slightly at or above `max_cd45_snr` (the membrane band's
-  rule; a double positive by another CD45 rule fails it outright);
+  rule), or lights slightly more than `min_cd45_membrane_cover` of the sectors
+  around the cell (its weak-membrane rule); a double positive by another CD45
+  rule fails it outright;
 - ``shape``: solidity or axis ratio slightly below `min_solidity` /
   `min_axis_ratio`.
 
@@ -72,13 +74,18 @@ def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
         failed["size"] = False  # far beyond any cell
     double = o.get("label") == "DOUBLE_POSITIVE"
     if double or (not math.isnan(cd45) and cd45 >= st.max_cd45_snr):
-        # only the membrane band's rule (`cd45_snr`) has a margin here; CD45
-        # found by the other rules (around the nucleus, against the cell's
-        # cytokeratin) fails the definition outright
+        # only the membrane band's rules (`cd45_snr`, `cd45_membrane_cover`)
+        # have a margin here; CD45 found by the other rules (around the
+        # nucleus, against the cell's cytokeratin) fails the definition outright
+        reason = o.get("reason")
+        cover = _num(o, "cd45_membrane_cover")
         failed["cd45"] = (
-            (not double or o.get("reason") == "CD45 positive")
+            (not double or reason == "CD45 positive")
             and not math.isnan(cd45)
             and cd45 < st.max_cd45_snr * (1 + m)
+        ) or (
+            reason == "CD45 on the membrane all around the cell"
+            and cover < st.min_cd45_membrane_cover * (1 + m)
         )
     single = _num(o, "cluster_size") in (1.0, math.nan) or o.get("cluster_size") == 1
     low_solid = single and not math.isnan(solidity) and solidity < st.min_solidity

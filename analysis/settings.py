@@ -178,6 +178,25 @@ class DetectionSettings(BaseModel):
             "against an error in that measure below this fraction)"
         ),
     )
+    min_cd45_membrane_snr: float = Field(
+        default=3.0,
+        gt=0,
+        description=(
+            "CD45-positive also when the CD45 on the cell's membrane (the band "
+            "across its edge, less bleed-through) reaches this..."
+        ),
+    )
+    min_cd45_membrane_cover: float = Field(
+        default=0.75,
+        ge=0,
+        le=1,
+        description=(
+            "...in at least this fraction of all 8 sectors about the cell's "
+            "centre, each also at least min_cd45_encircled_ratio of the "
+            "cytokeratin there: a membrane stained all around, however weakly "
+            "(a leukocyte pressed against the cell lights one side)"
+        ),
+    )
     min_cd45_ratio: float = Field(
         default=0.2,
         ge=0,

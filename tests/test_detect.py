@@ -399,11 +399,13 @@ def test_a_bright_ctcs_own_bleed_through_around_its_nucleus_is_no_leukocyte(
     st = DetectionSettings(spillover={"PE->APC": 0.0, "DAPI->APC": 0.0})
     obj = _at(_detect(field, settings=st), 128, 128)
     assert obj["cd45_encircled"] < st.min_cd45_encircled
+    assert obj["cd45_membrane_cover"] < st.min_cd45_membrane_cover
     assert obj["label"] == "CTC", obj
     # what the ratio to the cytokeratin there guards against
     loose = st.model_copy(update={"min_cd45_encircled_ratio": 0.0})
     obj = _at(_detect(field, settings=loose), 128, 128)
     assert obj["cd45_encircled"] >= st.min_cd45_encircled
+    assert obj["cd45_membrane_cover"] >= st.min_cd45_membrane_cover
     assert obj["label"] == "DOUBLE_POSITIVE", obj
 
 
@@ -598,6 +600,52 @@ def test_a_dim_double_positive_is_not_a_ctc() -> None:
     cv.cell(128, 128, diam_um=10, ck=60, cd45=160)
     obj = _at(_detect(cv.field()), 128, 128)
     assert obj["label"] == "DOUBLE_POSITIVE", obj
+
+
+@pytest.mark.parametrize(("blur", "seed"), [(1.0, 1), (1.5, 2), (2.0, 3)])
+def test_a_weak_cd45_membrane_all_around_a_cell_makes_it_double_positive(
+    blur: float, seed: int
+) -> None:
+    # CD45 on the membrane at 3-5 times the noise: below the band's median limit
+    # and a small fraction of a bright cell's cytokeratin, but all around it
+    cv = Canvas(seed=seed)
+    cv.cell(128, 128, diam_um=12, ck=300)
+    ring = 100 * cv._ring(128, 128, 12)
+    st = DetectionSettings(spillover={"PE->APC": 0.0, "DAPI->APC": 0.0})
+    cv.planes[A] += ring
+    obj = _at(_detect(cv.field(blur=blur), settings=st), 128, 128)
+    assert obj["cd45_snr"] < st.max_cd45_snr
+    assert obj["cd45_ck_ratio"] < st.min_cd45_ratio
+    assert obj["cd45_membrane_cover"] >= st.min_cd45_membrane_cover
+    assert obj["label"] == "DOUBLE_POSITIVE", obj
+    assert obj["reason"] == "CD45 on the membrane all around the cell"
+    # the same membrane on one side only: a leukocyte's pressed against the cell
+    cv.planes[A] -= ring * (cv.xx < 128)
+    obj = _at(_detect(cv.field(blur=blur), settings=st), 128, 128)
+    assert obj["cd45_membrane_cover"] <= 0.5
+    assert obj["label"] == "CTC", obj
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_unmeasured_bleed_through_all_around_a_bright_cell_is_no_cd45_membrane(
+    seed: int,
+) -> None:
+    # no single-stain objects and no configured value: the cell's own low
+    # estimate of its bleed-through into CD45 leaves most of it, all around the
+    # cell, at 5-7 times the noise; CD45 must then be comparable to the CK
+    cv = Canvas(seed=seed)
+    cv.cell(128, 128, diam_um=12, ck=1600, nucleus_um=9.5)
+    cv.planes[A] += 0.054 * cv.planes[P]
+    field = cv.field(blur=2.5)
+    st = DetectionSettings()
+    obj = _at(_detect(field, settings=st), 128, 128)
+    assert obj["cd45_excess_snr"] >= st.min_cd45_membrane_snr
+    assert obj["cd45_membrane_cover"] < st.min_cd45_membrane_cover
+    assert obj["label"] == "CTC", obj
+    # what comparing with the cytokeratin guards against
+    loose = st.model_copy(update={"min_cd45_ratio": st.min_cd45_encircled_ratio})
+    obj = _at(_detect(field, settings=loose), 128, 128)
+    assert obj["cd45_membrane_cover"] >= st.min_cd45_membrane_cover
 
 
 @pytest.mark.parametrize("blur", [1.0, 2.4])

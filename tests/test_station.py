@@ -117,6 +117,11 @@ def test_the_review_flag_marks_objects_failing_exactly_one_rule_narrowly() -> No
     ringed = {**dp, "reason": "CD45 all around the nucleus (a leukocyte's)"}
     assert review_flag({**ringed, "cd45_snr": 3.0, "nucleus_inside": 0.45}, st) == ""
     assert review_flag({**ringed, "cd45_snr": 3.0}, st) == ""
+    # the weak membrane all around the cell: 6 or 7 of 8 sectors are narrow
+    membrane = {**dp, "reason": "CD45 on the membrane all around the cell"}
+    assert review_flag({**membrane, "cd45_membrane_cover": 0.75}, st) == "cd45"
+    assert review_flag({**membrane, "cd45_membrane_cover": 0.875}, st) == "cd45"
+    assert review_flag({**membrane, "cd45_membrane_cover": 1.0}, st) == ""
     assert review_flag({**other, "solidity": 0.75}, st) == "shape"
     # two rules failed: the machine is clearly right
     two = {**other, "nucleus_inside": 0.45, "diameter_um": 3.6}
