@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from analysis.focus import field_sharpness, flank_peak, refine_peak
+from analysis.focus import _mean_sq_diff, field_sharpness, flank_peak, refine_peak
 from controller.acquisition.plan import plan_fields
 from controller.config import FocusSettings, InstrumentConfig, load_yaml
 from controller.errors import ConfigError, FocusCanceled, FocusError
@@ -175,6 +175,33 @@ def test_field_sharpness_does_not_depend_on_how_much_the_field_holds() -> None:
         assert sharp(w, 2.5) < 0.7 * sharp(w, 0.0)  # type: ignore[operator]
         assert sharp(w, 15.0) < 0.5 * sharp(w, 0.0)  # type: ignore[operator]
     assert sharp(empty, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((1036, 1384), np.uint16),
+        ((130, 64), np.float64),
+        ((5, 7), np.int32),
+        ((2, 3), np.uint8),
+    ],
+)
+def test_mean_squared_differences_by_row_blocks_are_the_full_frames(
+    shape: tuple[int, int], dtype: type
+) -> None:
+    # blocks of rows (and a last, shorter one), every dtype, a strided view
+    f = (np.random.default_rng(3).random(shape) * 4000).astype(dtype)
+    for image in (f, f[:, ::-1]):
+        a = image.astype(np.float32)
+        for d in (1, 4):
+            if min(shape) <= d:
+                continue
+            along = np.mean((a[:, d:] - a[:, :-d]) ** 2, dtype=np.float64)
+            across = np.mean((a[d:] - a[:-d]) ** 2, dtype=np.float64)
+            # a block's float32 dot product rounds as float32 sums do
+            assert _mean_sq_diff(image, d) == pytest.approx(
+                (along + across) / 2, rel=1e-5
+            )
 
 
 # ---------------------------------------------------------------- surface fit
