@@ -1473,10 +1473,17 @@ class _Field:
         # With the bleed-through unmeasured, the cell's own low estimate of it
         # leaves most of it: CD45 must then be comparable to the cytokeratin
         unmeasured = self.lk in self.unknown_spill
+        # ...nor leukocytes pressed against it on several sides: the band is
+        # not read within 5 px of a nucleus outside the cell's mask (a
+        # leukocyte's membrane lies between its nucleus and the cell)
+        foreign = (self.nuc_lab[crop] > 0) & ~mask
+        if nucleus is not None:
+            foreign &= ~_grow(nucleus, 2)
+        own_band = np.where(_grow(foreign, 5), -np.inf, excess_snr)
         f["cd45_membrane_cover"] = _ring_cover(
             band,
             core if core.any() else mask,
-            excess_snr,
+            own_band,
             st.min_cd45_membrane_snr,
             ck=ck_smooth / lk_noise,
             ratio=st.min_cd45_ratio if unmeasured else st.min_cd45_encircled_ratio,

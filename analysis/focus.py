@@ -20,6 +20,7 @@ Two measures, for two questions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,6 +117,8 @@ def _mean_sq_diff(f: np.ndarray, d: int) -> float:
 
     def mean_sq(x: np.ndarray, y: np.ndarray) -> float:
         n, m = x.shape
+        if not n * m:  # no pixels `d` apart this way: no mean, as np.mean
+            return math.nan
         total = 0.0
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)

@@ -10,10 +10,11 @@ rule's threshold:
   inside the cytokeratin area;
 - ``size``: the object is slightly too small (at most `min_ctc_diameter_um`),
   or larger but not within the blur's uncertainty (``diameter_low_um``);
-- ``cd45``: CD45 is slightly at or above `max_cd45_snr` (the membrane band's
-  rule), or lights slightly more than `min_cd45_membrane_cover` of the sectors
-  around the cell (its weak-membrane rule); a double positive by another CD45
-  rule fails it outright;
+- ``cd45``: CD45 is at or slightly above `max_cd45_snr` (the membrane band's
+  median), or lights at or slightly above `min_cd45_membrane_cover` of the
+  sectors around the cell (its weak-membrane rule), and whichever of the two
+  it fails, it fails narrowly; a double positive by another CD45 rule fails it
+  outright;
 - ``shape``: solidity or axis ratio slightly below `min_solidity` /
   `min_axis_ratio`.
 
@@ -36,6 +37,9 @@ __all__ = ["REVIEW_RULES", "review_flag"]
 
 #: the rules an object can narrowly fail, as the flag names them
 REVIEW_RULES = ("nucleus_inside", "size", "cd45", "shape")
+
+#: a double positive's reasons from the membrane band's rules, which have a margin
+_BAND_REASONS = {"CD45 positive", "CD45 on the membrane all around the cell"}
 
 #: labels whose objects are never shown for review: no decision changes them
 _NEVER = {"CTC", "DEBRIS", "WBC"}
@@ -73,19 +77,18 @@ def review_flag(o: Mapping[str, Any], st: DetectionSettings) -> str:
     elif diameter > st.max_ctc_diameter_um:
         failed["size"] = False  # far beyond any cell
     double = o.get("label") == "DOUBLE_POSITIVE"
-    if double or (not math.isnan(cd45) and cd45 >= st.max_cd45_snr):
+    cover = _num(o, "cd45_membrane_cover")
+    band_fails = not math.isnan(cd45) and cd45 >= st.max_cd45_snr
+    membrane_fails = not math.isnan(cover) and cover >= st.min_cd45_membrane_cover
+    if double or band_fails or membrane_fails:
         # only the membrane band's rules (`cd45_snr`, `cd45_membrane_cover`)
         # have a margin here; CD45 found by the other rules (around the
         # nucleus, against the cell's cytokeratin) fails the definition outright
-        reason = o.get("reason")
-        cover = _num(o, "cd45_membrane_cover")
+        by_band = o.get("reason") in _BAND_REASONS
         failed["cd45"] = (
-            (not double or reason == "CD45 positive")
-            and not math.isnan(cd45)
-            and cd45 < st.max_cd45_snr * (1 + m)
-        ) or (
-            reason == "CD45 on the membrane all around the cell"
-            and cover < st.min_cd45_membrane_cover * (1 + m)
+            (not double or by_band)
+            and (not band_fails or cd45 < st.max_cd45_snr * (1 + m))
+            and (not membrane_fails or cover < st.min_cd45_membrane_cover * (1 + m))
         )
     single = _num(o, "cluster_size") in (1.0, math.nan) or o.get("cluster_size") == 1
     low_solid = single and not math.isnan(solidity) and solidity < st.min_solidity

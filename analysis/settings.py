@@ -193,8 +193,10 @@ class DetectionSettings(BaseModel):
         description=(
             "...in at least this fraction of all 8 sectors about the cell's "
             "centre, each also at least min_cd45_encircled_ratio of the "
-            "cytokeratin there: a membrane stained all around, however weakly "
-            "(a leukocyte pressed against the cell lights one side)"
+            "cytokeratin there (min_cd45_ratio when the field could not "
+            "measure the bleed-through), the band not read beside another "
+            "cell's nucleus: a membrane stained all around (a leukocyte "
+            "pressed against the cell lights one side)"
         ),
     )
     min_cd45_ratio: float = Field(

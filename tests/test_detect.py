@@ -626,6 +626,25 @@ def test_a_weak_cd45_membrane_all_around_a_cell_makes_it_double_positive(
     assert obj["label"] == "CTC", obj
 
 
+@pytest.mark.parametrize(
+    ("angles", "blur", "seed"), [((0, 90, 180), 2.0, 3), ((0, 90, 180, 270), 1.0, 1)]
+)
+def test_leukocytes_pressed_against_a_ctc_on_several_sides_are_not_its_membrane(
+    angles: tuple[int, ...], blur: float, seed: int
+) -> None:
+    # each lights the band on its side: together six of the eight sectors. The
+    # band is not read beside another cell's nucleus
+    cv = Canvas(seed=seed)
+    cv.cell(128, 128, diam_um=12, ck=300)
+    d = (6 + 4.7 - 0.6) / PX  # touching: the radii less 0.6 um
+    for a in np.deg2rad(angles):
+        cv.leukocyte(128 + d * np.sin(a), 128 + d * np.cos(a), cd45=400)
+    st = DetectionSettings(spillover={"PE->APC": 0.0, "DAPI->APC": 0.0})
+    obj = _at(_detect(cv.field(blur=blur), settings=st), 128, 128)
+    assert obj["cd45_membrane_cover"] < st.min_cd45_membrane_cover
+    assert obj["label"] == "CTC", obj
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_unmeasured_bleed_through_all_around_a_bright_cell_is_no_cd45_membrane(
     seed: int,

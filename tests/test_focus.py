@@ -204,6 +204,16 @@ def test_mean_squared_differences_by_row_blocks_are_the_full_frames(
             )
 
 
+@pytest.mark.parametrize("shape", [(4, 100), (100, 4), (1, 100), (3, 3), (0, 0)])
+def test_a_frame_too_small_to_judge_has_no_sharpness_and_raises_nothing(
+    shape: tuple[int, int],
+) -> None:
+    frame = np.full(shape, 100, np.uint16)
+    assert np.isnan(_mean_sq_diff(frame, 4))
+    sharpness = field_sharpness(frame).sharpness
+    assert sharpness is None or np.isnan(sharpness)
+
+
 # ---------------------------------------------------------------- surface fit
 
 

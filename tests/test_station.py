@@ -122,6 +122,14 @@ def test_the_review_flag_marks_objects_failing_exactly_one_rule_narrowly() -> No
     assert review_flag({**membrane, "cd45_membrane_cover": 0.75}, st) == "cd45"
     assert review_flag({**membrane, "cd45_membrane_cover": 0.875}, st) == "cd45"
     assert review_flag({**membrane, "cd45_membrane_cover": 1.0}, st) == ""
+    # failing the weak-membrane rule outright is a second rule failed
+    lit = {"cd45_membrane_cover": 1.0}
+    assert review_flag({**other, "nucleus_inside": 0.45, **lit}, st) == ""
+    assert review_flag({**small, **lit}, st) == ""
+    assert review_flag({**dp, "cd45_snr": 11.0, **lit}, st) == ""
+    assert review_flag({**dp, "cd45_snr": 11.0, "cd45_membrane_cover": 0.75}, st) == (
+        "cd45"
+    )
     assert review_flag({**other, "solidity": 0.75}, st) == "shape"
     # two rules failed: the machine is clearly right
     two = {**other, "nucleus_inside": 0.45, "diameter_um": 3.6}
