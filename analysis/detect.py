@@ -1479,13 +1479,16 @@ class _Field:
         foreign = (self.nuc_lab[crop] > 0) & ~mask
         if nucleus is not None:
             foreign &= ~_grow(nucleus, 2)
-        own_band = np.where(_grow(foreign, 5), -np.inf, excess_snr)
+        own_band = excess_snr
+        if foreign.any():
+            own_band = np.where(_grow(foreign, 5), -np.inf, excess_snr)
+        ck_lk = ck_smooth / lk_noise  # cytokeratin in CD45's noise units
         f["cd45_membrane_cover"] = _ring_cover(
             band,
             core if core.any() else mask,
             own_band,
             st.min_cd45_membrane_snr,
-            ck=ck_smooth / lk_noise,
+            ck=ck_lk,
             ratio=st.min_cd45_ratio if unmeasured else st.min_cd45_encircled_ratio,
             every=True,
         )
@@ -1514,7 +1517,7 @@ class _Field:
                 nucleus,
                 excess_snr,
                 self.st.wbc_cd45_snr,
-                ck=ck_smooth / lk_noise,
+                ck=ck_lk,
                 ratio=self.st.min_cd45_encircled_ratio,
                 every=True,
             )
