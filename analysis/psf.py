@@ -372,7 +372,7 @@ def field_blur(
     if len(candidates) > max_objects:
         pick = np.linspace(0, len(candidates) - 1, max_objects).round().astype(int)
         candidates = [candidates[i] for i in np.unique(pick)]
-    sigmas = []
+    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = []
     hh, ww = labels.shape
     for lab, (r0, r1, c0, c1) in zip(
         candidates, _boxes(labels, candidates, boxes), strict=True
@@ -401,28 +401,45 @@ def field_blur(
             xv = float(np.interp(-ratio, -q, x))
         guess = pr.half / float(np.interp(xv, x, h))
         use = radius <= pr[3] + 2.5 * guess
-        sigmas.append(_fit_blur(radius[use], prof[use], n[use], pr.half, guess))
-    if not sigmas:
+        fits.append((radius[use], prof[use], n[use], pr.half, guess))
+    if not fits:
         return float("nan"), 0
+    sigmas = _fit_blurs(fits)
     return float(np.median(sigmas)), len(sigmas)
 
 
-def _fit_blur(
-    radius: np.ndarray, prof: np.ndarray, n: np.ndarray, half: float, guess: float
-) -> float:
-    """Blur sigma (px) of the blurred disk that best fits a profile with this
-    half-maximum radius, searched from half to twice `guess`."""
+def _fit_blurs(
+    fits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]],
+) -> list[float]:
+    """Blur sigma (px) of the blurred disk that best fits each profile
+    ``(radius, prof, n, half, guess)`` with this half-maximum radius, searched
+    from half to twice `guess`.
+
+    All profiles in one set of array operations (a field's nuclei at once: the
+    per-call cost of two dozen small fits, not their arithmetic, was the
+    time); each value is computed as for a profile alone: the same operations
+    element by element, and each profile's sums over its own rows in order."""
     x, h, _ = _tables()
     norm = _profiles()
-    sig = guess * np.exp(np.linspace(np.log(0.5), np.log(2.0), 33))
-    ratio = half / sig
+    sizes = np.array([f[0].size for f in fits])
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    group = np.repeat(np.arange(len(fits)), sizes)
+    radius = np.concatenate([f[0] for f in fits])
+    prof = np.concatenate([f[1] for f in fits])
+    n = np.concatenate([f[2] for f in fits])
+    half = np.array([f[3] for f in fits], np.float64)
+    guess = np.array([f[4] for f in fits], np.float64)
+    steps = np.exp(np.linspace(np.log(0.5), np.log(2.0), 33))
+    sig = guess[:, None] * steps[None, :]  # (profiles, 33)
+    ratio = half[:, None] / sig
     xv = np.interp(ratio, h, x, left=0.0, right=x[-1])  # the disk for each sigma
-    ti = radius[:, None] / (sig[None, :] * _DX)
+    ti = radius[:, None] / (sig[group] * _DX)
     i0 = np.minimum(ti.astype(np.intp), norm.shape[0] - 2)
     ft = ti - i0
     xi = xv / _DX
-    j0 = np.minimum(xi.astype(np.intp), norm.shape[1] - 2)
-    fx = (xi - j0)[None, :]
+    j0g = np.minimum(xi.astype(np.intp), norm.shape[1] - 2)
+    fx = (xi - j0g)[group]
+    j0 = j0g[group]
     tmpl = (
         norm[i0, j0] * (1 - ft) * (1 - fx)
         + norm[i0 + 1, j0] * ft * (1 - fx)
@@ -431,18 +448,28 @@ def _fit_blur(
     )
     w = n[:, None]
     p = prof[:, None]
-    pt = (w * p * tmpl).sum(axis=0)
-    tt = (w * tmpl * tmpl).sum(axis=0)
+    # each profile's sums over its own rows, added in order as ``sum(axis=0)``
+    # adds them (not `np.add.reduceat`, which adds in another order): rows
+    # padded with zeros to one length, summed along that axis
+    within = np.arange(group.size) - starts[group]
+    pad = np.zeros((len(fits), int(sizes.max()), steps.size))
+    pad[group, within] = w * p * tmpl
+    pt = pad.sum(axis=1)
+    pad[group, within] = w * tmpl * tmpl
+    tt = pad.sum(axis=1)
     sse = -(pt * pt) / np.maximum(tt, 1e-12)
-    k = int(np.argmin(sse))
+    k = np.argmin(sse, axis=1)
     ls = np.log(sig)
-    best = ls[k]
-    if 0 < k < sig.size - 1:
-        a, b, c = sse[k - 1], sse[k], sse[k + 1]
-        den = a - 2 * b + c
-        if den > 0:
-            best += 0.5 * (a - c) / den * (ls[1] - ls[0])
-    return float(np.exp(best))
+    rows = np.arange(len(fits))
+    best = ls[rows, k]
+    inner = (k > 0) & (k < steps.size - 1)
+    kk = np.clip(k, 1, steps.size - 2)
+    a, b, c = sse[rows, kk - 1], sse[rows, kk], sse[rows, kk + 1]
+    den = a - 2 * b + c
+    step = ls[:, 1] - ls[:, 0]
+    ok = inner & (den > 0)
+    best[ok] += 0.5 * (a[ok] - c[ok]) / den[ok] * step[ok]
+    return [float(np.exp(v)) for v in best]  # as each was: np.exp of a scalar
 
 
 def _boxes(

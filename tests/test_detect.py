@@ -12,6 +12,7 @@ from scipy import ndimage
 from skimage.feature import peak_local_max
 
 import analysis.detect as detect_mod
+import analysis.psf as psf_mod
 from analysis.detect import (
     DEFAULT_ROLES,
     _centre_beyond_edge,
@@ -261,6 +262,34 @@ def test_size_of_the_object_not_of_the_blur(blur: float) -> None:
     for d, (r, c) in zip(diameters, at, strict=True):
         obj = _at(det.objects, r, c)
         assert obj["diameter_um"] == pytest.approx(d, abs=0.5), (d, obj)
+
+
+def test_the_blur_of_each_nucleus_is_fitted_as_it_would_be_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the field's nuclei are fitted together (one set of array operations);
+    # each one's blur must not depend on the others beside it, nor on their
+    # profiles' lengths (nuclei 5-10 um across, so profiles of several lengths)
+    seen: list[tuple] = []
+    batched = psf_mod._fit_blurs
+
+    def spy(fits):  # type: ignore[no-untyped-def]
+        seen.extend(fits)
+        return batched(fits)
+
+    monkeypatch.setattr(psf_mod, "_fit_blurs", spy)
+    field, _ = _disk_field(
+        [7.0, 8.0, 10.0, 12.0, 14.0, 16.0], 1.5, ck=0, dapi=2000, seed=3
+    )
+    det = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    assert det.blur_nuclei >= 6
+    assert len({f[0].size for f in seen}) >= 3
+    together = batched(seen)
+    alone = [batched([f])[0] for f in seen]
+    backwards = batched(seen[::-1])[::-1]
+    assert together == alone == backwards
+    for s in together:
+        assert s == pytest.approx(np.hypot(1.5, 12**-0.5), abs=0.25)
 
 
 def test_a_cell_is_larger_than_4_um_only_within_the_blurs_uncertainty() -> None:
