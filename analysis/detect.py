@@ -985,17 +985,21 @@ class _Field:
         # within about 1.3 of their widths (in 2 x 2 bins). What lies beyond it
         # is dim cytokeratin of its own, also where a dim cell touches a bright
         # one (a cluster) and shares its region of the mask
+        low = sm > st.ck_smooth_snr * noise
+        nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        # a region is kept only where it holds a nucleus: most fields have no
+        # nucleus in dim cytokeratin, and then neither halo nor labels are needed
+        if not np.any(low & nuc2):
+            return
         halo = sm >= st.ck_dim_peak_snr * noise
         for _ in range(
             max(1, round(1.3 * math.hypot(self.blur, 6 / math.sqrt(12)) / 2))
         ):
             halo = _max3(halo)  # 3 x 3 dilation
-        low = sm > st.ck_smooth_snr * noise
         low &= ~halo
-        lab, n = _label(low)
-        if not n:
+        if not np.any(low & nuc2):
             return
-        nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        lab, n = _label(low)
         sel = np.bincount(lab[nuc2], minlength=n + 1) > 0
         sel[0] = False
         dim = sel[lab]
