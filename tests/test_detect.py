@@ -830,6 +830,22 @@ def test_grown_and_shrunk_masks_are_scipys() -> None:
             )
 
 
+def test_the_3x3_sums_are_scipys_mean_times_nine() -> None:
+    # edges reflected as scipy's, on every shape down to one row or column,
+    # to float32 rounding (sums of values up to a few thousand)
+    rng = np.random.default_rng(5)
+    shapes = [(1, 1), (1, 7), (7, 1), (2, 2), (2, 9), (3, 3), (518, 692)]
+    shapes += [tuple(rng.integers(1, 40, 2)) for _ in range(50)]
+    for shape in shapes:
+        a = (rng.normal(0, 30, shape) + 3000 * (rng.random(shape) < 0.1)).astype(
+            np.float32
+        )
+        got = detect_mod._box3_sum(a)
+        assert got.dtype == np.float32 and got.shape == a.shape
+        want = 9 * ndimage.uniform_filter(a.astype(np.float64), 3)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * 9 * 4000)
+
+
 def test_the_cd45_near_each_nucleus_pixel_is_the_full_frames() -> None:
     # `_nuclei_table` takes the binned CD45 signal's 3 x 3 maximum only at the
     # nuclei's bins: the values at every bin (edges, corners, odd frame sizes,
