@@ -527,21 +527,52 @@ def _ring_cover(
     return round(lit / (_RING_SECTORS if every else counted), 3)
 
 
+#: rows of a mask with nothing in them, at least this many in a row, part its
+#: labelling into bands (`_label`); shorter gaps are labelled through
+_LABEL_GAP_ROWS = 16
+
+
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """``ndimage.label(mask)`` of a 2-D mask (4-connected): the same int32
     labels, numbered in raster order, from cc3d (3 times faster on a full
     frame). 4-connected only: cc3d 4.1.1's 8-connected 2-D labelling marks
-    some background pixels (`test_labels_are_scipys_labels` compares them)."""
+    some background pixels (`test_labels_are_scipys_labels` compares them).
+
+    Only the bands of rows that hold the mask are labelled (a field's
+    cytokeratin mask lies in a few percent of its rows): no component crosses
+    an empty row, and a band's components all come before the next band's in
+    raster order, so each band's labels follow on from the last band's."""
     if mask.size == 0:
         return np.zeros(mask.shape, np.int32), 0
-    lab, n = cc3d.connected_components(
-        mask,
-        connectivity=4,
-        binary_image=True,
-        return_N=True,
-        out_dtype=np.uint32,
-    )
-    return lab.view(np.int32), int(n)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(mask.shape, np.int32), 0
+    cut = np.flatnonzero(np.diff(rows) > _LABEL_GAP_ROWS)
+    starts = rows[np.r_[0, cut + 1]].tolist()
+    stops = (rows[np.r_[cut, rows.size - 1]] + 1).tolist()
+    if sum(stops) - sum(starts) > mask.shape[0] // 2:  # most of it: in one go
+        starts, stops = [0], [mask.shape[0]]
+    out: np.ndarray | None = None
+    n = 0
+    for a, b in zip(starts, stops, strict=True):
+        band, k = cc3d.connected_components(
+            mask[a:b],
+            connectivity=4,
+            binary_image=True,
+            return_N=True,
+            out_dtype=np.uint32,
+        )
+        band = band.view(np.int32)
+        if b - a == mask.shape[0]:
+            return band, int(k)
+        if out is None:
+            out = np.zeros(mask.shape, np.int32)
+        if n:
+            np.add(band, n, out=band, where=band > 0)
+        out[a:b] = band
+        n += int(k)
+    assert out is not None
+    return out, n
 
 
 def _areas(lab: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

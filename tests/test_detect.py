@@ -784,6 +784,19 @@ def test_labels_are_scipys_labels() -> None:
         masks.append(smooth > rng.uniform(0.3, 0.7))
     masks.append(rng.random((300, 400)) > 0.5)  # speckle: thousands of pieces
     masks.append(masks[-1][::2, 1::3])  # not contiguous
+    # a few objects in bands of rows apart (labelled band by band), gaps of
+    # 0-40 empty rows, objects side by side in a band and one row high
+    for _ in range(60):
+        sparse = np.zeros((int(rng.integers(40, 400)), int(rng.integers(5, 300))), bool)
+        for _ in range(int(rng.integers(1, 9))):
+            r, c = rng.integers(0, sparse.shape[0]), rng.integers(0, sparse.shape[1])
+            hh, ww = rng.integers(1, 12, 2)
+            sparse[r : r + hh, c : c + ww] = (
+                rng.random((hh, ww))[: sparse.shape[0] - r, : sparse.shape[1] - c] > 0.3
+            )
+        masks.append(sparse)
+    masks.append(np.pad(np.ones((1, 5), bool), ((200, 0), (0, 0))))  # last row
+    masks.append(np.pad(np.ones((1, 5), bool), ((0, 200), (0, 0))))  # first row
     for mask in masks:
         want, n_want = ndimage.label(mask)
         got, n = _label(mask)
