@@ -12,18 +12,34 @@ __all__ = ["Background", "estimate_background"]
 
 
 @lru_cache(maxsize=8)
-def _interp_matrix(n_out: int, n_grid: int, block: int) -> np.ndarray:
-    """(n_out, n_grid) weights of linear interpolation from block centres."""
+def _interp_weights(
+    n_out: int, n_grid: int, block: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation from block centres: for each output position, the
+    block j before it and the float32 weights of blocks j and j + 1."""
     centres = (np.arange(n_grid) + 0.5) * block
     pos = np.clip(np.arange(n_out) + 0.5, centres[0], centres[-1])
-    m = np.zeros((n_out, n_grid), np.float32)
     if n_grid == 1:
-        m[:, 0] = 1
+        ones = np.ones(n_out, np.float32)
+        out = (np.zeros(n_out, np.intp), ones, np.zeros(n_out, np.float32))
     else:
         j = np.clip(np.searchsorted(centres, pos) - 1, 0, n_grid - 2)
         frac = (pos - centres[j]) / block
-        m[np.arange(n_out), j] = 1 - frac
-        m[np.arange(n_out), j + 1] = frac
+        out = (j, (1 - frac).astype(np.float32), frac.astype(np.float32))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=8)
+def _interp_matrix(n_out: int, n_grid: int, block: int) -> np.ndarray:
+    """(n_out, n_grid) weights of linear interpolation from block centres."""
+    j, w0, w1 = _interp_weights(n_out, n_grid, block)
+    m = np.zeros((n_out, n_grid), np.float32)
+    rows = np.arange(n_out)
+    m[rows, j] = w0
+    if n_grid > 1:
+        m[rows, j + 1] = w1
     m.flags.writeable = False
     return m
 
@@ -76,6 +92,35 @@ class Background:
         h, w = self.shape
         rows = slice(0, h // step * step, step)
         return self._map(self.grid, rows, slice(0, w // step * step, step))
+
+    def level_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The level at pixels ``(rows, cols)`` (integer arrays, broadcast
+        together: flat pixel lists, or ``rows[:, None]`` and ``cols[None, :]``
+        for a crop), float32, computed there alone: the grid interpolated
+        across the columns once (`_across`), then between the two block rows
+        about each pixel, ``w0 * A[j] + w1 * A[j + 1]`` element by element. The
+        same pixel has the same value however it is asked for; `level` agrees
+        to float32 rounding (its products add the same terms in another way)."""
+        j, w0, w1 = self._row_weights
+        across = self._across
+        if across.shape[0] == 1:
+            return np.broadcast_to(across[0][cols], np.broadcast(rows, cols).shape)
+        jr = j[rows]
+        out = w0[rows] * across[jr, cols]
+        out += w1[rows] * across[jr + 1, cols]
+        return out
+
+    @cached_property
+    def _across(self) -> np.ndarray:
+        """The grid interpolated across every column, shape (gy, X), float32."""
+        w = self.shape[1]
+        return self.grid @ _interp_matrix(w, self.grid.shape[1], self.block).T
+
+    @cached_property
+    def _row_weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each row: the block row before it (j) and the weights of block
+        rows j and j + 1 (`_interp_weights`)."""
+        return _interp_weights(self.shape[0], self.grid.shape[0], self.block)
 
     def subtract_from(self, image: np.ndarray) -> np.ndarray:
         """``image - level`` as float32, shape (Y, X), without a level map: the

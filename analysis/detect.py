@@ -774,8 +774,9 @@ class _Field:
         # the mask channels' levels are read again only 2 x 2-sampled
         # (`_binned_signal`): that quarter, not full frames of float32
         self._level_quarter = {c: bgs[c].sampled(2) for c in self.full}
-        #: the other channels' background maps (read in crops and at pixels)
-        self.levels = {c: b.level for c, b in enumerate(bgs) if c not in self.full}
+        #: the other channels' backgrounds, whose levels are computed where they
+        #: are read (crops, pixels: `_level`), never as full-frame maps
+        self.bgs = bgs
         self.spill: dict[tuple[int, int], float] = {}  # (source, target) -> coef
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
@@ -798,14 +799,24 @@ class _Field:
         if c in self.full:
             return self.full[c].ravel()[where] if flat else self.full[c][where]
         if flat:
-            v = _minus(self.raw[c].ravel()[where], self.levels[c].ravel()[where])
+            v = _minus(self.raw[c].ravel()[where], self._level(c, where))
         else:
-            v = _minus(self.raw[c][where], self.levels[c][where])
+            v = _minus(self.raw[c][where], self._level(c, where))
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 dye = self.full[src].ravel()[where] if flat else self.full[src][where]
                 v -= np.float32(coef) * np.maximum(dye, 0)
         return v
+
+    def _level(self, c: int, where: np.ndarray | tuple[slice, slice]) -> np.ndarray:
+        """The background level of a channel other than the mask channels at
+        `where`: flat pixel indices, or a crop of slices."""
+        if isinstance(where, tuple):
+            rows = np.arange(self.h)[where[0]]
+            cols = np.arange(self.w)[where[1]]
+            return self.bgs[c].level_at(rows[:, None], cols[None, :])
+        rows, cols = _rowcol(where, self.w)
+        return self.bgs[c].level_at(rows, cols)
 
     def _binned_signal(self, c: int, h2: int, w2: int) -> np.ndarray:
         """Channel `c` signal averaged over 2 x 2 bins, shape (h2, w2), computed
@@ -832,7 +843,7 @@ class _Field:
         if c in self._level_quarter:  # a mask channel's: kept sampled only
             v -= self._level_quarter[c][:h2, :w2]
         else:
-            v -= self.levels[c][0 : 2 * h2 : 2, 0 : 2 * w2 : 2]  # smooth: sample it
+            v -= self._level(c, (slice(0, 2 * h2, 2), slice(0, 2 * w2, 2)))
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src]), 0)
@@ -852,7 +863,7 @@ class _Field:
         if c in self._level_quarter:
             v -= self._level_quarter[c].ravel()[bins]
         else:
-            v -= self.levels[c].ravel()[p]
+            v -= self._level(c, p)
         for src in (self.e, self.n):
             if coef := self.spill.get((src, c), 0.0):
                 v -= np.float32(coef) * np.maximum(bin2(self.full[src].ravel()), 0)
@@ -950,9 +961,7 @@ class _Field:
                 coef = float(self.st.spillover.get(key, 0.0))
                 if cand.size >= 50:
                     known = True
-                    raw = _minus(
-                        self.raw[c].ravel()[cand], self.levels[c].ravel()[cand]
-                    )
+                    raw = _minus(self.raw[c].ravel()[cand], self._level(c, cand))
                     ratio = raw / self.full[src].ravel()[cand]
                     coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
                 self.spill[(src, c)] = coef

@@ -58,3 +58,28 @@ def test_the_signal_and_the_sampled_level_agree_with_the_map() -> None:
     assert np.array_equal(bg.subtract_from(img), img.astype(np.float32) - bg.level)
     np.testing.assert_allclose(bg.sampled(2), bg.level[:300:2, :450:2], rtol=1e-6)
     assert bg.at(299.7, -3) == pytest.approx(float(bg.level[299, 0]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape", [(300, 451), (40, 451), (300, 50), (40, 50)]
+)  # 1 block row/col
+def test_the_level_at_pixels_is_the_maps_and_one_value_per_pixel(
+    shape: tuple[int, int],
+) -> None:
+    # the level read where it is needed (crops, pixel lists) is the map's to
+    # float32 rounding, on grids of one block row or column too; and a pixel
+    # has one value whether asked for in a crop, a list or a strided sample
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    img = 200 + 0.3 * yy - 0.2 * xx + rng.normal(0, 3, shape)
+    bg = estimate_background(np.round(img).astype(np.uint16), block=32)
+    h, w = shape
+    everywhere = bg.level_at(np.arange(h)[:, None], np.arange(w)[None, :])
+    assert everywhere.dtype == np.float32 and everywhere.shape == shape
+    np.testing.assert_allclose(everywhere, bg.level, rtol=1e-6)
+    flat = rng.integers(0, h * w, 500)
+    assert np.array_equal(bg.level_at(flat // w, flat % w), everywhere.ravel()[flat])
+    rows, cols = np.arange(3, h, 2), np.arange(w - 1, 0, -3)
+    assert np.array_equal(
+        bg.level_at(rows[:, None], cols[None, :]), everywhere[3::2, w - 1 : 0 : -3]
+    )
