@@ -93,21 +93,36 @@ class Background:
         rows = slice(0, h // step * step, step)
         return self._map(self.grid, rows, slice(0, w // step * step, step))
 
-    def level_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """The level at pixels ``(rows, cols)`` (integer arrays, broadcast
-        together: flat pixel lists, or ``rows[:, None]`` and ``cols[None, :]``
-        for a crop), float32, computed there alone: the grid interpolated
-        across the columns once (`_across`), then between the two block rows
-        about each pixel, ``w0 * A[j] + w1 * A[j + 1]`` element by element. The
-        same pixel has the same value however it is asked for; `level` agrees
-        to float32 rounding (its products add the same terms in another way)."""
+    def level_at(
+        self, rows: np.ndarray | slice, cols: np.ndarray | slice
+    ) -> np.ndarray:
+        """The level at pixels ``(rows, cols)``, float32, computed there alone:
+        flat pixel lists (integer arrays of one shape), or a crop (two
+        slices). The grid is interpolated across the columns once
+        (`_across`), then between the two block rows about each pixel, ``w0 *
+        A[j] + w1 * A[j + 1]`` element by element: a pixel has the same value
+        however it is asked for, and `level` agrees to float32 rounding (its
+        products add the same terms in another way)."""
         j, w0, w1 = self._row_weights
+        if isinstance(rows, slice) and isinstance(cols, slice):
+            across = self._across[:, cols]  # a view; rows gathered whole below
+            j, w0, w1 = j[rows], w0[rows, None], w1[rows, None]
+            if across.shape[0] == 1:
+                return np.repeat(across, j.size, axis=0)
+            out = w0 * across[j]
+            out += w1 * across[j + 1]
+            return out
+        assert not isinstance(rows, slice) and not isinstance(cols, slice)
         across = self._across
         if across.shape[0] == 1:
-            return np.broadcast_to(across[0][cols], np.broadcast(rows, cols).shape)
-        jr = j[rows]
-        out = w0[rows] * across[jr, cols]
-        out += w1[rows] * across[jr + 1, cols]
+            shape = np.broadcast_shapes(np.shape(rows), np.shape(cols))
+            return np.broadcast_to(across[0][cols], shape).copy()
+        # flat indices into A: gathers from one axis (twice as fast as two)
+        width = across.shape[1]
+        at = j[rows] * width + cols
+        flat = across.ravel()
+        out = w0[rows] * flat[at]
+        out += w1[rows] * flat[at + width]
         return out
 
     @cached_property

@@ -812,9 +812,7 @@ class _Field:
         """The background level of a channel other than the mask channels at
         `where`: flat pixel indices, or a crop of slices."""
         if isinstance(where, tuple):
-            rows = np.arange(self.h)[where[0]]
-            cols = np.arange(self.w)[where[1]]
-            return self.bgs[c].level_at(rows[:, None], cols[None, :])
+            return self.bgs[c].level_at(*where)
         rows, cols = _rowcol(where, self.w)
         return self.bgs[c].level_at(rows, cols)
 
