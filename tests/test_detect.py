@@ -795,6 +795,7 @@ def test_labels_are_scipys_labels() -> None:
                 rng.random((hh, ww))[: sparse.shape[0] - r, : sparse.shape[1] - c] > 0.3
             )
         masks.append(sparse)
+    masks += [m[::2, ::-1] for m in masks[-5:]] + [masks[-1].T]  # views, in bands
     masks.append(np.pad(np.ones((1, 5), bool), ((200, 0), (0, 0))))  # last row
     masks.append(np.pad(np.ones((1, 5), bool), ((0, 200), (0, 0))))  # first row
     for mask in masks:
