@@ -97,8 +97,8 @@ class Background:
         self, rows: np.ndarray | slice, cols: np.ndarray | slice
     ) -> np.ndarray:
         """The level at pixels ``(rows, cols)``, float32, computed there alone:
-        flat pixel lists (integer arrays of one shape), or a crop (two
-        slices). The grid is interpolated across the columns once
+        pixel lists (arrays of non-negative indices of one shape), or a crop
+        (two slices). The grid is interpolated across the columns once
         (`_across`), then between the two block rows about each pixel, ``w0 *
         A[j] + w1 * A[j + 1]`` element by element: a pixel has the same value
         however it is asked for, and `level` agrees to float32 rounding (its

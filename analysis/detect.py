@@ -544,6 +544,8 @@ def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     raster order, so each band's labels follow on from the last band's."""
     if mask.size == 0:
         return np.zeros(mask.shape, np.int32), 0
+    # cc3d numbers a column-major array's components column by column
+    mask = np.ascontiguousarray(mask)
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return np.zeros(mask.shape, np.int32), 0

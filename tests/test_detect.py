@@ -796,6 +796,8 @@ def test_labels_are_scipys_labels() -> None:
             )
         masks.append(sparse)
     masks += [m[::2, ::-1] for m in masks[-5:]] + [masks[-1].T]  # views, in bands
+    masks += [np.asfortranarray(m) for m in masks[-6:]]  # column-major
+    masks.append(np.asfortranarray([[0, 0, 1], [1, 0, 1], [0, 0, 0]], bool))
     masks.append(np.pad(np.ones((1, 5), bool), ((200, 0), (0, 0))))  # last row
     masks.append(np.pad(np.ones((1, 5), bool), ((0, 200), (0, 0))))  # first row
     for mask in masks:
