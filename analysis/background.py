@@ -86,12 +86,11 @@ class Background:
 
     def sampled(self, step: int) -> np.ndarray:
         """The level at the top-left pixel of each whole `step` x `step` bin,
-        shape (Y // step, X // step), computed there alone (its own products:
-        ``level[: Y // step * step : step, : X // step * step : step]`` to
-        float32 rounding, not necessarily to the last bit)."""
+        shape (Y // step, X // step), computed there alone (`level_at`)."""
         h, w = self.shape
-        rows = slice(0, h // step * step, step)
-        return self._map(self.grid, rows, slice(0, w // step * step, step))
+        return self.level_at(
+            slice(0, h // step * step, step), slice(0, w // step * step, step)
+        )
 
     def level_at(
         self, rows: np.ndarray | slice, cols: np.ndarray | slice
@@ -157,7 +156,7 @@ class Background:
         """Background level at one (row, col)."""
         r = min(max(int(row), 0), self.shape[0] - 1)
         c = min(max(int(col), 0), self.shape[1] - 1)
-        return float(self._map(self.grid, slice(r, r + 1), slice(c, c + 1))[0, 0])
+        return float(self.level_at(slice(r, r + 1), slice(c, c + 1))[0, 0])
 
 
 def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:

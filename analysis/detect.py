@@ -853,7 +853,8 @@ class _Field:
         """``_binned_signal(c, h2, w2).ravel()[bins]``, the same values,
         computed at those bins (flat indices) alone."""
         w = self.w
-        p = bins // w2 * (2 * w) + bins % w2 * 2  # each bin's top-left pixel
+        br, bc = _rowcol(bins, w2)
+        p = br * (2 * w) + bc * 2  # each bin's top-left pixel
 
         def bin2(flat: np.ndarray) -> np.ndarray:
             # `_binned_signal`'s additions (small integers: exact in any order)
@@ -1725,7 +1726,8 @@ class _Field:
             sel, size = sel[np.repeat(keep, size)], size[keep]
             starts = np.r_[0, np.cumsum(size[:-1])]
         area = size.astype(np.float64)
-        rr, cc = (sel // self.w).astype(np.float64), (sel % self.w).astype(np.float64)
+        pix_r, pix_c = _rowcol(sel, self.w)
+        rr, cc = pix_r.astype(np.float64), pix_c.astype(np.float64)
         r0 = np.add.reduceat(rr, starts) / area
         c0 = np.add.reduceat(cc, starts) / area
         dr, dc = (
@@ -1748,8 +1750,8 @@ class _Field:
         # CD45 on the membrane just outside the nucleus: the max of the CD45 signal
         # binned 2 x 2 over a 3 x 3 bin neighbourhood (+-3 px) covers the ring
         h2, w2 = self.h // 2, self.w // 2
-        rb = np.minimum(sel // self.w // 2, h2 - 1)
-        cb = np.minimum(sel % self.w // 2, w2 - 1)
+        rb = np.minimum(pix_r // 2, h2 - 1)
+        cb = np.minimum(pix_c // 2, w2 - 1)
         near = self._near_max(self.lk, rb * w2 + cb, h2, w2)
         cd45 = np.maximum.reduceat(near, starts) / float(self.noise[self.lk])
         sat = self.sat(sel, flat=True)
