@@ -34,17 +34,13 @@ Pipeline (every threshold in `DetectionSettings`):
    so each cell counts once: `_centre_beyond_edge`; overlapping fields are
    joined by `analysis.stitch`) -> less cytokeratin over the cell than
    `ck_smooth_snr` (a part of a region split among its nuclei) -> no nucleus
-   (CK fragment) -> nucleus mostly outside the CK area (for a dim cell beside a
-   brighter one, over the nucleus pixels beyond that cell's halo, where its
-   own cytokeratin can be seen: `_hidden_in`) -> not larger than 4 um
+   (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um
    (a whole object: also with the field's blur taken `blur_uncertainty` larger,
    ``diameter_low_um``) ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
    its bleed-through; or around the nucleus, where a leukocyte under a CK
-   fragment has it) -> not round to oval (a cluster's part, or a dim cell
-   whose outline a brighter neighbour's halo cuts: by its axis ratio alone)
-   -> CTC;
+   fragment has it) -> not round to oval -> CTC;
    for a CTC the marker channel (FITC) is reported positive or not. The size
    is the object's, not the blur's: the half-maximum radius of its CK profile
    (its last fall below half within the mask's reach) deconvolved with the
@@ -798,11 +794,6 @@ class _Field:
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
         ) = None
-        #: PE's 3 x 3 sums of 2 x 2 bins (`_add_dim_ck`) and, computed from them
-        #: when first asked, the bins in the halo of brighter cytokeratin
-        #: (`_bright_halo`)
-        self._ck_sums: np.ndarray | None = None
-        self._halo: np.ndarray | None = None
 
     def sig(self, c: int, where: Any, *, flat: bool = False) -> np.ndarray:
         """Background-subtracted, spillover-compensated signal of channel `c` at
@@ -1059,15 +1050,24 @@ class _Field:
         if h2 < 3 or w2 < 3:
             return
         # the 3 x 3 sum, compared with 9 x each level: the mean's masks
-        sm = self._ck_sums = _box3_sum(self._binned_signal(self.e, h2, w2))
-        low = sm > st.ck_smooth_snr * 9 * float(self.noise[self.e])
+        sm = _box3_sum(self._binned_signal(self.e, h2, w2))
+        nine_noise = 9 * float(self.noise[self.e])
+        # brighter cytokeratin and its halo: an edge blurred by the field's blur
+        # and the 6 x 6 px average falls from the dim peak to `ck_smooth_snr`
+        # within about 1.3 of their widths (in 2 x 2 bins). What lies beyond it
+        # is dim cytokeratin of its own, also where a dim cell touches a bright
+        # one (a cluster) and shares its region of the mask
+        low = sm > st.ck_smooth_snr * nine_noise
         nuc2 = nuc_mask[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
         # a region is kept only where it holds a nucleus: most fields have no
         # nucleus in dim cytokeratin, and then neither halo nor labels are needed
         if not np.any(low & nuc2):
             return
-        halo = self._bright_halo()
-        assert halo is not None
+        halo = sm >= st.ck_dim_peak_snr * nine_noise
+        for _ in range(
+            max(1, round(1.3 * math.hypot(self.blur, 6 / math.sqrt(12)) / 2))
+        ):
+            halo = _max3(halo)  # 3 x 3 dilation
         low &= ~halo
         if not np.any(low & nuc2):
             return
@@ -1081,27 +1081,6 @@ class _Field:
         # temporary
         pixels = ck_mask[0 : 2 * h2, 0 : 2 * w2].reshape(h2, 2, w2, 2, copy=False)
         pixels |= dim[:, None, :, None]
-
-    def _bright_halo(self) -> np.ndarray | None:
-        """The 2 x 2 bins within the halo of brighter cytokeratin (None before
-        `_add_dim_ck`, or in a field too small for it).
-
-        Cytokeratin whose 6 x 6 px average reaches `ck_dim_peak_snr`, and its
-        halo: an edge blurred by the field's blur and that average falls from
-        the dim peak to `ck_smooth_snr` within about 1.3 of their widths (in
-        2 x 2 bins). What lies beyond it is dim cytokeratin of its own, also
-        where a dim cell touches a bright one (a cluster) and shares its region
-        of the mask; what lies under it cannot be told from the halo.
-        """
-        if self._halo is None and self._ck_sums is not None:
-            nine_noise = 9 * float(self.noise[self.e])
-            halo = self._ck_sums >= self.st.ck_dim_peak_snr * nine_noise
-            for _ in range(
-                max(1, round(1.3 * math.hypot(self.blur, 6 / math.sqrt(12)) / 2))
-            ):
-                halo = _max3(halo)  # 3 x 3 dilation
-            self._halo = halo
-        return self._halo
 
     def _measure_blur(
         self,
@@ -1376,19 +1355,15 @@ class _Field:
                 nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
-            # the nucleus at half its maximum, in the CK area (`_measure`); a dim
-            # cell's judged where its cytokeratin can be seen (`_hidden_in`)
-            if nuc_core is None and touching:
-                nuc_core = _core(np.isin(nl_s, touching), dapi)
-            hidden = self._hidden_in(sub, f)
-            f["_beside"] = hidden is not None and bool(np.any(_grow(cell) & hidden))
-            if nuc_core is None:
-                f["nucleus_inside"] = 0.0
+            # the nucleus at half its maximum, in the CK area (`_measure`)
+            if nuc_core is not None:
+                f["nucleus_inside"] = _inside(nuc_core, ck_area)
+            elif touching:
+                f["nucleus_inside"] = _inside(
+                    _core(np.isin(nl_s, touching), dapi), ck_area
+                )
             else:
-                seen = nuc_core if hidden is None else nuc_core & ~hidden
-                if np.count_nonzero(seen) < self.min_px:
-                    seen = nuc_core
-                f["nucleus_inside"] = _inside(seen, ck_area)
+                f["nucleus_inside"] = 0.0
             ecc, ratio, solidity = _shape(cell)
             f.update(
                 eccentricity=round(float(ecc), 3),
@@ -1398,30 +1373,6 @@ class _Field:
             label, reason = self._classify(f, has_nucleus=bool(touching))
             rows.append(self._finish(f, label, reason))
         return rows
-
-    def _hidden_in(
-        self, sub: tuple[slice, slice], f: Mapping[str, Any]
-    ) -> np.ndarray | None:
-        """Where, over `sub`, a dim cell's own cytokeratin is hidden: within the
-        halo of brighter cytokeratin (`_bright_halo`), whose blur drowns it, so
-        its CK area (`_add_dim_ck`) stops at the halo whatever lies under it.
-        None for a cell that is not dim (mean CK at or above
-        `ck_dim_peak_snr`).
-
-        A dim cell beside a brighter one is judged on what can be seen: the
-        nucleus inside its CK area over the nucleus pixels outside the halo,
-        and, its outline cut there as a cluster's part is by its neighbours,
-        its shape by its axis ratio alone (`_classify`).
-        """
-        if not f["ck_snr"] < self.st.ck_dim_peak_snr:
-            return None
-        hidden = self._bright_halo()
-        if hidden is None:
-            return None
-        h2, w2 = hidden.shape
-        rows = np.minimum(np.arange(sub[0].start, sub[0].stop) // 2, h2 - 1)
-        cols = np.minimum(np.arange(sub[1].start, sub[1].stop) // 2, w2 - 1)
-        return hidden[rows[:, None], cols[None, :]]
 
     def _intensity(
         self, crop: tuple[slice, slice], mask: np.ndarray
@@ -1670,8 +1621,6 @@ class _Field:
 
     def _classify(self, f: dict[str, Any], *, has_nucleus: bool) -> tuple[str, str]:
         st = self.st
-        # a dim cell whose outline a brighter neighbour's halo cuts (`_hidden_in`)
-        beside = f.pop("_beside", False)
         if (why := self._debris(f)) is not None:
             return "DEBRIS", why
         # the faint halo of debris or of the cartridge rim glows in every stain's
@@ -1731,9 +1680,7 @@ class _Field:
             return "OTHER", f"larger than {st.max_ctc_diameter_um:g} um"
         # round to oval; a cell split from a cluster has an artificial border on
         # its contact side, so only its axis ratio is judged
-        irregular = (
-            f["cluster_size"] == 1 and not beside and f["solidity"] < st.min_solidity
-        )
+        irregular = f["cluster_size"] == 1 and f["solidity"] < st.min_solidity
         if irregular or f["axis_ratio"] < st.min_axis_ratio:
             return "OTHER", "not round to oval"
         return "CTC", "meets the CTC definition"
