@@ -1697,6 +1697,7 @@ class _Field:
         f.pop("_sat2")
         f.pop("_all_bright")
         f.pop("_glow", None)
+        f.pop("_cut", None)  # (a debris verdict comes before the edge's)
         f["label"] = label
         f["reason"] = reason
         f["marker_positive"] = bool(label == "CTC" and f["marker_snr"] >= st.marker_snr)

@@ -478,6 +478,20 @@ def test_debris_bright_in_every_channel() -> None:
     assert not _ctcs(objs)
 
 
+def test_a_glowing_blob_is_debris_and_its_record_holds_no_working_keys() -> None:
+    # a blob as bright in FITC and APC as in cytokeratin, over DNA: the glow
+    # rule calls it debris, before the field's edge is asked about; no
+    # working key (``_cut``, ``_glow``, ...) reaches the record
+    cv = Canvas()
+    cv.blob(128, 128, 10, (1500, 80, 80, 80))
+    cv.cell(60, 60)
+    objs = _detect(cv.field())
+    assert _at(objs, 128, 128)["reason"].startswith("faint glow"), objs
+    assert _at(objs, 60, 60)["label"] == "CTC"
+    for o in objs:
+        assert not [k for k in o if k.startswith("_")], o
+
+
 def test_debris_saturated_in_two_channels() -> None:
     cv = Canvas()
     cv.blob(128, 128, 10, (9000, 0, 9000, 0))  # saturates DAPI and PE
