@@ -774,8 +774,9 @@ class _Field:
         self.m = idx.get("marker")
         self.full = {c: bgs[c].subtract_from(raw[c]) for c in (self.n, self.e)}
         # the mask channels' levels are read again only 2 x 2-sampled
-        # (`_binned_signal`): that quarter, not full frames of float32
-        self._level_quarter = {c: bgs[c].sampled(2) for c in self.full}
+        # (`_binned_signal`): that quarter, not full frames of float32, each
+        # computed when first asked (`_quarter`: the detector asks for PE's)
+        self._level_quarter: dict[int, np.ndarray] = {}
         #: the other channels' backgrounds, whose levels are computed where they
         #: are read (crops, pixels: `_level`), never as full-frame maps
         self.bgs = bgs
@@ -818,6 +819,13 @@ class _Field:
         rows, cols = _rowcol(where, self.w)
         return self.bgs[c].level_at(rows, cols)
 
+    def _quarter(self, c: int) -> np.ndarray:
+        """A mask channel's level at every other pixel of every other row
+        (`Background.sampled`), computed once."""
+        if c not in self._level_quarter:
+            self._level_quarter[c] = self.bgs[c].sampled(2)
+        return self._level_quarter[c]
+
     def _binned_signal(self, c: int, h2: int, w2: int) -> np.ndarray:
         """Channel `c` signal averaged over 2 x 2 bins, shape (h2, w2), computed
         at the binned size (a quarter of the full-frame passes)."""
@@ -840,8 +848,8 @@ class _Field:
             )
 
         v = bin2(self.raw[c])
-        if c in self._level_quarter:  # a mask channel's: kept sampled only
-            v -= self._level_quarter[c][:h2, :w2]
+        if c in self.full:  # a mask channel's: kept sampled only
+            v -= self._quarter(c)[:h2, :w2]
         else:
             v -= self._level(c, (slice(0, 2 * h2, 2), slice(0, 2 * w2, 2)))
         for src in (self.e, self.n):
@@ -861,8 +869,8 @@ class _Field:
             return _mean4(flat[p], flat[p + w], flat[p + 1], flat[p + w + 1])
 
         v = bin2(self.raw[c].ravel())
-        if c in self._level_quarter:
-            v -= self._level_quarter[c].ravel()[bins]
+        if c in self.full:
+            v -= self._quarter(c).ravel()[bins]
         else:
             v -= self._level(c, p)
         for src in (self.e, self.n):

@@ -219,8 +219,9 @@ def radial_profile(
     if centre is None:
         return empty, empty, empty
     r0, c0 = centre
-    ys, xs = np.indices(signal.shape)
-    dist = np.hypot(ys - r0, xs - c0)
+    # rows and columns broadcast: the same distances as full index grids give
+    h, w = signal.shape
+    dist = np.hypot((np.arange(h) - r0)[:, None], (np.arange(w) - c0)[None, :])
     ok = np.ones(signal.shape, bool) if allowed is None else allowed
     b = (dist[ok] / bin_px).astype(np.intp)
     n = np.bincount(b)
