@@ -1434,7 +1434,14 @@ class _Field:
             glow >= self.st.debris_halo_snr
             and glow >= self.st.debris_halo_fraction * (f["ck_snr"])
         ):
-            glow = self._glow(f, {c: float(np.median(v)) for c, v in enumerate(inside)})
+            # (the DNA channel's median is never asked for)
+            glow = self._glow(
+                f,
+                {
+                    c: None if c == self.n else float(np.median(v))
+                    for c, v in enumerate(inside)
+                },
+            )
         f["_glow"] = glow
         return f, sig
 
