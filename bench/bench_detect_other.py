@@ -55,7 +55,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -65,6 +65,7 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import detect_eval  # noqa: E402
 from bench_detect import _env, _f, _json_default, _kinds, render_table  # noqa: E402
 from detect_eval import REPO, detect_field, load_detector  # noqa: E402
 from othergen import (  # noqa: E402
@@ -90,44 +91,18 @@ _FEATURES = ("ck_snr", "nucleus_inside", "axis_ratio", "solidity", "cluster_size
 
 
 @dataclass
-class Tally:
-    """Scores of one detector on some fields."""
+class Tally(detect_eval.Tally):
+    """Scores of one detector on some fields (`detect_eval.Tally`, with the
+    dim CTCs present and found)."""
 
-    fields: int = 0
-    true_ctc: int = 0
-    called_ctc: int = 0
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
     dim_tp: int = 0
     dim_true: int = 0
-    fp_kinds: Counter = field(default_factory=Counter)
-    fn_kinds: Counter = field(default_factory=Counter)
-    seconds: list[float] = field(default_factory=list)
 
-    def add(self, o: Tally) -> None:
-        for k in (
-            "fields",
-            "true_ctc",
-            "called_ctc",
-            "tp",
-            "fp",
-            "fn",
-            "dim_tp",
-            "dim_true",
-        ):
-            setattr(self, k, getattr(self, k) + getattr(o, k))
-        self.fp_kinds.update(o.fp_kinds)
-        self.fn_kinds.update(o.fn_kinds)
-        self.seconds += o.seconds
-
-    @property
-    def sensitivity(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+    def add(self, other: detect_eval.Tally) -> None:
+        super().add(other)
+        if isinstance(other, Tally):
+            self.dim_tp += other.dim_tp
+            self.dim_true += other.dim_true
 
     @property
     def ms_median(self) -> float:

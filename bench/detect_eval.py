@@ -232,9 +232,11 @@ def load_detector(rev: str) -> Callable[..., Any]:
     `rev`, for a before/after comparison in one run. The whole package is
     taken from `rev` (detect.py calls psf.py, background.py, settings.py),
     under a package name of its own so that it sits beside today's."""
+    import atexit
     import importlib
     import io
     import re
+    import shutil
     import subprocess
     import tarfile
     import tempfile
@@ -247,6 +249,8 @@ def load_detector(rev: str) -> Callable[..., Any]:
         capture_output=True,
     ).stdout
     root = Path(tempfile.mkdtemp(prefix="detect-"))
+    # its modules may import more of the package later: removed at exit
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     (root / "analysis").rename(root / pkg)
