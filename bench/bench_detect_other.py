@@ -224,8 +224,14 @@ def score_field(
         if b not in matched_truth and not ctc["border_cut"]:
             t.fn += 1
             t.fn_kinds[_subtype(ctc)] += 1
+    # counted as sensitivity is: every dim CTC found, and those missed but not
+    # cut by the frame's edge
     t.dim_tp = sum(1 for _, b in pairs if ctcs[b]["dim"])
-    t.dim_true = sum(1 for x in ctcs if x["dim"] and not x["border_cut"])
+    t.dim_true = t.dim_tp + sum(
+        1
+        for b, x in enumerate(ctcs)
+        if x["dim"] and b not in matched_truth and not x["border_cut"]
+    )
     return t, matched_calls
 
 
@@ -285,74 +291,47 @@ def _plain(v: Any) -> Any:
 # --------------------------------------------------------------------- tables
 
 
+#: the scores each table gives a detector, after the condition's own columns
+_SCORES = ("TP", "FP", "FN", "sens", "prec", "dim found", "ms med")
+
+
+def _score_cells(t: Tally) -> list[str]:
+    return [
+        str(t.tp),
+        str(t.fp),
+        str(t.fn),
+        _f(t.sensitivity, ".3f"),
+        _f(t.precision, ".3f"),
+        f"{t.dim_tp}/{t.dim_true}",
+        _f(t.ms_median, ".0f"),
+    ]
+
+
 def summary_table(rows: dict[str, Tally]) -> str:
     out = [
-        [
-            name,
-            str(t.fields),
-            str(t.true_ctc),
-            str(t.called_ctc),
-            str(t.tp),
-            str(t.fp),
-            str(t.fn),
-            _f(t.sensitivity, ".3f"),
-            _f(t.precision, ".3f"),
-            f"{t.dim_tp}/{t.dim_true}",
-            _f(t.ms_median, ".0f"),
-        ]
+        [name, str(t.fields), str(t.true_ctc), str(t.called_ctc), *_score_cells(t)]
         for name, t in rows.items()
     ]
-    return render_table(
-        (
-            "condition",
-            "fields",
-            "true",
-            "called",
-            "TP",
-            "FP",
-            "FN",
-            "sens",
-            "prec",
-            "dim found",
-            "ms med",
-        ),
-        out,
-    )
+    return render_table(("condition", "fields", "true", "called", *_SCORES), out)
 
 
 def compare_table(before: dict[str, Tally], after: dict[str, Tally]) -> str:
-    out = []
-    for name, a in after.items():
-        b = before[name]
-        out.append(
-            [
-                name,
-                str(a.fields),
-                str(a.true_ctc),
-                f"{b.tp} -> {a.tp}",
-                f"{b.fp} -> {a.fp}",
-                f"{b.fn} -> {a.fn}",
-                f"{_f(b.sensitivity, '.3f')} -> {_f(a.sensitivity, '.3f')}",
-                f"{_f(b.precision, '.3f')} -> {_f(a.precision, '.3f')}",
-                f"{b.dim_tp}/{b.dim_true} -> {a.dim_tp}/{a.dim_true}",
-                f"{_f(b.ms_median, '.0f')} -> {_f(a.ms_median, '.0f')}",
-            ]
-        )
-    return render_table(
-        (
-            "condition",
-            "fields",
-            "true",
-            "TP",
-            "FP",
-            "FN",
-            "sens",
-            "prec",
-            "dim found",
-            "ms med",
-        ),
-        out,
-    )
+    """`summary_table`'s scores, each as ``before -> after``."""
+    out = [
+        [
+            name,
+            str(a.fields),
+            str(a.true_ctc),
+            *(
+                f"{x} -> {y}"
+                for x, y in zip(
+                    _score_cells(before[name]), _score_cells(a), strict=True
+                )
+            ),
+        ]
+        for name, a in after.items()
+    ]
+    return render_table(("condition", "fields", "true", *_SCORES), out)
 
 
 def kinds_table(rows: dict[str, dict[str, Tally]]) -> str:
