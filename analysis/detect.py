@@ -1709,10 +1709,10 @@ class _Field:
 
     def _finish(self, f: dict[str, Any], label: str, reason: str) -> dict[str, Any]:
         st = self.st
-        f.pop("_sat2")
-        f.pop("_all_bright")
-        f.pop("_glow", None)
-        f.pop("_cut", None)  # (a debris verdict comes before the edge's)
+        # the working keys (``_sat2``, ``_glow``, ``_cut``...) end here, whichever
+        # rule decided: a verdict may come before the rule that reads one
+        for key in [k for k in f if k.startswith("_")]:
+            del f[key]
         f["label"] = label
         f["reason"] = reason
         f["marker_positive"] = bool(label == "CTC" and f["marker_snr"] >= st.marker_snr)
