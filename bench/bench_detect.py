@@ -814,7 +814,12 @@ def _json_default(o: Any) -> Any:
 
 
 def _seeds(text: str, *, tuning: bool = False) -> list[int]:
-    seeds = [int(s) for s in text.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--seeds: whole numbers, comma-separated; got {text!r}"
+        ) from None
     tuned = sorted(set(seeds) & TUNING_SEEDS)
     if tuning:
         held_out = sorted(set(seeds) - TUNING_SEEDS)

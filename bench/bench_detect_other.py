@@ -524,7 +524,12 @@ def _default_out() -> Path:
 
 
 def _seeds(text: str) -> list[int]:
-    seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise SystemExit(
+            f"--seeds: whole numbers, comma-separated; got {text!r}"
+        ) from None
     if not seeds:
         raise SystemExit("no seeds given")
     return seeds

@@ -296,11 +296,15 @@ def driver(args: argparse.Namespace) -> int:
         if args.before:
             before = Path(tmp) / "before"
             before.mkdir()
-            tar = subprocess.run(
-                ["git", "-C", str(REPO), "archive", args.before],
-                capture_output=True,
-                check=True,
-            ).stdout
+            got = subprocess.run(
+                ["git", "-C", str(REPO), "archive", args.before], capture_output=True
+            )
+            if got.returncode:
+                why = got.stderr.decode(errors="replace").strip().splitlines()
+                raise SystemExit(
+                    f"--before {args.before}: {why[-1] if why else 'no such revision'}"
+                )
+            tar = got.stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=tar, check=True)
             trees.insert(0, (args.before, before))
         results: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in trees}

@@ -243,11 +243,15 @@ def load_detector(rev: str) -> Callable[..., Any]:
 
     tag = "".join(ch if ch.isalnum() else "_" for ch in rev)[:24]
     pkg = f"analysis_before_{tag}"
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", rev, "analysis"],
-        check=True,
-        capture_output=True,
-    ).stdout
+    got = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "analysis"], capture_output=True
+    )
+    if got.returncode:
+        why = got.stderr.decode(errors="replace").strip().splitlines()
+        raise SystemExit(
+            f"--before {rev}: no analysis package there ({why[-1] if why else 'git'})"
+        )
+    archive = got.stdout
     root = Path(tempfile.mkdtemp(prefix="detect-"))
     # its modules may import more of the package later: removed at exit
     atexit.register(shutil.rmtree, root, ignore_errors=True)
