@@ -23,7 +23,10 @@ Pipeline (every threshold in `DetectionSettings`):
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
    seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
-   distance-map peaks first;
+   distance-map peaks first. A region holding debris (or the rim) reports it
+   and is split again without it (`_peel`): the debris is one more seed of
+   that watershed, so its glow stays its own and a cell beside it keeps its
+   own body;
 5. candidates are classified in the order of the definition: debris (saturated in
    two channels, or bright in every channel: also the cartridge rim; or a faint
    glow across the object in every non-DNA channel (medians) about as strong
@@ -1030,9 +1033,11 @@ class _Field:
                 # look again at what is left once its pixels are peeled away
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
-                local, areas, parts = self._peel(crop, region, nuc_lab[crop])
+                local, areas, junk, parts = self._peel(crop, region, nuc_lab[crop])
                 for sub, nuclei in parts:
-                    self._add_region(crop, sub, local, nuclei, areas, set())
+                    self._add_region(
+                        crop, sub, local, nuclei, areas, set(), debris=junk
+                    )
                 continue
             self._add_region(
                 crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
@@ -1125,10 +1130,12 @@ class _Field:
         claimed: set[int],
         *,
         split: bool = False,
+        debris: np.ndarray | None = None,
     ) -> None:
         """Classify one CK region, given the nuclei overlapping it (`nl`: the
         field's nucleus labels over `crop` when `split`, whose merged nuclei
-        may then be split: `_split_merged`)."""
+        may then be split: `_split_merged`; `debris`: the debris pixels the
+        region was peeled from, `_peel`)."""
         inside = [
             nid
             for nid, cnt in near
@@ -1140,7 +1147,9 @@ class _Field:
             nl, pieces = self._split_merged(crop, region, nl, near, set(inside))
             inside += pieces
             touching += pieces
-        self.result.objects.extend(self._ck_region(crop, region, nl, inside, touching))
+        self.result.objects.extend(
+            self._ck_region(crop, region, nl, inside, touching, debris)
+        )
 
     def _split_merged(
         self,
@@ -1208,14 +1217,19 @@ class _Field:
 
     def _peel(
         self, crop: tuple[slice, slice], region: np.ndarray, nl: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, list[tuple[int, int]]]]]:
+    ) -> tuple[
+        np.ndarray,
+        np.ndarray,
+        np.ndarray,
+        list[tuple[np.ndarray, list[tuple[int, int]]]],
+    ]:
         """Parts of a debris region left after removing its debris-like pixels.
 
         The nuclei are segmented again without the debris pixels (a nucleus
         touching debris merges with the debris' own DNA signal). Returns that
-        local nucleus label image, its labels' areas, and each remaining part
-        (bool mask over `crop`) with the local nuclei overlapping it, as (id,
-        pixels).
+        local nucleus label image, its labels' areas, the debris pixels (bool
+        over `crop`), and each remaining part (bool mask over `crop`) with the
+        local nuclei overlapping it, as (id, pixels).
         """
         sig, sat = self._signals(crop)
         # debris-like pixels of the region, judged at its pixels alone
@@ -1239,7 +1253,7 @@ class _Field:
             ids, cnt = np.unique(local[part], return_counts=True)
             nuclei = [(int(i), int(c)) for i, c in zip(ids, cnt, strict=True) if i]
             out.append((part, nuclei))
-        return local, _areas(local, clear, n_local), out
+        return local, _areas(local, clear, n_local), junk, out
 
     def _debris_row(
         self, f: dict[str, Any], region: np.ndarray, why: str, label: str = "DEBRIS"
@@ -1285,8 +1299,14 @@ class _Field:
         nl: np.ndarray,
         inside: list[int],
         touching: list[int],
+        debris: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
-        """One row per cell of a CK region (clusters split among their nuclei)."""
+        """One row per cell of a CK region (clusters split among their nuclei).
+
+        A region peeled from `debris` (bool over `crop`) is split with the
+        debris as one more seed: the debris' glow, falling away from it, is
+        its own, and each cell keeps its own body.
+        """
         if np.count_nonzero(region) > self.st.max_cluster_area_um2 / self.px**2:
             # far larger than a cluster of cells (e.g. a defocused wall): no split
             f, _ = self._intensity(crop, region)
@@ -1325,7 +1345,11 @@ class _Field:
                 n_mark += 1
                 markers[box][pieces == p] = n_mark
         parts: list[tuple[np.ndarray, np.ndarray | None]]
-        if n_mark >= 2:
+        seeds = n_mark
+        if debris is not None and n_mark:
+            seeds += 1
+            markers[debris & (markers == 0)] = seeds
+        if seeds >= 2:
             cells = watershed(
                 -self.full[self.e][crop], markers, mask=region | (markers > 0)
             )
@@ -1355,7 +1379,7 @@ class _Field:
                 others &= ~nucleus
             nuc_core = None if nucleus is None else _core(nucleus, dapi)
             f, ck_area = self._measure(
-                sub, cell, others, nuc_core, single=len(parts) == 1
+                sub, cell, others, nuc_core, single=len(parts) == 1 and debris is None
             )
             # a cell on the edge of abutting fields is seen in two; it is counted
             # in the field holding its nucleus' centre (overlaps: stitch.py)

@@ -509,6 +509,38 @@ def test_ctc_beside_debris_is_still_found() -> None:
     assert any(o["label"] == "DEBRIS" for o in objs)
 
 
+@pytest.mark.parametrize(
+    ("levels", "diam_um", "nucleus_um", "ck", "dapi", "gap_um", "blur", "seed"),
+    [
+        ((9000, 6000, 9000, 6000), 12, 7, 800, 800, -1.5, 1.0, 798303),
+        ((3000, 2000, 2500, 2000), 12, 5, 800, 800, -3.0, 1.0, 149509),
+        ((9000, 6000, 9000, 6000), 15, 7, 2000, 400, -1.5, 2.5, 570231),
+    ],
+)
+def test_a_cell_overlapping_debris_keeps_its_own_body(
+    levels: tuple,
+    diam_um: float,
+    nucleus_um: float,
+    ck: float,
+    dapi: float,
+    gap_um: float,
+    blur: float,
+    seed: int,
+) -> None:
+    # a cell pressed into 20 um debris (bright in every channel, or saturated):
+    # once the debris is peeled off, the rest of the region is split with the
+    # debris as one more seed, so the debris' blurred edge stays the debris'
+    # and the cell is measured on its own body
+    cv = Canvas(seed=seed)
+    dc = 140 - (20 / 2 + diam_um / 2 + gap_um) / PX
+    cv.blob(128, dc, 20, levels)
+    cv.cell(128, 140, diam_um=diam_um, ck=ck, dapi=dapi, nucleus_um=nucleus_um)
+    objs = _detect(cv.field(blur=blur))
+    assert any(o["label"] == "DEBRIS" for o in objs)
+    assert _at(objs, 128, 140)["label"] == "CTC", _at(objs, 128, 140)
+    assert len(_ctcs(objs)) == 1, _ctcs(objs)
+
+
 def test_cartridge_rim_and_dark_outside_give_no_ctc() -> None:
     cv = Canvas(size=320)
     # a bright wall band in every channel at column 100, dark outside on its left
