@@ -31,7 +31,9 @@ Pipeline (every threshold in `DetectionSettings`):
    two channels, or bright in every channel: also the cartridge rim; or a faint
    glow across the object in every non-DNA channel (medians) about as strong
    as its cytokeratin, the halo of debris or of the rim: `debris_halo_snr`,
-   `debris_halo_fraction`) -> nucleus
+   `debris_halo_fraction`; or, peeled off debris, each stain's channel
+   standing to its cytokeratin at least `debris_halo_fraction` as high as in
+   the band just beyond the debris: the colour of the debris' glow) -> nucleus
    cut by the field's edge with its centre beyond it (abutting fields: a cell
    is counted in the field holding its nucleus' centre, which sees most of it,
    so each cell counts once: `_centre_beyond_edge`; overlapping fields are
@@ -794,6 +796,7 @@ class _Field:
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
         #: `_split_dna` of each nucleus blob near a CK region, by nucleus label
         self._dna_pieces: dict[int, tuple[np.ndarray | None, int]] = {}
+        self._glow_colour: list[float] | None = None
         #: the CK region being measured: its crop, signals and saturation counts
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
@@ -1034,10 +1037,12 @@ class _Field:
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
                 local, areas, junk, parts = self._peel(crop, region, nuc_lab[crop])
+                self._glow_colour = self._colour_beside(crop, region, junk)
                 for sub, nuclei in parts:
                     self._add_region(
                         crop, sub, local, nuclei, areas, set(), debris=junk
                     )
+                self._glow_colour = None
                 continue
             self._add_region(
                 crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
@@ -1254,6 +1259,20 @@ class _Field:
             nuclei = [(int(i), int(c)) for i, c in zip(ids, cnt, strict=True) if i]
             out.append((part, nuclei))
         return local, _areas(local, clear, n_local), junk, out
+
+    def _colour_beside(
+        self, crop: tuple[slice, slice], region: np.ndarray, junk: np.ndarray
+    ) -> list[float] | None:
+        """Each channel's median signal (noise units) in the band of `region`
+        just beyond the debris pixels `junk`: the colour of the debris' glow."""
+        band = _grow(junk, 2) & ~junk & region
+        if np.count_nonzero(band) < self.min_px:
+            return None
+        sig, _ = self._signals(crop)
+        return [
+            float(np.median(sig[c][band])) / float(self.noise[c])
+            for c in range(len(self.names))
+        ]
 
     def _debris_row(
         self, f: dict[str, Any], region: np.ndarray, why: str, label: str = "DEBRIS"
@@ -1669,6 +1688,8 @@ class _Field:
         glow = f.pop("_glow")
         if glow >= st.debris_halo_snr and glow >= st.debris_halo_fraction * ck:
             return "DEBRIS", "faint glow in every channel (debris or rim halo)"
+        if self._in_glow(f, ck):
+            return "DEBRIS", "in the glow of debris (its colour)"
         if f.pop("_cut"):
             return "OTHER", CUT_REASON
         if f["ck_snr"] < st.ck_smooth_snr:
@@ -1723,6 +1744,22 @@ class _Field:
         if irregular or f["axis_ratio"] < st.min_axis_ratio:
             return "OTHER", "not round to oval"
         return "CTC", "meets the CTC definition"
+
+    def _in_glow(self, f: Mapping[str, Any], ck: float) -> bool:
+        """A part peeled from debris whose every stain's channel stands to its
+        cytokeratin as in the debris' glow beside it: the glow, not a cell."""
+        g = self._glow_colour
+        if g is None or not (g[self.e] > 0 and ck > 0):
+            return False
+        for c, name in enumerate(self.names):
+            if c in (self.n, self.e):
+                continue
+            if not g[c] > 0:
+                return False
+            part = f[f"{name}_mean"] / float(self.noise[c]) / ck
+            if part < self.st.debris_halo_fraction * g[c] / g[self.e]:
+                return False
+        return True
 
     def _debris(self, f: Mapping[str, Any]) -> str | None:
         if f["_sat2"]:

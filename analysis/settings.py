@@ -235,7 +235,16 @@ class DetectionSettings(BaseModel):
             "of debris or of the rim)"
         ),
     )
-    debris_halo_fraction: float = Field(default=0.5, gt=0, le=1)
+    debris_halo_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "see debris_halo_snr; also, a part peeled off debris whose every "
+            "stain's channel stands to its CK at least this fraction as high as "
+            "just beyond the debris has the colour of its glow: debris"
+        ),
+    )
     debris_saturated_fraction: float = Field(
         default=0.02,
         ge=0,
