@@ -796,7 +796,7 @@ class _Field:
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
         #: `_split_dna` of each nucleus blob near a CK region, by nucleus label
         self._dna_pieces: dict[int, tuple[np.ndarray | None, int]] = {}
-        self._glow_colour: list[float] | None = None
+        self._glow_band: np.ndarray | None = None  # `_colour_beside`
         #: the CK region being measured: its crop, signals and saturation counts
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
@@ -1037,12 +1037,12 @@ class _Field:
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
                 local, areas, junk, parts = self._peel(crop, region, nuc_lab[crop])
-                self._glow_colour = self._colour_beside(crop, region, junk)
+                self._glow_band = _grow(junk, 2) & ~junk & region
                 for sub, nuclei in parts:
                     self._add_region(
                         crop, sub, local, nuclei, areas, set(), debris=junk
                     )
-                self._glow_colour = None
+                self._glow_band = None
                 continue
             self._add_region(
                 crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
@@ -1261,18 +1261,24 @@ class _Field:
         return local, _areas(local, clear, n_local), junk, out
 
     def _colour_beside(
-        self, crop: tuple[slice, slice], region: np.ndarray, junk: np.ndarray
+        self, crop: tuple[slice, slice], cell: np.ndarray
     ) -> list[float] | None:
-        """Each channel's median signal (noise units) in the band of `region`
-        just beyond the debris pixels `junk`: the colour of the debris' glow."""
-        band = _grow(junk, 2) & ~junk & region
+        """Each channel's median signal (noise units) in the 2 px band of a
+        peeled region just beyond its debris (`_glow_band`, over `crop`), away
+        from `cell` (3 px: the edge of a cell pressed into the debris may fall
+        to the debris' share): the colour of the debris' glow, where it glows
+        at least as bright as the faintest cytokeratin found (else None)."""
+        if self._glow_band is None:
+            return None
+        band = self._glow_band & ~_grow(cell, 3)
         if np.count_nonzero(band) < self.min_px:
             return None
         sig, _ = self._signals(crop)
-        return [
+        colour = [
             float(np.median(sig[c][band])) / float(self.noise[c])
             for c in range(len(self.names))
         ]
+        return colour if colour[self.e] >= self.st.ck_smooth_snr else None
 
     def _debris_row(
         self, f: dict[str, Any], region: np.ndarray, why: str, label: str = "DEBRIS"
@@ -1406,6 +1412,9 @@ class _Field:
                 nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
+            f["_glow_colour"] = self._colour_beside(
+                crop, cell_c if nucleus_c is None else cell_c | nucleus_c
+            )
             # the nucleus at half its maximum, in the CK area (`_measure`)
             if nuc_core is not None:
                 f["nucleus_inside"] = _inside(nuc_core, ck_area)
@@ -1748,8 +1757,8 @@ class _Field:
     def _in_glow(self, f: Mapping[str, Any], ck: float) -> bool:
         """A part peeled from debris whose every stain's channel stands to its
         cytokeratin as in the debris' glow beside it: the glow, not a cell."""
-        g = self._glow_colour
-        if g is None or not (g[self.e] > 0 and ck > 0):
+        g = f.get("_glow_colour")
+        if g is None or not ck > 0:
             return False
         for c, name in enumerate(self.names):
             if c in (self.n, self.e):

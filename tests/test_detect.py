@@ -565,6 +565,21 @@ def test_the_glow_around_debris_holds_no_ctc(
     assert not _ctcs(objs), _ctcs(objs)
 
 
+@pytest.mark.parametrize(("blur", "seed"), [(0.35, 0), (0.35, 1), (0.6, 0), (0.6, 1)])
+def test_a_cell_pressed_into_sharp_debris_is_not_its_glow(
+    blur: float, seed: int
+) -> None:
+    # sharp saturated debris has no glow: the band beyond it holds the edge of
+    # the cell pressed into it (which the debris' seed may take), so its colour
+    # is measured away from the cell, where nothing glows, and the cell stays
+    # a cell
+    cv = Canvas(seed=seed)
+    cv.blob(128, 140 - (20 / 2 + 10 / 2 - 0.5) / PX, 20, (9000, 6000, 9000, 6000))
+    cv.cell(128, 140, diam_um=10, ck=700, dapi=800, nucleus_um=6, fitc=40, cd45=40)
+    obj = _at(_detect(cv.field(blur=blur)), 128, 140)
+    assert obj["label"] == "CTC", obj
+
+
 def test_cartridge_rim_and_dark_outside_give_no_ctc() -> None:
     cv = Canvas(size=320)
     # a bright wall band in every channel at column 100, dark outside on its left
