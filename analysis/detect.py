@@ -796,7 +796,6 @@ class _Field:
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
         #: `_split_dna` of each nucleus blob near a CK region, by nucleus label
         self._dna_pieces: dict[int, tuple[np.ndarray | None, int]] = {}
-        self._glow_band: np.ndarray | None = None  # `_colour_beside`
         #: the CK region being measured: its crop, signals and saturation counts
         self._region: (
             tuple[tuple[slice, slice], dict[int, np.ndarray], np.ndarray] | None
@@ -1037,12 +1036,12 @@ class _Field:
                 claimed.update(nid for nid, _ in near)
                 self.result.objects.append(self._debris_row(whole, region, why))
                 local, areas, junk, parts = self._peel(crop, region, nuc_lab[crop])
-                self._glow_band = _grow(junk, 2) & ~junk & region
+                # the band just beyond the debris: its glow's colour
+                band = _grow(junk, 2) & ~junk & region
                 for sub, nuclei in parts:
                     self._add_region(
-                        crop, sub, local, nuclei, areas, set(), debris=junk
+                        crop, sub, local, nuclei, areas, set(), debris=(junk, band)
                     )
-                self._glow_band = None
                 continue
             self._add_region(
                 crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
@@ -1135,12 +1134,12 @@ class _Field:
         claimed: set[int],
         *,
         split: bool = False,
-        debris: np.ndarray | None = None,
+        debris: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Classify one CK region, given the nuclei overlapping it (`nl`: the
         field's nucleus labels over `crop` when `split`, whose merged nuclei
         may then be split: `_split_merged`; `debris`: the debris pixels the
-        region was peeled from, `_peel`)."""
+        region was peeled from, `_peel`, and the band just beyond them)."""
         inside = [
             nid
             for nid, cnt in near
@@ -1261,16 +1260,14 @@ class _Field:
         return local, _areas(local, clear, n_local), junk, out
 
     def _colour_beside(
-        self, crop: tuple[slice, slice], cell: np.ndarray
+        self, crop: tuple[slice, slice], band: np.ndarray, cell: np.ndarray
     ) -> list[float] | None:
-        """Each channel's median signal (noise units) in the 2 px band of a
-        peeled region just beyond its debris (`_glow_band`, over `crop`), away
-        from `cell` (3 px: the edge of a cell pressed into the debris may fall
-        to the debris' share): the colour of the debris' glow, where it glows
-        at least as bright as the faintest cytokeratin found (else None)."""
-        if self._glow_band is None:
-            return None
-        band = self._glow_band & ~_grow(cell, 3)
+        """Each channel's median signal (noise units) in the 2 px `band` of a
+        peeled region just beyond its debris (over `crop`), away from `cell`
+        (3 px: the edge of a cell pressed into the debris may fall to the
+        debris' share): the colour of the debris' glow, where it glows at
+        least as bright as the faintest cytokeratin found (else None)."""
+        band = band & ~_grow(cell, 3)
         if np.count_nonzero(band) < self.min_px:
             return None
         sig, _ = self._signals(crop)
@@ -1324,13 +1321,14 @@ class _Field:
         nl: np.ndarray,
         inside: list[int],
         touching: list[int],
-        debris: np.ndarray | None = None,
+        debris: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[dict[str, Any]]:
         """One row per cell of a CK region (clusters split among their nuclei).
 
-        A region peeled from `debris` (bool over `crop`) is split with the
-        debris as one more seed: the debris' glow, falling away from it, is
-        its own, and each cell keeps its own body.
+        A region peeled from debris (`debris`: its pixels and the band just
+        beyond them, bool over `crop`) is split with the debris as one more
+        seed: the debris' glow, falling away from it, is its own, and each
+        cell keeps its own body; a part with the glow's colour is debris.
         """
         if np.count_nonzero(region) > self.st.max_cluster_area_um2 / self.px**2:
             # far larger than a cluster of cells (e.g. a defocused wall): no split
@@ -1373,7 +1371,7 @@ class _Field:
         seeds = n_mark
         if debris is not None and n_mark:
             seeds += 1
-            markers[debris & (markers == 0)] = seeds
+            markers[debris[0] & (markers == 0)] = seeds
         if seeds >= 2:
             cells = watershed(
                 -self.full[self.e][crop], markers, mask=region | (markers > 0)
@@ -1412,8 +1410,14 @@ class _Field:
                 nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
-            f["_glow_colour"] = self._colour_beside(
-                crop, cell_c if nucleus_c is None else cell_c | nucleus_c
+            f["_glow_colour"] = (
+                None
+                if debris is None
+                else self._colour_beside(
+                    crop,
+                    debris[1],
+                    cell_c if nucleus_c is None else cell_c | nucleus_c,
+                )
             )
             # the nucleus at half its maximum, in the CK area (`_measure`)
             if nuc_core is not None:
