@@ -19,14 +19,18 @@ Pipeline (every threshold in `DetectionSettings`):
    added where PE averaged over 6 x 6 px exceeds `ck_smooth_snr` around a
    nucleus, below `ck_dim_peak_snr` and beyond the blurred halo of anything
    brighter (so also a dim cell touching a bright one in a cluster);
-   connected components; specks below `min_object_area_um2` dropped;
+   connected components; specks below `min_object_area_um2` dropped. A DNA
+   speck that small on the slope of a brighter nucleus (a brighter pixel of
+   another nucleus within 2 px: `_wing_specks`) is that nucleus' blurred edge
+   cut off by noise, not a nucleus of its own;
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
-   seeded at the nuclei; a non-convex nucleus (two merged nuclei) is split at its
-   distance-map peaks first. A region holding debris (or the rim) reports it
-   and is split again without it (`_peel`): the debris is one more seed of
-   that watershed, so its glow stays its own and a cell beside it keeps its
-   own body;
+   seeded at the nuclei (not at such specks, which still count against the
+   limit of nuclei a cluster can hold); a non-convex nucleus (two merged
+   nuclei) is split at its distance-map peaks first. A region holding debris
+   (or the rim) reports it and is split again without it (`_peel`): the
+   debris is one more seed of that watershed, so its glow stays its own and
+   a cell beside it keeps its own body;
 5. candidates are classified in the order of the definition: debris (saturated in
    two channels, or bright in every channel: also the cartridge rim; or a faint
    glow across the object in every non-DNA channel (medians) about as strong
@@ -60,7 +64,7 @@ Coordinates are (row, col) pixels of the field; distances in um use the pixel si
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -293,6 +297,56 @@ def _by_label(
         return sel, np.zeros(0, np.intp), labels
     starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
     return sel, starts, labels[starts]
+
+
+#: a speck of the DNA mask within this many px (Chebyshev) of a brighter pixel
+#: of another nucleus lies on that nucleus' slope (`_wing_specks`)
+_WING_PX = 2
+
+
+def _wing_specks(
+    lab: np.ndarray,
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray],
+    dna: np.ndarray,
+    min_px: int,
+) -> set[int]:
+    """Labels of the DNA mask's specks that are no nucleus of their own.
+
+    A blurred nucleus' edge falls through the mask's threshold over a few px,
+    and noise there leaves pixels above it cut off from the nucleus: specks
+    smaller than `min_px`. Such a speck lies on the brighter nucleus' slope: a
+    pixel of another nucleus within `_WING_PX` of its brightest is brighter
+    still. A nucleus of its own, however small or dim, is a peak of its DNA.
+    Left in, a speck inside a cytokeratin body beside a leukocyte made that
+    body a cell with its nucleus inside."""
+    sel, starts, ids = pixels
+    if not sel.size:
+        return set()
+    size = np.diff(np.r_[starts, sel.size])
+    small = np.flatnonzero(size < min_px)
+    if not small.size:
+        return set()
+    h, w = lab.shape
+    flat_lab, flat_dna = lab.ravel(), dna.ravel()
+    # each small speck's brightest pixel, the first in raster order if tied:
+    # the specks' pixels one after another, `group` telling whose
+    n = size[small]
+    group = np.repeat(np.arange(small.size), n)
+    first = np.r_[0, np.cumsum(n)[:-1]]
+    pix = sel[np.repeat(starts[small] - first, n) + np.arange(group.size)]
+    val = flat_dna[pix]
+    top = val == np.repeat(np.maximum.reduceat(val, first), n)
+    _, at = np.unique(group[top], return_index=True)
+    peaks = pix[np.flatnonzero(top)[at]]
+    pr, pc = _rowcol(peaks, w)
+    d = np.arange(-_WING_PX, _WING_PX + 1)
+    rr = np.clip(pr[:, None, None] + d[None, :, None], 0, h - 1)
+    cc = np.clip(pc[:, None, None] + d[None, None, :], 0, w - 1)
+    nb = (rr * w + cc).reshape(small.size, -1)
+    own = ids[small][:, None]
+    other = (flat_lab[nb] > 0) & (flat_lab[nb] != own)
+    brighter = flat_dna[nb] > flat_dna[peaks][:, None]
+    return set(ids[small[(other & brighter).any(axis=1)]].tolist())
 
 
 def _rowcol(flat: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -997,6 +1051,7 @@ class _Field:
         # without a pass over every pixel
         nuc_idx = np.flatnonzero(nuc_mask)
         nuc_pixels = _by_label(nuc_lab, nuc_idx)
+        wings = _wing_specks(nuc_lab, nuc_pixels, self.full[self.n], self.min_px)
         nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
         nuc_area[0] = nuc_lab.size - nuc_idx.size
         self.nuc_lab, self.n_nuc = nuc_lab, n_nuc
@@ -1038,13 +1093,33 @@ class _Field:
                 local, areas, junk, parts = self._peel(crop, region, nuc_lab[crop])
                 # the band just beyond the debris: its glow's colour
                 band = _grow(junk, 2) & ~junk & region
+                local_wings = _wing_specks(
+                    local,
+                    _by_label(local, np.flatnonzero(local)),
+                    self.full[self.n][crop],
+                    self.min_px,
+                )
                 for sub, nuclei in parts:
                     self._add_region(
-                        crop, sub, local, nuclei, areas, set(), debris=(junk, band)
+                        crop,
+                        sub,
+                        local,
+                        nuclei,
+                        areas,
+                        set(),
+                        debris=(junk, band),
+                        wings=local_wings,
                     )
                 continue
             self._add_region(
-                crop, region, nuc_lab[crop], near, nuc_area, claimed, split=True
+                crop,
+                region,
+                nuc_lab[crop],
+                near,
+                nuc_area,
+                claimed,
+                split=True,
+                wings=wings,
             )
         self._region = None
         self.result.objects.extend(self._nuclei_table(nuc_pixels, claimed))
@@ -1135,24 +1210,32 @@ class _Field:
         *,
         split: bool = False,
         debris: tuple[np.ndarray, np.ndarray] | None = None,
+        wings: Collection[int] = (),
     ) -> None:
         """Classify one CK region, given the nuclei overlapping it (`nl`: the
         field's nucleus labels over `crop` when `split`, whose merged nuclei
         may then be split: `_split_merged`; `debris`: the debris pixels the
-        region was peeled from, `_peel`, and the band just beyond them)."""
+        region was peeled from, `_peel`, and the band just beyond them;
+        `wings`: labels of specks that are no nucleus, `_wing_specks`)."""
         inside = [
             nid
             for nid, cnt in near
             if cnt >= self.st.min_nucleus_inside * nuc_area[nid]
         ]
         claimed.update(inside)
+        # every DNA spot inside counts against the cluster limit (a region
+        # speckled with DNA is no cluster); a speck on another nucleus' slope
+        # (`_wing_specks`) is no cell's nucleus
+        spots = len(inside)
+        inside = [nid for nid in inside if nid not in wings]
         touching = [nid for nid, _ in near]
         if split and len(inside) < len(near):
             nl, pieces = self._split_merged(crop, region, nl, near, set(inside))
             inside += pieces
             touching += pieces
+            spots += len(pieces)
         self.result.objects.extend(
-            self._ck_region(crop, region, nl, inside, touching, debris)
+            self._ck_region(crop, region, nl, inside, touching, debris, spots=spots)
         )
 
     def _split_merged(
@@ -1322,8 +1405,11 @@ class _Field:
         inside: list[int],
         touching: list[int],
         debris: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        spots: int = 0,
     ) -> list[dict[str, Any]]:
-        """One row per cell of a CK region (clusters split among their nuclei).
+        """One row per cell of a CK region (clusters split among their nuclei;
+        `spots`: the DNA spots inside it, specks included).
 
         A region peeled from debris (`debris`: its pixels and the band just
         beyond them, bool over `crop`) is split with the debris as one more
@@ -1338,7 +1424,7 @@ class _Field:
                     f, region, "larger than any cell cluster", label="OTHER"
                 )
             ]
-        if len(inside) > _MAX_CLUSTER_NUCLEI:
+        if max(len(inside), spots) > _MAX_CLUSTER_NUCLEI:
             f, _ = self._intensity(crop, region)
             return [
                 self._debris_row(

@@ -200,6 +200,44 @@ def test_nucleus_must_lie_mostly_inside_the_ck_area(
     assert obj["label"] == label, (obj["nucleus_inside"], obj["reason"])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_speck_of_a_nucleus_edge_inside_cytokeratin_is_no_nucleus(seed: int) -> None:
+    # a leukocyte's nucleus just touching a CK body: where its blurred edge
+    # crosses the DNA threshold, noise cuts off a pixel above it inside the
+    # body (drawn here: a dip below the threshold, then a pixel above it).
+    # That speck lies on the nucleus' slope and is no nucleus of its own
+    cv = Canvas(seed=seed)
+    cv.cell(128, 128, diam_um=9, ck=400, dapi=0)
+    cv.cell(128, 140, diam_um=9.4, ck=0, dapi=1400, nucleus_um=7, cd45=300)
+    field = cv.field()
+    found = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    assert _at(found.objects, 128, 128)["label"] == "OTHER"
+    noise = found.noise["DAPI"]
+    threshold = found.background["DAPI"] + 6 * noise
+    row = field[D, 128].astype(float)
+    edge = next(x for x in range(128, 150) if row[x] > threshold)
+    assert row[edge] > threshold + 10  # room for a speck dimmer than the edge
+    field[D, 128, edge - 1] = round(threshold - 3 * noise)
+    field[D, 128, edge - 2] = round((threshold + row[edge]) / 2)
+    obj = _at(_detect(field), 128, 128)
+    assert obj["label"] != "CTC", obj
+    assert obj["nucleus_inside"] < 0.5, obj
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_a_tiny_dim_nucleus_of_its_own_is_a_nucleus(seed: int) -> None:
+    # a nucleus whose DNA rises above the threshold at only a pixel or two is
+    # still a peak of its own, not a speck of the leukocyte beside the cell
+    cv = Canvas(seed=seed)
+    cv.cell(128, 128, diam_um=10, ck=600, dapi=30, nucleus_um=5)
+    cv.leukocyte(128, 143)
+    field = cv.field()
+    found = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    threshold = found.background["DAPI"] + 6 * found.noise["DAPI"]
+    assert 1 <= np.count_nonzero(field[D, 121:136, 121:135] > threshold) < 4
+    assert _at(found.objects, 128, 128)["label"] == "CTC"
+
+
 def test_double_positive_is_not_a_ctc() -> None:
     cv = Canvas()
     cv.cell(128, 128, diam_um=10, cd45=500)
