@@ -10,7 +10,7 @@ Pipeline (every threshold in `DetectionSettings`):
    cytokeratin) as a low quantile of the ratio, with a configured default when a
    field has too few, and subtracted (after segmentation, which uses only the
    DAPI and PE channels);
-3. masks: nuclei where the lightly smoothed DAPI SNR exceeds `nucleus_snr`;
+3. masks: nuclei where the DAPI SNR (per pixel) exceeds `nucleus_snr`;
    the field's blur (Gaussian sigma, px) is fitted to the radial profiles of
    its single nuclei (`analysis.psf.field_blur`, median over up to
    `blur_max_nuclei`; `default_blur_px` when fewer than `blur_min_nuclei`);
@@ -20,9 +20,9 @@ Pipeline (every threshold in `DetectionSettings`):
    nucleus, below `ck_dim_peak_snr` and beyond the blurred halo of anything
    brighter (so also a dim cell touching a bright one in a cluster);
    connected components; specks below `min_object_area_um2` dropped. A DNA
-   speck that small on the slope of a brighter nucleus (a brighter pixel of
-   another nucleus within 2 px: `_wing_specks`) is that nucleus' blurred edge
-   cut off by noise, not a nucleus of its own;
+   speck that small on the slope of something brighter (a brighter pixel of
+   another DNA component within 2 px of its brightest: `_wing_specks`) is a
+   nucleus' blurred edge cut off by noise, not a nucleus of its own;
 4. every CK region is a candidate. When several nuclei lie inside one CK region
    (touching cells of a cluster) the region is split among them by a watershed
    seeded at the nuclei (not at such specks, which still count against the
@@ -314,9 +314,10 @@ def _wing_specks(
 
     A blurred nucleus' edge falls through the mask's threshold over a few px,
     and noise there leaves pixels above it cut off from the nucleus: specks
-    smaller than `min_px`. Such a speck lies on the brighter nucleus' slope: a
-    pixel of another nucleus within `_WING_PX` of its brightest is brighter
-    still. A nucleus of its own, however small or dim, is a peak of its DNA.
+    smaller than `min_px`. Such a speck lies on a brighter slope: a pixel of
+    another DNA component (a nucleus, or a brighter speck) within `_WING_PX`
+    of its brightest is brighter still. A nucleus of its own, however small
+    or dim, is the brightest DNA within `_WING_PX` of its peak, and stays.
     Left in, a speck inside a cytokeratin body beside a leukocyte made that
     body a cell with its nucleus inside."""
     sel, starts, ids = pixels
@@ -1225,9 +1226,10 @@ class _Field:
         claimed.update(inside)
         # every DNA spot inside counts against the cluster limit (a region
         # speckled with DNA is no cluster); a speck on another nucleus' slope
-        # (`_wing_specks`) is no cell's nucleus
+        # (`_wing_specks`) is no cell's nucleus, inside it or touching it
         spots = len(inside)
         inside = [nid for nid in inside if nid not in wings]
+        near = [(nid, cnt) for nid, cnt in near if nid not in wings]
         touching = [nid for nid, _ in near]
         if split and len(inside) < len(near):
             nl, pieces = self._split_merged(crop, region, nl, near, set(inside))
