@@ -300,7 +300,7 @@ def _by_label(
 
 
 #: a speck of the DNA mask within this many px (Chebyshev) of a brighter pixel
-#: of another nucleus lies on that nucleus' slope (`_wing_specks`)
+#: of another DNA component lies on that component's slope (`_wing_specks`)
 _WING_PX = 2
 
 
