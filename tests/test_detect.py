@@ -358,6 +358,61 @@ def test_the_blur_of_each_nucleus_is_fitted_as_it_would_be_alone(
         assert s == pytest.approx(np.hypot(1.5, 12**-0.5), abs=0.25)
 
 
+def test_a_profiles_top_line_is_the_weighted_least_squares_line() -> None:
+    # the peak of a centre-peaked profile is the intercept of this line
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        k = int(rng.integers(3, 12))
+        x = np.sort(rng.uniform(0, 30, k))
+        y = rng.normal(1000, 100, k) - x * rng.uniform(0, 40)
+        w = rng.integers(1, 40, k).astype(np.float64)
+        slope, icpt = psf_mod._line(x, y, w)
+        want = np.polyfit(x, y, 1, w=np.sqrt(w))
+        assert slope == pytest.approx(want[0], rel=1e-9, abs=1e-9)
+        assert icpt == pytest.approx(want[1], rel=1e-11)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_nuclei_profiles_taken_together_are_each_ones_own(seed: int) -> None:
+    # `field_blur` gathers its nuclei's crops into one set of arrays; each
+    # profile must be the one `radial_profile` gives that nucleus alone, to
+    # the last bit: crops cut by the frame's edge, labels touching, nuclei
+    # without positive signal, one label in several pieces
+    rng = np.random.default_rng(seed)
+    h, w = 90, 120
+    signal = rng.normal(0, 30, (h, w)).astype(np.float32)
+    labels = np.zeros((h, w), np.int32)
+    rr, cc = np.mgrid[:h, :w]
+    centres = [(3, 4), (45, 60), (50, 68), (86, 117), (20, 100), (70, 20), (30, 30)]
+    for k, (r, c) in enumerate(centres, start=1):
+        rad = rng.uniform(2.5, 7)
+        disk = (rr - r) ** 2 + (cc - c) ** 2 <= rad * rad
+        labels[disk & (labels == 0)] = k
+        signal[disk] += rng.uniform(200, 2000) * np.exp(
+            -((rr[disk] - r) ** 2 + (cc[disk] - c) ** 2) / (2 * rad * rad)
+        )
+    signal[labels == 7] = -5.0  # no positive signal: no profile
+    labels[10:12, 100:103] = 5  # label 5 in two pieces
+    ids = list(range(1, len(centres) + 1))
+    boxes = psf_mod._boxes(labels, ids)
+    together = psf_mod._profiles_of(signal, labels, ids, boxes)
+    for lab, (r0, r1, c0, c1), got in zip(ids, boxes, together, strict=True):
+        pad = max(6, (r1 - r0) // 2)
+        crop = (
+            slice(max(r0 - pad, 0), min(r1 + pad, h)),
+            slice(max(c0 - pad, 0), min(c1 + pad, w)),
+        )
+        own = labels[crop] == lab
+        alone = psf_mod.radial_profile(
+            signal[crop], own, allowed=own | (labels[crop] == 0)
+        )
+        for a, b in zip(got, alone, strict=True):
+            assert a.dtype == b.dtype
+            assert np.array_equal(a, b)
+    assert together[6][0].size == 0  # the nucleus without signal
+    assert all(p[0].size > 3 for p in together[:6])
+
+
 def test_a_cell_is_larger_than_4_um_only_within_the_blurs_uncertainty() -> None:
     # whole cells just above 4 um: in a sharp field their size is sure; at 2.5 px
     # of blur a 10 % error of the blur moves their deconvolved size below 4 um,
