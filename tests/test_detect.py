@@ -230,6 +230,35 @@ def test_a_speck_of_a_nucleus_edge_inside_cytokeratin_is_no_nucleus(
 
 
 @pytest.mark.parametrize(
+    ("seed", "beside", "debris_col"),
+    [(2, 152, 120), (3, 152, 120), (5, 152, 120), (2, 154, 122), (5, 154, 122)],
+)
+def test_a_speck_of_a_nucleus_edge_is_no_nucleus_in_a_region_peeled_from_debris(
+    seed: int, beside: int, debris_col: int
+) -> None:
+    # the speck of the test above, in a CK body pressed against debris: the
+    # region is peeled from the debris and its nuclei labelled again there,
+    # where the speck is judged on those labels
+    cv = Canvas(seed=seed)
+    cv.blob(128, debris_col, 12, (3000, 2000, 2500, 2000))
+    cv.cell(128, 140, diam_um=9, ck=400, dapi=0)
+    cv.cell(128, beside, diam_um=9.4, ck=0, dapi=1400, nucleus_um=7, cd45=300)
+    field = cv.field()
+    found = detect_field(field, NAMES, pixel_size_um=PX, saturation=4095)
+    noise = found.noise["DAPI"]
+    threshold = found.background["DAPI"] + 6 * noise
+    row = field[D, 128].astype(float)
+    edge = next(x for x in range(140, 170) if row[x] > threshold)
+    assert 140 < edge - 2 < 146  # the speck lies inside the body
+    field[D, 128, edge - 1] = round(threshold - 3 * noise)
+    field[D, 128, edge - 2] = round((threshold + row[edge]) / 2)
+    objs = _detect(field)
+    assert any(o["label"] == "DEBRIS" for o in objs)
+    near = [o for o in _ctcs(objs) if np.hypot(o["row"] - 128, o["col"] - 140) < 15]
+    assert not near, near
+
+
+@pytest.mark.parametrize(
     ("diam_um", "levels", "glow", "width_px", "seed", "blur"),
     [
         (8, (3000, 2000, 2500, 2000), 0.03, 20, 1, 0.5),
