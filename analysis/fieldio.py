@@ -63,6 +63,10 @@ class FieldFile:
         From the OME metadata, if present.
     stage : dict
         ``x_um``, ``y_um``, ``z_um`` of the field from the OME Plane, if present.
+    significant_bits : int or None
+        The camera's bit depth from the OME ``SignificantBits`` of integer
+        pixels, when it is below the pixel type's (12-bit data in 16-bit
+        words): its largest value, ``2**bits - 1``, is saturation.
     """
 
     path: Path
@@ -70,6 +74,14 @@ class FieldFile:
     channel_names: list[str]
     pixel_size_um: float | None
     stage: dict[str, float] = field(default_factory=dict)
+    significant_bits: int | None = None
+
+    @property
+    def saturation(self) -> float | None:
+        """The saturating pixel value the file states (`significant_bits`),
+        or None: then the pixel type's largest."""
+        bits = self.significant_bits
+        return None if bits is None else float(2**bits - 1)
 
 
 def field_name_of(path: str | Path) -> str:
@@ -172,9 +184,12 @@ def _open(
     if len(shape) != 3 or not axes.endswith("YX"):
         raise FieldReadError(f"{path}: expected axes CYX, found {axes} {shape}")
     try:
-        names, px, stage = _ome_info(ome) if ome else ([], None, {})
+        names, px, stage, bits = _ome_info(ome) if ome else ([], None, {}, None)
     except ValueError as e:  # a pixel size or stage position that is no number
         raise FieldReadError(f"{path}: bad OME metadata ({e})") from None
+    dtype = np.dtype(series.dtype)
+    if bits is not None and not (dtype.kind in "ui" and bits < dtype.itemsize * 8):
+        bits = None  # the type's whole range (or float pixels): its largest
     if len(names) != shape[0]:
         names = [f"C{i}" for i in range(shape[0])]
     if rename:
@@ -186,7 +201,7 @@ def _open(
             f"{path}: channels {', '.join(missing)} not found (the file has "
             f"{', '.join(names)}); map names with --channels, e.g. DAPI=Hoechst"
         )
-    return FieldFile(path, data, names, px, stage)
+    return FieldFile(path, data, names, px, stage, bits)
 
 
 def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -206,23 +221,58 @@ def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
 
 
-def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:
+#: the OME length units (its UnitsLength) a pixel size comes in, in um
+_UM_PER_UNIT = {
+    "m": 1e6,
+    "dm": 1e5,
+    "cm": 1e4,
+    "mm": 1e3,
+    "µm": 1.0,
+    "um": 1.0,
+    "nm": 1e-3,
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "in": 25_400.0,
+}
+
+
+def _ome_info(
+    xml: str,
+) -> tuple[list[str], float | None, dict[str, float], int | None]:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return [], None, {}
+        return [], None, {}, None
     names: list[str] = []
     px = None
+    bits = None
     stage: dict[str, float] = {}
     for el in root.iter():
         tag = el.tag.rsplit("}", 1)[-1]
         if tag == "Pixels":
             if el.get("PhysicalSizeX"):
-                px = float(el.get("PhysicalSizeX", "nan"))
+                value = el.get("PhysicalSizeX", "nan")
+                # OME's default unit is the micrometre ("µm")
                 unit = el.get("PhysicalSizeXUnit", "µm")
-                px *= {"nm": 1e-3, "mm": 1e3}.get(unit, 1.0)
+                if unit not in _UM_PER_UNIT:
+                    raise ValueError(
+                        f"PhysicalSizeXUnit {unit!r} is not a unit this reader "
+                        f"knows ({', '.join(_UM_PER_UNIT)})"
+                    )
+                px = float(value) * _UM_PER_UNIT[unit]
                 if not 0 < px < 1000:  # NaN too; the bounds of --pixel-size
-                    raise ValueError(f"PhysicalSizeX {px:g} um is no pixel size")
+                    raise ValueError(
+                        f"PhysicalSizeX {value} {unit} ({px:g} um) is no pixel size"
+                    )
+            if (sig := el.get("SignificantBits")) is not None:
+                try:
+                    bits = int(sig)
+                except ValueError:
+                    raise ValueError(
+                        f"SignificantBits {sig!r} is no bit depth"
+                    ) from None
+                if not 1 <= bits <= 64:
+                    raise ValueError(f"SignificantBits {sig!r} is no bit depth")
         elif tag == "Channel":
             names.append(el.get("Name", ""))
         elif tag == "Plane" and not stage:
@@ -231,7 +281,7 @@ def _ome_info(xml: str) -> tuple[list[str], float | None, dict[str, float]]:
                     if not math.isfinite(pos := float(v)):
                         raise ValueError(f"Position{axis} {v!r} is no position")
                     stage[f"{axis.lower()}_um"] = pos
-    return names, px, stage
+    return names, px, stage, bits
 
 
 #: most image planes the OME metadata of a field may declare (SizeC x SizeZ x

@@ -55,7 +55,8 @@ class FieldJob:
     pixel_size_um : float, optional
         Used when the file's metadata has none.
     saturation : float, optional
-        Saturating pixel value (default: the dtype maximum).
+        Saturating pixel value, when the file does not state its bit depth
+        (OME ``SignificantBits``); default the dtype maximum.
     stage : dict, optional
         Stage position of the field, when known better than the file says.
     pixel_affine : tuple of 6 float, optional
@@ -105,20 +106,23 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         raise FieldReadError(
             f"{job.path}: no pixel size in the metadata; give one with --pixel-size"
         )
+    # a 12-bit camera's data in 16-bit words saturates at 4095, as its file
+    # states (OME SignificantBits, which its checksum covers in a run folder)
+    saturation = ff.saturation if ff.saturation is not None else job.saturation
     det = detect_field(
         ff.data,
         ff.channel_names,
         pixel_size_um=px,
         settings=job.settings,
         roles=job.roles,
-        saturation=job.saturation,
+        saturation=saturation,
     )
     # the background and noise the detection's thresholds stood on, not a
     # second estimate of them
     qc = channel_qc(
         ff.data,
         ff.channel_names,
-        saturation=job.saturation,
+        saturation=saturation,
         background=det.background,
         noise=det.noise,
     )

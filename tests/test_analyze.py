@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,65 @@ def test_reanalysing_a_run_folder_matches_the_online_result(
     assert (small_scan.run_dir / "events.csv").read_text() == (
         out / "events.csv"
     ).read_text()
+
+
+def test_a_12_bit_field_saturates_at_4095_in_a_plain_folder(tmp_path: Path) -> None:
+    # the file states the camera's bit depth (OME SignificantBits): its
+    # largest value, not the 16-bit word's, is saturation, in a run folder or
+    # not. A blob saturated in DNA and cytokeratin is debris, not a cell
+    folder = tmp_path / "ome"
+    folder.mkdir()
+    cv = Canvas(size=256, seed=3)
+    cv.blob(128, 128, 10, (9000, 0, 9000, 0))
+    cv.cell(60, 60)
+    tifffile.imwrite(
+        folder / "f_000.ome.tif",
+        cv.field(),
+        ome=True,
+        photometric="minisblack",
+        metadata={
+            "axes": "CYX",
+            "Channel": {"Name": ["DAPI", "FITC", "PE", "APC"]},
+            "PhysicalSizeX": 0.64,
+            "PhysicalSizeY": 0.64,
+            "SignificantBits": 12,
+        },
+    )
+    out = tmp_path / "out"
+    r = invoke("analyze", str(folder), "--out", str(out), "--workers", "0")
+    assert r.exit_code == 0, r.output
+    with open(out / "events.csv") as f:
+        rows = list(csv.DictReader(f))
+    blob = min(
+        rows, key=lambda o: abs(float(o["row"]) - 128) + abs(float(o["col"]) - 128)
+    )
+    assert blob["label"] == "DEBRIS" and "saturated" in blob["reason"], blob
+    assert json.loads((out / "report.json").read_text())["ctc_count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ({"instrument": {"camera": {"bit_depth": "abc"}}}, "bit_depth"),
+        ({"instrument": {"camera": {"bit_depth": 10**6}}}, "bit_depth"),
+        ({"layout": {"rows": "x", "cols": 5}}, "damaged"),
+        ({"fields": "abc"}, "damaged"),
+        ({"fields": [{}]}, "damaged"),
+        ({"request": []}, "damaged"),
+    ],
+)
+def test_a_damaged_scan_json_is_one_line(
+    small_scan: ScanResult, tmp_path: Path, damage: dict, needle: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(
+        small_scan.run_dir, run, ignore=shutil.ignore_patterns("analyses", ".lock")
+    )
+    scan = json.loads((run / "scan.json").read_text())
+    scan.update(damage)
+    (run / "scan.json").write_text(json.dumps(scan))
+    r = invoke("analyze", str(run), "--out", str(tmp_path / "o"), "--workers", "0")
+    one_line_error(r, "scan.json", needle)
 
 
 def test_pixel_size_missing_then_given(tmp_path: Path) -> None:

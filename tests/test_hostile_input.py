@@ -1083,6 +1083,7 @@ OME_ATTRS = [
     "PlaneCount",
     "PositionX",
     "TheC",
+    "SignificantBits",
 ]
 NUMBERS = (
     st.sampled_from(
@@ -1234,6 +1235,8 @@ def check_field_file(path: Path, content: bytes, required: tuple[str, ...]) -> N
         assert px is None or (math.isfinite(px) and 0 < px < 1000), px
         assert set(ff.stage) <= {"x_um", "y_um", "z_um"}
         assert all(math.isfinite(v) for v in ff.stage.values()), ff.stage
+        bits = ff.significant_bits
+        assert bits is None or 1 <= bits < ff.data.dtype.itemsize * 8, bits
     if full is not None:
         assert full.data.ndim == 3
         assert full.data.shape[0] == len(full.channel_names)
@@ -1314,6 +1317,37 @@ def test_field_file_ome_xml(
     workdir: Path, xml: str, pixels: np.ndarray, required: tuple[str, ...]
 ) -> None:
     check_field_file(workdir / "mutated.ome.tif", _ome_tiff(pixels, xml), required)
+
+
+@pytest.mark.parametrize(
+    ("value", "unit"),
+    [("0.64", "µm"), ("640", "nm"), ("6.4e-7", "m"), ("6.4e-5", "cm"), ("6400", "Å")],
+)
+def test_a_pixel_size_is_read_in_its_unit(workdir: Path, value: str, unit: str) -> None:
+    xml = re.sub(r'PhysicalSizeX="[^"]*"', f'PhysicalSizeX="{value}"', BASE_XML)
+    xml = re.sub(r'PhysicalSizeXUnit="[^"]*"', f'PhysicalSizeXUnit="{unit}"', xml)
+    path = workdir / "unit.ome.tif"
+    path.write_bytes(_ome_tiff(BASE_PIXELS, xml))
+    assert read_field_file(path).pixel_size_um == pytest.approx(0.64)
+
+
+def test_a_pixel_size_in_a_unit_not_known_is_refused(workdir: Path) -> None:
+    xml = re.sub(r'PhysicalSizeXUnit="[^"]*"', 'PhysicalSizeXUnit="furlong"', BASE_XML)
+    path = workdir / "furlong.ome.tif"
+    path.write_bytes(_ome_tiff(BASE_PIXELS, xml))
+    with pytest.raises(FieldReadError, match="furlong") as e:
+        read_field_file(path)
+    assert_one_line(e.value)
+
+
+@pytest.mark.parametrize(("bits", "saturation"), [("12", 4095.0), ("16", None)])
+def test_a_field_s_bit_depth_gives_its_saturation(
+    workdir: Path, bits: str, saturation: float | None
+) -> None:
+    xml = BASE_XML.replace("<Pixels ", f'<Pixels SignificantBits="{bits}" ', 1)
+    path = workdir / "bits.ome.tif"
+    path.write_bytes(_ome_tiff(BASE_PIXELS, xml))
+    assert read_field_file(path).saturation == saturation
 
 
 def test_field_file_base_reads(workdir: Path) -> None:

@@ -221,6 +221,49 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
     return list(found.values())
 
 
+def _run_context(run: RunFolder, ctx: dict[str, Any]) -> None:
+    """What a run folder's scan.json and ledger tell of its run, into `ctx`."""
+    scan = run.read_scan_json() or {}
+    ctx["cartridge_id"] = scan.get("request", {}).get(
+        "cartridge_id", ctx["cartridge_id"]
+    )
+    planned = [f["name"] for f in scan.get("fields", [])]
+    state = LedgerState.from_records(run.ledger.read())
+    ctx["fields_planned"] = planned
+    lay = scan.get("layout", {})
+    if lay.get("rows") and lay.get("cols"):
+        ctx["cartridge_fields"] = int(lay["rows"]) * int(lay["cols"])
+    ctx["fields_failed"] = {
+        n: r.reason
+        for n, r in state.failed.items()
+        if n in planned and n not in state.stored
+    }
+    inst = scan.get("instrument")
+    inst = inst if isinstance(inst, dict) else {}
+    camera = inst.get("camera")
+    bits = camera.get("bit_depth") if isinstance(camera, dict) else None
+    if bits is not None:  # for files that do not state theirs
+        if type(bits) is not int or not 1 <= bits <= 32:
+            raise StorageError(
+                f"{run.scan_json}: instrument.camera.bit_depth {bits!r} is "
+                "no bit depth (1-32)"
+            )
+        ctx["saturation"] = float(2**bits - 1)
+    # a scan's fields lie where its stage put them: overlaps are joined
+    ctx["stitch"] = True
+    affine = inst.get("pixel_affine")
+    if affine is not None:
+        try:
+            ctx["pixel_affine"] = check_affine(
+                affine, float(inst.get("pixel_size_um") or 0.0)
+            )
+        except (TypeError, ValueError) as e:
+            raise StorageError(
+                f"{run.scan_json}: instrument.{e}; the objects cannot be "
+                "placed on the stage"
+            ) from None
+
+
 def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Field files of the input folder, and what is known of its run."""
     if not src.is_dir():
@@ -228,40 +271,16 @@ def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     ctx: dict[str, Any] = {"cartridge_id": src.resolve().name, "source": str(src)}
     run = RunFolder(src)
     if _is_run(src):
-        scan = run.read_scan_json() or {}
-        ctx["cartridge_id"] = scan.get("request", {}).get(
-            "cartridge_id", ctx["cartridge_id"]
-        )
-        planned = [f["name"] for f in scan.get("fields", [])]
-        state = LedgerState.from_records(run.ledger.read())
-        ctx["fields_planned"] = planned
-        lay = scan.get("layout", {})
-        if lay.get("rows") and lay.get("cols"):
-            ctx["cartridge_fields"] = int(lay["rows"]) * int(lay["cols"])
-        ctx["fields_failed"] = {
-            n: r.reason
-            for n, r in state.failed.items()
-            if n in planned and n not in state.stored
-        }
-        inst = scan.get("instrument")
-        inst = inst if isinstance(inst, dict) else {}
-        camera = inst.get("camera")
-        bits = camera.get("bit_depth") if isinstance(camera, dict) else None
-        if bits:
-            ctx["saturation"] = float(2 ** int(bits) - 1)
-        # a scan's fields lie where its stage put them: overlaps are joined
-        ctx["stitch"] = True
-        affine = inst.get("pixel_affine")
-        if affine is not None:
-            try:
-                ctx["pixel_affine"] = check_affine(
-                    affine, float(inst.get("pixel_size_um") or 0.0)
-                )
-            except (TypeError, ValueError) as e:
-                raise StorageError(
-                    f"{run.scan_json}: instrument.{e}; the objects cannot be "
-                    "placed on the stage"
-                ) from None
+        try:
+            _run_context(run, ctx)
+        except StorageError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            # a scan.json of another shape than ctcscan writes
+            raise StorageError(
+                f"{run.scan_json}: damaged ({type(e).__name__}: {e}); restore it "
+                "from a backup, or analyse its fields/ folder as a plain folder"
+            ) from None
         folder = run.fields_dir
     else:
         folder = src
