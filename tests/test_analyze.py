@@ -151,6 +151,54 @@ def test_a_damaged_scan_json_is_one_line(
     one_line_error(r, "scan.json", needle)
 
 
+@pytest.mark.parametrize("damage", ["another field's", "{}", "truncated"])
+def test_a_resumed_analysis_redoes_a_result_replaced_since(
+    tmp_path: Path, damage: str
+) -> None:
+    # the ledger records each result's sha256: a detection file replaced or
+    # damaged since is analysed again, not counted as it now reads
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    args = ("analyze", str(src), "--out", str(out), "--channels", MAP)
+    assert invoke(*args, "--workers", "0").exit_code == 0
+    det = out / "detections"
+    good = (det / "scan_001.json").read_bytes()
+    (det / "scan_001.json").write_bytes(
+        {
+            "another field's": (det / "scan_002.json").read_bytes(),
+            "{}": b"{}",
+            "truncated": good[: len(good) // 2],
+        }[damage]
+    )
+    r = invoke(*args, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["ctc_count"] == 3
+    again = json.loads((det / "scan_001.json").read_bytes())
+    assert again["objects"] == json.loads(good)["objects"]
+    with open(out / "events.csv") as f:
+        fields = [row["field"] for row in csv.DictReader(f) if row["label"] == "CTC"]
+    assert sorted(fields) == ["scan_001", "scan_002", "scan_002"]
+
+
+def test_a_planned_field_without_its_file_is_no_complete_analysis(
+    small_scan: ScanResult, tmp_path: Path
+) -> None:
+    # a field the scan planned and did not fail, whose file is gone (or not
+    # yet written by a scan still running): the analysis is not complete
+    run = tmp_path / "run"
+    shutil.copytree(
+        small_scan.run_dir, run, ignore=shutil.ignore_patterns("analyses", ".lock")
+    )
+    gone = sorted((run / "fields").glob("*.ome.tif"))[1]
+    gone.unlink()
+    r = invoke("analyze", str(run), "--out", str(tmp_path / "o"), "--workers", "0")
+    assert r.exit_code == 2, r.output
+    name = gone.name.split(".")[0]
+    assert f"field {name} was planned by its scan but has no file" in " ".join(
+        r.output.split()
+    )
+
+
 def test_pixel_size_missing_then_given(tmp_path: Path) -> None:
     src = _folder(tmp_path, px=None, n=1)
     one_line_error(

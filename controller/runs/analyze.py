@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import resource
 from collections.abc import Iterable, Sequence
@@ -505,23 +506,33 @@ def _prepare(req: AnalyzeRequest, cart: Cartridge, aid: str) -> None:
     cart.out.prepare(fields=False)
     records = cart.out.ledger.read()
     state = LedgerState.from_records(records)
-    stamps = {r.field: r.source for r in records if isinstance(r, Detected)}
+    latest = {r.field: r for r in records if isinstance(r, Detected)}
     cart.done = {
         name
         for name, path in cart.fields.items()
         if name in state.detected
-        and stamps.get(name) is not None
-        and stamps[name] == file_stamp(path)
-        and cart.out.detection_path(name).is_file()
-        and _same_affine(cart.out.detection_path(name), cart.ctx.get("pixel_affine"))
+        and latest[name].source is not None
+        and latest[name].source == file_stamp(path)
+        and _still_current(
+            cart.out.detection_path(name),
+            latest[name].sha256,
+            cart.ctx.get("pixel_affine"),
+        )
     }
 
 
-def _same_affine(detection: Path, affine: tuple[float, ...] | None) -> bool:
-    """The stored result placed its objects with `affine` (scan.json's, which
-    a re-analysis into the same folder may see corrected): else it is redone."""
+def _still_current(
+    detection: Path, sha256: str | None, affine: tuple[float, ...] | None
+) -> bool:
+    """The stored result is the one the ledger recorded (its sha256, when
+    recorded: a file replaced or damaged since is redone) and placed its
+    objects with `affine` (scan.json's, which a re-analysis into the same
+    folder may see corrected)."""
     try:
-        got = decode_result(detection.read_bytes()).get("pixel_affine")
+        data = detection.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            return False
+        got = decode_result(data).get("pixel_affine")
     except (OSError, ValueError, AttributeError):
         return False
     return (None if got is None else tuple(got)) == affine
@@ -582,12 +593,22 @@ def _finish(req: AnalyzeRequest, cart: Cartridge) -> CartridgeResult:
     cart.log.emit(
         AnalysisFinished(ctc_count=report.ctc_count, failed=sorted(failed_now))
     )
+    # planned by the scan, not failed by it, and no file: lost, not analysed
+    missing = {
+        n: f"{cart.input}: field {n} was planned by its scan but has no file in "
+        "fields/ (a scan still running or cut short, or a file removed)"
+        for n in ctx.get("fields_planned") or []
+        if n not in cart.fields and n not in ctx.get("fields_failed", {})
+    }
     return dataclasses.replace(
         base,
         analyzed=report.fields.analyzed,
         failed={
-            n: (r if r.startswith(str(cart.fields[n])) else f"{cart.fields[n]}: {r}")
-            for n, r in failed_now.items()
+            **missing,
+            **{
+                n: r if r.startswith(str(cart.fields[n])) else f"{cart.fields[n]}: {r}"
+                for n, r in failed_now.items()
+            },
         },
         ctc_count=report.ctc_count,
         at_or_above_cutoff=report.at_or_above_cutoff,
