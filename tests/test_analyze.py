@@ -303,6 +303,30 @@ def test_a_refused_output_folder_keeps_nothing_of_the_command(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "why"),
+    [
+        ("ledger.jsonl", b"my notes\n", "no analysis' ledger"),
+        (".owner.json", b'{"mine": true}\n', "no ctcscan owner note"),
+        (".owner.json", b"", "no ctcscan owner note"),
+    ],
+)
+def test_an_output_folder_with_someone_s_file_of_ours_by_name_is_refused(
+    tmp_path: Path, name: str, content: bytes, why: str
+) -> None:
+    # a file named as one of the analysis' own, not written by it, is someone's:
+    # neither appended to nor replaced
+    src = _folder(tmp_path, n=1)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / name).write_bytes(content)
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(theirs), "--channels", MAP), why
+    )
+    assert (theirs / name).read_bytes() == content
+    assert [p.name for p in theirs.iterdir()] == [name]
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(

@@ -359,7 +359,14 @@ def _check_out(src: Path, out: RunFolder, aid: str) -> None:
                 "choose another --out, or compare the two with ctcscan compare"
             )
         return
-    # no analysis recorded: only the lock and what a start cut short may be here
+    # no analysis recorded: only the lock and what a start cut short may be
+    # here (an analysis' ledger begins with its start: one without is not one)
+    with contextlib.suppress(OSError):
+        if out.ledger.path.read_bytes().strip():
+            raise StorageError(
+                f"--out {root} holds a {out.ledger.path.name} that is no "
+                "analysis' ledger; choose a new or empty folder"
+            )
     theirs = sorted(
         p.name
         for p in root.iterdir()

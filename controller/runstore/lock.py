@@ -75,6 +75,14 @@ class FolderLock:
             raise StorageError(
                 f"{self.what} {self.folder} is not writable: {e.strerror or e}"
             ) from None
+        note = self.folder / OWNER_FILE
+        if note.is_symlink() or (note.exists() and _owner_note(note) is None):
+            # not a note this program wrote (it writes one whole, in place):
+            # someone's file, which taking the lock would replace
+            raise StorageError(
+                f"{self.what} {self.folder} holds a {OWNER_FILE} that is no "
+                "ctcscan owner note (someone's file); choose another folder"
+            )
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
