@@ -12,6 +12,7 @@ half a report.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
@@ -141,12 +142,19 @@ def read_report(path: str | Path) -> Report:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (a full disk leaves neither the
+    half-written file nor its temporary)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _feature_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:

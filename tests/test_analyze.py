@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -325,6 +326,42 @@ def test_an_output_folder_with_someone_s_file_of_ours_by_name_is_refused(
     )
     assert (theirs / name).read_bytes() == content
     assert [p.name for p in theirs.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("where", ["detections", "outputs"])
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    import errno
+    import types
+
+    import analysis.report
+    import controller.runstore.results
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    args = ("analyze", str(src), "--out", str(out), "--channels", MAP)
+    if where == "outputs":  # the report's files, after every field's result
+        monkeypatch.setattr(
+            analysis.report, "os", types.SimpleNamespace(fsync=full, replace=os.replace)
+        )
+    else:  # a field's result
+        monkeypatch.setattr(
+            controller.runstore.results, "write_durably", lambda *a, **k: full()
+        )
+    r = invoke(*args, "--workers", "0")
+    assert r.exit_code == 2, r.output
+    last = r.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error:") and "No space left on device" in last, last
+    assert "same command" in last
+    assert not list(out.rglob("*.tmp"))
+    monkeypatch.undo()
+    r = invoke(*args, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["ctc_count"] == 3
 
 
 def test_bad_channel_map(tmp_path: Path) -> None:

@@ -537,6 +537,9 @@ def analyze(
             results = run_analyze(request, events=events)
     except (ScannerError, FieldReadError) as e:
         _fail(str(e))
+    except OSError as e:  # the output's disk: full, gone, read-only
+        what = f"cannot write {e.filename}: {e.strerror}" if e.filename else str(e)
+        _fail(f"{what}; what was analysed is kept: run the same command again")
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", 130)
     if len(results) == 1 and not recursive:
