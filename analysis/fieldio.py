@@ -195,6 +195,13 @@ def _open(
     if rename:
         back = {file_name: assay for assay, file_name in rename.items()}
         names = [back.get(n, n) for n in names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FieldReadError(
+            f"{path}: two channels named {twice[0]!r}"
+            + (" once renamed by --channels" if rename else "")
+            + f" (the file has {', '.join(names)})"
+        )
     missing = [c for c in required if c not in names]
     if missing:
         raise FieldReadError(

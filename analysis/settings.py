@@ -8,7 +8,7 @@ depend on the camera offset or gain.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -277,8 +277,42 @@ class DetectionSettings(BaseModel):
         default=15.0, gt=0, description="FITC marker-positive at or above"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, data: Any) -> Any:
+        # YAML's true / yes would pass as 1 (a threshold of one noise unit)
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                number = field is not None and field.annotation in (int, float)
+                if isinstance(value, bool) and number:
+                    raise ValueError(f"{key} must be a number, got {value}")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        lo, hi = self.blur_nucleus_area_um2
+        if not 0 < lo < hi:
+            raise ValueError(
+                f"blur_nucleus_area_um2 must be two areas, the smaller first "
+                f"(um^2), got {list(self.blur_nucleus_area_um2)}"
+            )
+        if self.blur_min_nuclei > self.blur_max_nuclei:
+            raise ValueError(
+                f"blur_min_nuclei ({self.blur_min_nuclei}) must not exceed "
+                f"blur_max_nuclei ({self.blur_max_nuclei}): no field could be measured"
+            )
+        for key, coef in self.spillover.items():
+            src, sep, dst = (p.strip() for p in key.partition("->"))
+            if not (sep and src and dst and src != dst):
+                raise ValueError(
+                    f"spillover {key!r}: expected SOURCE->TARGET, two channels, "
+                    "e.g. 'PE->APC'"
+                )
+            if not 0 <= coef <= 1:
+                raise ValueError(
+                    f"spillover {key!r} must be a fraction from 0 to 1, got {coef:g}"
+                )
         if self.min_ctc_diameter_um >= self.max_ctc_diameter_um:
             raise ValueError(
                 f"min_ctc_diameter_um ({self.min_ctc_diameter_um:g}) must be below "

@@ -574,6 +574,19 @@ class AssayConfig(ConfigModel):
         for needed in ("nucleus", "epithelial", "leukocyte"):
             if roles.count(needed) != 1:
                 raise ValueError(f"exactly one channel must have role {needed!r}")
+        for key in self.detection.spillover:
+            unknown = [
+                c.strip() for c in key.split("->") if c.strip() not in self.channels
+            ]
+            if unknown:
+                raise ValueError(
+                    f"detection.spillover {key!r}: {unknown[0]!r} is not a channel "
+                    f"of the assay ({', '.join(self.channels)})"
+                )
+        names = [i.name for i in self.indications]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"indication {dup!r} is listed twice")
         if self.indication not in {i.name for i in self.indications}:
             known = ", ".join(i.name for i in self.indications)
             raise ValueError(f"unknown indication {self.indication!r}; known: {known}")

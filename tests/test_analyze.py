@@ -14,7 +14,7 @@ import tifffile
 
 from controller.runs.scan import ScanResult
 from tests.conftest import invoke, one_line_error
-from tests.test_detect import Canvas
+from tests.test_detect import NAMES, Canvas
 
 FILE_NAMES = ["Hoechst", "HER2", "CK", "CD45"]  # another instrument's names
 MAP = "DAPI=Hoechst,FITC=HER2,PE=CK,APC=CD45"
@@ -364,6 +364,32 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(
     assert json.loads((out / "report.json").read_text())["ctc_count"] == 3
 
 
+@pytest.mark.parametrize(
+    ("yaml", "needle"),
+    [
+        ("detection: {nucleus_snr: true}", "nucleus_snr must be a number"),
+        ("detection: {blur_nucleus_area_um2: [120, 12]}", "the smaller first"),
+        ("detection: {blur_min_nuclei: 100, blur_max_nuclei: 2}", "blur_min_nuclei"),
+        ("detection: {spillover: {PE->APC: -5}}", "a fraction from 0 to 1"),
+        ("detection: {spillover: {PE->APC: 1.0e30}}", "a fraction from 0 to 1"),
+        ("detection: {spillover: {garbage: 0.1}}", "SOURCE->TARGET"),
+        ("detection: {spillover: {XX->APC: 0.1}}", "'XX' is not a channel"),
+        (
+            "indications: [{name: a, cutoff: 1}, {name: a, cutoff: 2}]\nindication: a",
+            "listed twice",
+        ),
+    ],
+)
+def test_an_assay_that_cannot_be_meant_is_refused(
+    tmp_path: Path, yaml: str, needle: str
+) -> None:
+    src = _folder(tmp_path, n=1)
+    assay = tmp_path / "assay.yaml"
+    assay.write_text(yaml + "\n")
+    args = ("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP)
+    one_line_error(invoke(*args, "--assay", str(assay)), needle)
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(
@@ -388,6 +414,18 @@ def test_bad_channel_map(tmp_path: Path) -> None:
         ),
         "'DNA' is not a channel of the assay",
     )
+    for mapping, why in (
+        ("DAPI=Hoechst,DAPI=DNA", "'DAPI' is mapped twice"),
+        ("DAPI=CK,PE=CK", "'CK' is mapped twice"),
+    ):
+        args = ("analyze", str(src), "--out", str(tmp_path / "o"), "--channels")
+        one_line_error(invoke(*args, mapping), why)
+    # a file with the assay's names, one of them given to another channel too
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _write(plain / "f.ome.tif", Canvas(size=128).field(), NAMES, 0.64)
+    args = ("analyze", str(plain), "--out", str(tmp_path / "o2"), "--channels")
+    one_line_error(invoke(*args, "DAPI=FITC"), "two channels named 'DAPI' once renamed")
 
 
 def test_the_detector_version_covers_every_module_a_field_s_record_comes_from() -> None:

@@ -108,7 +108,12 @@ def parse_channel_map(text: str | None, assay: AssayConfig) -> dict[str, str] | 
                 f"--channels: {name!r} is not a channel of the assay "
                 f"({', '.join(assay.channels)})"
             )
+        if name in out:
+            raise ConfigError(f"--channels: {name!r} is mapped twice")
         out[name] = in_file
+    if len(set(out.values())) != len(out):
+        dup = next(v for v in out.values() if list(out.values()).count(v) > 1)
+        raise ConfigError(f"--channels: the file's {dup!r} is mapped twice")
     return out
 
 
