@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -101,6 +102,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
     required = [n for n, r in job.roles.items() if r != "marker"]
     ff = read_field_file(job.path, rename=job.rename, required=required)
     _check_finite(ff.path, ff.data, ff.channel_names)
+    _check_signal(ff.path, ff.data, ff.channel_names, required)
     px = ff.pixel_size_um or job.pixel_size_um
     if not px:
         raise FieldReadError(
@@ -213,6 +215,23 @@ def _check_finite(path: Path, data: np.ndarray, names: list[str]) -> None:
             raise FieldReadError(
                 f"{path}: {bad} pixels of {name} are not numbers (NaN or "
                 "infinite); the field cannot be analysed"
+            )
+
+
+def _check_signal(
+    path: Path, data: np.ndarray, names: list[str], needed: Sequence[str]
+) -> None:
+    """A stain's channel of one value throughout (a dead camera channel, a
+    blank plane written in its place) holds no signal to judge by: the field
+    is refused, not counted as if that stain were absent from every cell."""
+    for name in needed:
+        plane = data[names.index(name)]
+        sample = plane[::16, ::16]
+        # the sample first: a live channel is told apart at 1/256 of a pass
+        if sample.min() == sample.max() and plane.min() == plane.max():
+            raise FieldReadError(
+                f"{path}: channel {name} holds one value ({plane.flat[0]}) "
+                "throughout: no signal; the field cannot be analysed"
             )
 
 

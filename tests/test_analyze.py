@@ -390,6 +390,23 @@ def test_an_assay_that_cannot_be_meant_is_refused(
     one_line_error(invoke(*args, "--assay", str(assay)), needle)
 
 
+@pytest.mark.parametrize(("channel", "value"), [(3, 0), (3, 160), (0, 65535), (2, 0)])
+def test_a_stain_channel_of_one_value_is_refused(
+    tmp_path: Path, channel: int, value: int
+) -> None:
+    # a dead channel (CD45 all 0 had turned every leukocyte into a nucleus
+    # without CD45, and cells over one into CTCs)
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    field = Canvas(size=128).field()
+    field[channel] = value
+    _write(folder / "f.ome.tif", field, NAMES, 0.64)
+    r = invoke("analyze", str(folder), "--out", str(tmp_path / "o"), "--workers", "0")
+    assert r.exit_code == 2, r.output
+    flat = " ".join(r.output.split())
+    assert f"channel {NAMES[channel]} holds one value ({value}) throughout" in flat
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(
