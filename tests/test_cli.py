@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,3 +256,24 @@ def test_an_absurd_pixel_size_is_refused(tmp_path: Path, value: str) -> None:
                "--pixel-size", value),
         "--pixel-size",
     )  # fmt: skip
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
+    # the modules take a second or more to load: Ctrl-C then (here raised by
+    # the import itself) ends as it does later, one line and status 130
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'controller.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from controller.__main__ import main\n"
+        "main()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 130, r.stderr
+    assert r.stderr == "error: interrupted\n"
