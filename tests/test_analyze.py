@@ -407,6 +407,49 @@ def test_a_stain_channel_of_one_value_is_refused(
     assert f"channel {NAMES[channel]} holds one value ({value}) throughout" in flat
 
 
+def test_hidden_files_are_no_fields_and_a_name_too_long_is_one_line(
+    tmp_path: Path,
+) -> None:
+    src = _folder(tmp_path, n=2)
+    good = (src / "scan_001.ome.tif").read_bytes()
+    (src / ".scan_001.ome.tif").write_bytes(good)  # hidden: no field
+    (src / "._scan_001.ome.tif").write_bytes(b"\x00\x05\x16\x07 Mac metadata")
+    out = tmp_path / "out"
+    args = ("analyze", str(src), "--out", str(out), "--channels", MAP)
+    r = invoke(*args, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "detections").iterdir()) == [
+        "scan_000.json",
+        "scan_001.json",
+    ]
+    # a name whose candidate pictures' names would not fit in 255 bytes
+    long = "f" * 201
+    (src / f"{long}.ome.tif").write_bytes(good)
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(tmp_path / "o2"), "--channels", MAP),
+        "a field name of 201 bytes is too long",
+    )
+
+
+def test_no_more_worker_processes_than_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import controller.runs.analyze as analyze_mod
+
+    asked: list[int] = []
+    real = analyze_mod.run_local
+
+    def spy(carts, job_maker, workers, finished):  # type: ignore[no-untyped-def]
+        asked.append(workers)
+        return real(carts, job_maker, workers, finished)
+
+    monkeypatch.setattr(analyze_mod, "run_local", spy)
+    src = _folder(tmp_path, n=2)
+    args = ("analyze", str(src), "--out", str(tmp_path / "o"), "--channels", MAP)
+    assert invoke(*args, "--workers", "64").exit_code == 0
+    assert asked == [2]
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(

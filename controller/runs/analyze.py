@@ -181,6 +181,10 @@ class CartridgeResult:
 # ---------------------------------------------------------------- inputs
 
 
+#: the longest field name (UTF-8 bytes) whose outputs' names fit in 255
+_MAX_FIELD_NAME_BYTES = 200
+
+
 def _is_run(path: Path) -> bool:
     return (path / "scan.json").is_file() and (path / "fields").is_dir()
 
@@ -188,7 +192,9 @@ def _is_run(path: Path) -> bool:
 def _has_fields(path: Path) -> bool:
     with contextlib.suppress(OSError):
         return any(
-            p.name.lower().endswith(_TIFF_SUFFIXES) and p.is_file()
+            p.name.lower().endswith(_TIFF_SUFFIXES)
+            and not p.name.startswith(".")
+            and p.is_file()
             for p in path.iterdir()
         )
     return False
@@ -293,11 +299,23 @@ def _inputs(src: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     files = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.name.lower().endswith(_TIFF_SUFFIXES)
+        # hidden files (".x.ome.tif", a Mac's "._x.ome.tif") are no fields
+        if p.is_file()
+        and p.name.lower().endswith(_TIFF_SUFFIXES)
+        and not p.name.startswith(".")
     )
     if not files:
         raise StorageError(f"{folder}: no OME-TIFF field files (*.tif, *.tiff)")
     names = [field_name_of(p) for p in files]
+    for name, path in zip(names, files, strict=True):
+        # its outputs' names add to it (a candidate's picture, while written:
+        # "<field>_000.png.<16 hex>.tmp"); a file system takes 255 bytes
+        if len(name.encode()) > _MAX_FIELD_NAME_BYTES:
+            raise StorageError(
+                f"{path}: a field name of {len(name.encode())} bytes is too long "
+                f"for its outputs' names (at most {_MAX_FIELD_NAME_BYTES}); "
+                "rename the file"
+            )
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise StorageError(f"{folder}: two files give the field name {dup!r}")
@@ -466,7 +484,10 @@ def run_analyze(
             results[id(cart)] = _finish(req, cart)
 
         if client is None:
-            run_local(work, lambda c: _job_maker(req, c), req.n_workers, finished)
+            # no more worker processes than fields to analyse
+            fields = sum(len(c.pending) for c in work)
+            n = min(req.n_workers, max(fields, 1))
+            run_local(work, lambda c: _job_maker(req, c), n, finished)
         else:
             assert req.scheduler is not None
             run_dask(
