@@ -45,7 +45,10 @@ Pipeline (every threshold in `DetectionSettings`):
    `ck_smooth_snr` (a part of a region split among its nuclei) -> no nucleus
    (CK fragment) -> nucleus mostly outside the CK area -> not larger than 4 um
    (a whole object: also with the field's blur taken `blur_uncertainty` larger,
-   ``diameter_low_um``) ->
+   ``diameter_low_um``) -> a cluster's part (its size cut by its neighbours'
+   borders) whose own whole nucleus, deconvolved with the blur taken
+   `blur_uncertainty` smaller, is under `min_cluster_nucleus_um`: a small
+   CK+DAPI object pressed against a cell ->
    CD45-positive (double positive: on the membrane band; or there at
    `max_cd45_dim_snr` and comparable to a dim cell's cytokeratin, more than
    its bleed-through; or around the nucleus, where a leukocyte under a CK
@@ -78,7 +81,7 @@ from skimage.segmentation import watershed
 
 from analysis.background import estimate_background
 from analysis.fieldio import MIN_FIELD_PX
-from analysis.psf import field_blur, object_radii
+from analysis.psf import deconvolved_radius, field_blur, object_radii
 from analysis.settings import CUT_REASON, DetectionSettings
 
 __all__ = [
@@ -1231,13 +1234,23 @@ class _Field:
         inside = [nid for nid in inside if nid not in wings]
         near = [(nid, cnt) for nid, cnt in near if nid not in wings]
         touching = [nid for nid, _ in near]
+        pieces: list[int] = []
         if split and len(inside) < len(near):
             nl, pieces = self._split_merged(crop, region, nl, near, set(inside))
             inside += pieces
             touching += pieces
             spots += len(pieces)
         self.result.objects.extend(
-            self._ck_region(crop, region, nl, inside, touching, debris, spots=spots)
+            self._ck_region(
+                crop,
+                region,
+                nl,
+                inside,
+                touching,
+                debris,
+                spots=spots,
+                blob_pieces=pieces,
+            )
         )
 
     def _split_merged(
@@ -1409,9 +1422,12 @@ class _Field:
         debris: tuple[np.ndarray, np.ndarray] | None = None,
         *,
         spots: int = 0,
+        blob_pieces: Collection[int] = (),
     ) -> list[dict[str, Any]]:
         """One row per cell of a CK region (clusters split among their nuclei;
-        `spots`: the DNA spots inside it, specks included).
+        `spots`: the DNA spots inside it, specks included; `blob_pieces`:
+        labels of nuclei that are pieces of a blob split beside the region,
+        `_split_merged`).
 
         A region peeled from debris (`debris`: its pixels and the band just
         beyond them, bool over `crop`) is split with the debris as one more
@@ -1435,6 +1451,8 @@ class _Field:
             ]
         markers = np.zeros(region.shape, np.int32)
         n_mark = 0
+        # seeds that are pieces of a nucleus blob: their size is the cut's
+        cut_seeds: set[int] = set()
         min_dist = max(2, round(2.5 / self.px))
         boxes = ndimage.find_objects(nl)
         for nid in inside:
@@ -1452,10 +1470,13 @@ class _Field:
                     self.st.nucleus_split_depth,
                     self.st.min_nucleus_area_um2 / self.px**2,
                 )
-            for p in range(1, int(pieces.max()) + 1):
+            n_pieces = int(pieces.max())
+            for p in range(1, n_pieces + 1):
                 n_mark += 1
                 markers[box][pieces == p] = n_mark
-        parts: list[tuple[np.ndarray, np.ndarray | None]]
+                if n_pieces > 1 or nid in blob_pieces:
+                    cut_seeds.add(n_mark)
+        parts: list[tuple[np.ndarray, np.ndarray | None, int]]
         seeds = n_mark
         if debris is not None and n_mark:
             seeds += 1
@@ -1465,15 +1486,15 @@ class _Field:
                 -self.full[self.e][crop], markers, mask=region | (markers > 0)
             )
             parts = [
-                ((cells == p) & region, markers == p) for p in range(1, n_mark + 1)
+                ((cells == p) & region, markers == p, p) for p in range(1, n_mark + 1)
             ]
-            parts = [(c, n) for c, n in parts if np.count_nonzero(c) >= self.min_px]
+            parts = [x for x in parts if np.count_nonzero(x[0]) >= self.min_px]
         elif n_mark == 1:
-            parts = [(region, markers > 0)]
+            parts = [(region, markers > 0, 1)]
         else:
-            parts = [(region, None)]
+            parts = [(region, None, 0)]
         rows = []
-        for cell_c, nucleus_c in parts:
+        for cell_c, nucleus_c, seed in parts:
             # measure each cell on its own tight crop, not the whole region's
             either = cell_c if nucleus_c is None else cell_c | nucleus_c
             loc = _bbox(either, pad=4)
@@ -1498,6 +1519,15 @@ class _Field:
                 nucleus, sub, (self.h, self.w)
             )
             f["cluster_size"] = len(parts)
+            # a cluster's part is measured with its neighbours' borders, no
+            # disk's edge: its own nucleus (whole, not a piece of a blob) tells
+            # whether it is a cell's, or a small CK+DAPI object's touching one
+            f["_small_nucleus"] = (
+                nuc_core is not None
+                and len(parts) > 1
+                and seed not in cut_seeds
+                and self._largest_diameter_um(nuc_core) < self.st.min_cluster_nucleus_um
+            )
             f["_glow_colour"] = (
                 None
                 if debris is None
@@ -1525,6 +1555,14 @@ class _Field:
             label, reason = self._classify(f, has_nucleus=bool(touching))
             rows.append(self._finish(f, label, reason))
         return rows
+
+    def _largest_diameter_um(self, core: np.ndarray) -> float:
+        """The largest a nucleus can be whose half-maximum core is `core`: its
+        area's diameter deconvolved with the field's blur taken
+        `blur_uncertainty` smaller (`analysis.psf.deconvolved_radius`)."""
+        r_half = math.sqrt(np.count_nonzero(core) / math.pi)
+        sharpest = self.blur * (1 - self.st.blur_uncertainty)
+        return 2 * deconvolved_radius(r_half, sharpest) * self.px
 
     def _intensity(
         self, crop: tuple[slice, slice], mask: np.ndarray
@@ -1808,6 +1846,11 @@ class _Field:
             return "CK_FRAGMENT", (
                 f"not larger than {st.min_ctc_diameter_um:g} um within the "
                 "blur's uncertainty"
+            )
+        if f.get("_small_nucleus"):
+            return "CK_FRAGMENT", (
+                f"a cluster's part with a nucleus under "
+                f"{st.min_cluster_nucleus_um:g} um"
             )
         # with bleed-through unknown (too few single-stain objects, no pooled or
         # configured value) CD45 must also be comparable to the cell's

@@ -108,6 +108,16 @@ class DetectionSettings(BaseModel):
             "its own only from this area (about 4 um across)"
         ),
     )
+    min_cluster_nucleus_um: float = Field(
+        default=2.5,
+        ge=0,
+        description=(
+            "a cluster's part (its body cut by its neighbours) whose own nucleus "
+            "is under this across, deconvolved with the field's blur taken "
+            "blur_uncertainty smaller, is no cell: a small CK+DAPI object "
+            "touching a cell (0: off)"
+        ),
+    )
     nucleus_split_um: float = Field(
         default=3.0,
         gt=0,

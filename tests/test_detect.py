@@ -258,6 +258,46 @@ def test_a_speck_of_a_nucleus_edge_is_no_nucleus_in_a_region_peeled_from_debris(
     assert not near, near
 
 
+@pytest.mark.parametrize(("diam_um", "nucleus_frac"), [(2.2, 0.7), (3.0, 0.6)])
+def test_a_small_ck_dapi_object_touching_a_cell_is_no_cluster_member(
+    diam_um: float, nucleus_frac: float
+) -> None:
+    # a bright CK+DAPI object under 4 um pressed against a CTC becomes a part
+    # of the region split among its nuclei, whose size (cut by the cell's
+    # border) is no measure of it; its own nucleus, under 2.5 um, is
+    cv = Canvas(seed=2)
+    cv.cell(128, 128, diam_um=12, ck=600, dapi=1500, nucleus_um=7)
+    c2 = 128 + (6 + diam_um / 2 - 0.4) / PX
+    cv.cell(
+        128,
+        c2,
+        diam_um=diam_um,
+        ck=2500,
+        dapi=2500,
+        nucleus_um=diam_um * nucleus_frac,
+        texture=False,
+    )
+    field = cv.field(blur=0.5)
+    objs = _detect(field)
+    assert [o["col"] for o in _ctcs(objs)] == [pytest.approx(128, abs=3)]
+    spot = _at(objs, 128, c2)
+    assert spot["label"] == "CK_FRAGMENT" and "nucleus under 2.5 um" in spot["reason"]
+    off = _detect(field, settings=DetectionSettings(min_cluster_nucleus_um=0))
+    assert len(_ctcs(off)) == 2  # the part alone would pass every other rule
+
+
+@pytest.mark.parametrize("blur", [0.5, 1.0, 1.5, 2.0, 2.5])
+def test_a_cluster_of_small_cells_keeps_every_member(blur: float) -> None:
+    # three touching 6 um cells with 3 um nuclei (the smallest of the
+    # simulator's): each nucleus is a cell's, at any blur (a limit of 3.5 um
+    # loses them all in a sharp field)
+    cv = Canvas(seed=1)
+    for k in range(3):
+        cv.cell(128, 110 + k * 6 * 0.95 / PX, diam_um=6, ck=600, nucleus_um=3)
+    ctcs = _ctcs(_detect(cv.field(blur=blur)))
+    assert len(ctcs) == 3 and {o["cluster_size"] for o in ctcs} == {3}
+
+
 @pytest.mark.parametrize(
     ("diam_um", "levels", "glow", "width_px", "seed", "blur"),
     [
