@@ -450,6 +450,34 @@ def test_no_more_worker_processes_than_fields(
     assert asked == [2]
 
 
+@pytest.mark.parametrize(
+    ("file", "damage", "why"),
+    [
+        ("report.json", b"{}", "not a ctcscan report"),
+        ("events.csv", b"hello", "no column 'field'"),
+        ("events.csv", None, "where its report.json counts"),
+    ],
+)
+def test_compare_of_a_damaged_analysis_is_one_line(
+    tmp_path: Path, file: str, damage: bytes | None, why: str
+) -> None:
+    src = _folder(tmp_path)
+    sides = []
+    for name, assay in (("a", ""), ("b", "detection: {min_ctc_diameter_um: 9.0}")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(assay + "\n")
+        out = tmp_path / name
+        args = ("analyze", str(src), "--out", str(out), "--channels", MAP)
+        assert invoke(*args, "--assay", str(cfg), "--workers", "0").exit_code == 0
+        sides.append(str(out))
+    assert invoke("compare", *sides).exit_code == 0
+    path = tmp_path / "b" / file
+    if damage is None:  # the table cut after its second object
+        damage = b"".join(path.read_bytes().splitlines(keepends=True)[:3])
+    path.write_bytes(damage)
+    one_line_error(invoke("compare", *sides), file, why)
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(

@@ -15,7 +15,8 @@ version and the settings' sha256); an output folder holds one id and is never
 overwritten by another, and the input's own results are never touched. Each
 field's result is durable as it arrives (`DetectionWriter`), so the same
 command resumes: a field whose result is recorded for the same file (size and
-modification time) is not analysed again.
+modification time), and whose result file is still the one recorded (its
+sha256), is not analysed again.
 
 Execution (`runners`): without a scheduler, a local process pool per cartridge
 (`OnlineDetector`); with ``--scheduler tcp://HOST:PORT`` an existing Dask

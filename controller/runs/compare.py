@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.report import read_report
+from pydantic import ValidationError
+
+from analysis.report import Report, read_report
 from controller.errors import StorageError
 from controller.runstore.folder import no_folder
 
@@ -64,10 +66,7 @@ def _analyses(side: Path) -> dict[str, Path]:
         candidates = (p.parent for p in sorted(side.glob("*/report.json")))
     out: dict[str, Path] = {}
     for folder in candidates:
-        try:
-            cid = read_report(folder / "report.json").cartridge_id
-        except (OSError, ValueError) as e:
-            raise StorageError(f"{folder / 'report.json'}: unreadable ({e})") from None
+        cid = _report(folder).cartridge_id
         if cid in out:
             raise StorageError(
                 f"{side}: cartridge {cid} is analysed twice ({out[cid]} and {folder})"
@@ -78,18 +77,53 @@ def _analyses(side: Path) -> dict[str, Path]:
     return out
 
 
+def _report(folder: Path) -> Report:
+    """The folder's report.json, or a one-line `StorageError`."""
+    path = folder / "report.json"
+    try:
+        return read_report(path)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(k) for k in first["loc"]) or "the report"
+        raise StorageError(
+            f"{path}: not a ctcscan report ({where}: {first['msg']}"
+            + (f"; {e.error_count() - 1} more" if e.error_count() > 1 else "")
+            + ")"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{path}: unreadable ({e})") from None
+
+
 def _objects(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
-    """field -> (row, col, label) of every object of events.csv."""
+    """field -> (row, col, label) of every object of events.csv, which must
+    hold as many as its report counts (a damaged or cut table is no table of
+    that analysis)."""
     path = folder / "events.csv"
     out: dict[str, list[tuple[float, float, str]]] = {}
+    n = 0
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+            rows = csv.DictReader(f)
+            missing = [
+                c
+                for c in ("field", "row", "col", "label")
+                if c not in (rows.fieldnames or [])
+            ]
+            if missing:
+                raise ValueError(f"no column {missing[0]!r}")
+            for row in rows:
                 out.setdefault(row["field"], []).append(
                     (float(row["row"]), float(row["col"]), row["label"])
                 )
-    except (OSError, KeyError, ValueError) as e:
+                n += 1
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as e:
         raise StorageError(f"{path}: unreadable ({e})") from None
+    counted = sum(_report(folder).counts.values())
+    if n != counted:
+        raise StorageError(
+            f"{path}: {n} objects, where its report.json counts {counted}; "
+            "one of them is damaged or from another analysis"
+        )
     return out
 
 
