@@ -7,6 +7,7 @@ CTC candidates itself and returns a JSON-ready record.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -101,6 +102,13 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
     source = file_stamp(job.path)
     required = [n for n, r in job.roles.items() if r != "marker"]
     ff = read_field_file(job.path, rename=job.rename, required=required)
+    keep = [i for i, n in enumerate(ff.channel_names) if n in job.roles]
+    if len(keep) < len(ff.channel_names):
+        # a channel the assay does not name takes no part (the debris rules
+        # weigh every channel the detector is given)
+        ff = dataclasses.replace(
+            ff, data=ff.data[keep], channel_names=[ff.channel_names[i] for i in keep]
+        )
     _check_finite(ff.path, ff.data, ff.channel_names)
     _check_signal(ff.path, ff.data, ff.channel_names, required)
     px = ff.pixel_size_um or job.pixel_size_um

@@ -478,6 +478,35 @@ def test_compare_of_a_damaged_analysis_is_one_line(
     one_line_error(invoke("compare", *sides), file, why)
 
 
+def test_a_channel_the_assay_does_not_name_takes_no_part(tmp_path: Path) -> None:
+    # a fifth channel (another dye, or a copy of DAPI) had turned debris
+    # bright in every assay channel into OTHER, and nuclei into CK fragments
+    cv = Canvas(size=256, seed=4)
+    cv.blob(128, 128, 10, (3000, 2000, 2500, 2000))  # debris: bright in all
+    cv.cell(60, 60)
+    cv.leukocyte(200, 200)
+    four = cv.field()
+    results = {}
+    for name, extra in (("four", None), ("zero", 0), ("dapi", four[0])):
+        folder = tmp_path / name
+        folder.mkdir()
+        data, names = four, NAMES
+        if extra is not None:
+            plane = np.full_like(four[0], 0) if isinstance(extra, int) else extra
+            data, names = np.concatenate([four, plane[None]]), [*NAMES, "Cy7"]
+        _write(folder / "f.ome.tif", data, names, 0.64)
+        out = tmp_path / f"o_{name}"
+        r = invoke("analyze", str(folder), "--out", str(out), "--workers", "0")
+        assert r.exit_code == 0, r.output
+        with open(out / "events.csv") as f:
+            rows = [
+                (x["label"], x["reason"], x["row"], x["col"]) for x in csv.DictReader(f)
+            ]
+        results[name] = rows
+    assert any(x[0] == "DEBRIS" for x in results["four"])
+    assert results["zero"] == results["four"] == results["dapi"]
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(
