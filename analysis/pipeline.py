@@ -136,6 +136,14 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         background=det.background,
         noise=det.noise,
     )
+    if ff.saturation is not None:
+        over = [(n, q["max"]) for n, q in qc.items() if q["max"] > ff.saturation]
+        if over:  # the file's own bit depth is false: its saturation with it
+            raise FieldReadError(
+                f"{job.path}: its OME SignificantBits ({ff.significant_bits}) puts "
+                f"saturation at {ff.saturation:g}, but {over[0][0]} reaches "
+                f"{over[0][1]:g}; the field cannot be analysed"
+            )
     stage = dict(job.stage or ff.stage)
     _, h, w = ff.data.shape
     out = Path(job.out_dir) / "candidates"

@@ -313,8 +313,9 @@ class DetectionSettings(BaseModel):
                 f"blur_max_nuclei ({self.blur_max_nuclei}): no field could be measured"
             )
         for key, coef in self.spillover.items():
-            src, sep, dst = (p.strip() for p in key.partition("->"))
-            if not (sep and src and dst and src != dst):
+            src, sep, dst = key.partition("->")
+            names_ok = all(n and n == n.strip() and "->" not in n for n in (src, dst))
+            if not (sep and names_ok and src != dst):
                 raise ValueError(
                     f"spillover {key!r}: expected SOURCE->TARGET, two channels, "
                     "e.g. 'PE->APC'"

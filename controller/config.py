@@ -574,14 +574,20 @@ class AssayConfig(ConfigModel):
         for needed in ("nucleus", "epithelial", "leukocyte"):
             if roles.count(needed) != 1:
                 raise ValueError(f"exactly one channel must have role {needed!r}")
+        dyes = [c for c, r in self.channels.items() if r in ("nucleus", "epithelial")]
         for key in self.detection.spillover:
-            unknown = [
-                c.strip() for c in key.split("->") if c.strip() not in self.channels
-            ]
+            src, _, dst = key.partition("->")
+            unknown = [c for c in (src, dst) if c not in self.channels]
             if unknown:
                 raise ValueError(
                     f"detection.spillover {key!r}: {unknown[0]!r} is not a channel "
                     f"of the assay ({', '.join(self.channels)})"
+                )
+            if src not in dyes or dst in dyes:
+                # the detector corrects the mask dyes' bleed into the others
+                raise ValueError(
+                    f"detection.spillover {key!r}: only the bleed-through of "
+                    f"{' and '.join(dyes)} into another channel is corrected"
                 )
         names = [i.name for i in self.indications]
         if len(set(names)) != len(names):

@@ -127,6 +127,30 @@ def test_a_12_bit_field_saturates_at_4095_in_a_plain_folder(tmp_path: Path) -> N
     assert json.loads((out / "report.json").read_text())["ctc_count"] == 1
 
 
+def test_a_bit_depth_the_pixels_contradict_is_refused(tmp_path: Path) -> None:
+    # SignificantBits 8 on pixels up to 4095: every bright pixel would count
+    # as saturated (every cell debris), so the field is refused instead
+    folder = tmp_path / "ome"
+    folder.mkdir()
+    cv = Canvas(size=128, seed=1)
+    cv.cell(64, 64)
+    tifffile.imwrite(
+        folder / "f.ome.tif",
+        cv.field(),
+        ome=True,
+        photometric="minisblack",
+        metadata={
+            "axes": "CYX",
+            "Channel": {"Name": NAMES},
+            "PhysicalSizeX": 0.64,
+            "SignificantBits": 8,
+        },
+    )
+    r = invoke("analyze", str(folder), "--out", str(tmp_path / "o"), "--workers", "0")
+    assert r.exit_code == 2, r.output
+    assert "SignificantBits (8) puts saturation at 255" in " ".join(r.output.split())
+
+
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
@@ -304,6 +328,30 @@ def test_a_refused_output_folder_keeps_nothing_of_the_command(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("kind", ["link", "dangling link", "fifo"])
+def test_an_output_folder_whose_ledger_is_no_file_of_its_own_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    # a link's records would go where it points (another analysis' ledger);
+    # a pipe would hang the command
+    src = _folder(tmp_path, n=1)
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(b"")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    ledger = theirs / "ledger.jsonl"
+    if kind == "fifo":
+        os.mkfifo(ledger)
+    else:
+        ledger.symlink_to(other if kind == "link" else tmp_path / "nowhere")
+    one_line_error(
+        invoke("analyze", str(src), "--out", str(theirs), "--channels", MAP),
+        "no file of its own",
+    )
+    assert other.read_bytes() == b"" and not (tmp_path / "nowhere").exists()
+    assert [p.name for p in theirs.iterdir()] == ["ledger.jsonl"]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "why"),
     [
@@ -326,6 +374,32 @@ def test_an_output_folder_with_someone_s_file_of_ours_by_name_is_refused(
     )
     assert (theirs / name).read_bytes() == content
     assert [p.name for p in theirs.iterdir()] == [name]
+
+
+def test_an_output_folder_found_full_keeps_no_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a full disk creates the writability probe and refuses its bytes: the
+    # probe must not stay behind, or the same command later finds the folder
+    # holding "other files"
+    import errno
+
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:  # type: ignore[override]
+        if self.name == ".write-probe":
+            real(self, b"")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    src = _folder(tmp_path, n=1)
+    out = tmp_path / "out"
+    args = ("analyze", str(src), "--out", str(out), "--channels", MAP)
+    monkeypatch.setattr(Path, "write_bytes", full)
+    one_line_error(invoke(*args), "is not writable", "No space left on device")
+    assert not (out / ".write-probe").exists()
+    monkeypatch.undo()
+    assert invoke(*args, "--workers", "0").exit_code == 0
 
 
 @pytest.mark.parametrize("where", ["detections", "outputs"])
@@ -374,6 +448,9 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(
         ("detection: {spillover: {PE->APC: 1.0e30}}", "a fraction from 0 to 1"),
         ("detection: {spillover: {garbage: 0.1}}", "SOURCE->TARGET"),
         ("detection: {spillover: {XX->APC: 0.1}}", "'XX' is not a channel"),
+        ("detection: {spillover: {' PE -> APC ': 0.1}}", "SOURCE->TARGET"),
+        ("detection: {spillover: {PE->APC->DAPI: 0.1}}", "SOURCE->TARGET"),
+        ("detection: {spillover: {APC->PE: 0.1}}", "only the bleed-through of"),
         (
             "indications: [{name: a, cutoff: 1}, {name: a, cutoff: 2}]\nindication: a",
             "listed twice",

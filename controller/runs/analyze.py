@@ -368,6 +368,13 @@ def _check_out(src: Path, out: RunFolder, aid: str) -> None:
         )
     if out.scan_json.exists():
         raise StorageError(f"--out {root} is a scan's run folder; choose another --out")
+    ledger = out.ledger.path
+    if ledger.is_symlink() or (os.path.lexists(ledger) and not ledger.is_file()):
+        # a link (the records would go where it points) or a pipe, a folder
+        raise StorageError(
+            f"--out {root} holds a {ledger.name} that is no file of its own; "
+            "choose a new or empty folder"
+        )
     started = [r for r in out.ledger.read() if isinstance(r, AnalysisStarted)]
     if started:
         before = Path(started[-1].input).resolve()

@@ -15,6 +15,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -96,8 +97,11 @@ class RunFolder:
                 self.fields_dir.mkdir(exist_ok=True)
             self.detections_dir.mkdir(exist_ok=True)
             probe = self.root / ".write-probe"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            try:
+                probe.write_bytes(b"ok")
+            finally:  # a full disk may create it and then refuse its bytes
+                with contextlib.suppress(FileNotFoundError):
+                    probe.unlink()
         except OSError as e:
             raise StorageError(
                 f"output folder {self.root} is not writable: {e.strerror or e}"
