@@ -243,6 +243,22 @@ _UM_PER_UNIT = {
 }
 
 
+def _length_um(el: ET.Element, attr: str) -> float:
+    """A pixel size of the OME Pixels element `el` in um, from its unit
+    (``<attr>Unit``; OME's default is the micrometre)."""
+    value = el.get(attr, "nan")
+    unit = el.get(f"{attr}Unit", "µm")
+    if unit not in _UM_PER_UNIT:
+        raise ValueError(
+            f"{attr}Unit {unit!r} is not a unit this reader knows "
+            f"({', '.join(_UM_PER_UNIT)})"
+        )
+    size = float(value) * _UM_PER_UNIT[unit]
+    if not 0 < size < 1000:  # NaN too; the bounds of --pixel-size
+        raise ValueError(f"{attr} {value} {unit} ({size:g} um) is no pixel size")
+    return size
+
+
 def _ome_info(
     xml: str,
 ) -> tuple[list[str], float | None, dict[str, float], int | None]:
@@ -258,19 +274,14 @@ def _ome_info(
         tag = el.tag.rsplit("}", 1)[-1]
         if tag == "Pixels":
             if el.get("PhysicalSizeX"):
-                value = el.get("PhysicalSizeX", "nan")
-                # OME's default unit is the micrometre ("µm")
-                unit = el.get("PhysicalSizeXUnit", "µm")
-                if unit not in _UM_PER_UNIT:
-                    raise ValueError(
-                        f"PhysicalSizeXUnit {unit!r} is not a unit this reader "
-                        f"knows ({', '.join(_UM_PER_UNIT)})"
-                    )
-                px = float(value) * _UM_PER_UNIT[unit]
-                if not 0 < px < 1000:  # NaN too; the bounds of --pixel-size
-                    raise ValueError(
-                        f"PhysicalSizeX {value} {unit} ({px:g} um) is no pixel size"
-                    )
+                px = _length_um(el, "PhysicalSizeX")
+                if el.get("PhysicalSizeY"):
+                    py = _length_um(el, "PhysicalSizeY")
+                    if abs(py / px - 1) > 0.01:
+                        raise ValueError(
+                            f"PhysicalSizeY ({py:g} um) is not PhysicalSizeX "
+                            f"({px:g} um): fields of oblong pixels are not analysed"
+                        )
             if (sig := el.get("SignificantBits")) is not None:
                 try:
                     bits = int(sig)

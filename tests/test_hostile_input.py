@@ -1331,6 +1331,29 @@ def test_a_pixel_size_is_read_in_its_unit(workdir: Path, value: str, unit: str) 
     assert read_field_file(path).pixel_size_um == pytest.approx(0.64)
 
 
+@pytest.mark.parametrize(
+    ("y", "unit", "ok"),
+    [
+        ("0.64", "µm", True),
+        ("640", "nm", True),
+        ("0.7", "µm", False),
+        ("0.64", "m", False),
+    ],
+)
+def test_oblong_pixels_are_refused(workdir: Path, y: str, unit: str, ok: bool) -> None:
+    xml = BASE_XML.replace(
+        "<Pixels ", f'<Pixels PhysicalSizeY="{y}" PhysicalSizeYUnit="{unit}" ', 1
+    )
+    path = workdir / "oblong.ome.tif"
+    path.write_bytes(_ome_tiff(BASE_PIXELS, xml))
+    if ok:
+        assert read_field_file(path).pixel_size_um == pytest.approx(0.64)
+        return
+    with pytest.raises(FieldReadError, match="PhysicalSize") as e:
+        read_field_file(path)
+    assert_one_line(e.value)
+
+
 def test_a_pixel_size_in_a_unit_not_known_is_refused(workdir: Path) -> None:
     xml = re.sub(r'PhysicalSizeXUnit="[^"]*"', 'PhysicalSizeXUnit="furlong"', BASE_XML)
     path = workdir / "furlong.ome.tif"
