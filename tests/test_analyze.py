@@ -20,10 +20,18 @@ FILE_NAMES = ["Hoechst", "HER2", "CK", "CD45"]  # another instrument's names
 MAP = "DAPI=Hoechst,FITC=HER2,PE=CK,APC=CD45"
 
 
-def _write(path: Path, data: np.ndarray, names: list[str], px: float | None) -> None:
+def _write(
+    path: Path,
+    data: np.ndarray,
+    names: list[str],
+    px: float | None,
+    bits: int | None = None,
+) -> None:
     meta: dict = {"axes": "CYX", "Channel": {"Name": names}}
     if px is not None:
         meta.update(PhysicalSizeX=px, PhysicalSizeY=px)
+    if bits is not None:
+        meta["SignificantBits"] = bits
     meta["Plane"] = {
         "PositionX": [100.0] * len(names),
         "PositionY": [200.0] * len(names),
@@ -102,19 +110,7 @@ def test_a_12_bit_field_saturates_at_4095_in_a_plain_folder(tmp_path: Path) -> N
     cv = Canvas(size=256, seed=3)
     cv.blob(128, 128, 10, (9000, 0, 9000, 0))
     cv.cell(60, 60)
-    tifffile.imwrite(
-        folder / "f_000.ome.tif",
-        cv.field(),
-        ome=True,
-        photometric="minisblack",
-        metadata={
-            "axes": "CYX",
-            "Channel": {"Name": ["DAPI", "FITC", "PE", "APC"]},
-            "PhysicalSizeX": 0.64,
-            "PhysicalSizeY": 0.64,
-            "SignificantBits": 12,
-        },
-    )
+    _write(folder / "f_000.ome.tif", cv.field(), NAMES, 0.64, bits=12)
     out = tmp_path / "out"
     r = invoke("analyze", str(folder), "--out", str(out), "--workers", "0")
     assert r.exit_code == 0, r.output
@@ -134,18 +130,7 @@ def test_a_bit_depth_the_pixels_contradict_is_refused(tmp_path: Path) -> None:
     folder.mkdir()
     cv = Canvas(size=128, seed=1)
     cv.cell(64, 64)
-    tifffile.imwrite(
-        folder / "f.ome.tif",
-        cv.field(),
-        ome=True,
-        photometric="minisblack",
-        metadata={
-            "axes": "CYX",
-            "Channel": {"Name": NAMES},
-            "PhysicalSizeX": 0.64,
-            "SignificantBits": 8,
-        },
-    )
+    _write(folder / "f.ome.tif", cv.field(), NAMES, 0.64, bits=8)
     r = invoke("analyze", str(folder), "--out", str(tmp_path / "o"), "--workers", "0")
     assert r.exit_code == 2, r.output
     assert "SignificantBits (8) puts saturation at 255" in " ".join(r.output.split())
