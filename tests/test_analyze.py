@@ -569,6 +569,23 @@ def test_a_channel_the_assay_does_not_name_takes_no_part(tmp_path: Path) -> None
     assert results["zero"] == results["four"] == results["dapi"]
 
 
+def test_recursive_skips_hidden_folders(tmp_path: Path) -> None:
+    # a snapshot folder (".snap", ".zfs") holds copies of the archive's
+    # cartridges: not cartridges of their own
+    root = tmp_path / "archive"
+    root.mkdir()
+    src = _folder(tmp_path, n=1)
+    shutil.copytree(src, root / "cart-1")
+    shutil.copytree(src, root / ".snap" / "cart-1")
+    out = tmp_path / "out"
+    args = ("analyze", str(root), "--recursive", "--out", str(out), "--channels")
+    r = invoke(*args, MAP, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "cart-1"
+    ]
+
+
 def test_bad_channel_map(tmp_path: Path) -> None:
     src = _folder(tmp_path, n=1)
     one_line_error(

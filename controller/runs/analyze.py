@@ -226,7 +226,9 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> list[Path]:
                 dirnames.clear()  # its fields/ and analyses/ are its own
             elif _has_fields(here) and not (here / "ledger.jsonl").exists():
                 found.setdefault(here.resolve(), here)
-            dirnames.sort()
+            # hidden folders (a file system's snapshots, a sync tool's state)
+            # hold no cartridges of the archive
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if len(found) == before:
             raise StorageError(
                 f"{root}: no run folder or folder of OME-TIFF fields under it"
