@@ -283,12 +283,7 @@ def _ome_info(
                             f"({px:g} um): fields of oblong pixels are not analysed"
                         )
             if (sig := el.get("SignificantBits")) is not None:
-                try:
-                    bits = int(sig)
-                except ValueError:
-                    raise ValueError(
-                        f"SignificantBits {sig!r} is no bit depth"
-                    ) from None
+                bits = int(sig) if sig.strip().isdecimal() else 0
                 if not 1 <= bits <= 64:
                     raise ValueError(f"SignificantBits {sig!r} is no bit depth")
         elif tag == "Channel":

@@ -56,22 +56,25 @@ class CartridgeChange:
         return self.ctc_b - self.ctc_a
 
 
-def _analyses(side: Path) -> dict[str, Path]:
-    """cartridge id -> analysis folder, for a folder or a folder of them."""
+def _analyses(side: Path) -> dict[str, tuple[Path, Report]]:
+    """cartridge id -> analysis folder and its report, for a folder or a
+    folder of them."""
     if not side.is_dir():
         raise no_folder(side)
     if (side / "report.json").is_file():
         candidates: Iterator[Path] = iter([side])
     else:
         candidates = (p.parent for p in sorted(side.glob("*/report.json")))
-    out: dict[str, Path] = {}
+    out: dict[str, tuple[Path, Report]] = {}
     for folder in candidates:
-        cid = _report(folder).cartridge_id
+        report = _report(folder)
+        cid = report.cartridge_id
         if cid in out:
             raise StorageError(
-                f"{side}: cartridge {cid} is analysed twice ({out[cid]} and {folder})"
+                f"{side}: cartridge {cid} is analysed twice ({out[cid][0]} and "
+                f"{folder})"
             )
-        out[cid] = folder
+        out[cid] = (folder, report)
     if not out:
         raise StorageError(f"{side}: no analysis (report.json) in it or under it")
     return out
@@ -94,10 +97,10 @@ def _report(folder: Path) -> Report:
         raise StorageError(f"{path}: unreadable ({e})") from None
 
 
-def _objects(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
+def _objects(folder: Path, report: Report) -> dict[str, list[tuple[float, float, str]]]:
     """field -> (row, col, label) of every object of events.csv, which must
-    hold as many as its report counts (a damaged or cut table is no table of
-    that analysis)."""
+    hold as many as its `report` counts (a damaged or cut table is no table
+    of that analysis)."""
     path = folder / "events.csv"
     out: dict[str, list[tuple[float, float, str]]] = {}
     n = 0
@@ -118,7 +121,7 @@ def _objects(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
                 n += 1
     except (OSError, KeyError, TypeError, ValueError, csv.Error) as e:
         raise StorageError(f"{path}: unreadable ({e})") from None
-    counted = sum(_report(folder).counts.values())
+    counted = sum(report.counts.values())
     if n != counted:
         raise StorageError(
             f"{path}: {n} objects, where its report.json counts {counted}; "
@@ -127,8 +130,10 @@ def _objects(folder: Path) -> dict[str, list[tuple[float, float, str]]]:
     return out
 
 
-def _changes(cid: str, a: Path, b: Path) -> list[ObjectChange]:
-    oa, ob = _objects(a), _objects(b)
+def _changes(
+    cid: str, a: tuple[Path, Report], b: tuple[Path, Report]
+) -> list[ObjectChange]:
+    oa, ob = _objects(*a), _objects(*b)
     changes = []
     for fld in sorted(set(oa) | set(ob)):
         left, right = oa.get(fld, []), ob.get(fld, [])
@@ -173,8 +178,8 @@ def compare(a: Path, b: Path) -> list[CartridgeChange]:
     left, right = _analyses(a), _analyses(b)
     out = []
     for cid in sorted(set(left) | set(right)):
-        ca = read_report(left[cid] / "report.json").ctc_count if cid in left else None
-        cb = read_report(right[cid] / "report.json").ctc_count if cid in right else None
+        ca = left[cid][1].ctc_count if cid in left else None
+        cb = right[cid][1].ctc_count if cid in right else None
         item = CartridgeChange(cid, ca, cb)
         if cid in left and cid in right:
             item.objects = _changes(cid, left[cid], right[cid])
