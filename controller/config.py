@@ -75,6 +75,11 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(one_line(f"{name}: invalid YAML value ({why})")) from None
 
 
+def _has_text(path: Path) -> bool:
+    """Whether the (readable, UTF-8) file holds more than white space."""
+    return bool(path.read_text(encoding="utf-8").strip())
+
+
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -100,6 +105,13 @@ class ConfigModel(BaseModel):
         path = Path(path)
         data = load_yaml(path)
         if data is None:
+            # a document of comments alone asks for every default; a file with
+            # nothing in it is more likely a copy that failed
+            if not _has_text(path):
+                raise ConfigError(
+                    f"{one_line(str(path))}: the file is empty (write {{}} in it "
+                    "for every default)"
+                )
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(

@@ -88,6 +88,27 @@ def test_invalid_assay(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_assay_file_is_refused(tmp_path: Path, text: str) -> None:
+    # an empty file (a copy that failed) had silently meant the default assay
+    empty = tmp_path / "assay.yaml"
+    empty.write_text(text)
+    one_line_error(
+        invoke("scan", "--out", str(tmp_path / "x"), "--assay", str(empty)),
+        "assay.yaml",
+        "the file is empty",
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_assay_of_comments_alone_is_every_default(tmp_path: Path) -> None:
+    from controller.config import AssayConfig
+
+    commented = tmp_path / "assay.yaml"
+    commented.write_text("# every default\n")
+    assert AssayConfig.from_file(commented) == AssayConfig()
+
+
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:
     one_line_error(
         invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),
