@@ -525,7 +525,7 @@ def test_compare_of_a_damaged_analysis_is_one_line(
 ) -> None:
     src = _folder(tmp_path)
     sides = []
-    for name, assay in (("a", ""), ("b", "detection: {min_ctc_diameter_um: 9.0}")):
+    for name, assay in (("a", "{}"), ("b", "detection: {min_ctc_diameter_um: 9.0}")):
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(assay + "\n")
         out = tmp_path / name

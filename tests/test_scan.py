@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from controller.layouts import get_layout
 from controller.records import Record, Stored
 from controller.runs.scan import Scan, ScanRequest, ScanResult, _once_at_position
 from controller.runstore.folder import RunFolder
-from controller.runstore.ledger import LedgerState
+from controller.runstore.ledger import LedgerState, LedgerTampered
 from tests.conftest import (
     DEMO_YAML,
     read_back_only,
@@ -162,6 +163,31 @@ def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
     run_scan(run, n_fields=1, seed=2)
     with pytest.raises(StorageError, match="different scan"):
         run_scan(run, n_fields=1, seed=3)
+
+
+def test_resume_refuses_a_ledger_changed_by_hand(tmp_path: Path) -> None:
+    run = tmp_path / "cart"
+    run_scan(run, n_fields=2, seed=2)
+    ledger = run / "ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    n = next(i for i, x in enumerate(lines) if b'"event":"stored"' in x)
+    # a stored field's sha256 edited: the seal no longer matches
+    sha = json.loads(lines[n])["sha256"]
+    edited = lines[n].replace(sha.encode(), b"0" * 64)
+    # ...or a record copied in again without its seal
+    unsealed = re.sub(rb',"chain":"[0-9a-f]{64}"\}', b"}", lines[n])
+    for i, changed, why in [
+        (n, [*lines[:n], edited, *lines[n + 1 :]], "seal does not match"),
+        (n + 1, [*lines[: n + 1], unsealed, *lines[n + 1 :]], "without a seal"),
+    ]:
+        ledger.write_bytes(b"".join(changed))
+        with pytest.raises(LedgerTampered, match=f"line {i + 1}: .*{why}"):
+            run_scan(run, n_fields=3, seed=2)
+        assert ledger.read_bytes() == b"".join(changed)  # left as it is
+        assert not (run / "fields" / "field_002.ome.tif").exists()
+    # a line torn by a crash is no tampering: the resume goes on
+    ledger.write_bytes(b"".join(lines) + lines[n][:40])
+    assert run_scan(run, n_fields=3, seed=2).stored == 1
 
 
 @pytest.fixture(scope="module")

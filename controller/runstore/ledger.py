@@ -2,11 +2,14 @@
 
 Every line is one `controller.records` record, sealed into the file's hash
 chain (`controller.runstore.chain`), written whole and fsync'd before `append`
-returns. Reading is forgiving where a crash or a stray edit can reach and strict
-nowhere else: a torn last line (a crash mid-write) is ignored and the next
-append starts on a fresh line; a line that is not a record this code knows is
-skipped and counted (`Ledger.skipped`), never fatal to a resume. Seals are
-checked by `ctcscan verify`, not by reading.
+returns. Reading is forgiving where a crash can reach and strict where only a
+hand can: a torn line (a crash mid-write) is ignored and the next append starts
+on a fresh line; a line that is not a record this code knows is skipped and
+counted (`Ledger.skipped`). But a record whose seal does not match (edited,
+or a line before it removed or inserted), or a whole record without a seal
+among sealed ones (a crash tears a line, it does not write one unsealed), is
+no record the program wrote: reading refuses the file (`LedgerTampered`), so
+no resume, queue or sign-off acts on it. `ctcscan verify` lists every problem.
 
 `RunLog` is a run's record sink: the ledger line first, then the run's event
 stream, so whatever a subscriber sees is already durable.
@@ -34,9 +37,9 @@ from controller.records import (
     dump_line,
     parse_line,
 )
-from controller.runstore.chain import append_sealed
+from controller.runstore.chain import GENESIS, append_sealed, link, unseal
 
-__all__ = ["Ledger", "LedgerState", "RunLog"]
+__all__ = ["Ledger", "LedgerState", "LedgerTampered", "RunLog"]
 
 logger = logging.getLogger("ctcscan.ledger")
 
@@ -89,13 +92,28 @@ class Ledger:
         lines.pop()  # b"" after the last newline, or a torn last line
         records: list[Record] = []
         self.skipped = []
+        prev: str | None = None  # the last seal; None: no sealed line yet
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            body, digest = unseal(line)
             try:
-                records.append(parse_line(line))
+                record = parse_line(line)
             except RecordError as e:
                 self.skipped.append(f"line {n}: {e}")
+                record = None
+            if digest is not None:
+                if digest != link(GENESIS if prev is None else prev, body):
+                    self._refuse(
+                        n,
+                        "its seal does not match (the line, or one "
+                        "before it, was changed, removed or inserted)",
+                    )
+                prev = digest
+            elif prev is not None and record is not None:
+                self._refuse(n, "a whole record without a seal among sealed ones")
+            if record is not None:
+                records.append(record)
         if len(self.skipped) > self._warned:  # say it once, not at every read
             self._warned = len(self.skipped)
             logger.warning(
@@ -105,6 +123,17 @@ class Ledger:
                 self.skipped[0],
             )
         return records
+
+    def _refuse(self, n: int, why: str) -> None:
+        raise LedgerTampered(
+            f"{self.path} line {n}: {why}; nothing in it is trusted and the "
+            "file is left as it is (`ctcscan verify` lists every problem; "
+            "restore the file, or start a new folder)"
+        )
+
+
+class LedgerTampered(StorageError):
+    """A ledger holds a line the program did not write as it stands."""
 
 
 class RunLog:
