@@ -467,6 +467,13 @@ def test_a_stain_channel_of_one_value_is_refused(
     assert r.exit_code == 2, r.output
     flat = " ".join(r.output.split())
     assert f"channel {NAMES[channel]} holds one value ({value}) throughout" in flat
+    # ...or but for a hot pixel: as dead
+    field[channel, 16, 32] = value + 1 if value < 65535 else 0  # in the sample
+    _write(folder / "f.ome.tif", field, NAMES, 0.64)
+    r = invoke("analyze", str(folder), "--out", str(tmp_path / "o2"), "--workers", "0")
+    assert r.exit_code == 2, r.output
+    flat = " ".join(r.output.split())
+    assert f"channel {NAMES[channel]} holds one value ({value}) in all but 1" in flat
 
 
 def test_hidden_files_are_no_fields_and_a_name_too_long_is_one_line(
