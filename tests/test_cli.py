@@ -109,6 +109,41 @@ def test_an_assay_of_comments_alone_is_every_default(tmp_path: Path) -> None:
     assert AssayConfig.from_file(commented) == AssayConfig()
 
 
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_scan_and_queue_never_take_over_someone_s_folder(tmp_path: Path) -> None:
+    # a scan had overwritten a user's events.csv, report.html and field file,
+    # removed their .write-probe and appended to their audit.log
+    theirs = tmp_path / "theirs"
+    (theirs / "fields").mkdir(parents=True)
+    for name in ("events.csv", "report.html", "fields/field_000.ome.tif", "audit.log"):
+        (theirs / name).write_text("mine\n")
+    (theirs / ".write-probe").write_text("keep\n")
+    before = _tree(theirs)
+    scan = ("scan", "--layout", "test-3x4", "--fields", "1", "--out")
+    one_line_error(invoke(*scan, str(theirs)), "did not write", "events.csv")
+    queue = ("queue", "--layout", "test-3x4", "--fields", "1", "--slots", "1")
+    one_line_error(invoke(*queue, "--out", str(theirs)), "did not write")
+    assert _tree(theirs) == before  # not a byte written, nothing removed
+    # a run folder is no queue folder, nor the other way round
+    run = tmp_path / "run"
+    assert invoke(*scan, str(run)).exit_code == 0
+    one_line_error(invoke(*queue, "--out", str(run)), "is a run folder")
+    q = tmp_path / "q"
+    assert invoke(*queue, "--out", str(q)).exit_code == 0
+    one_line_error(invoke(*scan, str(q)), "is a queue folder")
+    # what a refused start leaves (a lock, an audit log, empty folders) is ours
+    left = tmp_path / "left"
+    (left / "fields").mkdir(parents=True)
+    (left / "audit.log").write_text("")
+    assert invoke(*scan, str(left)).exit_code == 0
+
+
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:
     one_line_error(
         invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),

@@ -59,7 +59,7 @@ from controller.records import (
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runstore.audit import AuditLog, AuditTrail
-from controller.runstore.folder import folder_name, write_durably
+from controller.runstore.folder import check_ours, folder_name, write_durably
 from controller.runstore.ledger import Ledger, RunLog
 from controller.runstore.lock import FolderLock
 
@@ -215,6 +215,7 @@ class CartridgeQueue:
         FolderLockedError
             Another process runs a queue on this folder.
         """
+        check_ours(self.root, "queue.jsonl", "ledger.jsonl", "a queue folder")
         with self.lock:
             trail = AuditTrail(self.audit)
             unsubscribe = self.events.subscribe(

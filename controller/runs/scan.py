@@ -78,7 +78,7 @@ from controller.runs.outputs import DetectionCache, write_scan_outputs
 from controller.runs.watchdog import Watchdog
 from controller.runstore.audit import AuditLog, AuditTrail, config_hash
 from controller.runstore.fieldstore import AssembledField, FieldStore, StoreWorker
-from controller.runstore.folder import RunFolder
+from controller.runstore.folder import RunFolder, check_ours
 from controller.runstore.ledger import LedgerState, RunLog
 from controller.runstore.lock import FolderLock
 from controller.runstore.omexml import OmeXml
@@ -347,6 +347,7 @@ class Scan:
             Bad input, or the run stopped with an error (a `Stopped` record
             holds it; the run is resumable).
         """
+        check_ours(self.folder.root, "ledger.jsonl", "queue.jsonl", "a run folder")
         with self.lock, _device_thread_first():
             self.folder.prepare()
             audit = self.events.subscribe(AuditTrail(self.audit))

@@ -35,6 +35,7 @@ from controller.runstore.results import (
 __all__ = [
     "FIELD_SUFFIX",
     "RunFolder",
+    "check_ours",
     "no_folder",
     "write_durably",
     "write_durably_from",
@@ -66,6 +67,49 @@ def no_folder(path: Path) -> StorageError:
     if path.exists():
         return StorageError(f"{path}: a file, not a folder")
     return StorageError(f"{path}: no such folder")
+
+
+#: what a start that was refused or cut short may have left in a folder
+_START_LEFTOVERS = frozenset({".lock", ".owner.json", "audit.log"})
+
+
+def check_ours(root: Path, journal: str, other: str, what: str) -> None:
+    """Refuse, before anything is written there, a folder that is neither new,
+    empty, nor one this program keeps as `what` (its `journal` file: resumed;
+    no `other` journal: never the other kind of folder): someone's files would
+    be overwritten or removed. Only what a start cut short may have left (the
+    lock, the owner note, the audit log; empty ``fields/`` and
+    ``detections/``; an empty journal) is taken as the program's own."""
+    try:
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    except OSError as e:
+        raise StorageError(
+            f"{root}: cannot read the folder ({e.strerror or e})"
+        ) from None
+    if other in names:
+        kind = "a queue folder" if other == "queue.jsonl" else "a run folder"
+        raise StorageError(
+            f"--out {root} is {kind} ({other}), not {what}; choose another --out"
+        )
+    if journal in names:
+        return
+
+    def leftover(name: str) -> bool:
+        path = root / name
+        if name in _START_LEFTOVERS:
+            return True
+        with contextlib.suppress(OSError):
+            if name in ("fields", DETECTIONS_DIR) and path.is_dir():
+                return not any(path.iterdir())
+        return False
+
+    theirs = [n for n in names if not leftover(n)]
+    if theirs:
+        raise StorageError(
+            f"--out {root} holds files this program did not write "
+            f"({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); "
+            "choose a new or empty folder"
+        )
 
 
 class RunFolder:
