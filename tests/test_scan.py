@@ -7,6 +7,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import useq
 from pymmcore_plus.mda.events import MDASignaler
 
 from controller.acquisition.plan import ScanPlan
-from controller.config import InstrumentConfig
+from controller.config import AssayConfig, InstrumentConfig
 from controller.errors import StorageError
 from controller.layouts import get_layout
 from controller.records import Record, Stored
@@ -24,6 +25,7 @@ from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState, LedgerTampered
 from tests.conftest import (
     DEMO_YAML,
+    SIM_YAML,
     read_back_only,
     read_field,
     run_scan,
@@ -163,6 +165,44 @@ def test_resume_refuses_a_different_scan(tmp_path: Path) -> None:
     run_scan(run, n_fields=1, seed=2)
     with pytest.raises(StorageError, match="different scan"):
         run_scan(run, n_fields=1, seed=3)
+
+
+def test_resume_refuses_what_would_mix_two_scans(tmp_path: Path) -> None:
+    run = tmp_path / "cart"
+    run_scan(run, n_fields=3, seed=2)
+    scan_json = run / "scan.json"
+    ledger = (run / "ledger.jsonl").read_bytes()
+
+    def refused(why: str, **kw: Any) -> None:
+        with pytest.raises(StorageError, match=why):
+            Scan(
+                ScanRequest(
+                    instrument=kw.pop("instrument", sim_instrument()),
+                    layout=kw.pop("layout", get_layout("test-3x4")),
+                    out=run,
+                    instrument_file=str(SIM_YAML),
+                    seed=2,
+                    **kw,
+                ),
+                detector_workers=0,
+            ).run()
+        assert (run / "ledger.jsonl").read_bytes() == ledger  # nothing done
+
+    # the same layout name on other ground, another camera, another assay
+    moved = get_layout("test-3x4").model_copy(update={"center_x_um": 3000.0})
+    refused(r"another layout \(center_x_um: ", layout=moved, n_fields=4)
+    small = sim_instrument()
+    small = small.model_copy(
+        update={"camera": small.camera.model_copy(update={"width": 1024})}
+    )
+    refused(r"another camera \(width: 1384 there, 1024 now\)", instrument=small)
+    other = AssayConfig.from_dict({"detection": {"min_ctc_diameter_um": 12.0}})
+    refused(r"another assay \(detection.min_ctc_diameter_um: ", assay=other)
+    # fewer fields than are stored: the report would count fewer
+    refused("holds 3 stored fields, field_002 among them beyond the 2", n_fields=2)
+    # scan.json gone: nothing tells whose fields these are
+    scan_json.unlink()
+    refused("scan.json is missing, though 3 field", n_fields=6)
 
 
 def test_resume_refuses_a_ledger_changed_by_hand(tmp_path: Path) -> None:

@@ -266,6 +266,24 @@ class ScanResult:
             self.refocused.append(r.field)
 
 
+def _first_difference(then: Any, now: Any, path: str = "") -> str | None:
+    """Where the settings `now` differ from those recorded, `then`: ``"key.sub:
+    A there, B now"``, or None. Keys of a mapping that only one side has are
+    left out (a setting a later version added, or dropped); nothing recorded
+    (not a mapping where one is expected) is no difference."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for k in sorted(set(then) & set(now), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if (d := _first_difference(then[k], now[k], sub)) is not None:
+                return d
+        return None
+    if then is None or (isinstance(now, dict) and not isinstance(then, dict)):
+        return None
+    if then != now:
+        return f"{path or 'value'}: {then!r} there, {now!r} now"
+    return None
+
+
 def _versions() -> dict[str, str]:
     out = {"ctcscan": __version__}
     for pkg in ("pymmcore-plus", "pymmcore", "useq-schema", "numpy", "tifffile"):
@@ -406,10 +424,10 @@ class Scan:
     def _run(self) -> ScanResult:
         req, folder = self.request, self.folder
         plan = ScanPlan.build(req.layout, req.instrument, n_fields=req.n_fields)
-        self._check_same_scan(plan)
         state = LedgerState.from_records(folder.ledger.read())
+        self._check_same_scan(plan, state)
         planned = {f.name for f in plan.fields}
-        done = self._verified(state) & planned  # a smaller --fields keeps the rest
+        done = self._verified(state) & planned
         remaining = [f for f in plan.fields if f.name not in done]
         cam = req.instrument.camera
         needed = len(remaining) * len(plan.channels) * cam.width * cam.height * 2
@@ -821,11 +839,25 @@ class Scan:
         """What every field file's OME metadata records of this run."""
         return OmeXml.for_instrument(self.request.instrument, self.request.cartridge)
 
-    def _check_same_scan(self, plan: ScanPlan) -> None:
+    def _check_same_scan(self, plan: ScanPlan, state: LedgerState) -> None:
         prev = self.folder.read_scan_json()
-        if prev is None:
-            return
         req = self.request
+        if prev is None:
+            if state.stored:  # written before the first field: removed since
+                raise StorageError(
+                    f"{self.folder.scan_json} is missing, though "
+                    f"{len(state.stored)} field(s) are stored: nothing tells "
+                    "what scan they belong to; restore it, or choose another --out"
+                )
+            return
+        beyond = sorted(set(state.stored) - {f.name for f in plan.fields})
+        if beyond:
+            # the report would leave them out: a count of fewer fields
+            raise StorageError(
+                f"{self.folder.root} holds {len(state.stored)} stored fields, "
+                f"{beyond[0]} among them beyond the {len(plan.fields)} of "
+                f"--fields {req.n_fields}; resume with as many fields or more"
+            )
         mine = {
             "cartridge_id": req.cartridge,
             "layout": plan.layout.name,
@@ -852,6 +884,28 @@ class Scan:
                 f"{self.folder.root} holds a different scan ({diff}); "
                 f"choose another --out to start a new one{hint}"
             )
+        # ...imaged where this layout, with this camera, and judged by this
+        # assay (a key that one of them lacks, as a version adds settings, is
+        # not compared)
+        then_inst = prev.get("instrument")
+        then_cam = then_inst.get("camera") if isinstance(then_inst, dict) else None
+        for what, was, now in (
+            ("layout", prev.get("layout"), plan.layout.model_dump(mode="json")),
+            (
+                "camera",
+                then_cam,
+                req.instrument.camera.model_dump(
+                    mode="json", include={"width", "height"}
+                ),
+            ),
+            ("assay", prev.get("assay"), req.assay.model_dump(mode="json")),
+        ):
+            if (where := _first_difference(was, now)) is not None:
+                raise StorageError(
+                    f"{self.folder.root} was scanned with another {what} "
+                    f"({where}); resume it as it was started, or choose "
+                    "another --out"
+                )
         # the fields stored so far lie where this overlap and camera put them
         inst = prev.get("instrument")
         inst = inst if isinstance(inst, dict) else {}

@@ -26,6 +26,7 @@ from typing import Any
 from controller.errors import DiskSpaceError, StorageError
 from controller.runstore.durable import write_durably, write_durably_from
 from controller.runstore.ledger import Ledger
+from controller.runstore.lock import in_use
 from controller.runstore.results import (
     CANDIDATES_DIR,
     DETECTIONS_DIR,
@@ -91,7 +92,9 @@ def check_ours(root: Path, journal: str, other: str, what: str) -> None:
         raise StorageError(
             f"--out {root} is {kind} ({other}), not {what}; choose another --out"
         )
-    if journal in names:
+    if journal in names or (journal == "ledger.jsonl" and "scan.json" in names):
+        return  # (a run's scan.json comes before its first ledger line)
+    if in_use(root):  # a start of ours under way: its lock names the holder
         return
 
     def leftover(name: str) -> bool:
