@@ -200,6 +200,14 @@ def test_resume_refuses_what_would_mix_two_scans(tmp_path: Path) -> None:
     refused(r"another assay \(detection.min_ctc_diameter_um: ", assay=other)
     # fewer fields than are stored: the report would count fewer
     refused("holds 3 stored fields, field_002 among them beyond the 2", n_fields=2)
+    # the focus map or scan.json edited by hand (a focus map moved by 40 um
+    # had changed the count 15 -> 6): not used
+    for name in ("focus_map.json", "scan.json"):
+        path = run / name
+        was = path.read_bytes()
+        path.write_bytes(was.replace(b"{", b"{ ", 1))
+        refused(f"{name} is not the file this program wrote")
+        path.write_bytes(was)
     # scan.json gone: nothing tells whose fields these are
     scan_json.unlink()
     refused("scan.json is missing, though 3 field", n_fields=6)

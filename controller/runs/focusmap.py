@@ -143,6 +143,7 @@ class FocusMapStep:
         recorded = folder.read_json(folder.focus_map_json)
         if recorded is None:
             return None
+        folder.check_as_written(folder.focus_map_json.name)  # not edited since
         try:
             fmap = FocusMap.from_dict(recorded)
             planned = plan.with_focus(fmap.z_of, self.instrument)

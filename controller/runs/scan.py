@@ -842,6 +842,10 @@ class Scan:
     def _check_same_scan(self, plan: ScanPlan, state: LedgerState) -> None:
         prev = self.folder.read_scan_json()
         req = self.request
+        # the files a resume reads back are those it wrote (or none recorded)
+        for path in (self.folder.scan_json, self.folder.focus_map_json):
+            if path.exists():
+                self.folder.check_as_written(path.name)
         if prev is None:
             if state.stored:  # written before the first field: removed since
                 raise StorageError(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.errors import DiskSpaceError, StorageError
+from controller.records import Written
 from controller.runstore.durable import write_durably, write_durably_from
 from controller.runstore.ledger import Ledger
 from controller.runstore.lock import in_use
@@ -217,6 +218,30 @@ class RunFolder:
                     f"cannot read {self.root / name}: {e.strerror or e}"
                 ) from None
         return out
+
+    def check_as_written(self, name: str) -> bool:
+        """Whether the folder's file `name` was recorded by a `Written` record
+        (False: never; a crash between the write and the record). A file
+        that differs from its latest record (edited by hand) is refused.
+
+        Raises
+        ------
+        StorageError
+            The file is not what was written, or cannot be read.
+        """
+        recorded = None
+        for r in self.ledger.read():
+            if isinstance(r, Written) and name in r.files:
+                recorded = r.files[name]
+        if recorded is None:
+            return False
+        if self.digests(name).get(name) != recorded:
+            raise StorageError(
+                f"{self.root / name} is not the file this program wrote "
+                "(its sha256 differs from the ledger's); nothing in it is used: "
+                "restore it, or choose another --out"
+            )
+        return True
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
         """A JSON file of the run folder; None when absent."""
