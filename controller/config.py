@@ -402,6 +402,9 @@ class FocusSettings(ConfigModel):
         return self
 
 
+_LOADER_BARCODE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+
+
 class LoaderSettings(ConfigModel):
     """The cartridge loader on a serial line (hardware_configs/loader-protocol.md)."""
 
@@ -418,6 +421,21 @@ class LoaderSettings(ConfigModel):
     slots: dict[int, str | None] | None = None
     #: faults of the emulated loader by command number (simulators.loader)
     faults: dict[str, list[int]] = Field(default_factory=dict)
+
+    @field_validator("slots")
+    @classmethod
+    def _magazine(cls, v: dict[int, str | None] | None) -> dict[int, str | None] | None:
+        # the loader protocol's barcodes (hardware_configs/loader-protocol.md)
+        if v is None:
+            return v
+        if not v or min(v) < 1:
+            raise ValueError("slots are numbered from 1")
+        for bc in v.values():
+            if bc is not None and not _LOADER_BARCODE.fullmatch(bc):
+                raise ValueError(
+                    f"barcode {bc!r}: 1 to 32 of A-Z a-z 0-9 - _ . (the loader's)"
+                )
+        return v
 
 
 class InstrumentConfig(ConfigModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hardware_configs import CONFIG_DIR
-from tests.conftest import invoke, one_line_error
+from tests.conftest import SIM_YAML, invoke, one_line_error
 
 
 def test_scan_shows_progress_summary_and_resumes(tmp_path: Path) -> None:
@@ -142,6 +143,28 @@ def test_scan_and_queue_never_take_over_someone_s_folder(tmp_path: Path) -> None
     (left / "fields").mkdir(parents=True)
     (left / "audit.log").write_text("")
     assert invoke(*scan, str(left)).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("slots", "why"),
+    [("{1: ../evil}", "barcode '../evil'"), ("{0: A1}", "numbered from 1")],
+)
+def test_an_emulated_magazine_the_loader_could_not_hold_is_refused(
+    tmp_path: Path, slots: str, why: str
+) -> None:
+    # a barcode outside the loader's protocol had ended in a traceback
+    text = SIM_YAML.read_text()
+    text = re.sub(r"(?m)^  slots: .*$", f"  slots: {slots}", text)
+    text = text.replace(
+        "micromanager_config: simulated.cfg",
+        f"micromanager_config: {SIM_YAML.parent / 'simulated.cfg'}",
+    )
+    inst = tmp_path / "inst.yaml"
+    inst.write_text(text)
+    q = tmp_path / "q"
+    args = ("queue", "--out", str(q), "--instrument", str(inst), "--fields", "1")
+    one_line_error(invoke(*args), "inst.yaml", why)
+    assert not q.exists()
 
 
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:

@@ -240,6 +240,7 @@ def test_a_queue_of_colliding_and_hostile_cartridge_ids_scans_each_apart(
         ("0,99", "numbered from 1"),
         ("1,1", "slot 1 is given twice"),
         ("2,99", "not 99"),
+        ("", "got none"),  # had scanned every slot
     ],
 )
 def test_loader_slots_that_do_not_exist_or_repeat_are_refused(
@@ -249,6 +250,16 @@ def test_loader_slots_that_do_not_exist_or_repeat_are_refused(
     r = invoke("queue", "--out", str(q), "--slots", slots, "--fields", "1")
     one_line_error(r, needle)
     assert not list(q.glob("*/fields"))  # nothing was scanned
+
+
+@pytest.mark.parametrize("fields", ["0", "-5"])
+def test_a_queue_s_fields_below_one_are_refused_before_any_cartridge(
+    tmp_path: Path, fields: str
+) -> None:
+    # each of 8 cartridges had been loaded and failed, in 8 run folders
+    q = tmp_path / "q"
+    one_line_error(invoke("queue", "--out", str(q), "--fields", fields), "at least 1")
+    assert not q.exists()
 
 
 # ---------------------------------------------------------------- verify

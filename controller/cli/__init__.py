@@ -371,7 +371,9 @@ def queue(
         holder = HolderConfig.from_file(cartridges) if cartridges else None
         if holder is not None and slots:
             _fail("--slots chooses loader slots; with --cartridges list the holder's")
-        chosen = _parse_slots(slots) if slots else None
+        chosen = _parse_slots(slots) if slots is not None else None
+        if fields is not None and fields < 1:  # before any cartridge is loaded
+            _fail(f"--fields must be at least 1, got {fields}")
         request = QueueRequest(
             instrument=cfg,
             layout=lay,
@@ -435,6 +437,8 @@ def queue(
 
 def _parse_slots(text: str) -> tuple[int, ...]:
     """``"1,3,4"`` -> ``(1, 3, 4)``: slot numbers from 1, each once."""
+    if not text.strip():  # not every slot: that is no --slots at all
+        _fail("--slots takes slot numbers like 1,3,4, got none")
     try:
         chosen = tuple(int(v) for v in text.split(","))
     except ValueError:
