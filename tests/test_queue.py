@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -119,6 +120,19 @@ def test_stop_after_the_current_cartridge_then_resume(tmp_path: Path) -> None:
     assert all(o.status == "complete" for o in second.outcomes)
     loads = [r["barcode"] for r in journal(out) if r["event"] == "loaded"]
     assert loads == ["SIM-0001", "SIM-0002", "SIM-0003"]  # nothing scanned twice
+    # a cartridge's folder removed, another's field: not "complete" from the
+    # journal alone, but scanned again (its own resume keeps what verifies)
+    dirs = {o.barcode: Path(o.run_dir) for o in second.outcomes}
+    shutil.rmtree(dirs["SIM-0002"])
+    next((dirs["SIM-0003"] / "fields").iterdir()).unlink()
+    third = run_queue(out, instrument())
+    assert all(o.status == "complete" for o in third.outcomes)
+    loads = [r["barcode"] for r in journal(out) if r["event"] == "loaded"]
+    assert loads[3:] == ["SIM-0002", "SIM-0003"]
+    assert (dirs["SIM-0002"] / "report.json").is_file()
+    assert len(list((dirs["SIM-0003"] / "fields").iterdir())) == len(
+        list((dirs["SIM-0001"] / "fields").iterdir())
+    )
 
 
 def test_queue_command_prints_the_summary_table(tmp_path: Path) -> None:

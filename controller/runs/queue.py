@@ -7,7 +7,10 @@ scan error) is recorded with its reason and the queue goes on. Everything is
 journalled in ``QUEUE/queue.jsonl`` (fsync'd lines, like a run's ledger) and in
 ``QUEUE/audit.log``; ``QUEUE/summary.json`` holds the table printed at the end.
 
-Resume: running the same queue again skips cartridges the journal calls done,
+Resume: running the same queue again skips cartridges the journal calls done
+whose run folder is still as their scan left it (`_not_as_left`: the folder,
+its ledger, scan.json and report, every stored field's file at its size;
+otherwise the cartridge is scanned again and its run folder resumes),
 continues a cartridge left on the stage (its run folder resumes), and scans the
 rest. ``QUEUE/STOP`` (`request_stop`) stops the queue after the current
 cartridge; Ctrl-C stops the current scan after its current frame.
@@ -59,8 +62,13 @@ from controller.records import (
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runstore.audit import AuditLog, AuditTrail
-from controller.runstore.folder import check_ours, folder_name, write_durably
-from controller.runstore.ledger import Ledger, RunLog
+from controller.runstore.folder import (
+    RunFolder,
+    check_ours,
+    folder_name,
+    write_durably,
+)
+from controller.runstore.ledger import Ledger, LedgerState, RunLog
 from controller.runstore.lock import FolderLock
 
 __all__ = [
@@ -484,12 +492,44 @@ class CartridgeQueue:
                 out[rec.barcode] = rec.model_dump(
                     include=set(CartridgeOutcome.__dataclass_fields__)
                 )
+        for barcode, row in list(out.items()):
+            # (a child of the queue's folder, wherever that is now)
+            run_dir = self.root / Path(row["run_dir"]).name
+            if (why := _not_as_left(run_dir)) is not None:
+                # scanned again: its own resume verifies what is still there
+                logger.warning("cartridge %s: %s; scanned again", barcode, why)
+                self.audit.write("RESCAN", f"cartridge {barcode}: {why}")
+                del out[barcode]
         return out
 
     def _write_summary(self) -> None:
         data = json.dumps([asdict(o) for o in self.outcomes], indent=1).encode()
         write_durably(self.root / "summary.json", data)
         self.log.emit(Written(files={"summary.json": hashlib.sha256(data).hexdigest()}))
+
+
+def _not_as_left(run_dir: Path) -> str | None:
+    """Why a cartridge's run folder is no longer as its scan left it (from
+    what the folder lists alone, no file read whole): gone, its report or
+    ledger gone, or a stored field missing or of another size; None if not."""
+    folder = RunFolder(run_dir)
+    if not run_dir.is_dir():
+        return f"its run folder {run_dir} is gone"
+    for name in ("ledger.jsonl", "scan.json", "report.json"):
+        if not (run_dir / name).is_file():
+            return f"{run_dir / name} is gone"
+    try:
+        stored = LedgerState.from_records(folder.ledger.read()).stored
+    except ScannerError as e:
+        return str(e)
+    for name, rec in sorted(stored.items()):
+        try:
+            size = (run_dir / rec.file).stat().st_size
+        except OSError:
+            return f"field {name}'s file is gone"
+        if size != rec.bytes:
+            return f"field {name}'s file is not the one stored"
+    return None
 
 
 def _check_slots(chosen: tuple[int, ...], inventory: dict[int, str | None]) -> None:
