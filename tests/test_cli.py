@@ -167,6 +167,17 @@ def test_an_emulated_magazine_the_loader_could_not_hold_is_refused(
     assert not q.exists()
 
 
+def test_no_scan_starts_without_its_audit_trail(tmp_path: Path) -> None:
+    # an audit log that could not be written had left the run unaudited
+    run = tmp_path / "run"
+    scan = ("scan", "--layout", "test-3x4", "--out", str(run))
+    assert invoke(*scan, "--fields", "1").exit_code == 0
+    (run / "audit.log").unlink()
+    (run / "audit.log").mkdir()
+    one_line_error(invoke(*scan, "--fields", "2"), "audit log", "not writable")
+    assert len(list((run / "fields").iterdir())) == 1  # nothing acquired
+
+
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:
     one_line_error(
         invoke("scan", "--out", str(tmp_path / "x"), "--layout", "5x99"),

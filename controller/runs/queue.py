@@ -249,6 +249,7 @@ class CartridgeQueue:
             "QUEUE-START",
             f"queue into {self.root}: instrument {req.instrument.name}, layout "
             f"{req.layout.name}, {len(done)} cartridge(s) done before",
+            required=True,
         )
         instrument = self.instrument
         hung = False

@@ -419,6 +419,7 @@ class Scan:
             f"({req.instrument_file or 'in memory'}), layout {req.layout.name}, "
             f"fields {req.n_fields or 'all'}, seed {req.simulated_seed}, "
             f"config sha256 {digest}",
+            required=True,
         )
 
     def _run(self) -> ScanResult:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from controller.errors import StorageError
 from controller.records import (
     DetectFailed,
     DeviceEvent,
@@ -74,9 +75,16 @@ class AuditLog:
         self.operator = "".join(c for c in name if c.isprintable()) or "unknown"
         self._lock = threading.Lock()
 
-    def write(self, verb: str, text: str) -> None:
-        """Append one entry; an unwritable log is reported, never raised (the
-        audit log must not hide the run's own error)."""
+    def write(self, verb: str, text: str, *, required: bool = False) -> None:
+        """Append one entry; an unwritable log is reported, not raised (the
+        audit log must not hide the run's own error), but for a `required`
+        entry (a run's first: no run starts without its audit trail).
+
+        Raises
+        ------
+        StorageError
+            A `required` entry could not be written.
+        """
         now = (
             datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         )
@@ -93,6 +101,11 @@ class AuditLog:
             try:
                 append_sealed(self.path, body)
             except OSError as e:
+                if required:
+                    raise StorageError(
+                        f"audit log {self.path} is not writable "
+                        f"({e.strerror or e}); nothing was started"
+                    ) from None
                 logger.error("audit log %s unwritable (%s): %s", self.path, e, body)
 
     def read(self) -> list[str]:
