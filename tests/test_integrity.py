@@ -23,6 +23,7 @@ from controller.records import Detected
 from controller.runs.outputs import DetectionCache, load_records
 from controller.runs.queue import _folder_name
 from controller.runs.scan import ScanResult
+from controller.runstore.chain import append_sealed, unseal
 from controller.runstore.folder import RunFolder
 from controller.runstore.ledger import LedgerState
 from tests.conftest import invoke, one_line_error
@@ -344,6 +345,24 @@ def test_verify_finds_a_removed_or_inserted_log_line(
         assert code == 1 and f"problem: {name}: line" in text, (name, text)
     # the changes stayed in the copies
     assert _verify(small_scan.run_dir)[0] == 0
+
+
+def test_verify_takes_a_torn_line_for_a_crash_and_misses_no_audit_log(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    # a line a crash cut short, after which the resume appended afresh: the
+    # folder is as the program left it (verify had failed it forever)
+    run = _linked_copy(small_scan.run_dir, tmp_path / "torn")
+    lines = (run / "ledger.jsonl").read_bytes().splitlines(keepends=True)
+    _rewrite(run / "ledger.jsonl", b"".join([*lines[:9], lines[9][:50]]))
+    append_sealed(run / "ledger.jsonl", unseal(lines[9])[0].decode())  # afresh
+    code, text = _verify(run)
+    assert code == 0 and "line(s) 10 were torn by a crash" in text, text
+    # an audit log removed: the scan wrote one
+    gone = _linked_copy(small_scan.run_dir, tmp_path / "gone")
+    (gone / "audit.log").unlink()
+    code, text = _verify(gone)
+    assert code == 1 and "problem: audit.log: missing" in text, text
 
 
 def test_outputs_read_ahead_only_what_the_ledger_calls_current(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ has not finished). Nothing is written into the folder.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,11 @@ def _log(path: Path, rep: VerifyReport, name: str) -> list[Record]:
     chain = check_lines(raw)
     rep.checked["log lines"] += chain.lines
     rep.problems += [f"{name}: {p}" for p in chain.problems]
+    if chain.torn:
+        rep.notes.append(
+            f"{name}: line(s) {', '.join(map(str, chain.torn))} were torn by a "
+            "crash (cut short, no record; the next line starts afresh)"
+        )
     if chain.unsealed_before:
         rep.notes.append(
             f"{name}: the first {chain.unsealed_before} line(s) were written "
@@ -142,6 +148,10 @@ def _run(root: Path, rep: VerifyReport, prefix: str) -> None:
     _log(root / "audit.log", rep, f"{prefix}audit.log")
     _review(root, rep, prefix)
     records = _log(folder.ledger.path, rep, f"{prefix}ledger.jsonl")
+    if any(isinstance(r, Started) for r in records) and not os.path.lexists(
+        root / "audit.log"
+    ):  # a scan writes its audit log before its first ledger line
+        rep.problems.append(f"{prefix}audit.log: missing (the scan wrote one)")
     state = LedgerState.from_records(records)
     for _, rec in sorted(state.stored.items()):
         _check_file(root, rec.file, rec.sha256, rep, prefix, "fields")

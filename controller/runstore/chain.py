@@ -18,6 +18,7 @@ written before lines were sealed are read as before and reported as unsealed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -115,6 +116,10 @@ class ChainReport:
     sealed: int = 0
     #: lines before the first sealed one (written before lines were sealed)
     unsealed_before: int = 0
+    #: numbers of lines after it that are no JSON at all: torn by a crash (a
+    #: crash cuts a line short, and the next append starts afresh), vouching
+    #: for nothing and read as nothing
+    torn: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -123,7 +128,9 @@ def check_lines(raw: bytes) -> ChainReport:
 
     Problems: a sealed line whose seal does not match (changed, or a line
     before it changed, removed or inserted); an unsealed line after the first
-    sealed one (torn by a crash, or inserted); a last line without a newline.
+    sealed one (changed or inserted), unless it is no JSON and the next sealed
+    line follows on from the one before it, as after a crash (torn:
+    `ChainReport.torn`); a last line without a newline.
     """
     rep = ChainReport()
     lines: Sequence[bytes] = raw.split(b"\n")
@@ -134,15 +141,19 @@ def check_lines(raw: bytes) -> ChainReport:
     lines = lines[:-1]
     rep.lines = len(lines)
     prev: str | None = None  # None: no sealed line yet
+    # lines of no JSON since the last sealed line: torn, if the chain goes on
+    # past them from that line, as an append after a crash does
+    cut: list[int] = []
+    not_sealed = "not sealed (changed, or inserted)"
     for n, line in enumerate(lines, start=1):
         body, digest = unseal(line)
         if digest is None:
             if prev is None:
                 rep.unsealed_before += 1
+            elif _is_json(line):
+                rep.problems.append(f"line {n}: {not_sealed}")
             else:
-                rep.problems.append(
-                    f"line {n}: not sealed (a line torn by a crash, or inserted)"
-                )
+                cut.append(n)
             continue
         rep.sealed += 1
         if digest != link(GENESIS if prev is None else prev, body):
@@ -150,5 +161,19 @@ def check_lines(raw: bytes) -> ChainReport:
                 f"line {n}: seal does not match: this line, or one before it, "
                 "was changed, removed or inserted"
             )
+            rep.problems += [f"line {c}: {not_sealed}" for c in cut]
+        else:
+            rep.torn += cut
+        cut = []
         prev = digest
+    # nothing sealed after them: no sign of the append that follows a crash
+    rep.problems += [f"line {c}: {not_sealed}" for c in cut]
     return rep
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
