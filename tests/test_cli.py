@@ -138,10 +138,12 @@ def test_scan_and_queue_never_take_over_someone_s_folder(tmp_path: Path) -> None
     q = tmp_path / "q"
     assert invoke(*queue, "--out", str(q)).exit_code == 0
     one_line_error(invoke(*scan, str(q)), "is a queue folder")
-    # what a refused start leaves (a lock, an audit log, empty folders) is ours
+    # what a refused start, or one killed at any moment, leaves (a lock, its
+    # note's temporary, the probe, an audit log, empty folders) is ours
     left = tmp_path / "left"
     (left / "fields").mkdir(parents=True)
-    (left / "audit.log").write_text("")
+    for name in ("audit.log", ".owner.json.tmp", ".write-probe", "scan.json.tmp"):
+        (left / name).write_text("")
     assert invoke(*scan, str(left)).exit_code == 0
 
 
@@ -176,6 +178,22 @@ def test_no_scan_starts_without_its_audit_trail(tmp_path: Path) -> None:
     (run / "audit.log").mkdir()
     one_line_error(invoke(*scan, "--fields", "2"), "audit log", "not writable")
     assert len(list((run / "fields").iterdir())) == 1  # nothing acquired
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--seed", "-1", "--seed must be 0 or more"),  # had named simulated.cfg
+        ("--cartridge-id", "a\nb", "1 to 64 printable"),
+        ("--cartridge-id", "x" * 65, "1 to 64 printable"),
+    ],
+)
+def test_a_seed_or_cartridge_id_no_scan_can_take_is_refused(
+    tmp_path: Path, option: str, value: str, why: str
+) -> None:
+    out = tmp_path / "x"
+    one_line_error(invoke("scan", "--out", str(out), option, value), why)
+    assert not out.exists()  # no lock, no folders left behind
 
 
 def test_unknown_layout_lists_known(tmp_path: Path) -> None:

@@ -155,6 +155,10 @@ def test_queue_command_prints_the_summary_table(tmp_path: Path) -> None:
     assert "night_shift" in (tmp_path / "q" / "audit.log").read_text()
     bad = invoke("stop", str(tmp_path / "nothing"))
     assert bad.exit_code == 2 and "not a queue folder" in bad.output
+    # a queue that has finished: nothing to stop (it had said it would stop)
+    idle = invoke("stop", str(tmp_path / "q"))
+    assert idle.exit_code == 2 and "no queue is running" in idle.output
+    assert not (tmp_path / "q" / "STOP").exists()
 
 
 def test_a_multi_cartridge_holder_is_scanned_without_a_loader(tmp_path: Path) -> None:

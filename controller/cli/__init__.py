@@ -69,6 +69,7 @@ from controller.runs.queue import (
 )
 from controller.runs.scan import Scan, ScanRequest, ScanResult
 from controller.runs.verify import verify_folder
+from controller.runstore.lock import in_use
 
 app = typer.Typer(
     add_completion=False,
@@ -188,6 +189,12 @@ def scan(
     instrument_file = instrument or DEFAULT_INSTRUMENT
     try:
         cfg, assay_cfg, lay = _inputs(instrument_file, assay, layout)
+        if cartridge_id is not None and not (
+            0 < len(cartridge_id) <= 64 and cartridge_id.isprintable()
+        ):  # as a holder's ids: it names the cartridge on one line everywhere
+            _fail("--cartridge-id takes 1 to 64 printable characters")
+        if seed is not None and seed < 0:
+            _fail(f"--seed must be 0 or more, got {seed}")
         if seed is not None and not cfg.is_simulated:
             _fail(
                 f"--seed applies to a simulated instrument; {instrument_file} "
@@ -458,6 +465,8 @@ def stop(
     """Ask a running queue to stop after its current cartridge."""
     if not (queue_dir / "queue.jsonl").exists():
         _fail(f"{queue_dir} is not a queue folder (no queue.jsonl)")
+    if in_use(queue_dir) is False:  # (None: this system cannot tell)
+        _fail(f"no queue is running in {queue_dir}: nothing to stop")
     path = request_stop(queue_dir)
     out.print(f"the queue stops after its current cartridge ({path})")
 

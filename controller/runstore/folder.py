@@ -71,17 +71,22 @@ def no_folder(path: Path) -> StorageError:
     return StorageError(f"{path}: no such folder")
 
 
-#: what a start that was refused or cut short may have left in a folder
-_START_LEFTOVERS = frozenset({".lock", ".owner.json", "audit.log"})
+#: what a start that was refused or cut short (kill -9 at any moment) may
+#: have left in a folder: the lock, its owner note and the note's temporary,
+#: the writability probe, the audit log, temporaries of the first files
+_START_LEFTOVERS = frozenset(
+    {".lock", ".owner.json", ".owner.json.tmp", ".write-probe", "audit.log"}
+    | {f"{name}.tmp" for name in _OWN_TOP}
+)
 
 
 def check_ours(root: Path, journal: str, other: str, what: str) -> None:
     """Refuse, before anything is written there, a folder that is neither new,
     empty, nor one this program keeps as `what` (its `journal` file: resumed;
     no `other` journal: never the other kind of folder): someone's files would
-    be overwritten or removed. Only what a start cut short may have left (the
-    lock, the owner note, the audit log; empty ``fields/`` and
-    ``detections/``; an empty journal) is taken as the program's own."""
+    be overwritten or removed. Only what a start cut short may have left
+    (`_START_LEFTOVERS`; empty ``fields/`` and ``detections/``) is taken as
+    the program's own."""
     try:
         names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     except OSError as e:
