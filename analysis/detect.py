@@ -828,6 +828,10 @@ class _Field:
         self.raw, self.names, self.idx, self.st, self.px = raw, names, idx, st, px
         self.saturation = saturation
         n_ch, self.h, self.w = raw.shape
+        #: the channels that reach saturation anywhere (most fields: one or
+        #: none); `sat` counts only these, a channel whose maximum stays below
+        #: the level adds nothing to any pixel
+        self._sat_channels = [c for c in range(n_ch) if not raw[c].max() < saturation]
         bgs = [
             estimate_background(raw[c], block=st.background_block_px)
             for c in range(n_ch)
@@ -983,13 +987,16 @@ class _Field:
         return sig, self.sat(crop)
 
     def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
-        """Number of saturated channels per pixel at `where`."""
+        """Number of saturated channels per pixel at `where` (uint8), over the
+        channels that reach saturation somewhere in the field."""
         out = None
-        for c in range(len(self.names)):
+        for c in self._sat_channels:
             r = self.raw[c].ravel()[where] if flat else self.raw[c][where]
             hit = _at_least(r, self.saturation).astype(np.uint8)
             out = hit if out is None else out + hit
-        assert out is not None
+        if out is None:
+            shape = np.shape(where) if flat else self.raw[0][where].shape
+            return np.zeros(shape, np.uint8)
         return out
 
     def _estimate_spillover(
