@@ -1620,10 +1620,13 @@ class _Field:
         # the halo of debris or of the rim glows evenly across the object in every
         # stain's channel; a neighbour's CD45 ring or a cell's own marker membrane
         # lights only part of it: the glow is judged on the medians, computed only
-        # where the means already suggest it
+        # where the means already suggest it, and not for an object that is
+        # debris already (`_classify` calls it that before it reads the glow; a
+        # debris row drops it: `_finish`)
         glow = self._glow(f, {c: None for c in range(len(self.names))})
         if (
-            glow >= self.st.debris_halo_snr
+            self._debris(f) is None
+            and glow >= self.st.debris_halo_snr
             and glow >= self.st.debris_halo_fraction * (f["ck_snr"])
         ):
             # (the DNA channel's median is never asked for)
