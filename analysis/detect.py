@@ -137,6 +137,8 @@ class FieldDetections:
         The field's blur (Gaussian sigma, px) that object sizes were corrected
         for, measured on `blur_nuclei` of its nuclei (0 nuclei: the assay's
         `default_blur_px`).
+    maxima : dict
+        Per channel name: its largest pixel value.
     """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -146,6 +148,7 @@ class FieldDetections:
     spillover_measured: dict[str, float] = field(default_factory=dict)
     blur_px: float = 0.0
     blur_nuclei: int = 0
+    maxima: dict[str, float] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(LABELS, 0)
@@ -828,10 +831,11 @@ class _Field:
         self.raw, self.names, self.idx, self.st, self.px = raw, names, idx, st, px
         self.saturation = saturation
         n_ch, self.h, self.w = raw.shape
+        tops = [raw[c].max() for c in range(n_ch)]
         #: the channels that reach saturation anywhere (most fields: one or
         #: none); `sat` counts only these, a channel whose maximum stays below
         #: the level adds nothing to any pixel
-        self._sat_channels = [c for c in range(n_ch) if not raw[c].max() < saturation]
+        self._sat_channels = [c for c in range(n_ch) if not tops[c] < saturation]
         bgs = [
             estimate_background(raw[c], block=st.background_block_px)
             for c in range(n_ch)
@@ -854,6 +858,7 @@ class _Field:
                 nm: float(np.median(b.grid)) for nm, b in zip(names, bgs, strict=True)
             },
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
+            maxima={nm: float(t) for nm, t in zip(names, tops, strict=True)},
         )
         self.min_px = max(1, round(st.min_object_area_um2 / (px * px)))
         #: `_split_dna` of each nucleus blob near a CK region, by nucleus label

@@ -128,13 +128,14 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         saturation=saturation,
     )
     # the background and noise the detection's thresholds stood on, not a
-    # second estimate of them
+    # second estimate of them (nor a second pass for the maxima)
     qc = channel_qc(
         ff.data,
         ff.channel_names,
         saturation=saturation,
         background=det.background,
         noise=det.noise,
+        maxima=det.maxima,
     )
     if ff.saturation is not None:
         over = [(n, q["max"]) for n, q in qc.items() if q["max"] > ff.saturation]

@@ -19,6 +19,7 @@ def channel_qc(
     step: int = 4,
     background: Mapping[str, float] | None = None,
     noise: Mapping[str, float] | None = None,
+    maxima: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Robust background, noise and saturation of each channel of a field.
 
@@ -38,6 +39,10 @@ def channel_qc(
         them (`analysis.detect.FieldDetections`: what the detection's
         thresholds stood on); given both, they are reported instead of
         estimated again here.
+    maxima : mapping of str to float, optional
+        Each channel's largest pixel value as a caller has already found it
+        (`analysis.detect.FieldDetections.maxima`), instead of a pass over
+        the plane here.
 
     Returns
     -------
@@ -60,7 +65,7 @@ def channel_qc(
             background_, noise_ = float(background[name]), float(noise[name])
         else:
             background_, noise_ = _estimate(plane[::step, ::step])
-        top = float(plane.max())
+        top = float(plane.max()) if maxima is None else float(maxima[name])
         sat = saturation if saturation is not None else top
         # nothing reaches the level when the maximum stays below it: no count
         hits = 0 if top < sat else _count_at_least(plane, sat)
