@@ -576,21 +576,40 @@ def _ring_cover(
     angle = np.arctan2(rr - nr.mean(), cc - nc.mean())
     sector = ((angle + np.pi) / (2 * np.pi) * _RING_SECTORS).astype(int)
     sector = np.minimum(sector, _RING_SECTORS - 1)
-    values = snr[rr, cc]
-    under = None if ck is None else ck[rr, cc]
+    size = np.bincount(sector, minlength=_RING_SECTORS)
+    median = _medians_by(snr[rr, cc], sector, size)
+    under = None if ck is None else _medians_by(ck[rr, cc], sector, size)
     lit = counted = 0
-    for k in range(_RING_SECTORS):
-        at = sector == k
-        v = values[at]
-        if v.size >= _RING_SECTOR_MIN_PX:
-            counted += 1
-            m = float(np.median(v))
-            lit += m >= level and (
-                under is None or m >= ratio * float(np.median(under[at]))
-            )
+    for k in np.flatnonzero(size >= _RING_SECTOR_MIN_PX).tolist():
+        counted += 1
+        m = median[k]
+        lit += m >= level and (under is None or m >= ratio * under[k])
     if not counted:
         return float("nan")
     return round(lit / (_RING_SECTORS if every else counted), 3)
+
+
+def _medians_by(values: np.ndarray, group: np.ndarray, size: np.ndarray) -> list[float]:
+    """``float(np.median(values[group == k]))`` for each k with ``size[k]``
+    (``np.bincount(group)``) values, from one sort instead of one call per
+    group: a floating median is the middle value or the mean of the two, as
+    `np.median` takes it (their sum in the values' type, halved; NaN when the
+    group holds one); nan for an empty group."""
+    if values.dtype.kind != "f":  # (not asked for: the loop it replaces)
+        return [
+            float(np.median(values[group == k])) if n else float("nan")
+            for k, n in enumerate(size.tolist())
+        ]
+    v = values[np.lexsort((values, group))]
+    start = np.cumsum(size) - size
+    lo = np.minimum(start + (size - 1) // 2, max(v.size - 1, 0))
+    hi = np.minimum(start + size // 2, max(v.size - 1, 0))
+    if not v.size:
+        return [float("nan")] * size.size
+    mid = np.where(lo == hi, v[lo], (v[lo] + v[hi]) / 2)
+    nan = np.bincount(group, weights=np.isnan(values), minlength=size.size) > 0
+    mid[nan | (size == 0)] = np.nan
+    return mid.tolist()
 
 
 #: rows of a mask with nothing in them, at least this many in a row, part its
