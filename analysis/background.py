@@ -7,6 +7,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import ndimage
+from scipy.linalg import blas
 
 __all__ = ["Background", "estimate_background"]
 
@@ -138,15 +139,22 @@ class Background:
 
     def subtract_from(self, image: np.ndarray) -> np.ndarray:
         """``image - level`` as float32, shape (Y, X), without a level map: the
-        map of the negated grid with the image added in place (negation is
-        exact and addition commutes: the same values), one full-frame array
-        instead of three."""
-        out = self._map(-self.grid, slice(None), slice(None))
-        if image.dtype.itemsize > 2 and image.dtype != np.float32:
-            # wider values are rounded to float32 first, as `image.astype`
-            # does (added in their own type they would round once, after)
-            image = image.astype(np.float32)
-        out += image
+        map of the negated grid with the image added (negation is exact and
+        addition commutes: the same values), one full-frame array instead of
+        three. The image (as float32: wider values rounded first) is added by
+        the matrix product itself, BLAS ``sgemm`` with beta = 1: each pixel's
+        product, as `_bilinear` takes it, plus the image, rounded once, the
+        sum that adding the two maps gives, in one pass instead of two."""
+        (h, w), (gy, gx) = self.shape, self.grid.shape
+        out = image.astype(np.float32)  # a copy, float32 or not
+        across = -self.grid @ _interp_matrix(w, gx, self.block).T
+        rows = _interp_matrix(h, gy, self.block)
+        # out (C order) seen as out.T (Fortran order): out.T += across.T @ rows.T
+        res = blas.sgemm(
+            1.0, across, rows, beta=1.0, c=out.T, trans_a=1, trans_b=1, overwrite_c=1
+        )
+        if not np.shares_memory(res, out):  # (not in place: the sum is its own)
+            out = np.ascontiguousarray(res.T)
         return out
 
     def _map(self, grid: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
