@@ -265,7 +265,7 @@ def _core_peak(mask: np.ndarray, signal: np.ndarray) -> tuple[np.ndarray, float]
         return mask, 0.0
     sigma = min(2.0, max(0.5, 0.2 * math.sqrt(n / math.pi)))
     smooth = ndimage.gaussian_filter(signal, sigma)
-    peak = float(np.percentile(smooth[mask], 90))
+    peak = float(_quantile(smooth[mask], 90 / 100))
     return _fill_holes(mask & (smooth >= 0.5 * peak)), peak
 
 
@@ -594,6 +594,48 @@ def _ring_cover(
     return round(lit / (_RING_SECTORS if every else counted), 3)
 
 
+def _median(a: np.ndarray) -> Any:
+    """``np.median(a)`` of a 1-D floating array, without its overhead (a
+    dozen calls a cell): the middle value, or the two middle values' sum in
+    the array's type halved (`_medians_by`); NaN when it holds one."""
+    n = a.size
+    if a.dtype.kind != "f" or a.ndim != 1 or not n:
+        return np.median(a)
+    k = n // 2
+    if n % 2:
+        part = np.partition(a, [k, n - 1])
+        mid = part[k]
+    else:
+        part = np.partition(a, [k - 1, k, n - 1])
+        mid = (part[k - 1] + part[k]) / a.dtype.type(2)
+    return part[-1] if np.isnan(part[-1]) else mid
+
+
+def _quantile(a: np.ndarray, q: float) -> Any:
+    """``np.quantile(a, q)`` (its default, linear method) of a 1-D floating
+    array, without its overhead, as numpy 2 takes it: the order statistics
+    about ``(n - 1) q`` (the last one from there on) and between them
+    ``lo + d g``, or ``hi - d (1 - g)`` from g = 0.5 on, in the array's
+    type (d = hi - lo); NaN when the array holds one.
+    `test_quantiles_are_numpys` compares them."""
+    n = a.size
+    if a.dtype.kind != "f" or a.ndim != 1 or not n or not 0 <= q <= 1:
+        return np.quantile(a, q)
+    v = (n - 1) * q
+    lo = math.floor(v)
+    if v >= n - 1:
+        lo = hi = -1
+    else:
+        hi = lo + 1
+    part = np.partition(a, sorted({lo % n, hi % n, n - 1}))
+    if np.isnan(part[-1]):
+        return part[-1]
+    gamma = v - lo
+    x, y = part[lo], part[hi]
+    d = y - x
+    return y - d * (1 - gamma) if gamma >= 0.5 else x + d * gamma
+
+
 def _medians_by(values: np.ndarray, group: np.ndarray, size: np.ndarray) -> list[float]:
     """``float(np.median(values[group == k]))`` for each k with ``size[k]``
     (``np.bincount(group)``) values, from one sort instead of one call per
@@ -879,7 +921,8 @@ class _Field:
         self.unknown_spill: set[int] = set()  # channels with no measured/given coef
         self.result = FieldDetections(
             background={
-                nm: float(np.median(b.grid)) for nm, b in zip(names, bgs, strict=True)
+                nm: float(_median(b.grid.ravel()))
+                for nm, b in zip(names, bgs, strict=True)
             },
             noise={nm: float(v) for nm, v in zip(names, self.noise, strict=True)},
             maxima={nm: float(t) for nm, t in zip(names, tops, strict=True)},
@@ -1071,7 +1114,7 @@ class _Field:
                     known = True
                     raw = _minus(self.raw[c].ravel()[cand], self._level(c, cand))
                     ratio = raw / self.full[src].ravel()[cand]
-                    coef = float(np.clip(np.quantile(ratio, 0.2), 0.0, 0.3))
+                    coef = float(np.clip(_quantile(ratio, 0.2), 0.0, 0.3))
                 self.spill[(src, c)] = coef
                 self.result.spillover[key] = round(coef, 4)
                 if cand.size >= 50:
@@ -1409,7 +1452,7 @@ class _Field:
             return None
         sig, _ = self._signals(crop)
         colour = [
-            float(np.median(sig[c][band])) / float(self.noise[c])
+            float(_median(sig[c][band])) / float(self.noise[c])
             for c in range(len(self.names))
         ]
         return colour if colour[self.e] >= self.st.ck_smooth_snr else None
@@ -1662,7 +1705,7 @@ class _Field:
             glow = self._glow(
                 f,
                 {
-                    c: None if c == self.n else float(np.median(v))
+                    c: None if c == self.n else float(_median(v))
                     for c, v in enumerate(inside)
                 },
             )
@@ -1749,9 +1792,9 @@ class _Field:
         band = _grow(core) & ~_shrink(core, 3)
         if not band.any():
             band = mask
-        apc = float(np.median(ndimage.uniform_filter(sig[self.lk], 3)[band]))
+        apc = float(_median(ndimage.uniform_filter(sig[self.lk], 3)[band]))
         ck_smooth = ndimage.uniform_filter(sig[self.e], 3)
-        ck_band = float(np.median(ck_smooth[band]))
+        ck_band = float(_median(ck_smooth[band]))
         f["cd45_snr"] = round(apc / float(self.noise[self.lk]), 2)
         # bleed-through of the cytokeratin dye is a few percent of it; genuine
         # CD45 staining is comparable to the cell's own cytokeratin signal
@@ -1769,10 +1812,10 @@ class _Field:
                 bright = no_dna
             if np.count_nonzero(bright) >= 20:
                 ratio = sig[self.lk][bright] / sig[self.e][bright]
-                coef = float(np.clip(np.quantile(ratio, 0.1), 0.0, 0.3))
+                coef = float(np.clip(_quantile(ratio, 0.1), 0.0, 0.3))
         excess = ndimage.uniform_filter(sig[self.lk] - coef * sig[self.e], 3)
         lk_noise = float(self.noise[self.lk])
-        f["cd45_excess_snr"] = round(float(np.median(excess[band])) / lk_noise, 2)
+        f["cd45_excess_snr"] = round(float(_median(excess[band])) / lk_noise, 2)
         # a leukocyte under a cytokeratin fragment has its CD45 membrane just
         # around its nucleus (`nucleus`: its half-maximum core), inside the CK
         # area, where the band does not look
@@ -1812,7 +1855,7 @@ class _Field:
             ring = around & mask
         if ring is not None and ring.any():
             assert nucleus is not None
-            f["cd45_nucleus_snr"] = round(float(np.median(excess[ring])) / lk_noise, 2)
+            f["cd45_nucleus_snr"] = round(float(_median(excess[ring])) / lk_noise, 2)
             f["cd45_nucleus_cover"] = _ring_cover(
                 ring, nucleus, excess_snr, st.max_cd45_nucleus_snr
             )
@@ -1839,7 +1882,7 @@ class _Field:
         if self.m is not None:
             fitc = ndimage.uniform_filter(sig[self.m], 3)[mask]
             f["marker_snr"] = round(
-                float(np.percentile(fitc, 90)) / float(self.noise[self.m]), 2
+                float(_quantile(fitc, 90 / 100)) / float(self.noise[self.m]), 2
             )
         else:
             f["marker_snr"] = float("nan")
