@@ -1244,17 +1244,22 @@ class _Field:
         ):
             halo = _max3(halo)  # 3 x 3 dilation
         low &= ~halo
-        if not np.any(low & nuc2):
+        seeds = low & nuc2
+        if not seeds.any():
             return
+        # the regions holding a nucleus, and their bins, read at the mask's
+        # bins alone (a few hundred; not gathers over every bin)
         lab, n = _label(low)
-        sel = np.bincount(lab[nuc2], minlength=n + 1) > 0
+        flat = lab.ravel()
+        sel = np.bincount(flat[np.flatnonzero(seeds)], minlength=n + 1) > 0
         sel[0] = False
-        dim = sel[lab]
-        if not dim.any():
+        at = np.flatnonzero(low)
+        dim = at[sel[flat[at]]]
+        if not dim.size:
             return
         # each such bin's 2 x 2 pixels, set at those bins alone (a few percent
         # of the field; a broadcast OR over every pixel took 2-3 ms)
-        br, bc = _rowcol(np.flatnonzero(dim), w2)
+        br, bc = _rowcol(dim, w2)
         br, bc = 2 * br, 2 * bc
         for dr in (0, 1):
             for dc in (0, 1):
