@@ -950,6 +950,32 @@ class _Field:
                 v -= np.float32(coef) * np.maximum(dye, 0)
         return v
 
+    def _sig_all(self, where: Any, *, flat: bool = False) -> list[np.ndarray]:
+        """`sig` of every channel at `where`: the same values, with the mask
+        channels' signals (and their positive parts, the spillover's source)
+        read once for all channels, and flat pixels' rows and columns found
+        once."""
+        full = {c: v.ravel()[where] if flat else v[where] for c, v in self.full.items()}
+        dye: dict[int, np.ndarray] = {}
+        at = _rowcol(where, self.w) if flat else where  # rows and columns
+        out = []
+        for c in range(len(self.names)):
+            if c in full:
+                out.append(full[c])
+                continue
+            level = self.bgs[c].level_at(*at)
+            if flat:
+                v = _minus(self.raw[c].ravel()[where], level)
+            else:
+                v = _minus(self.raw[c][where], level)
+            for src in (self.e, self.n):
+                if coef := self.spill.get((src, c), 0.0):
+                    if src not in dye:
+                        dye[src] = np.maximum(full[src], 0)
+                    v -= np.float32(coef) * dye[src]
+            out.append(v)
+        return out
+
     def _level(self, c: int, where: np.ndarray | tuple[slice, slice]) -> np.ndarray:
         """The background level of a channel other than the mask channels at
         `where`: flat pixel indices, or a crop of slices."""
@@ -1055,7 +1081,7 @@ class _Field:
                     for o, c in zip(outer, crop, strict=True)
                 )
                 return {c: v[rel] for c, v in sig.items()}, sat[rel]
-        sig = {c: self.sig(c, crop) for c in range(len(self.names))}
+        sig = dict(enumerate(self._sig_all(crop)))
         return sig, self.sat(crop)
 
     def sat(self, where: Any, *, flat: bool = False) -> np.ndarray:
@@ -2051,8 +2077,9 @@ class _Field:
         ecc, ratio = _ellipse(vr, vc, cov)
         stats = {}
         dimmest = np.full(sel.size, np.inf, np.float32)
-        for c, name in enumerate(self.names):
-            v = self.sig(c, sel, flat=True)
+        for c, (name, v) in enumerate(
+            zip(self.names, self._sig_all(sel, flat=True), strict=True)
+        ):
             stats[name] = (np.add.reduceat(v, starts), np.maximum.reduceat(v, starts))
             dimmest = np.minimum(dimmest, v / self.noise[c])
         all_bright = np.add.reduceat(
