@@ -1105,6 +1105,7 @@ class _Field:
         n_ck: int,
         nuc_idx: np.ndarray,
         ck_idx: np.ndarray,
+        both_labels: tuple[np.ndarray, np.ndarray],
     ) -> None:
         """Bleed-through of the two mask dyes (DNA, cytokeratin) into the others.
 
@@ -1116,8 +1117,14 @@ class _Field:
         configured default (an instrument calibration) is used.
         """
         e, n = self.e, self.n
-        ck_has_dna = np.bincount(ck_lab.ravel()[nuc_idx], minlength=n_ck + 1) > 0
-        dna_has_ck = np.bincount(nuc_lab.ravel()[ck_idx], minlength=n_nuc + 1) > 0
+        # which objects hold pixels of the other mask: read at the pixels of
+        # both masks (`both_labels`: their nucleus and CK labels), not at every
+        # pixel of one; label 0, outside a mask, holds the rest of the other
+        on_nuc, on_ck = both_labels
+        ck_has_dna = np.bincount(on_ck, minlength=n_ck + 1) > 0
+        ck_has_dna[0] = on_ck.size < nuc_idx.size
+        dna_has_ck = np.bincount(on_nuc, minlength=n_nuc + 1) > 0
+        dna_has_ck[0] = on_nuc.size < ck_idx.size
         controls = {
             e: (ck_lab, ck_has_dna, ck_idx),
             n: (nuc_lab, dna_has_ck, nuc_idx),
@@ -1161,7 +1168,10 @@ class _Field:
         nuc_idx = np.flatnonzero(nuc_mask)
         nuc_pixels = _by_label(nuc_lab, nuc_idx)
         wings = _wing_specks(nuc_lab, nuc_pixels, self.full[self.n], self.min_px)
-        nuc_area = np.bincount(nuc_lab.ravel()[nuc_idx], minlength=n_nuc + 1)
+        # each label's pixel count from its run of pixels (labels 1..n_nuc all
+        # hold some: no gather of the labels, no count over them)
+        nuc_area = np.zeros(n_nuc + 1, np.intp)
+        nuc_area[nuc_pixels[2]] = np.diff(np.r_[nuc_pixels[1], nuc_idx.size])
         nuc_area[0] = nuc_lab.size - nuc_idx.size
         self.nuc_lab, self.n_nuc = nuc_lab, n_nuc
         self.nuc_boxes = _boxes(*nuc_pixels, n_nuc, self.w)
@@ -1169,13 +1179,17 @@ class _Field:
         self._add_dim_ck(ck_mask, nuc_mask)
         ck_lab, n_ck = _label(ck_mask)
         ck_idx = np.flatnonzero(ck_mask)
-        self._estimate_spillover(nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx)
+        # the nucleus pixels in the CK mask, and their labels in each
+        both = nuc_idx[ck_mask.ravel()[nuc_idx]]
+        both_labels = (nuc_lab.ravel()[both], ck_lab.ravel()[both])
+        self._estimate_spillover(
+            nuc_lab, n_nuc, ck_lab, n_ck, nuc_idx, ck_idx, both_labels
+        )
         ck_boxes = _boxes(*_by_label(ck_lab, ck_idx), n_ck, self.w)
         del ck_idx
 
         # which nuclei overlap which CK region, and by how many pixels
-        both = nuc_idx[ck_mask.ravel()[nuc_idx]]
-        key = nuc_lab.ravel()[both].astype(np.int64) * (n_ck + 1) + ck_lab.ravel()[both]
+        key = both_labels[0].astype(np.int64) * (n_ck + 1) + both_labels[1]
         keys, counts = np.unique(key, return_counts=True)
         overlaps: dict[int, list[tuple[int, int]]] = {}
         for kk, cnt in zip(keys.tolist(), counts.tolist(), strict=True):
