@@ -216,19 +216,24 @@ def _shape(mask: np.ndarray) -> tuple[float, float, float]:
     n = rr.size
     if n < 3:
         return 0.0, 1.0, 1.0
+    # the moments as ``rr.var()``, ``cc.var()`` and the mean of the products
+    # take them (mean, deviations, their products' sum over n), the
+    # deviations found once
+    dr, dc = rr - rr.mean(), cc - cc.mean()
     ecc, ratio = _ellipse(
-        rr.var() + 1 / 12,
-        cc.var() + 1 / 12,
-        float(np.mean((rr - rr.mean()) * (cc - cc.mean()))),
+        (dr * dr).sum() / n + 1 / 12,
+        (dc * dc).sum() / n + 1 / 12,
+        float((dr * dc).sum() / n),
     )
     edge = mask & ~_shrink(mask)
     er, ec = np.nonzero(edge)
-    corners = np.concatenate(
-        [
-            np.stack([er + dr, ec + dc], axis=1)
-            for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1))
-        ]
-    )
+    # each edge pixel's four corners, corner by corner (the order the hull is
+    # given them in)
+    m = er.size
+    corners = np.empty((4 * m, 2), er.dtype)
+    for k, (up, left) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        corners[k * m : (k + 1) * m, 0] = er + up
+        corners[k * m : (k + 1) * m, 1] = ec + left
     try:
         hull_area = ConvexHull(corners).volume
     except QhullError:
