@@ -1718,18 +1718,22 @@ class _Field:
         sig, sat_crop = self._signals(crop)
         dimmest = None  # per pixel: the lowest SNR over all channels
         inside = []  # each channel's values in the mask
+        means = []  # and their means
         for c, name in enumerate(self.names):
             vals = sig[c][mask]
             inside.append(vals)
-            f[f"{name}_mean"] = round(float(vals.mean()), 1)
+            total = vals.sum()
+            # ``vals.mean()`` from that sum: its type's sum over the count
+            # taken in float64, rounded back to the type (as `np.mean` does)
+            means.append(total.dtype.type(float(total) / vals.size))
+            f[f"{name}_mean"] = round(float(means[-1]), 1)
             f[f"{name}_max"] = round(float(vals.max()), 1)
-            f[f"{name}_integrated"] = round(float(vals.sum()), 0)
+            f[f"{name}_integrated"] = round(float(total), 0)
             snr = vals / self.noise[c]
             dimmest = snr if dimmest is None else np.minimum(dimmest, snr)
         sat = sat_crop[mask]
         f["saturated_fraction"] = round(float(np.count_nonzero(sat)) / area, 4)
-        ck = inside[self.e]
-        f["ck_snr"] = round(float(ck.mean()) / float(self.noise[self.e]), 2)
+        f["ck_snr"] = round(float(means[self.e]) / float(self.noise[self.e]), 2)
         f["_sat2"] = (
             np.count_nonzero(sat >= 2) > self.st.debris_saturated_fraction * area
         )
