@@ -144,17 +144,33 @@ class Background:
         three. The image (as float32: wider values rounded first) is added by
         the matrix product itself, BLAS ``sgemm`` with beta = 1: each pixel's
         product, as `_bilinear` takes it, plus the image, rounded once, the
-        sum that adding the two maps gives, in one pass instead of two."""
+        sum that adding the two maps gives, in one pass instead of two. The
+        rows between the same two block centres are one product with those
+        two block rows alone (the other weights are zeros, whose products add
+        nothing): an eighth of the multiplications."""
         (h, w), (gy, gx) = self.shape, self.grid.shape
         out = image.astype(np.float32)  # a copy, float32 or not
         across = -self.grid @ _interp_matrix(w, gx, self.block).T
         rows = _interp_matrix(h, gy, self.block)
-        # out (C order) seen as out.T (Fortran order): out.T += across.T @ rows.T
-        res = blas.sgemm(
-            1.0, across, rows, beta=1.0, c=out.T, trans_a=1, trans_b=1, overwrite_c=1
-        )
-        if not np.shares_memory(res, out):  # (not in place: the sum is its own)
-            out = np.ascontiguousarray(res.T)
+        j = _interp_weights(h, gy, self.block)[0]  # each row's block row before
+        cuts = (np.flatnonzero(np.diff(j)) + 1).tolist()
+        for a, b in zip([0, *cuts], [*cuts, h], strict=True):
+            k = slice(int(j[a]), int(j[a]) + 2) if gy > 1 else slice(0, 1)
+            band = out[a:b]
+            # band (C order) seen as band.T (Fortran order): band.T +=
+            # across[k].T @ rows[a:b, k].T
+            res = blas.sgemm(
+                1.0,
+                across[k],
+                rows[a:b, k],
+                beta=1.0,
+                c=band.T,
+                trans_a=1,
+                trans_b=1,
+                overwrite_c=1,
+            )
+            if not np.shares_memory(res, band):  # (not in place: its own sum)
+                band[...] = res.T
         return out
 
     def _map(self, grid: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
