@@ -105,12 +105,17 @@ class Background:
         products add the same terms in another way)."""
         j, w0, w1 = self._row_weights
         if isinstance(rows, slice) and isinstance(cols, slice):
-            across = self._across[:, cols]  # a view; rows gathered whole below
+            # the block rows over those columns, contiguous (a few rows of the
+            # crop's width), gathered whole below and weighted in place
+            across = np.ascontiguousarray(self._across[:, cols])
             j, w0, w1 = j[rows], w0[rows, None], w1[rows, None]
             if across.shape[0] == 1:
                 return np.repeat(across, j.size, axis=0)
-            out = w0 * across[j]
-            out += w1 * across[j + 1]
+            out = across[j]
+            out *= w0
+            after = across[j + 1]
+            after *= w1
+            out += after
             return out
         assert not isinstance(rows, slice) and not isinstance(cols, slice)
         across = self._across
