@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -9,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.linalg import blas
 
-__all__ = ["Background", "estimate_background"]
+__all__ = ["Background", "estimate_background", "levels_at"]
 
 
 @lru_cache(maxsize=8)
@@ -123,11 +124,18 @@ class Background:
             shape = np.broadcast_shapes(np.shape(rows), np.shape(cols))
             return np.broadcast_to(across[0][cols], shape).copy()
         # flat indices into A: gathers from one axis (twice as fast as two)
-        width = across.shape[1]
-        at = j[rows] * width + cols
-        flat = across.ravel()
-        out = w0[rows] * flat[at]
-        out += w1[rows] * flat[at + width]
+        return self._weighted(j[rows] * across.shape[1] + cols, w0[rows], w1[rows])
+
+    def _weighted(self, at: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+        """``w0 * A.flat[at] + w1 * A.flat[at + X]`` (A: `_across`, X its
+        width): pixels' levels from their flat indices into A's block row
+        before them and their two weights, weighted in place."""
+        flat = self._across.ravel()
+        out = flat[at]
+        out *= w0
+        after = flat[at + self._across.shape[1]]
+        after *= w1
+        out += after
         return out
 
     @cached_property
@@ -186,6 +194,26 @@ class Background:
         r = min(max(int(row), 0), self.shape[0] - 1)
         c = min(max(int(col), 0), self.shape[1] - 1)
         return float(self.level_at(slice(r, r + 1), slice(c, c + 1))[0, 0])
+
+
+def levels_at(
+    backgrounds: Sequence[Background], rows: np.ndarray, cols: np.ndarray
+) -> list[np.ndarray]:
+    """`Background.level_at` of each background at the same pixel lists: the
+    same values, each pixel's block row and weights looked up once for the
+    backgrounds of one image shape and block (a field's channels)."""
+    out = []
+    shared: dict[tuple[object, ...], tuple[np.ndarray, ...]] = {}
+    for bg in backgrounds:
+        if bg.grid.shape[0] == 1:
+            out.append(bg.level_at(rows, cols))
+            continue
+        key = (bg.shape, bg.grid.shape, bg.block)
+        if key not in shared:
+            j, w0, w1 = bg._row_weights
+            shared[key] = (j[rows] * bg.shape[1] + cols, w0[rows], w1[rows])
+        out.append(bg._weighted(*shared[key]))
+    return out
 
 
 def estimate_background(image: np.ndarray, *, block: int = 64) -> Background:

@@ -79,7 +79,7 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-from analysis.background import estimate_background
+from analysis.background import estimate_background, levels_at
 from analysis.fieldio import MIN_FIELD_PX
 from analysis.psf import deconvolved_radius, field_blur, object_radii
 from analysis.settings import CUT_REASON, DetectionSettings
@@ -962,13 +962,23 @@ class _Field:
         once."""
         full = {c: v.ravel()[where] if flat else v[where] for c, v in self.full.items()}
         dye: dict[int, np.ndarray] = {}
-        at = _rowcol(where, self.w) if flat else where  # rows and columns
+        others = [c for c in range(len(self.names)) if c not in full]
+        if flat:  # each pixel's block row and weights found once
+            levels = dict(
+                zip(
+                    others,
+                    levels_at([self.bgs[c] for c in others], *_rowcol(where, self.w)),
+                    strict=True,
+                )
+            )
+        else:
+            levels = {c: self.bgs[c].level_at(*where) for c in others}
         out = []
         for c in range(len(self.names)):
             if c in full:
                 out.append(full[c])
                 continue
-            level = self.bgs[c].level_at(*at)
+            level = levels[c]
             if flat:
                 v = _minus(self.raw[c].ravel()[where], level)
             else:
