@@ -193,16 +193,6 @@ def _open(
     if len(names) != shape[0]:
         names = [f"C{i}" for i in range(shape[0])]
     if rename:
-        # a name the file lacks, where the file has a channel of the assay's
-        # name: that one is not the channel meant (a channel neither names is
-        # simply absent, and required ones are refused below)
-        lacking = [(a, f) for a, f in rename.items() if f not in names and a in names]
-        if lacking:
-            assay, file_name = lacking[0]
-            raise FieldReadError(
-                f"{path}: --channels maps {assay} to {file_name!r}, a channel "
-                f"the file does not have (it has {', '.join(names)})"
-            )
         back = {file_name: assay for assay, file_name in rename.items()}
         names = [back.get(n, n) for n in names]
     twice = sorted({n for n in names if names.count(n) > 1})

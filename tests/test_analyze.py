@@ -629,11 +629,6 @@ def test_bad_channel_map(tmp_path: Path) -> None:
     _write(plain / "f.ome.tif", Canvas(size=128).field(), NAMES, 0.64)
     args = ("analyze", str(plain), "--out", str(tmp_path / "o2"), "--channels")
     one_line_error(invoke(*args, "DAPI=FITC"), "two channels named 'DAPI' once renamed")
-    # ...or given a channel it does not have: its own DAPI is not the one meant
-    one_line_error(
-        invoke(*args, "DAPI=Hoechst2"),
-        "maps DAPI to 'Hoechst2', a channel the file does not have",
-    )
 
 
 def test_the_detector_version_covers_every_module_a_field_s_record_comes_from() -> None:
