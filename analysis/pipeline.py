@@ -157,6 +157,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         o["stage_x_um"], o["stage_y_um"] = _stage_of(o, stage, (h, w), px, job)
     if ctcs:
         out.mkdir(parents=True, exist_ok=True)
+    pictures: dict[str, str] = {}  # candidates/NAME.png -> sha256, for verify
     for k, o in enumerate(ctcs):
         png = out / f"{job.name}_{k:03d}.png"
         candidate_png(
@@ -171,6 +172,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
             title=f"{job.name} score {o['score']:.2f}",
         )
         o["candidate"] = f"candidates/{png.name}"
+        pictures[o["candidate"]] = hashlib.sha256(png.read_bytes()).hexdigest()
     return {
         "field": job.name,
         "file": str(job.path),
@@ -186,6 +188,7 @@ def analyze_field_file(job: FieldJob) -> dict[str, Any]:
         "qc": qc,
         "counts": det.counts(),
         "objects": det.objects,
+        "candidates": pictures,
         "seconds": round(time.perf_counter() - t0, 4),
         "source": source,
     }

@@ -315,7 +315,8 @@ def test_verify_finds_one_changed_byte_in_each_kind_of_file(
 ) -> None:
     code, text = _verify(small_scan.run_dir)
     assert code == 0 and text.startswith("ok:"), text
-    assert "12 fields, 12 detections, 6 files" in text and "note" not in text
+    assert "12 fields, 12 detections, " in text and "note" not in text
+    assert " pictures, 6 files" in text, text
     for kind in KINDS:
         for at in (0.5, 0.999):  # a middle line, and the last line of a log
             run = tmp_path / f"{kind.replace('/', '_')}-{at}"
@@ -345,6 +346,24 @@ def test_verify_finds_a_removed_or_inserted_log_line(
         assert code == 1 and f"problem: {name}: line" in text, (name, text)
     # the changes stayed in the copies
     assert _verify(small_scan.run_dir)[0] == 0
+
+
+def test_verify_finds_a_candidate_picture_changed_or_removed(
+    tmp_path: Path, small_scan: ScanResult
+) -> None:
+    # the pictures readers review were in no record: changed, they passed
+    pngs = sorted((small_scan.run_dir / "candidates").glob("*.png"))
+    assert pngs
+    for change in ("flip", "remove"):
+        run = _linked_copy(small_scan.run_dir, tmp_path / change)
+        png = run / "candidates" / pngs[-1].name
+        if change == "flip":
+            _flip(png)
+        else:
+            png.unlink()
+        code, text = _verify(run)
+        why = "changed since it was written" if change == "flip" else "missing"
+        assert code == 1 and f"candidates/{png.name}: {why}" in text, text
 
 
 def test_verify_takes_a_torn_line_for_a_crash_and_misses_no_audit_log(

@@ -20,6 +20,7 @@ has not finished). Nothing is written into the folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class VerifyReport:
     root: Path
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    #: what was checked, by kind (folders, log lines, fields, detections, files)
+    #: what was checked, by kind (folders, log lines, fields, detections,
+    #: pictures, files)
     checked: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -65,7 +67,7 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        order = ("folders", "log lines", "fields", "detections", "files")
+        order = ("folders", "log lines", "fields", "detections", "pictures", "files")
         return ", ".join(
             f"{n} {k if n != 1 else k[:-1]}" for k in order if (n := self.checked[k])
         )
@@ -176,7 +178,10 @@ def _run(root: Path, rep: VerifyReport, prefix: str) -> None:
         if det is None or det.sha256 is None:
             rep.notes.append(f"{prefix}{rel}: its checksum was not recorded")
             continue
+        before = len(rep.problems)
         _check_file(root, rel, det.sha256, rep, prefix, "detections")
+        if len(rep.problems) == before:  # as written: its pictures' sha256
+            _check_pictures(root, rel, rep, prefix)
     written: dict[str, str] = {}
     for r in records:
         if isinstance(r, Written):
@@ -209,6 +214,19 @@ def _review(root: Path, rep: VerifyReport, prefix: str) -> None:
         rep.problems.append(
             f"{prefix}{REVIEW_FILE}: the decisions differ from those signed"
         )
+
+
+def _check_pictures(root: Path, rel: str, rep: VerifyReport, prefix: str) -> None:
+    """The CTC candidates' pictures a field's detection file names, against
+    the sha256 it holds for each (files written before it held them: none)."""
+    raw = _read(root / rel, rep, f"{prefix}{rel}")
+    try:
+        pictures = json.loads(raw or b"{}").get("candidates") or {}
+    except (ValueError, AttributeError):
+        return  # (the file matched its checksum: what was written)
+    if isinstance(pictures, dict):
+        for png, digest in sorted(pictures.items()):
+            _check_file(root, png, str(digest), rep, prefix, "pictures")
 
 
 def _check_file(
