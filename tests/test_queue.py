@@ -13,8 +13,13 @@ import pytest
 
 from controller.config import InstrumentConfig
 from controller.layouts import get_layout
-from controller.records import Loaded, Record
-from controller.runs.queue import CartridgeQueue, QueueRequest, request_stop
+from controller.records import Loaded, Record, Stored
+from controller.runs.queue import (
+    CartridgeQueue,
+    QueueCanceled,
+    QueueRequest,
+    request_stop,
+)
 from tests.conftest import SIM_YAML, invoke, read_field, sim_instrument
 
 QUICK_FOCUS = {"anchors": [2, 1]}  # the queue is under test, not the focus map
@@ -133,6 +138,37 @@ def test_stop_after_the_current_cartridge_then_resume(tmp_path: Path) -> None:
     assert len(list((dirs["SIM-0003"] / "fields").iterdir())) == len(
         list((dirs["SIM-0001"] / "fields").iterdir())
     )
+
+
+def test_a_cartridge_left_on_the_stage_and_not_asked_for_goes_back_first(
+    tmp_path: Path,
+) -> None:
+    # resumed with other --slots, the next LOAD had met the cartridge an
+    # interrupted queue left on the stage (STAGE-OCCUPIED, a failed cartridge)
+    out = tmp_path / "q"
+    first = CartridgeQueue(
+        QueueRequest(
+            instrument=instrument(),
+            layout=get_layout("test-3x4"),
+            out=out,
+            instrument_file=str(SIM_YAML),
+            n_fields=2,
+            slots=(1, 2, 3),
+        ),
+        scan_kwargs={"detector_workers": 0},
+    )
+    first.events.subscribe(lambda r: first.cancel() if isinstance(r, Stored) else None)
+    with pytest.raises(QueueCanceled):
+        first.run()  # SIM-0001 stays on the stage, half scanned
+    second = run_queue(out, instrument(), slots=(2, 3))
+    assert [(o.barcode, o.status) for o in second.outcomes] == [
+        ("SIM-0002", "complete"),
+        ("SIM-0003", "complete"),
+    ]
+    moves = [(r["event"], r["slot"]) for r in journal(out) if "slot" in r]
+    assert moves[:3] == [("loaded", 1), ("unloaded", 1), ("loaded", 2)]
+    third = run_queue(out, instrument(), slots=(1,))  # its run folder resumes
+    assert [(o.barcode, o.status) for o in third.outcomes] == [("SIM-0001", "complete")]
 
 
 def test_queue_command_prints_the_summary_table(tmp_path: Path) -> None:

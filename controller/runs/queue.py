@@ -11,7 +11,8 @@ Resume: running the same queue again skips cartridges the journal calls done
 whose run folder is still as their scan left it (`_not_as_left`: the folder,
 its ledger, scan.json and report, every stored field's file at its size;
 otherwise the cartridge is scanned again and its run folder resumes),
-continues a cartridge left on the stage (its run folder resumes), and scans the
+continues a cartridge left on the stage (its run folder resumes; one not
+asked for now, by `--slots`, goes back to its slot first), and scans the
 rest. ``QUEUE/STOP`` (`request_stop`) stops the queue after the current
 cartridge; Ctrl-C stops the current scan after its current frame.
 
@@ -342,6 +343,18 @@ class CartridgeQueue:
         if req.slots:
             _check_slots(req.slots, inventory)
         slots = [s for s in (req.slots or sorted(inventory)) if inventory.get(s)]
+        left = status.slot
+        if left is not None and (left not in slots or inventory[left] in done):
+            # not to be scanned now: back to its slot before any other loads
+            # (its run folder stays resumable, by a queue that asks for it)
+            loader.unload()
+            self.log.emit(Unloaded(slot=left, barcode=str(inventory[left])))
+            self.audit.write(
+                "UNLOAD",
+                f"slot {left}: cartridge {inventory[left]}, left on the stage by "
+                "an interrupted queue and not scanned now, back in its slot",
+            )
+            left = None
         for slot in slots:
             barcode = str(inventory[slot])
             if barcode in done:
@@ -350,7 +363,7 @@ class CartridgeQueue:
             if self.stop_requested():
                 break
             self._raise_if_canceled()
-            self._one(instrument, loader, slot, barcode, on_stage=status.slot == slot)
+            self._one(instrument, loader, slot, barcode, on_stage=left == slot)
             if self.stop_requested():
                 break
 
