@@ -377,6 +377,11 @@ def test_verify_takes_a_torn_line_for_a_crash_and_misses_no_audit_log(
     append_sealed(run / "ledger.jsonl", unseal(lines[9])[0].decode())  # afresh
     code, text = _verify(run)
     assert code == 0 and "line(s) 10 were torn by a crash" in text, text
+    # two crashes, the second cutting the append after the first: a resume
+    # reads the lines before them, no tampering
+    twice = b"".join([*lines[:9], lines[9][:50], b"\n", lines[10][:30]])
+    _rewrite(run / "ledger.jsonl", twice)
+    assert len(RunFolder(run).ledger.read()) == 9
     # an audit log removed: the scan wrote one
     gone = _linked_copy(small_scan.run_dir, tmp_path / "gone")
     (gone / "audit.log").unlink()

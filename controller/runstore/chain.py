@@ -116,6 +116,8 @@ class ChainReport:
     sealed: int = 0
     #: lines before the first sealed one (written before lines were sealed)
     unsealed_before: int = 0
+    #: the last line has no newline: a write cut short (the first problem)
+    cut_short: bool = False
     #: numbers of lines after it that are no JSON at all: torn by a crash (a
     #: crash cuts a line short, and the next append starts afresh), vouching
     #: for nothing and read as nothing
@@ -135,6 +137,7 @@ def check_lines(raw: bytes) -> ChainReport:
     rep = ChainReport()
     lines: Sequence[bytes] = raw.split(b"\n")
     if lines and lines[-1]:
+        rep.cut_short = True
         rep.problems.append(
             f"line {len(lines)}: incomplete (no newline): a write cut short"
         )
@@ -144,7 +147,7 @@ def check_lines(raw: bytes) -> ChainReport:
     # lines of no JSON since the last sealed line: torn, if the chain goes on
     # past them from that line, as an append after a crash does
     cut: list[int] = []
-    not_sealed = "not sealed (changed, or inserted)"
+    not_sealed = "not sealed: a whole line without a seal among sealed ones"
     for n, line in enumerate(lines, start=1):
         body, digest = unseal(line)
         if digest is None:
@@ -166,8 +169,12 @@ def check_lines(raw: bytes) -> ChainReport:
             rep.torn += cut
         cut = []
         prev = digest
-    # nothing sealed after them: no sign of the append that follows a crash
-    rep.problems += [f"line {c}: {not_sealed}" for c in cut]
+    # nothing sealed after them: no sign of the append that follows a crash,
+    # unless that append was cut short too (a second crash)
+    if rep.cut_short:
+        rep.torn += cut
+    else:
+        rep.problems += [f"line {c}: {not_sealed}" for c in cut]
     return rep
 
 

@@ -5,11 +5,12 @@ chain (`controller.runstore.chain`), written whole and fsync'd before `append`
 returns. Reading is forgiving where a crash can reach and strict where only a
 hand can: a torn line (a crash mid-write) is ignored and the next append starts
 on a fresh line; a line that is not a record this code knows is skipped and
-counted (`Ledger.skipped`). But a record whose seal does not match (edited,
-or a line before it removed or inserted), or a whole record without a seal
+counted (`Ledger.skipped`). But a line whose seal does not match (edited,
+or a line before it removed or inserted), or a whole line without a seal
 among sealed ones (a crash tears a line, it does not write one unsealed), is
-no record the program wrote: reading refuses the file (`LedgerTampered`), so
-no resume, queue or sign-off acts on it. `ctcscan verify` lists every problem.
+no line the program wrote: reading refuses the file (`LedgerTampered`, on
+the first problem `check_lines` finds, the one check `ctcscan verify` runs
+too), so no resume, queue or sign-off acts on it.
 
 `RunLog` is a run's record sink: the ledger line first, then the run's event
 stream, so whatever a subscriber sees is already durable.
@@ -37,7 +38,7 @@ from controller.records import (
     dump_line,
     parse_line,
 )
-from controller.runstore.chain import GENESIS, append_sealed, link, unseal
+from controller.runstore.chain import append_sealed, check_lines
 
 __all__ = ["Ledger", "LedgerState", "LedgerTampered", "RunLog"]
 
@@ -80,7 +81,8 @@ class Ledger:
         Raises
         ------
         StorageError
-            The file exists but cannot be read.
+            The file exists but cannot be read; `LedgerTampered`: its seals
+            do not hold.
         """
         try:
             raw = self.path.read_bytes()
@@ -92,28 +94,21 @@ class Ledger:
         lines.pop()  # b"" after the last newline, or a torn last line
         records: list[Record] = []
         self.skipped = []
-        prev: str | None = None  # the last seal; None: no sealed line yet
+        chain = check_lines(raw)
+        # (a torn last line is a crash's, and read as nothing)
+        if broken := chain.problems[1:] if chain.cut_short else chain.problems:
+            raise LedgerTampered(
+                f"{self.path} {broken[0]}; nothing in it is trusted and the "
+                "file is left as it is (`ctcscan verify` lists every problem; "
+                "restore the file, or start a new folder)"
+            )
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            body, digest = unseal(line)
             try:
-                record = parse_line(line)
+                records.append(parse_line(line))
             except RecordError as e:
                 self.skipped.append(f"line {n}: {e}")
-                record = None
-            if digest is not None:
-                if digest != link(GENESIS if prev is None else prev, body):
-                    self._refuse(
-                        n,
-                        "its seal does not match (the line, or one "
-                        "before it, was changed, removed or inserted)",
-                    )
-                prev = digest
-            elif prev is not None and record is not None:
-                self._refuse(n, "a whole record without a seal among sealed ones")
-            if record is not None:
-                records.append(record)
         if len(self.skipped) > self._warned:  # say it once, not at every read
             self._warned = len(self.skipped)
             logger.warning(
@@ -123,13 +118,6 @@ class Ledger:
                 self.skipped[0],
             )
         return records
-
-    def _refuse(self, n: int, why: str) -> None:
-        raise LedgerTampered(
-            f"{self.path} line {n}: {why}; nothing in it is trusted and the "
-            "file is left as it is (`ctcscan verify` lists every problem; "
-            "restore the file, or start a new folder)"
-        )
 
 
 class LedgerTampered(StorageError):
